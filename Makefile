@@ -1,0 +1,115 @@
+# Esper developer entry points. `make build` sets up everything; `make test` and `make demo` use it.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMPS := $(VENV)/.stamps
+# Debian packages the test suite needs (real servers started by the tests).
+APT_PACKAGES ?=
+CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null)
+EXT_SO := esper/_C.cpython-311-x86_64-linux-gnu.so
+TORCH_PIN := torch==2.13.0
+BUF_VERSION := 1.75.0
+PYTEST_ARGS ?=
+
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MAX_JOBS ?= 2
+
+.PHONY: help build test test-all demo proto lint bench check-cuda clean distclean toolchain system-deps
+
+help:
+	@echo "make build       create .venv, install dependencies and system packages, build the extension"
+	@echo "make test        run the default test suite (excludes tests marked slow)"
+	@echo "make test-all    run every test, slow ones included"
+	@echo "make demo        run the main job on the bundled default config"
+	@echo "make proto       regenerate esper/v1 from proto/esper/v1/*.proto"
+	@echo "make lint        ruff + buf lint"
+	@echo "make bench       kernel benchmark (quick)"
+	@echo "make check-cuda  compile the CUDA sources to objects with nvcc (no GPU needed)"
+	@echo "make clean       remove build outputs (keeps .venv); distclean also removes .venv"
+
+build: toolchain $(STAMPS)/deps $(STAMPS)/system $(STAMPS)/editable $(EXT_SO)
+
+toolchain:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: no '$(PYTHON)' found; Esper needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' || { \
+	  echo "error: Esper needs Python 3.11 (torch 2.13.0 is installed from a cp311 wheel), but '$(PYTHON)' is $$($(PYTHON) -c 'import platform; print(platform.python_version())'); set PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || { \
+	  echo "error: no C++ compiler (c++/g++) found; the Kasmina extension needs one: apt-get install g++" >&2; exit 1; }
+
+$(STAMPS)/venv:
+	$(PYTHON) -m venv $(VENV)
+	@mkdir -p $(STAMPS) && touch $@
+
+# torch first, from its exact pin, so nothing later can pull a CUDA build.
+$(STAMPS)/deps: $(STAMPS)/venv pyproject.toml requirements.lock
+	$(PIP) install --quiet $(TORCH_PIN)
+	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(STAMPS)/requirements.txt
+	$(PIP) install --quiet -c requirements.lock -r $(STAMPS)/requirements.txt
+	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" || { echo "error: torch was replaced by another build" >&2; exit 1; }
+	@touch $@
+
+$(STAMPS)/system:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO="sudo"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+# Console scripts (esper-train, esper-bench, ...) via an editable install; the extension is built below.
+$(STAMPS)/editable: $(STAMPS)/deps pyproject.toml
+	ESPER_SKIP_EXTENSION=1 $(PIP) install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+$(EXT_SO): $(STAMPS)/deps setup.py $(CSRC)
+	$(PY) setup.py --quiet build_ext --inplace
+	@touch $@
+
+test: build
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m esper.demo
+
+proto: $(STAMPS)/deps
+	$(PY) proto/generate.py
+
+$(VENV)/tools/node_modules/.bin/buf:
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/tools @bufbuild/buf@$(BUF_VERSION)
+
+lint: $(STAMPS)/deps $(VENV)/tools/node_modules/.bin/buf
+	$(PY) -m ruff check .
+	cd proto && $(CURDIR)/$(VENV)/tools/node_modules/.bin/buf lint
+
+bench: build
+	$(VENV)/bin/esper-bench kernels --quick
+
+# Compiles every .cu file to an object with nvcc against torch's headers: proves the CUDA code
+# builds on a machine without a GPU (a CPU-only torch cannot link it).
+check-cuda: $(STAMPS)/deps
+	@command -v nvcc >/dev/null 2>&1 || { echo "error: nvcc not found; install the CUDA toolkit or set PATH" >&2; exit 1; }
+	@mkdir -p build/check-cuda/shim/c10/cuda/impl
+	@# The CPU wheel omits this CMake-generated header; its only content is the shared-lib flag.
+	@echo '#define C10_CUDA_BUILD_SHARED_LIBS' > build/check-cuda/shim/c10/cuda/impl/cuda_cmake_macros.h
+	@inc=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I' + p for p in include_paths()))"); \
+	pyinc=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
+	for f in csrc/cuda/*.cu; do \
+	  echo "nvcc $$f"; \
+	  nvcc -c $$f -o build/check-cuda/$$(basename $$f .cu).o -std=c++20 -O3 --expt-relaxed-constexpr \
+	    -Xcompiler -fPIC -DESPER_WITH_CUDA -Icsrc/include -Ibuild/check-cuda/shim $$inc -I$$pyinc -D_GLIBCXX_USE_CXX11_ABI=1 || exit 1; \
+	done; echo "all CUDA sources compiled"
+
+clean:
+	rm -rf build esper/_C*.so esper/*.egg-info *.egg-info .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""tezzeret subsystem."""
