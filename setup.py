@@ -7,10 +7,9 @@ with CUDA and CUDA_HOME is set, or when FORCE_CUDA=1; USE_CUDA=0 forces a CPU-on
 import glob
 import os
 
+import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
-
-import torch
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 

@@ -26,8 +26,8 @@ def proto_files() -> list[Path]:
 
 def generate(out_root: Path) -> list[Path]:
     """Generate into `out_root/esper/v1/`; returns the generated files."""
-    from grpc_tools import protoc
     import grpc_tools
+    from grpc_tools import protoc
 
     bin_dir = Path(sys.executable).parent
     plugins = {name: bin_dir / f"protoc-gen-{name}" for name in ("mypy", "mypy_grpc")}
