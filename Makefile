@@ -31,12 +31,12 @@ help:
 	@echo "make check-cuda  compile the CUDA sources to objects with nvcc (no GPU needed)"
 	@echo "make clean       remove build outputs (keeps .venv); distclean also removes .venv"
 
-build: toolchain $(STAMPS)/deps $(STAMPS)/system $(STAMPS)/editable $(EXT_SO)
+build: toolchain $(STAMPS)/deps system-deps $(STAMPS)/editable $(EXT_SO)
 
 toolchain:
-	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: no '$(PYTHON)' found; Esper needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' || { \
-	  echo "error: Esper needs Python 3.11 (torch 2.13.0 is installed from a cp311 wheel), but '$(PYTHON)' is $$($(PYTHON) -c 'import platform; print(platform.python_version())'); set PYTHON=/path/to/python3.11" >&2; exit 1; }
+	@ver=$$($(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null); \
+	if [ -z "$$ver" ]; then echo "error: cannot run '$(PYTHON)'; Esper needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; fi; \
+	case "$$ver" in 3.11.*) ;; *) echo "error: Esper needs Python 3.11 (torch 2.13.0 is installed from a cp311 wheel), but '$(PYTHON)' is Python $$ver; set PYTHON=/path/to/python3.11" >&2; exit 1;; esac
 	@command -v c++ >/dev/null 2>&1 || command -v g++ >/dev/null 2>&1 || { \
 	  echo "error: no C++ compiler (c++/g++) found; the Kasmina extension needs one: apt-get install g++" >&2; exit 1; }
 
@@ -52,14 +52,14 @@ $(STAMPS)/deps: $(STAMPS)/venv pyproject.toml requirements.lock
 	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" || { echo "error: torch was replaced by another build" >&2; exit 1; }
 	@touch $@
 
-$(STAMPS)/system:
+# Checked on every build (a dpkg query per package), so adding a package to APT_PACKAGES takes effect.
+system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" -ne 0 ] && SUDO="sudo"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
-	@touch $@
 
 # Console scripts (esper-train, esper-bench, ...) via an editable install; the extension is built below.
 $(STAMPS)/editable: $(STAMPS)/deps pyproject.toml
@@ -67,7 +67,9 @@ $(STAMPS)/editable: $(STAMPS)/deps pyproject.toml
 	@touch $@
 
 $(EXT_SO): $(STAMPS)/deps setup.py $(CSRC)
-	$(PY) setup.py --quiet build_ext --inplace
+	@mkdir -p build
+	@echo "building the Kasmina extension esper._C (log: build/extension-build.log)"
+	@$(PY) setup.py build_ext --inplace > build/extension-build.log 2>&1 || { tail -n 60 build/extension-build.log; echo "error: extension build failed; full log in build/extension-build.log" >&2; exit 1; }
 	@touch $@
 
 test: build
