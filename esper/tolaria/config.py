@@ -50,13 +50,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """The host model. `width` multiplies every hidden size."""
+    """The host model. `width` is the base width: MLP hidden units, the first CNN stage's channels
+    (later stages are `width * stage_multipliers[i]`), the ResNet stem width."""
 
     name: str = "mlp"
-    width: float = 1.0
-    hidden: int = 64
+    width: int = 64
+    # MLP hidden layers / number of CNN stages is len(stage_multipliers).
     depth: int = 2
-    channels: list[int] = field(default_factory=lambda: [32, 64, 64])
+    stage_multipliers: list[int] = field(default_factory=lambda: [1, 2, 2])
 
 
 @dataclass
@@ -94,6 +95,8 @@ class TrainConfig:
     amp: bool = True
     # Stop after this many epochs without a better validation loss (0 disables).
     early_stopping_patience: int = 0
+    # Stop after this many optimizer steps (0 = epochs * batches); the schedule spans min of both.
+    max_steps: int = 0
     torch_threads: int = 0
 
 
@@ -109,20 +112,25 @@ class SeedsConfig:
 
 @dataclass
 class LifecycleConfig:
-    """Gates of the seed lifecycle, in steps or epochs, and the outcome rule."""
+    """Gates of the seed lifecycle (steps are optimizer steps); mirrors esper.kasmina.lifecycle."""
 
-    training_steps: int = 50
-    # A TRAINING seed whose loss signal has not improved after this many steps is culled.
+    # TRAINING -> GRAFTING after at least this many steps once the seed's output aligns with the
+    # descent direction (cosine >= min_alignment); CULLED if still unaligned after the max.
+    training_min_steps: int = 50
     training_max_steps: int = 400
+    gate_interval_steps: int = 10
+    min_alignment: float = 0.02
     grafting_steps: int = 50
     stabilization_steps: int = 20
-    evaluating_epochs: int = 1
+    evaluation_epochs: int = 1
     fine_tuning_epochs: int = 1
-    embargo_epochs: int = 2
-    # Minimum counterfactual contribution (validation accuracy points with vs without the seed)
-    # a seed must keep to be fossilized.
+    # Minimum counterfactual contribution (validation accuracy with the seed minus with alpha=0,
+    # as a fraction) a seed must keep to be fossilized.
     min_contribution: float = 0.0
-    freeze_fossilized: bool = False
+    # Per-site thresholds that replace min_contribution at that site, e.g. {hidden.1: 0.01}.
+    min_contribution_per_site: dict[str, float] = field(default_factory=dict)
+    embargo_epochs: int = 2
+    germination_timeout_epochs: int = 3
 
 
 @dataclass
@@ -218,6 +226,9 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         (inner,) = typing.get_args(tp)
         return f"list of {_type_name(inner)}"
+    if origin is dict:
+        _, inner = typing.get_args(tp)
+        return f"mapping of string to {_type_name(inner)}"
     return {bool: "bool", int: "int", float: "float", str: "string"}.get(tp, str(tp))
 
 
@@ -229,6 +240,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
+    if origin is dict:
+        _, inner = typing.get_args(tp)
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        return {k: _coerce(f"{key}.{k}", v, inner) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -249,7 +265,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
     """Writes `values` (a nested dict) into the dataclass `obj`, checking names and types."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(values).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(values).__name__}")
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
     for name, value in values.items():
@@ -287,8 +303,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"data.val_fraction: expected a float in (0, 1), got {config.data.val_fraction}")
     if config.optim.lr <= 0:
         raise ConfigError(f"optim.lr: expected a float > 0, got {config.optim.lr}")
-    if config.model.width <= 0:
-        raise ConfigError(f"model.width: expected a float > 0, got {config.model.width}")
+    if config.model.width < 1:
+        raise ConfigError(f"model.width: expected an int >= 1, got {config.model.width}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -341,9 +357,30 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _merge(config, load_yaml(path), "")
     for text in overrides or []:
         key, value = parse_override(text)
-        _merge(config, _nest(key, value), "")
+        _apply_override(config, key, value)
     _validate(config)
     return config
+
+
+def _apply_override(config: Config, key: str, value: Any) -> None:
+    """Sets one dotted key; inside a mapping-typed field the rest of the key is one mapping key
+    (so `lifecycle.min_contribution_per_site.hidden.1=0.02` names the site `hidden.1`)."""
+    parts = key.split(".")
+    obj: Any = config
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(obj):
+            break
+        hints = typing.get_type_hints(type(obj))
+        if part in hints and typing.get_origin(hints[part]) is dict and i + 1 < len(parts):
+            rest = ".".join(parts[i + 1 :])
+            _, inner = typing.get_args(hints[part])
+            getattr(obj, part)[rest] = _coerce(key, value, inner)
+            return
+        if part in hints and dataclasses.is_dataclass(hints[part]):
+            obj = getattr(obj, part)
+            continue
+        break
+    _merge(config, _nest(key, value), "")
 
 
 def from_dict(values: dict[str, Any]) -> Config:
