@@ -43,32 +43,26 @@ class Governor:
         if not self.cfg.enabled:
             return
         self._snapshot = {
-            "model": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "model": copy.deepcopy(model.state_dict()),
             "optimizer": copy.deepcopy(optimizer.state_dict()),
             "groups": [g.get("name") for g in optimizer.param_groups],
             "extra": copy.deepcopy(extra),
         }
 
-    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
-        """Restores the last snapshot; returns its `extra`, or None when there is no snapshot."""
+    def restore(self, model: torch.nn.Module) -> dict[str, Any] | None:
+        """Loads the snapshot's model state (seed modules are rebuilt by their layers' load hooks).
+
+        Returns the snapshot (its "optimizer", "groups" and "extra") for the trainer to finish the
+        rollback, or None when there is no snapshot.
+        """
         snap = self._snapshot
         if snap is None:
             return None
         self.rollbacks += 1
-        current = model.state_dict()
-        with torch.no_grad():
-            for key, value in snap["model"].items():
-                if key in current and current[key].shape == value.shape:
-                    current[key].copy_(value)
-        if [g.get("name") for g in optimizer.param_groups] == snap["groups"]:
-            optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
-        else:
-            # A seed was culled since the snapshot: its group is gone; reset moments of the rest
-            # rather than load state that no longer lines up with the parameters.
-            optimizer.state.clear()
+        model.load_state_dict(copy.deepcopy(snap["model"]))
         self.ema = None
         self.seen = 0
-        return snap["extra"]
+        return copy.deepcopy({k: v for k, v in snap.items() if k != "model"})
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema, "seen": self.seen, "rollbacks": self.rollbacks}

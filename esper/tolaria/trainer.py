@@ -95,6 +95,7 @@ class Trainer:
         self.state = RunState()
         self.payload: dict[str, Any] | None = None
         self.morph = None
+        self._display = None
 
     # ------------------------------------------------------------------ setup
 
@@ -124,6 +125,7 @@ class Trainer:
         )
         self.model = self.morph.model
         self.steps_per_epoch = num_train_batches(len(self.data.train), cfg.data.batch_size)
+        self.morph.steps_per_epoch = self.steps_per_epoch
         total = cfg.train.epochs * self.steps_per_epoch
         if cfg.train.max_steps > 0:
             total = min(total, cfg.train.max_steps)
@@ -159,31 +161,37 @@ class Trainer:
                 )
 
     def _restore(self, payload: dict[str, Any]) -> None:
-        self.morph.rebuild(payload["morph_manifest"])
-        for name, params in self.morph.param_groups():
-            add_param_group(self.optimizer, params, name, self.config.optim.lr)
+        try:
+            # The Kasmina layers rebuild their grown seeds from the state dict's extra state.
+            self.model.load_state_dict(payload["model"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ResumeError(f"checkpoint '{payload['path']}' does not fit the model: {first}") from None
+        self.morph.load_state_dict(payload["morph"])
+        self._rebuild_seed_groups()
         groups = [g.get("name") for g in self.optimizer.param_groups]
         if groups != payload["optimizer_groups"]:
             raise ResumeError(
                 f"checkpoint '{payload['path']}': optimizer groups {payload['optimizer_groups']} do not match the "
                 f"rebuilt model's {groups}; expected a checkpoint of this run"
             )
-        try:
-            self.model.load_state_dict(payload["model"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ResumeError(f"checkpoint '{payload['path']}' does not fit the model: {first}") from None
         self.optimizer.load_state_dict(payload["optimizer"])
         self.schedule.load_state_dict(payload["schedule"])
         self.scaler.load_state_dict(payload["scaler"])
         self.governor.load_state_dict(payload["governor"])
-        self.morph.load_state_dict(payload["morph"])
         self.state = RunState(**payload["run_state"])
         self.params_initial = int(payload["params_initial"])
         rng = payload["rng"]
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available() and rng.get("cuda"):
             torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _rebuild_seed_groups(self) -> None:
+        """One optimizer group per live seed module, in site order (after a load or rollback)."""
+        for group in list(self.optimizer.param_groups[1:]):
+            remove_param_group(self.optimizer, group["name"])
+        for name, params in self.morph.param_groups():
+            add_param_group(self.optimizer, params, name, self.config.optim.lr)
 
     # ------------------------------------------------------------------ run
 
@@ -201,6 +209,7 @@ class Trainer:
 
         cfg = self.config
         display = ProgressDisplay(self.progress_mode, cfg.train.epochs, self.steps_per_epoch, self.verbose)
+        self._display = display
         wall_start = time.perf_counter() - self.state.wall_s
         stopped_early = False
         try:
@@ -348,13 +357,24 @@ class Trainer:
         return {"morph": self.morph.state_dict(), "scaler": self.scaler.state_dict()}
 
     def _rollback(self, epoch: int, reason: str) -> None:
-        extra = self.governor.restore(self.model, self.optimizer)
-        if extra is not None:
-            self.morph.load_state_dict(extra["morph"])
-            self.scaler.load_state_dict(extra["scaler"])
+        snap = self.governor.restore(self.model)
+        if snap is not None:
+            self.morph.load_state_dict(snap["extra"]["morph"])
+            self.scaler.load_state_dict(snap["extra"]["scaler"])
+            self._rebuild_seed_groups()
+            if [g.get("name") for g in self.optimizer.param_groups] == snap["groups"]:
+                self.optimizer.load_state_dict(snap["optimizer"])
+            else:
+                self.optimizer.state.clear()
         blamed = self.morph.roll_back_culprit(epoch, self.state.global_step, reason)
         self._sync_param_groups()
         self.metrics.write("event", self.state.global_step, epoch + 1, {"rollback": reason, "culled": blamed or ""})
+        self.display_line(f"governor: {reason} at step {self.state.global_step}; rolled back"
+                          + (f", seed {blamed} rolled back" if blamed else ""))
+
+    def display_line(self, line: str) -> None:
+        if self._display is not None:
+            self._display.print(line)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -364,7 +384,7 @@ class Trainer:
             "config": to_dict(self.config),
             "architecture": architecture_of(self.config),
             "model": self.model.state_dict(),
-            "morph_manifest": self.morph.manifest(),
+            "seed_manifest": self.morph.manifest(),
             "morph": self.morph.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "optimizer_groups": [g.get("name") for g in self.optimizer.param_groups],
