@@ -15,7 +15,16 @@ import sys
 from pathlib import Path
 
 from esper.tolaria import checkpoint as ckpt
-from esper.tolaria.config import Config, ConfigError, load_config, to_yaml
+from esper.tolaria.config import (
+    Config,
+    ConfigError,
+    apply_override,
+    from_dict,
+    load_config,
+    parse_override,
+    to_yaml,
+    validate,
+)
 
 USAGE_ERROR = 2
 
@@ -57,15 +66,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.config is None and args.resume is not None:
         path = _resume_path(args)
         if path is not None:
-            from esper.tolaria.config import from_dict
-
             base = from_dict(ckpt.load_checkpoint(path)["config"])
             for text in overrides:
-                from esper.tolaria.config import _apply_override, _validate, parse_override
-
                 key, value = parse_override(text)
-                _apply_override(base, key, value)
-            _validate(base)
+                apply_override(base, key, value)
+            validate(base)
             return base
     return load_config(args.config, overrides)
 

@@ -281,7 +281,8 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
             setattr(obj, name, _coerce(key, value, tp))
 
 
-def _validate(config: Config) -> None:
+def validate(config: Config) -> None:
+    """Checks closed value sets and ranges that the types alone do not express."""
     flat = to_dict(config)
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
@@ -357,12 +358,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _merge(config, load_yaml(path), "")
     for text in overrides or []:
         key, value = parse_override(text)
-        _apply_override(config, key, value)
-    _validate(config)
+        apply_override(config, key, value)
+    validate(config)
     return config
 
 
-def _apply_override(config: Config, key: str, value: Any) -> None:
+def apply_override(config: Config, key: str, value: Any) -> None:
     """Sets one dotted key; inside a mapping-typed field the rest of the key is one mapping key
     (so `lifecycle.min_contribution_per_site.hidden.1=0.02` names the site `hidden.1`)."""
     parts = key.split(".")
@@ -387,7 +388,7 @@ def from_dict(values: dict[str, Any]) -> Config:
     """Rebuilds a config from `to_dict` output (e.g. the copy stored in a checkpoint)."""
     config = Config()
     _merge(config, values, "")
-    _validate(config)
+    validate(config)
     return config
 
 

@@ -134,7 +134,7 @@ def plot_timeline(timeline: list[dict[str, Any]], epochs: int, path: Path) -> No
     slots: dict[str, list[tuple[float, int]]] = {}
     for row in timeline:
         slots.setdefault(row["slot"], []).append((float(row["epoch"]), int(row["state"])))
-    fig, ax = plt.subplots(figsize=(10, 0.5 + 0.45 * max(1, len(slots))))
+    fig, ax = plt.subplots(figsize=(11, 1.6 + 0.45 * max(1, len(slots))))
     names = sorted(slots)
     used = set()
     for y, name in enumerate(names):
@@ -150,7 +150,7 @@ def plot_timeline(timeline: list[dict[str, Any]], epochs: int, path: Path) -> No
     ax.set_xlim(0, max(1, epochs))
     ax.set_title("seed lifecycle timeline")
     ax.legend(handles=[Patch(color=STATE_COLORS[s], label=s.name) for s in STATE_COLORS if s in used],
-              loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=5, fontsize=8, frameon=False)
+              loc="center left", bbox_to_anchor=(1.01, 0.5), ncol=1, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -168,7 +168,7 @@ class Trainer:
             first = str(exc).strip().splitlines()[0]
             raise ResumeError(f"checkpoint '{payload['path']}' does not fit the model: {first}") from None
         self.morph.load_state_dict(payload["morph"])
-        self._rebuild_seed_groups()
+        self._rebuild_seed_groups(payload["optimizer_groups"])
         groups = [g.get("name") for g in self.optimizer.param_groups]
         if groups != payload["optimizer_groups"]:
             raise ResumeError(
@@ -186,12 +186,15 @@ class Trainer:
         if torch.cuda.is_available() and rng.get("cuda"):
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def _rebuild_seed_groups(self) -> None:
-        """One optimizer group per live seed module, in site order (after a load or rollback)."""
+    def _rebuild_seed_groups(self, order: list[str] | None = None) -> None:
+        """One optimizer group per live seed module (after a load or rollback), in `order` first
+        (the order the groups had when saved: optimizer state is matched by position)."""
         for group in list(self.optimizer.param_groups[1:]):
             remove_param_group(self.optimizer, group["name"])
-        for name, params in self.morph.param_groups():
-            add_param_group(self.optimizer, params, name, self.config.optim.lr)
+        live = dict(self.morph.param_groups())
+        names = [n for n in (order or []) if n in live] + [n for n in live if n not in (order or [])]
+        for name in names:
+            add_param_group(self.optimizer, live[name], name, self.config.optim.lr)
 
     # ------------------------------------------------------------------ run
 
@@ -361,7 +364,7 @@ class Trainer:
         if snap is not None:
             self.morph.load_state_dict(snap["extra"]["morph"])
             self.scaler.load_state_dict(snap["extra"]["scaler"])
-            self._rebuild_seed_groups()
+            self._rebuild_seed_groups(snap["groups"])
             if [g.get("name") for g in self.optimizer.param_groups] == snap["groups"]:
                 self.optimizer.load_state_dict(snap["optimizer"])
             else:
