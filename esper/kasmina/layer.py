@@ -396,7 +396,8 @@ class KasminaLayer(nn.Module):
             table.alpha[index] = 1.0
         elif to_state in (S.CULLED, S.CANCELLED, S.ROLLED_BACK, S.DORMANT):
             table.alpha[index] = 0.0
-            self.seeds.pop(str(index), None)
+            if str(index) in self.seeds:
+                del self.seeds[str(index)]
         if to_state == S.TRAINING:
             table.alignment[index] = 0.0
         if to_state == S.CULLED:
