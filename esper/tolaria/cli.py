@@ -91,14 +91,14 @@ def run(args: argparse.Namespace) -> int:
         print(to_yaml(config), end="")
         return 0
     run_dir = Path(args.output_dir) if args.output_dir else Path("runs") / config.run_name
+    trainer = Trainer(config, run_dir, morphogenetic=not args.no_morphogenetic, verbose=args.verbose,
+                      progress=args.progress, resume=args.resume)
+    trainer.prepare()  # validates config, data, model and checkpoint; writes nothing
     if args.resume is None and not args.dry_run and _holds_run(run_dir):
         raise UsageError(
             f"output directory '{run_dir}' already holds a run; expected --resume auto to continue it "
             "or a new --output-dir"
         )
-    trainer = Trainer(config, run_dir, morphogenetic=not args.no_morphogenetic, verbose=args.verbose,
-                      progress=args.progress, resume=args.resume)
-    trainer.prepare()
     if args.dry_run:
         print(to_yaml(config), end="")
         print(
