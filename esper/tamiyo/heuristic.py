@@ -16,7 +16,15 @@ from typing import Any
 
 from esper.lifecycle import SeedLifecycleState as S
 from esper.tamiyo.costs import SiteCost, blueprint_costs_at, budget_left
-from esper.tamiyo.policy import Action, AdaptationDecision, HeuristicConfig, ModelGraphState, RailsConfig, make_decision, wait
+from esper.tamiyo.policy import (
+    Action,
+    AdaptationDecision,
+    HeuristicConfig,
+    ModelGraphState,
+    RailsConfig,
+    make_decision,
+    wait,
+)
 
 VERSION = "heuristic/1"
 
