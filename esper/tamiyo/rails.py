@@ -1,0 +1,95 @@
+"""Safety rails around any policy: cooldown, max concurrent adaptations, growth budgets.
+
+A rail never invents an adaptation; it only turns a policy's GERMINATE into a WAIT that says
+which rail held it back. Rails keep their own small state (last growth epoch, adaptation count)
+which is checkpointed with the run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from esper.lifecycle import SeedLifecycleState as S
+from esper.tamiyo.costs import budget_left, cost_of
+from esper.tamiyo.policy import Action, AdaptationDecision, ModelGraphState, Policy, RailsConfig, wait
+
+
+class SafetyRails:
+    """Filters decisions against the rails; see the module docstring."""
+
+    def __init__(self, cfg: RailsConfig, host_flops_per_sample: float) -> None:
+        self.cfg = cfg
+        self.host_flops = host_flops_per_sample
+        self.last_growth_epoch: int | None = None
+        self.adaptations = 0
+
+    def filter(self, state: ModelGraphState, decisions: list[AdaptationDecision]) -> list[AdaptationDecision]:
+        sig = state.signals
+        nodes = {(n.layer_name, n.seed.seed_index): n for n in state.nodes}
+        active = sig.active_adaptations
+        params_left, flops_left = budget_left(sig, self.cfg, self.host_flops)
+        out = []
+        for d in decisions:
+            if d.action != Action.DECISION_ACTION_GERMINATE:
+                out.append(d)
+                continue
+            version = d.policy_version
+            node = nodes.get((d.layer_name, d.seed_index))
+            if node is None:
+                out.append(wait(f"rail: no seed slot {d.layer_name}[{d.seed_index}]", version))
+                continue
+            if node.seed.state != S.DORMANT or node.seed.embargo_epochs_left > 0:
+                out.append(wait(f"rail: slot {d.layer_name}[{d.seed_index}] is not free", version))
+                continue
+            if self.last_growth_epoch is not None and sig.epoch - self.last_growth_epoch < self.cfg.cooldown_epochs:
+                out.append(wait(f"rail: cooldown ({sig.epoch - self.last_growth_epoch} < "
+                                f"{self.cfg.cooldown_epochs} epochs since the last germination)", version))
+                continue
+            if active >= self.cfg.max_concurrent:
+                out.append(wait(f"rail: {active} adaptations in flight (max_concurrent {self.cfg.max_concurrent})",
+                                version))
+                continue
+            if self.adaptations >= self.cfg.max_adaptations:
+                out.append(wait(f"rail: max_adaptations {self.cfg.max_adaptations} reached", version))
+                continue
+            cost = cost_of(node, d.blueprint_id)
+            if cost is None:
+                out.append(wait(f"rail: blueprint {d.blueprint_id!r} does not fit {d.layer_name}", version))
+                continue
+            if cost.parameters > params_left or cost.flops > flops_left:
+                out.append(wait(f"rail: {d.blueprint_id} ({cost.parameters} params, {cost.flops} FLOPs) "
+                                f"exceeds the budget left ({params_left:.0f} params, {flops_left:.0f} FLOPs)",
+                                version))
+                continue
+            out.append(d)
+            active += 1
+            params_left -= cost.parameters
+            flops_left -= cost.flops
+            self.last_growth_epoch = sig.epoch
+            self.adaptations += 1
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_growth_epoch": self.last_growth_epoch, "adaptations": self.adaptations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_growth_epoch = state["last_growth_epoch"]
+        self.adaptations = int(state["adaptations"])
+
+
+class Controller:
+    """A policy behind the rails: what Tolaria calls at every epoch boundary."""
+
+    def __init__(self, policy: Policy, rails: SafetyRails) -> None:
+        self.policy = policy
+        self.rails = rails
+
+    def decide(self, state: ModelGraphState) -> list[AdaptationDecision]:
+        return self.rails.filter(state, self.policy.decide(state))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy.state_dict(), "rails": self.rails.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.rails.load_state_dict(state["rails"])

@@ -1,0 +1,420 @@
+"""The morphogenetic loop of a run: seed sites, lifecycle driving, the controller, bookkeeping.
+
+Each step: `after_step` advances every live seed table (one op per layer) and applies the step
+gates. Each epoch boundary, `epoch_end`:
+  1. runs the epoch gates; seeds in EVALUATING / FINE_TUNING get a counterfactual measurement
+     (validation accuracy with the seed vs with its alpha forced to 0) and are fossilized or culled;
+  2. builds the `ModelGraphState` (one node per seed slot with its telemetry) and asks the
+     controller (a Tamiyo policy behind the safety rails) for decisions;
+  3. applies them (germinate / cull / fossilize / cancel) and reports the optimizer groups to
+     add or drop, so new seed parameters join the optimizer without touching the host's state.
+Adaptations (one per germination) and a per-slot timeline are kept for the summary and the plot.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper.kasmina import KasminaLayer, LifecycleDriver, seed_sites, wrap
+from esper.kasmina import LifecycleConfig as KasminaLifecycleConfig
+from esper.kasmina.lifecycle import ACTIVE_STATES, LifecycleEvent, contribution_gate, needs_contribution
+from esper.lifecycle import SeedLifecycleState as S
+from esper.tamiyo import Controller, HeuristicConfig, HeuristicPolicy, RailsConfig, SafetyRails
+from esper.tolaria.config import Config, ConfigError
+from esper.tolaria.hosts import count_parameters, forward_flops_per_sample
+from esper.v1 import common_pb2
+
+IN_FLIGHT = frozenset({S.GERMINATED, S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
+OUTCOMES = {
+    S.FOSSILIZED: "fossilized",
+    S.CULLED: "culled",
+    S.CANCELLED: "cancelled",
+    S.ROLLED_BACK: "rolled_back",
+}
+
+
+def group_name(layer: str, index: int) -> str:
+    """Optimizer param-group name of one seed's parameters."""
+    return f"seed:{layer}:{index}"
+
+
+@dataclass
+class Growth:
+    """Optimizer changes an epoch boundary asks for."""
+
+    added_groups: list[tuple[str, list[nn.Parameter]]] = field(default_factory=list)
+    removed_groups: list[str] = field(default_factory=list)
+
+
+class SiteAwareDriver(LifecycleDriver):
+    """The Kasmina LifecycleDriver with per-site contribution thresholds and a known baseline.
+
+    Thin adapter: Kasmina's driver applies one `min_contribution` to every site and evaluates the
+    baseline itself; Tolaria already has this epoch's validation score, and a config may demand
+    more of some sites (`lifecycle.min_contribution_per_site`). The gates are Kasmina's own.
+    """
+
+    def __init__(self, model: nn.Module, config: KasminaLifecycleConfig, per_site: dict[str, float],
+                 evaluate: Callable[[], float]) -> None:
+        super().__init__(model, config, evaluate=evaluate)
+        self.per_site = dict(per_site)
+
+    def end_epoch_with_baseline(self, baseline: float) -> list[LifecycleEvent]:
+        cfg = self.config
+        start = len(self.events)
+        for _, layer in self.sites:
+            layer.end_epoch()
+            for i in range(layer.num_seeds):
+                if layer.state_of(i) == S.GERMINATED and layer.epochs_in_state(i) >= cfg.germination_timeout_epochs:
+                    layer.cancel(i, f"no kernel arrived within {cfg.germination_timeout_epochs} epoch(s)")
+        for name, layer in self.sites:
+            site_cfg = cfg
+            if name in self.per_site:
+                site_cfg = KasminaLifecycleConfig(**{**cfg.to_dict(), "min_contribution": self.per_site[name]})
+            for i in range(layer.num_seeds):
+                if not needs_contribution(layer.state_of(i), layer.epochs_in_state(i), site_cfg):
+                    continue
+                with layer.seed_disabled(i):
+                    without = float(self.evaluate())
+                contribution = baseline - without
+                layer.record_contribution(i, contribution)
+                decision = contribution_gate(layer.state_of(i), layer.epochs_in_state(i), contribution, site_cfg)
+                if decision is not None:
+                    layer.transition(i, decision.to_state, decision.reason)
+        self.clock.epoch += 1
+        return self.events[start:]
+
+
+def kasmina_lifecycle_config(cfg: Config) -> KasminaLifecycleConfig:
+    """Tolaria's lifecycle section as Kasmina's LifecycleConfig (errors name the config key)."""
+    lc = cfg.lifecycle
+    try:
+        return KasminaLifecycleConfig(
+            training_min_steps=lc.training_min_steps, training_max_steps=lc.training_max_steps,
+            gate_interval_steps=lc.gate_interval_steps, min_alignment=lc.min_alignment,
+            grafting_steps=lc.grafting_steps, stabilization_steps=lc.stabilization_steps,
+            evaluation_epochs=lc.evaluation_epochs, fine_tuning_epochs=lc.fine_tuning_epochs,
+            min_contribution=lc.min_contribution, embargo_epochs=lc.embargo_epochs,
+            germination_timeout_epochs=lc.germination_timeout_epochs,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"lifecycle: {str(exc).replace('LifecycleConfig.', 'lifecycle.')}") from None
+
+
+class Morphogenesis:
+    """Seeds of one run; `enabled=False` keeps the seed sites but never germinates (the baseline)."""
+
+    def __init__(self, host: nn.Module, cfg: Config, run_id: str, input_shape: tuple[int, ...],
+                 device: torch.device, params_initial: int, flops_initial: float, enabled: bool) -> None:
+        self.cfg = cfg
+        self.run_id = run_id
+        self.enabled = enabled
+        self.input_shape = input_shape
+        self.device = device
+        self.params_initial = params_initial
+        self.flops_initial = flops_initial
+        sites = list(cfg.seeds.sites) or list(getattr(host, "seed_site_names", lambda: [])())
+        if not sites:
+            raise ConfigError(f"seeds.sites: model '{cfg.model.name}' names no seed sites; expected a list of layer names")
+        try:
+            self.model = wrap(host, sites, seeds_per_layer=cfg.seeds.num_seeds)
+        except (KeyError, ValueError) as exc:
+            raise ConfigError(f"seeds: {str(exc).strip(chr(34))}") from None
+        from esper.kasmina.blueprints import CATALOG
+
+        unknown = [b for b in cfg.seeds.blueprints if b not in CATALOG]
+        if unknown:
+            raise ConfigError(f"seeds.blueprints: unknown blueprint(s) {unknown}; expected some of {sorted(CATALOG)}")
+        per_site_unknown = [s for s in cfg.lifecycle.min_contribution_per_site if s not in sites]
+        if per_site_unknown:
+            raise ConfigError(f"lifecycle.min_contribution_per_site: {per_site_unknown} are not seed sites; expected some of {sites}")
+        self._evaluate_acc: Callable[[], float] = lambda: 0.0
+        self.driver = SiteAwareDriver(self.model, kasmina_lifecycle_config(cfg), cfg.lifecycle.min_contribution_per_site,
+                                      evaluate=lambda: self._evaluate_acc())
+        self.driver.add_listener(self._on_event)
+        self.output_shapes = self._probe_output_shapes()
+        ctl = cfg.controller
+        rails_cfg = RailsConfig(cooldown_epochs=ctl.cooldown_epochs, max_concurrent=ctl.max_concurrent,
+                                max_adaptations=ctl.max_adaptations, parameter_budget=ctl.parameter_budget,
+                                compute_budget=ctl.compute_budget)
+        policy = HeuristicPolicy(
+            HeuristicConfig(start_epoch=ctl.start_epoch, plateau_window=ctl.plateau_window,
+                            plateau_threshold=ctl.plateau_threshold, grow_without_plateau=ctl.grow_without_plateau,
+                            blueprints=tuple(cfg.seeds.blueprints)),
+            rails_cfg, flops_initial,
+        )
+        self.controller = Controller(policy, SafetyRails(rails_cfg, flops_initial))
+        self.steps_per_epoch = 1
+        self._adaptations: list[dict[str, Any]] = []
+        self._timeline: list[dict[str, Any]] = [
+            {"slot": f"{name}[{i}]", "epoch": 0.0, "state": int(S.DORMANT)}
+            for name, layer in self.driver.sites for i in range(layer.num_seeds)
+        ]
+        self._event_log = None
+        self._flops_cache: tuple[tuple, float] | None = None
+        if enabled:
+            for _, layer in self.driver.sites:
+                layer.set_telemetry_probe(True)  # the controller needs health of dormant sites too
+
+    # ---------------------------------------------------------------- wiring
+
+    def sites(self) -> list[str]:
+        return [name for name, _ in self.driver.sites]
+
+    def attach_event_log(self, path: Path, resume_step: int | None) -> None:
+        """Lifecycle events go to events.jsonl (cut back to the checkpoint step on a resume)."""
+        if resume_step is not None and path.exists():
+            kept = []
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    continue
+            path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None and path.exists():
+            path.unlink()
+        self._event_log = path.open("a")
+
+    def _probe_output_shapes(self) -> dict[str, list[int]]:
+        shapes: dict[str, list[int]] = {}
+        hooks = [layer.register_forward_hook(
+            lambda mod, args, out, name=name: shapes.__setitem__(name, [-1, *out.shape[1:]]))
+            for name, layer in self.driver.sites]
+        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        was_training = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(torch.zeros((2, *self.input_shape), device=self.device))
+        finally:
+            for h in hooks:
+                h.remove()
+            with torch.no_grad():
+                for n, b in self.model.named_buffers():
+                    if n in buffers:
+                        b.copy_(buffers[n])
+            self.model.train(was_training)
+        return shapes
+
+    def _on_event(self, event: LifecycleEvent) -> None:
+        epoch_f = event.step / max(1, self.steps_per_epoch)
+        self._timeline.append({"slot": f"{event.layer}[{event.seed}]", "epoch": epoch_f, "state": int(event.to_state)})
+        if event.to_state in OUTCOMES:
+            for record in reversed(self._adaptations):
+                if record["layer"] == event.layer and record["seed"] == event.seed and record["outcome"] == "pending":
+                    record["outcome"] = OUTCOMES[event.to_state]
+                    record["resolved_epoch"] = round(epoch_f, 3)
+                    record["reason"] = event.reason
+                    layer = self.driver.site(event.layer)
+                    value = float(layer.table.contribution[event.seed])
+                    record["contribution"] = None if math.isnan(value) else value
+                    break
+        if self._event_log is not None:
+            self._event_log.write(json.dumps({
+                "step": event.step, "epoch": round(epoch_f, 4), "layer": event.layer, "seed": event.seed,
+                "from": event.from_state.name, "to": event.to_state.name, "reason": event.reason,
+            }) + "\n")
+            self._event_log.flush()
+
+    # ---------------------------------------------------------------- per step / epoch
+
+    def after_step(self, global_step: int, epoch: int) -> bool:
+        """Advances lifecycles after an optimizer step; True when seeds were removed or changed."""
+        self.driver.set_position(global_step - 1, epoch)
+        events = self.driver.step()
+        return bool(events)
+
+    def epoch_end(self, epoch: int, global_step: int, total_epochs: int, train_loss: float, val_loss: float,
+                  val_acc: float, history: list[float], evaluate: Callable[[], tuple[float, float]]) -> Growth:
+        """Epoch gates, the controller's decisions and the optimizer changes they need."""
+        before = self.param_group_names()
+        self._evaluate_acc = lambda: evaluate()[1]
+        self.driver.set_position(global_step, epoch)
+        self.driver.end_epoch_with_baseline(val_acc)
+        if self.enabled:
+            state = self.graph_state(epoch + 1, global_step, total_epochs, train_loss, val_loss, val_acc, history)
+            for decision in self.controller.decide(state):
+                self._apply(decision, epoch + 1)
+        for _, layer in self.driver.sites:
+            layer.reset_telemetry()
+        after = dict(self.param_groups())
+        return Growth(
+            added_groups=[(n, p) for n, p in after.items() if n not in before],
+            removed_groups=[n for n in before if n not in after],
+        )
+
+    def _apply(self, d: common_pb2.AdaptationDecision, epoch: int) -> None:
+        action = d.action
+        if action == common_pb2.DECISION_ACTION_WAIT:
+            return
+        layer = self.driver.site(d.layer_name)
+        if action == common_pb2.DECISION_ACTION_GERMINATE:
+            self._adaptations.append({
+                "epoch": epoch, "layer": d.layer_name, "seed": d.seed_index, "blueprint": d.blueprint_id,
+                "outcome": "pending", "contribution": None, "decision": d.reason, "reason": "",
+                "parameters": 0,
+            })
+            layer.germinate(d.seed_index, d.blueprint_id, reason=d.reason)
+            self._adaptations[-1]["parameters"] = sum(p.numel() for p in layer.seed_parameters(d.seed_index))
+        elif action == common_pb2.DECISION_ACTION_CULL:
+            layer.cull(d.seed_index, f"controller: {d.reason}")
+        elif action == common_pb2.DECISION_ACTION_CANCEL:
+            layer.cancel(d.seed_index, f"controller: {d.reason}")
+        elif action == common_pb2.DECISION_ACTION_FOSSILIZE:
+            layer.transition(d.seed_index, S.FOSSILIZED, f"controller: {d.reason}")
+
+    def graph_state(self, epoch: int, global_step: int, total_epochs: int, train_loss: float, val_loss: float,
+                    val_acc: float, history: list[float]) -> common_pb2.ModelGraphState:
+        """The ModelGraphState Tamiyo sees: one node per seed slot, edges in forward order."""
+        msg = common_pb2.ModelGraphState(run_id=self.run_id)
+        previous: list[str] = []
+        for depth, (name, layer) in enumerate(self.driver.sites):
+            kind = type(layer.host).__name__.lower()
+            current = []
+            for row in layer.seed_table():
+                node_id = f"{name}[{row.seed}]"
+                node = msg.nodes.add(node_id=node_id, layer_name=name, layer_kind=kind, depth=depth)
+                node.seed.CopyFrom(row.to_proto())
+                node.output_shape.dims.extend(self.output_shapes.get(name, []))
+                current.append(node_id)
+            for src in previous:
+                for dst in current:
+                    msg.edges.add(source_node_id=src, target_node_id=dst)
+            previous = current
+        params = count_parameters(self.model)
+        flops = self.eval_flops_per_sample()
+        ctl = self.cfg.controller
+        param_frac = (params - self.params_initial) / max(1e-12, ctl.parameter_budget * self.params_initial)
+        flop_frac = (flops - self.flops_initial) / max(1e-12, ctl.compute_budget * self.flops_initial)
+        sig = msg.signals
+        sig.epoch = epoch
+        sig.total_epochs = total_epochs
+        sig.global_step = global_step
+        sig.train_loss = train_loss
+        sig.val_loss = val_loss
+        sig.val_accuracy = val_acc
+        sig.val_loss_history.extend(history)
+        sig.parameter_count = params
+        sig.initial_parameter_count = self.params_initial
+        sig.parameter_budget_left = min(1.0, max(0.0, 1.0 - param_frac))
+        sig.compute_budget_left = min(1.0, max(0.0, 1.0 - flop_frac))
+        sig.active_adaptations = sum(1 for _, layer in self.driver.sites for i in range(layer.num_seeds)
+                                     if layer.state_of(i) in IN_FLIGHT)
+        msg.create_time.GetCurrentTime()
+        return msg
+
+    # ---------------------------------------------------------------- governor support
+
+    def roll_back_culprit(self, epoch: int, global_step: int, reason: str) -> str | None:
+        """Rolls back the most recent in-flight seed (the likeliest cause of an anomaly); its name."""
+        for record in reversed(self._adaptations):
+            if record["outcome"] != "pending":
+                continue
+            layer = self.driver.site(record["layer"])
+            if layer.state_of(record["seed"]) in IN_FLIGHT:
+                self.driver.set_position(global_step, epoch)
+                layer.rollback(record["seed"], f"governor: {reason}")
+                return f"{record['layer']}[{record['seed']}]"
+        return None
+
+    # ---------------------------------------------------------------- queries
+
+    def param_groups(self) -> list[tuple[str, list[nn.Parameter]]]:
+        """(group name, parameters) of every seed that has a module, in site order."""
+        out = []
+        for name, layer in self.driver.sites:
+            for i in range(layer.num_seeds):
+                params = layer.seed_parameters(i)
+                if params:
+                    out.append((group_name(name, i), params))
+        return out
+
+    def param_group_names(self) -> list[str]:
+        return [n for n, _ in self.param_groups()]
+
+    def active_count(self) -> int:
+        return sum(layer.num_active for _, layer in self.driver.sites)
+
+    def describe(self) -> str:
+        parts = []
+        for name, layer in self.driver.sites:
+            for i in range(layer.num_seeds):
+                state = layer.state_of(i)
+                if state != S.DORMANT:
+                    parts.append(f"{name}[{i}] {state.name}")
+        return ", ".join(parts) or "all dormant"
+
+    def eval_flops_per_sample(self) -> float:
+        """Forward FLOPs per sample of the model as it is now (cached per seed configuration)."""
+        key = tuple((name, i, layer.state_of(i)) for name, layer in self.driver.sites
+                    for i in range(layer.num_seeds) if layer.state_of(i) in ACTIVE_STATES)
+        if self._flops_cache is None or self._flops_cache[0] != key:
+            value = self.flops_initial if not key else forward_flops_per_sample(self.model, self.input_shape, self.device)
+            self._flops_cache = (key, value)
+        return self._flops_cache[1]
+
+    def train_flops_per_sample(self) -> float:
+        return self.eval_flops_per_sample()
+
+    def state_counts(self) -> dict[str, int]:
+        """Final state of every seed that was ever germinated (by adaptation outcome) and of the slots."""
+        counts: dict[str, int] = {}
+        for record in self._adaptations:
+            outcome = record["outcome"]
+            if outcome == "pending":
+                layer = self.driver.site(record["layer"])
+                outcome = layer.state_of(record["seed"]).name.lower()
+            counts[outcome] = counts.get(outcome, 0) + 1
+        return counts
+
+    def adaptations(self) -> list[dict[str, Any]]:
+        out = []
+        for record in self._adaptations:
+            r = dict(record)
+            if r["outcome"] == "pending":
+                layer = self.driver.site(r["layer"])
+                r["outcome"] = layer.state_of(r["seed"]).name.lower()
+                value = float(layer.table.contribution[r["seed"]])
+                r["contribution"] = None if math.isnan(value) else value
+            out.append(r)
+        return out
+
+    def timeline(self) -> list[dict[str, Any]]:
+        return list(self._timeline)
+
+    def manifest(self) -> list[dict[str, Any]]:
+        """Seeds with modules (the layer's own state_dict rebuilds them; kept for the export manifest)."""
+        out = []
+        for name, layer in self.driver.sites:
+            for i in range(layer.num_seeds):
+                spec = layer.blueprint_of(i)
+                out.append({"layer": name, "seed": i, "state": layer.state_of(i).name,
+                            "blueprint": spec.blueprint_id if spec is not None else ""})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "controller": self.controller.state_dict(),
+            "adaptations": [dict(r) for r in self._adaptations],
+            "timeline": [dict(r) for r in self._timeline],
+            "clock": {"global_step": self.driver.global_step, "epoch": self.driver.epoch},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.controller.load_state_dict(state["controller"])
+        self._adaptations = [dict(r) for r in state["adaptations"]]
+        self._timeline = [dict(r) for r in state["timeline"]]
+        self.driver.set_position(state["clock"]["global_step"], state["clock"]["epoch"])
+        self._flops_cache = None
+
+
+__all__ = ["Growth", "KasminaLayer", "Morphogenesis", "SiteAwareDriver", "group_name", "seed_sites"]

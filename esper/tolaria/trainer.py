@@ -1,0 +1,461 @@
+"""The Tolaria training recipe: setup, train (with the morphogenetic loop), checkpoint, resume.
+
+One `Trainer` runs one job in one run directory. Everything that can fail on bad input (config,
+data, checkpoint, architecture mismatch) is checked in `prepare()`, before anything is written to
+the run directory, so a rejected command leaves an existing run untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from esper.tolaria import checkpoint as ckpt
+from esper.tolaria.config import Config, ConfigError, architecture_of, from_dict, to_dict, to_yaml
+from esper.tolaria.data import (
+    Dataset,
+    eval_batches,
+    load_dataset,
+    num_train_batches,
+    train_batches,
+)
+from esper.tolaria.governor import Governor
+from esper.tolaria.hosts import build_host, count_parameters, forward_flops_per_sample, model_input_shape
+from esper.tolaria.metrics import MetricsWriter
+from esper.tolaria.schedule import LRSchedule, add_param_group, build_optimizer, remove_param_group
+
+
+class ResumeError(ValueError):
+    """A resume that cannot continue this run (foreign checkpoint, architecture changed)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when available else cpu; asking for cuda without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: 'cuda' was requested but no CUDA device is available; expected auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds torch (CPU and CUDA) and makes cuDNN deterministic."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    lr: float
+    params: int
+    wall_s: float
+
+
+@dataclass
+class RunState:
+    """Counters of the run that a checkpoint carries besides the tensors."""
+
+    epoch: int = 0  # epochs completed
+    global_step: int = 0
+    best_val_loss: float = float("inf")
+    best_val_acc: float = 0.0
+    epochs_without_improvement: int = 0
+    train_flops: float = 0.0
+    eval_flops: float = 0.0
+    growth_flops: float = 0.0
+    wall_s: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs one training job; see `esper.tolaria.cli` for the command line around it."""
+
+    def __init__(self, config: Config, run_dir: Path, morphogenetic: bool = True, verbose: bool = False,
+                 progress: str = "auto", resume: str | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.morphogenetic = morphogenetic and config.morphogenetic
+        self.verbose = verbose
+        self.progress_mode = progress
+        self.resume_spec = resume
+        self.state = RunState()
+        self.payload: dict[str, Any] | None = None
+        self.morph = None
+        self._display = None
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare(self) -> None:
+        """Validates everything and builds the model, data and optimizer; writes nothing."""
+        cfg = self.config
+        self.payload = self._find_resume_payload()
+        if self.payload is not None:
+            self._check_architecture(self.payload)
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.torch_threads > 0:
+            torch.set_num_threads(cfg.train.torch_threads)
+        seed_everything(cfg.train.seed)
+        dataset = load_dataset(cfg.data, cfg.train.seed)
+        self.input_shape = model_input_shape(cfg.model, dataset.input_shape)
+        self.data: Dataset = _reshape_dataset(dataset, self.input_shape).to(self.device)
+        self.model = build_host(cfg.model, self.input_shape, self.data.num_classes).to(self.device)
+        self.params_initial = count_parameters(self.model)
+        self.host_flops = forward_flops_per_sample(self.model, self.input_shape, self.device)
+        from esper.tolaria.morphogenesis import Morphogenesis
+
+        # The seeds are planted in every run (the baseline too) so both have the same architecture;
+        # with --no-morphogenetic they simply never germinate.
+        self.morph = Morphogenesis(
+            self.model, cfg, run_id=cfg.run_name, input_shape=self.input_shape, device=self.device,
+            params_initial=self.params_initial, flops_initial=self.host_flops, enabled=self.morphogenetic,
+        )
+        self.model = self.morph.model
+        self.steps_per_epoch = num_train_batches(len(self.data.train), cfg.data.batch_size)
+        self.morph.steps_per_epoch = self.steps_per_epoch
+        total = cfg.train.epochs * self.steps_per_epoch
+        if cfg.train.max_steps > 0:
+            total = min(total, cfg.train.max_steps)
+        self.total_steps = total
+        self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        self.schedule = LRSchedule(cfg.schedule, self.total_steps, self.steps_per_epoch)
+        self.amp = cfg.train.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.governor = Governor(cfg.governor)
+        if self.payload is not None:
+            self._restore(self.payload)
+
+    def _find_resume_payload(self) -> dict[str, Any] | None:
+        spec = self.resume_spec
+        if spec is None:
+            return None
+        if spec == "auto":
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            return None if latest is None else ckpt.load_checkpoint(latest)
+        return ckpt.load_checkpoint(Path(spec))
+
+    def _check_architecture(self, payload: dict[str, Any]) -> None:
+        stored = payload.get("architecture")
+        if not isinstance(stored, dict):
+            raise ResumeError(f"checkpoint '{payload.get('path')}' has no architecture record; expected one written by esper-train")
+        current = architecture_of(self.config)
+        for key in sorted(set(stored) | set(current)):
+            if stored.get(key) != current.get(key):
+                raise ResumeError(
+                    f"--resume: the config changes the architecture at '{key}' "
+                    f"(checkpoint has {stored.get(key)!r}, config has {current.get(key)!r}); "
+                    "expected the same model, dataset and seed sites as the checkpoint"
+                )
+
+    def _restore(self, payload: dict[str, Any]) -> None:
+        try:
+            # The Kasmina layers rebuild their grown seeds from the state dict's extra state.
+            self.model.load_state_dict(payload["model"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ResumeError(f"checkpoint '{payload['path']}' does not fit the model: {first}") from None
+        self.morph.load_state_dict(payload["morph"])
+        self._rebuild_seed_groups(payload["optimizer_groups"])
+        groups = [g.get("name") for g in self.optimizer.param_groups]
+        if groups != payload["optimizer_groups"]:
+            raise ResumeError(
+                f"checkpoint '{payload['path']}': optimizer groups {payload['optimizer_groups']} do not match the "
+                f"rebuilt model's {groups}; expected a checkpoint of this run"
+            )
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.schedule.load_state_dict(payload["schedule"])
+        self.scaler.load_state_dict(payload["scaler"])
+        self.governor.load_state_dict(payload["governor"])
+        self.state = RunState(**payload["run_state"])
+        self.params_initial = int(payload["params_initial"])
+        rng = payload["rng"]
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def _rebuild_seed_groups(self, order: list[str] | None = None) -> None:
+        """One optimizer group per live seed module (after a load or rollback), in `order` first
+        (the order the groups had when saved: optimizer state is matched by position)."""
+        for group in list(self.optimizer.param_groups[1:]):
+            remove_param_group(self.optimizer, group["name"])
+        live = dict(self.morph.param_groups())
+        names = [n for n in (order or []) if n in live] + [n for n in live if n not in (order or [])]
+        for name in names:
+            add_param_group(self.optimizer, live[name], name, self.config.optim.lr)
+
+    # ------------------------------------------------------------------ run
+
+    def start(self) -> None:
+        """Creates the run directory and its writers (the first write of a run)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
+        resume_step = self.state.global_step if self.payload is not None else None
+        self.metrics = MetricsWriter(self.run_dir, self.config.logging.tensorboard, resume_step)
+        self.morph.attach_event_log(self.run_dir / "events.jsonl", resume_step)
+
+    def train(self) -> dict[str, Any]:
+        """Runs the remaining epochs; returns the summary (also written to summary.json)."""
+        from esper.tolaria.report import ProgressDisplay, write_summary
+
+        cfg = self.config
+        display = ProgressDisplay(self.progress_mode, cfg.train.epochs, self.steps_per_epoch, self.verbose)
+        self._display = display
+        wall_start = time.perf_counter() - self.state.wall_s
+        stopped_early = False
+        try:
+            with display:
+                for epoch in range(self.state.epoch, cfg.train.epochs):
+                    if cfg.train.max_steps and self.state.global_step >= cfg.train.max_steps:
+                        break
+                    t0 = time.perf_counter()
+                    train_loss, train_acc = self._train_epoch(epoch, display)
+                    val_loss, val_acc = self.evaluate(self.data.val)
+                    self._account_eval(len(self.data.val))
+                    improved = val_loss < self.state.best_val_loss
+                    if improved:
+                        self.state.best_val_loss = val_loss
+                        self.state.epochs_without_improvement = 0
+                    else:
+                        self.state.epochs_without_improvement += 1
+                    self.state.best_val_acc = max(self.state.best_val_acc, val_acc)
+                    growth = self.morph.epoch_end(
+                        epoch=epoch, global_step=self.state.global_step, total_epochs=cfg.train.epochs,
+                        train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
+                        history=[h["val_loss"] for h in self.state.history] + [val_loss],
+                        evaluate=self._counterfactual_eval,
+                    )
+                    self._apply_growth(growth)
+                    record = EpochRecord(
+                        epoch=epoch + 1, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss,
+                        val_acc=val_acc, lr=self.optimizer.param_groups[0]["lr"],
+                        params=count_parameters(self.model), wall_s=time.perf_counter() - t0,
+                    )
+                    self.state.history.append(record.__dict__)
+                    self.state.epoch = epoch + 1
+                    self.state.wall_s = time.perf_counter() - wall_start
+                    self.metrics.write("epoch", self.state.global_step, epoch + 1, {
+                        **{k: v for k, v in record.__dict__.items() if k != "epoch"},
+                        "active_seeds": self.morph.active_count(),
+                        "train_flops": self.state.train_flops, "eval_flops": self.state.eval_flops,
+                    })
+                    self.metrics.flush()
+                    display.epoch_done(record, self.morph.describe())
+                    if epoch + 1 == cfg.train.epochs or (epoch + 1) % cfg.checkpoint.every_epochs == 0:
+                        self.save(best_metric=val_loss if cfg.checkpoint.save_best else None)
+                    patience = cfg.train.early_stopping_patience
+                    if patience and self.state.epochs_without_improvement >= patience:
+                        stopped_early = True
+                        if (epoch + 1) % cfg.checkpoint.every_epochs != 0:
+                            self.save(best_metric=val_loss if cfg.checkpoint.save_best else None)
+                        break
+        finally:
+            self.metrics.close()
+        test_loss, test_acc = self.evaluate(self.data.test)
+        self.state.wall_s = time.perf_counter() - wall_start
+        summary = self.summary(test_loss, test_acc, stopped_early)
+        write_summary(self.run_dir, summary, self.morph.timeline(), plot=cfg.logging.timeline_plot, echo=display)
+        return summary
+
+    def _train_epoch(self, epoch: int, display) -> tuple[float, float]:
+        cfg = self.config
+        self.model.train()
+        start = self.state.global_step - epoch * self.steps_per_epoch
+        start = max(0, min(start, self.steps_per_epoch))
+        self.governor.take_snapshot(self.model, self.optimizer, self._snapshot_extra())
+        step_flops = 3.0 * self.morph.train_flops_per_sample()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        seen = 0
+        for _, x, y in train_batches(self.data, cfg.data.batch_size, cfg.train.seed, epoch, start, cfg.data.augment):
+            if cfg.train.max_steps and self.state.global_step >= cfg.train.max_steps:
+                break
+            lr_factor = self.schedule.apply(self.optimizer)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y)
+            loss_value = float(loss.detach())  # one sync per step: the governor needs the value
+            reason = self.governor.anomaly(loss_value)
+            if reason is not None:
+                self._rollback(epoch, reason)
+                step_flops = 3.0 * self.morph.train_flops_per_sample()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.schedule.step()
+                self.state.global_step += 1
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if cfg.optim.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.schedule.step()
+            self.state.global_step += 1
+            self.state.train_flops += step_flops * x.shape[0]
+            if self.morph.after_step(self.state.global_step, epoch):
+                step_flops = 3.0 * self.morph.train_flops_per_sample()
+                self._sync_param_groups()
+            loss_sum += loss.detach().double() * x.shape[0]
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += x.shape[0]
+            self.metrics.write("step", self.state.global_step, epoch + 1,
+                               {"loss": loss_value, "lr": self.optimizer.param_groups[0]["initial_lr"] * lr_factor})
+            display.step_done(loss_value)
+        if seen == 0:
+            return float("nan"), float("nan")
+        return float(loss_sum) / seen, float(correct) / seen
+
+    @torch.no_grad()
+    def evaluate(self, split) -> tuple[float, float]:
+        """(mean cross-entropy, accuracy) of the model on a split, in eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        for x, y in eval_batches(self.data, split, self.config.data.eval_batch_size):
+            with torch.autocast(self.device.type, enabled=self.amp):
+                logits = self.model(x)
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum()
+        self.model.train(was_training)
+        n = max(1, len(split))
+        return float(loss_sum) / n, float(correct) / n
+
+    def _counterfactual_eval(self) -> tuple[float, float]:
+        """Validation used by the lifecycle's counterfactual measurement (its compute is growth overhead)."""
+        result = self.evaluate(self.data.val)
+        self.state.growth_flops += self.morph.eval_flops_per_sample() * len(self.data.val)
+        return result
+
+    def _account_eval(self, n: int) -> None:
+        self.state.eval_flops += self.morph.eval_flops_per_sample() * n
+
+    def _apply_growth(self, growth) -> None:
+        for name in growth.removed_groups:
+            remove_param_group(self.optimizer, name)
+        for name, params in growth.added_groups:
+            add_param_group(self.optimizer, params, name, self.config.optim.lr)
+
+    def _sync_param_groups(self) -> None:
+        """Makes the optimizer's seed groups match the live seeds (after a step-level cull)."""
+        live = dict(self.morph.param_groups())
+        for group in list(self.optimizer.param_groups[1:]):
+            if group.get("name") not in live:
+                remove_param_group(self.optimizer, group["name"])
+
+    def _snapshot_extra(self) -> dict[str, Any]:
+        return {"morph": self.morph.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def _rollback(self, epoch: int, reason: str) -> None:
+        snap = self.governor.restore(self.model)
+        if snap is not None:
+            self.morph.load_state_dict(snap["extra"]["morph"])
+            self.scaler.load_state_dict(snap["extra"]["scaler"])
+            self._rebuild_seed_groups(snap["groups"])
+            if [g.get("name") for g in self.optimizer.param_groups] == snap["groups"]:
+                self.optimizer.load_state_dict(snap["optimizer"])
+            else:
+                self.optimizer.state.clear()
+        blamed = self.morph.roll_back_culprit(epoch, self.state.global_step, reason)
+        self._sync_param_groups()
+        self.metrics.write("event", self.state.global_step, epoch + 1, {"rollback": reason, "culled": blamed or ""})
+        self.display_line(f"governor: {reason} at step {self.state.global_step}; rolled back"
+                          + (f", seed {blamed} rolled back" if blamed else ""))
+
+    def display_line(self, line: str) -> None:
+        if self._display is not None:
+            self._display.print(line)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, best_metric: float | None) -> Path:
+        """Writes an atomic checkpoint of everything an exact resume needs."""
+        payload = {
+            "config": to_dict(self.config),
+            "architecture": architecture_of(self.config),
+            "model": self.model.state_dict(),
+            "seed_manifest": self.morph.manifest(),
+            "morph": self.morph.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "optimizer_groups": [g.get("name") for g in self.optimizer.param_groups],
+            "schedule": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "governor": self.governor.state_dict(),
+            "run_state": dict(self.state.__dict__),
+            "params_initial": self.params_initial,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
+        }
+        return ckpt.save_checkpoint(self.run_dir, self.state.epoch, payload, self.config.checkpoint.keep_last, best_metric)
+
+    # ------------------------------------------------------------------ summary
+
+    def summary(self, test_loss: float, test_acc: float, stopped_early: bool) -> dict[str, Any]:
+        hist = self.state.history
+        return {
+            "run_name": self.config.run_name,
+            "morphogenetic": self.morphogenetic,
+            "dataset": self.config.data.name,
+            "model": self.config.model.name,
+            "device": str(self.device),
+            "epochs": self.state.epoch,
+            "global_step": self.state.global_step,
+            "stopped_early": stopped_early,
+            "final_val_acc": hist[-1]["val_acc"] if hist else None,
+            "final_val_loss": hist[-1]["val_loss"] if hist else None,
+            "best_val_acc": self.state.best_val_acc,
+            "best_val_loss": self.state.best_val_loss,
+            "test_acc": test_acc,
+            "test_loss": test_loss,
+            "params_initial": self.params_initial,
+            "params_final": count_parameters(self.model),
+            "flops": {
+                "train": self.state.train_flops,
+                "eval": self.state.eval_flops,
+                "growth_overhead": self.state.growth_flops,
+                "total": self.state.train_flops + self.state.eval_flops + self.state.growth_flops,
+                "forward_per_sample_initial": self.host_flops,
+                "forward_per_sample_final": self.morph.eval_flops_per_sample(),
+            },
+            "seeds": self.morph.state_counts(),
+            "adaptations": self.morph.adaptations(),
+            "rollbacks": self.governor.rollbacks,
+            "wall_s": self.state.wall_s,
+        }
+
+
+def _reshape_dataset(ds: Dataset, shape: tuple[int, ...]) -> Dataset:
+    from esper.tolaria.data import Split
+
+    def view(split: Split) -> Split:
+        return Split(split.x.reshape(split.x.shape[0], *shape), split.y)
+
+    if tuple(ds.input_shape) == tuple(shape):
+        return ds
+    return Dataset(ds.name, view(ds.train), view(ds.val), view(ds.test), ds.num_classes, tuple(shape), ds.mean, ds.std)
+
+
+def config_from_checkpoint(payload: dict[str, Any]) -> Config:
+    """The config a checkpoint was written with."""
+    return from_dict(payload["config"])
+
+
+def dump_json(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=False))
+    tmp.replace(path)

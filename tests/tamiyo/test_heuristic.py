@@ -1,0 +1,133 @@
+"""Heuristic Tamiyo policy and safety rails on hand-built ModelGraphState messages."""
+
+from __future__ import annotations
+
+from esper.lifecycle import SeedLifecycleState as S
+from esper.tamiyo import Controller, HeuristicConfig, HeuristicPolicy, RailsConfig, SafetyRails, plateau
+from esper.tamiyo.costs import blueprint_costs_at
+from esper.v1 import common_pb2
+
+GERMINATE = common_pb2.DECISION_ACTION_GERMINATE
+WAIT = common_pb2.DECISION_ACTION_WAIT
+HOST_FLOPS = 1e6
+
+
+def graph(history, grads=(0.1, 0.5, 0.2), dead=(0.0, 0.0, 0.0), states=None, epoch=5,
+          params_left=1.0, flops_left=1.0, active=0, initial_params=10_000) -> common_pb2.ModelGraphState:
+    msg = common_pb2.ModelGraphState(run_id="t")
+    states = states or [S.DORMANT] * len(grads)
+    for i, (g, d, s) in enumerate(zip(grads, dead, states, strict=True)):
+        node = msg.nodes.add(node_id=f"hidden.{i}[0]", layer_name=f"hidden.{i}", layer_kind="linear", depth=i)
+        node.output_shape.dims.extend([-1, 32])
+        node.seed.layer_name = f"hidden.{i}"
+        node.seed.state = int(s)
+        node.seed.chunk_size = 32
+        node.seed.telemetry.gradient_norm = g
+        node.seed.telemetry.dead_fraction = d
+    sig = msg.signals
+    sig.epoch = epoch
+    sig.val_loss_history.extend(history)
+    sig.initial_parameter_count = initial_params
+    sig.parameter_budget_left = params_left
+    sig.compute_budget_left = flops_left
+    sig.active_adaptations = active
+    return msg
+
+
+def policy(**overrides) -> HeuristicPolicy:
+    rails = RailsConfig(parameter_budget=1.0, compute_budget=1.0)
+    return HeuristicPolicy(HeuristicConfig(**overrides), rails, HOST_FLOPS)
+
+
+def test_plateau_detection():
+    assert plateau([1.0, 0.99, 0.985], window=2, threshold=0.02) == (True, plateau([1.0, 0.99, 0.985], 2, 0.02)[1])
+    assert plateau([1.0, 0.8, 0.6], window=2, threshold=0.02)[0] is False
+    assert plateau([1.0], window=2, threshold=0.02)[0] is False
+
+
+def test_waits_while_loss_improves_and_before_start():
+    p = policy(start_epoch=2)
+    (d,) = p.decide(graph([1.0, 0.7, 0.5], epoch=1))
+    assert d.action == WAIT and "start_epoch" in d.reason
+    (d,) = p.decide(graph([1.0, 0.7, 0.5]))
+    assert d.action == WAIT and "no plateau" in d.reason
+
+
+def test_grows_at_worst_health_site_on_plateau():
+    (d,) = policy().decide(graph([1.0, 0.999, 0.998]))
+    assert d.action == GERMINATE and d.layer_name == "hidden.1"  # largest relative gradient norm
+    assert "plateau" in d.reason and d.blueprint_id
+    (d,) = policy().decide(graph([1.0, 0.999, 0.998], grads=(0.1, 0.1, 0.1), dead=(0.0, 0.0, 0.9)))
+    assert d.layer_name == "hidden.2"  # dead units dominate when gradients are even
+
+
+def test_blueprint_is_the_largest_within_budget():
+    msg = graph([1.0, 1.0, 1.0])
+    costs = {c.blueprint_id: c for c in blueprint_costs_at(msg.nodes[0])}
+    biggest = max(costs.values(), key=lambda c: c.parameters)
+    (d,) = policy().decide(msg)
+    assert d.blueprint_id == biggest.blueprint_id
+    # Budget for only the cheapest blueprint: 10_000 params * fraction left.
+    cheapest = min(costs.values(), key=lambda c: c.parameters)
+    frac = (cheapest.parameters + 1) / 10_000
+    (d,) = policy().decide(graph([1.0, 1.0, 1.0], params_left=frac))
+    assert costs[d.blueprint_id].parameters <= cheapest.parameters + 1
+    (d,) = policy().decide(graph([1.0, 1.0, 1.0], params_left=0.0))
+    assert d.action == WAIT and "budget" in d.reason
+
+
+def test_allow_list_restricts_blueprints():
+    (d,) = policy(blueprints=("lora_adapter",)).decide(graph([1.0, 1.0, 1.0]))
+    assert d.blueprint_id == "lora_adapter"
+
+
+def test_rails_cooldown_and_max_concurrent():
+    rails_cfg = RailsConfig(cooldown_epochs=2, max_concurrent=1, max_adaptations=2)
+    ctl = Controller(HeuristicPolicy(HeuristicConfig(grow_without_plateau=True), rails_cfg, HOST_FLOPS),
+                     SafetyRails(rails_cfg, HOST_FLOPS))
+    (d,) = ctl.decide(graph([1.0], epoch=3))
+    assert d.action == GERMINATE
+    grown = d.layer_name
+    states = [S.TRAINING if f"hidden.{i}" == grown else S.DORMANT for i in range(3)]
+    (d,) = ctl.decide(graph([1.0], epoch=4, states=states, active=0))
+    assert d.action == WAIT and "cooldown" in d.reason
+    (d,) = ctl.decide(graph([1.0], epoch=6, states=states, active=1))
+    assert d.action == WAIT and "max_concurrent" in d.reason
+    (d,) = ctl.decide(graph([1.0], epoch=6, states=states, active=0))
+    assert d.action == GERMINATE
+    (d,) = ctl.decide(graph([1.0], epoch=9, active=0))
+    assert d.action == WAIT and "max_adaptations" in d.reason
+    restored = SafetyRails(rails_cfg, HOST_FLOPS)
+    restored.load_state_dict(ctl.rails.state_dict())
+    assert restored.adaptations == 2 and restored.last_growth_epoch == 6
+
+
+def test_rails_refuse_any_policy_over_budget():
+    class Greedy:
+        version = "greedy"
+
+        def decide(self, state):
+            return [common_pb2.AdaptationDecision(action=GERMINATE, layer_name="hidden.0", seed_index=0,
+                                                  blueprint_id="residual_mlp", policy_version="greedy")]
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    rails_cfg = RailsConfig(parameter_budget=0.01)
+    (d,) = Controller(Greedy(), SafetyRails(rails_cfg, HOST_FLOPS)).decide(graph([1.0]))
+    assert d.action == WAIT and "exceeds the budget" in d.reason
+    busy = graph([1.0], states=[S.FOSSILIZED, S.DORMANT, S.DORMANT])
+    (d,) = Controller(Greedy(), SafetyRails(RailsConfig(), HOST_FLOPS)).decide(busy)
+    assert d.action == WAIT and "not free" in d.reason
+
+
+def test_compute_budget_limits_the_blueprint():
+    msg = graph([1.0, 1.0, 1.0])
+    costs = blueprint_costs_at(msg.nodes[0])
+    cap = sorted(c.flops for c in costs)[1]  # room for the two cheapest only
+    (d,) = HeuristicPolicy(HeuristicConfig(), RailsConfig(compute_budget=cap / 1000.0), 1000.0).decide(msg)
+    chosen = next(c for c in costs if c.blueprint_id == d.blueprint_id)
+    assert chosen.flops <= cap

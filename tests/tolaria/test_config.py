@@ -1,0 +1,97 @@
+"""Config schema: precedence defaults < file < overrides, and errors that name key and type."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from esper.tolaria.config import (
+    Config,
+    ConfigError,
+    architecture_of,
+    from_dict,
+    load_config,
+    parse_override,
+    to_dict,
+    to_yaml,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_defaults_file_overrides(tmp_path):
+    defaults = Config()
+    path = write(tmp_path, "optim:\n  lr: 0.2\n  momentum: 0.5\nmodel:\n  width: 48\n")
+    from_file = load_config(path)
+    assert from_file.optim.lr == 0.2 and from_file.optim.momentum == 0.5 and from_file.model.width == 48
+    assert from_file.optim.weight_decay == defaults.optim.weight_decay  # untouched key keeps its default
+    both = load_config(path, ["optim.lr=0.01", "model.width=64"])
+    assert both.optim.lr == 0.01 and both.model.width == 64
+    assert both.optim.momentum == 0.5  # file still wins over the default where no override is given
+
+
+def test_override_values_are_typed_by_yaml(tmp_path):
+    cfg = load_config(None, ["train.epochs=3", "optim.nesterov=true", "seeds.sites=[hidden.0]",
+                             "optim.lr=1", "lifecycle.min_contribution_per_site.hidden.1=0.5"])
+    assert cfg.train.epochs == 3 and cfg.optim.nesterov is True and cfg.seeds.sites == ["hidden.0"]
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0  # an int is a valid float
+    assert cfg.lifecycle.min_contribution_per_site == {"hidden.1": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
+        (["nonsense=1"], "unknown config key 'nonsense'"),
+        (["optim.lr=fast"], "optim.lr: expected float, got str 'fast'"),
+        (["model.width=1.5"], "model.width: expected int, got float 1.5"),
+        (["train.amp=3"], "train.amp: expected bool, got int 3"),
+        (["seeds.sites=hidden.0"], "seeds.sites: expected list of string"),
+        (["data.name=imagenet"], "data.name: unknown value 'imagenet'; expected one of: digits"),
+        (["model.name=vit"], "model.name: unknown value 'vit'"),
+        (["train.epochs=0"], "train.epochs: expected an int >= 1"),
+        (["optim.lr"], "expected KEY=VALUE"),
+    ],
+)
+def test_bad_overrides_name_key_and_type(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(write(tmp_path, "optim:\n  lr: [0.1\n"))
+    with pytest.raises(ConfigError, match="expected a mapping of sections at the top level"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+        load_config(write(tmp_path, "optim:\n  learning_rate: 0.1\n"))
+    with pytest.raises(ConfigError, match="optim: expected a mapping of keys"):
+        load_config(write(tmp_path, "optim: 3\n"))
+
+
+def test_round_trip_and_architecture():
+    cfg = load_config(REPO / "configs" / "development.yaml")
+    again = from_dict(to_dict(cfg))
+    assert to_yaml(again) == to_yaml(cfg)
+    arch = architecture_of(cfg)
+    assert arch["model.width"] == cfg.model.width and "optim.lr" not in arch
+
+
+@pytest.mark.parametrize("name", ["development", "mnist1d", "cifar10", "cifar100"])
+def test_shipped_configs_load(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert cfg.run_name == name
+
+
+def test_parse_override_keeps_equals_in_value():
+    assert parse_override("run_name=a=b") == ("run_name", "a=b")

@@ -1,0 +1,269 @@
+"""esper-train end to end on digits: the lifecycle really runs, resume is exact, bad input exits 2."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from esper.tolaria import checkpoint as ckpt
+from esper.tolaria.cli import main
+from esper.tolaria.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+DEV = str(REPO / "configs" / "development.yaml")
+FAST = ["logging.tensorboard=false", "train.torch_threads=1"]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "esper.tolaria.cli", *args]
+
+
+def run_cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(cli(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.integration
+def test_digits_run_fossilizes_one_seed_and_culls_another(tmp_path):
+    # Forced through config only: every seed passes the contribution gate (min -1) except at
+    # hidden.0, whose per-site threshold (2.0, more than any accuracy difference) cannot be met.
+    out = tmp_path / "run"
+    code = main(["--config", DEV, "--output-dir", str(out), "--progress", "plain", "train.epochs=7",
+                 "lifecycle.min_contribution=-1.0", "lifecycle.min_contribution_per_site.hidden.0=2.0",
+                 "controller.max_concurrent=2", *FAST])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seeds"].get("fossilized", 0) >= 1, summary["seeds"]
+    assert summary["seeds"].get("culled", 0) >= 1, summary["seeds"]
+    for key in ("final_val_acc", "best_val_acc", "params_initial", "params_final", "adaptations", "wall_s"):
+        assert key in summary
+    assert summary["params_final"] > summary["params_initial"]
+    assert summary["best_val_acc"] > 0.8
+    outcomes = {(a["layer"], a["outcome"]) for a in summary["adaptations"]}
+    assert ("hidden.0", "culled") in outcomes and ("hidden.1", "fossilized") in outcomes
+    for a in summary["adaptations"]:
+        assert {"epoch", "layer", "blueprint", "outcome", "contribution"} <= set(a)
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    path = [e["to"] for e in events if e["layer"] == "hidden.1" and e["seed"] == 0]
+    assert path[:7] == ["GERMINATED", "TRAINING", "GRAFTING", "STABILIZATION", "EVALUATING", "FINE_TUNING",
+                        "FOSSILIZED"]
+    assert (out / "timeline.png").stat().st_size > 1000
+    assert (out / "config.yaml").read_text().count("min_contribution_per_site") == 1
+    epochs = read_metrics(out, "epoch")
+    assert [r["epoch"] for r in epochs] == list(range(1, 8))
+
+
+@pytest.mark.integration
+def test_no_morphogenetic_baseline_never_germinates(tmp_path):
+    out = tmp_path / "base"
+    assert main(["--config", DEV, "--output-dir", str(out), "--no-morphogenetic", "--progress", "plain",
+                 "train.epochs=2", *FAST]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["adaptations"] == [] and summary["params_final"] == summary["params_initial"]
+    assert summary["morphogenetic"] is False
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stderr.read() if proc.stderr else ''}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.02)
+
+
+@pytest.mark.integration
+def test_resume_after_kill_follows_the_same_loss_curve(tmp_path):
+    args = ["--config", DEV, "--progress", "plain", "train.epochs=4", *FAST]
+    straight = tmp_path / "straight"
+    assert run_cli(*args, "--output-dir", str(straight)).returncode == 0
+
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(cli(*args, "--output-dir", str(cut)), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(cut / "checkpoints" / "epoch_0002" / ckpt.MARKER, proc)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert not (cut / "summary.json").exists()  # it really died mid-run
+    latest = ckpt.latest_checkpoint(cut)
+    payload = ckpt.load_checkpoint(latest)
+    assert any(s["state"] != "DORMANT" for s in payload["seed_manifest"]), "no seed germinated before the cut"
+
+    resumed = run_cli("--output-dir", str(cut), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout
+    want = [(r["step"], r["loss"]) for r in read_metrics(straight, "step")]
+    got = [(r["step"], r["loss"]) for r in read_metrics(cut, "step")]
+    assert len(want) == len(got) > 0
+    assert got == want  # bitwise-identical per-step losses on CPU
+    a = json.loads((straight / "summary.json").read_text())
+    b = json.loads((cut / "summary.json").read_text())
+    assert a["final_val_acc"] == b["final_val_acc"] and a["params_final"] == b["params_final"]
+    assert [x["outcome"] for x in a["adaptations"]] == [x["outcome"] for x in b["adaptations"]]
+
+
+_WRITER = r"""
+import sys, torch
+from pathlib import Path
+from esper.tolaria import checkpoint as ckpt
+run = Path(sys.argv[1])
+ckpt.save_checkpoint(run, 1, {"weights": torch.ones(4)}, keep_last=3)
+print("first", flush=True)
+big = torch.randn(64, 1024, 1024)  # 256 MiB: the write takes long enough to be interrupted
+while True:
+    ckpt.save_checkpoint(run, 2, {"weights": big}, keep_last=3)
+"""
+
+
+@pytest.mark.integration
+def test_killed_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "first"
+        root = tmp_path / "checkpoints"
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith(".tmp-epoch_0002") for p in root.iterdir()):
+            assert time.monotonic() < deadline, "the second write never started"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())
+    latest = ckpt.latest_checkpoint(tmp_path)
+    if latest.name == "epoch_0002":
+        # The kill landed after a complete earlier write of epoch 2; the partial one is still ignored.
+        assert ckpt.is_complete(latest)
+    else:
+        assert latest.name == "epoch_0001"
+        assert torch.equal(ckpt.load_checkpoint(tmp_path)["weights"], torch.ones(4))
+    # A directory without its completion marker is never picked, even if it is the newest.
+    fake = tmp_path / "checkpoints" / "epoch_0009"
+    fake.mkdir()
+    torch.save({"format": ckpt.FORMAT}, fake / ckpt.STATE_FILE)
+    assert ckpt.latest_checkpoint(tmp_path) == latest
+    with pytest.raises(ckpt.CheckpointError, match="partial or corrupt"):
+        ckpt.load_checkpoint(fake)
+
+
+def test_keep_last_and_best(tmp_path):
+    for epoch, metric in [(1, 0.5), (2, 0.3), (3, 0.4), (4, 0.6), (5, 0.7)]:
+        ckpt.save_checkpoint(tmp_path, epoch, {"e": epoch}, keep_last=2, best_metric=metric)
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    assert names == ["epoch_0002", "epoch_0004", "epoch_0005"]  # newest two plus the best
+    assert ckpt.read_best(tmp_path)["dir"] == "epoch_0002"
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("done") / "run"
+    assert main(["--config", DEV, "--output-dir", str(out), "--progress", "plain", "train.epochs=2", *FAST]) == 0
+    return out
+
+
+def _damaged(tmp_path: Path, finished: Path, kind: str) -> Path:
+    src = ckpt.latest_checkpoint(finished)
+    dst = tmp_path / kind / "checkpoints" / src.name
+    dst.mkdir(parents=True)
+    state = dst / ckpt.STATE_FILE
+    if kind == "corrupt":
+        state.write_bytes(b"\x00not a torch file" * 100)
+    elif kind == "foreign":
+        torch.save({"model": {"w": torch.zeros(1)}, "epoch": 3}, state)
+    else:  # partial: state present, marker missing
+        state.write_bytes((src / ckpt.STATE_FILE).read_bytes())
+        return dst
+    marker = {"format": ckpt.FORMAT, "epoch": 2, "sha256": hashlib.sha256(state.read_bytes()).hexdigest()}
+    (dst / ckpt.MARKER).write_text(json.dumps(marker))
+    return dst
+
+
+BAD_CASES = {
+    "missing config": (["--config", "/nonexistent/x.yaml"], "config file '/nonexistent/x.yaml' does not exist"),
+    "malformed config": (["--config", "{bad}"], "is not valid YAML"),
+    "unknown key": (["--config", DEV, "optim.lrr=0.1"], "unknown config key 'optim.lrr'"),
+    "wrong type": (["--config", DEV, "train.epochs=many"], "train.epochs: expected int, got str 'many'"),
+    "unknown dataset": (["--config", DEV, "data.name=imagenet"], "data.name: unknown value 'imagenet'"),
+    "unknown model": (["--config", DEV, "model.name=vit"], "model.name: unknown value 'vit'"),
+    "model does not fit data": (["--config", DEV, "model.name=resnet18"], "expects 32x32 images"),
+    "no data files": (["--config", DEV, "data.name=cifar10", "model.name=cnn2d", "--data-dir", "{empty}"],
+                      "missing file"),
+    "unknown seed site": (["--config", DEV, "seeds.sites=[hidden.7]"], "seeds: model has no submodule 'hidden.7'"),
+    "corrupt checkpoint": (["--config", DEV, "--resume", "{corrupt}"], "cannot be read"),
+    "foreign checkpoint": (["--config", DEV, "--resume", "{foreign}"], "is not an Esper training checkpoint"),
+    "partial checkpoint": (["--config", DEV, "--resume", "{partial}"], "partial or corrupt"),
+    "architecture change": (["--config", DEV, "--resume", "auto", "model.width=64"],
+                            "changes the architecture at 'model.width'"),
+    "run exists": (["--config", DEV], "already holds a run"),
+    "bad override syntax": (["--config", DEV, "optim.lr"], "expected KEY=VALUE"),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, finished_run, tmp_path, capsys):
+    args, expected = BAD_CASES[case]
+    malformed = tmp_path / "bad.yaml"
+    malformed.write_text("optim:\n  lr: [0.1\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    subs = {"{bad}": str(malformed), "{empty}": str(empty)}
+    for kind in ("corrupt", "foreign", "partial"):
+        if f"{{{kind}}}" in args:
+            subs[f"{{{kind}}}"] = str(_damaged(tmp_path, finished_run, kind))
+    args = [subs.get(a, a) for a in args]
+    before = tree_digest(finished_run)
+    capsys.readouterr()
+    code = main([*args, "--output-dir", str(finished_run), "--progress", "plain"])
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("esper-train: error: "), captured.err
+    assert expected in lines[0]
+    assert tree_digest(finished_run) == before
+
+
+@pytest.mark.integration
+def test_console_process_exit_code_and_dry_run(tmp_path):
+    bad = run_cli("--config", DEV, "optim.lr=oops", "--output-dir", str(tmp_path / "x"))
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert "optim.lr: expected float" in bad.stderr
+    dry = run_cli("--config", DEV, "--dry-run", "model.width=48", "--output-dir", str(tmp_path / "dry"))
+    assert dry.returncode == 0, dry.stderr
+    assert "width: 48" in dry.stdout and "dry run ok" in dry.stdout
+    assert not (tmp_path / "dry").exists()  # a dry run writes nothing
+    printed = run_cli("--config", DEV, "--print-config", "optim.lr=0.5")
+    assert printed.returncode == 0 and "lr: 0.5" in printed.stdout
+
+
+def test_architecture_change_message_names_values(finished_run, capsys):
+    code = main(["--output-dir", str(finished_run), "--resume", "auto", "seeds.num_seeds=2"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "seeds.num_seeds" in err and "checkpoint has 1" in err and "config has 2" in err
+
+
+def test_resume_completed_run_without_config_uses_its_config(finished_run):
+    # Nothing left to train: a resume of a finished run re-validates and exits cleanly.
+    before = tree_digest(finished_run / "checkpoints")
+    assert main(["--output-dir", str(finished_run), "--resume", "auto", "--dry-run"]) == 0
+    assert tree_digest(finished_run / "checkpoints") == before
+
