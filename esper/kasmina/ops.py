@@ -22,3 +22,21 @@ def _count_states_fake(state: torch.Tensor) -> torch.Tensor:
 def count_states(state: torch.Tensor) -> torch.Tensor:
     """Histogram of lifecycle states in a state table (int64 tensor of length 12)."""
     return torch.ops.esper.count_states(state)
+
+
+# TEMPORARY (layer branch): the ops helper replaces these with the C++ ops on merge.
+from esper.kasmina import reference as _ref  # noqa: E402
+
+TELEMETRY_SUM = _ref.TELEMETRY_SUM
+TELEMETRY_SUMSQ = _ref.TELEMETRY_SUMSQ
+TELEMETRY_DEAD = _ref.TELEMETRY_DEAD
+TELEMETRY_COUNT = _ref.TELEMETRY_COUNT
+TELEMETRY_GRAD_SQ = _ref.TELEMETRY_GRAD_SQ
+TELEMETRY_GRAD_STEPS = _ref.TELEMETRY_GRAD_STEPS
+TELEMETRY_COLUMNS = 6
+seed_blend = _ref.seed_blend
+telemetry_accumulate_ = _ref.telemetry_accumulate_
+grad_telemetry_accumulate_ = _ref.grad_telemetry_accumulate_
+lifecycle_advance_ = _ref.lifecycle_advance_
+telemetry_readout = _ref.telemetry_readout
+telemetry_reset_ = _ref.telemetry_reset_

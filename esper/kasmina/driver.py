@@ -1,0 +1,156 @@
+"""`LifecycleDriver`: runs the lifecycle gates of every seed site at step and epoch boundaries.
+
+    driver = LifecycleDriver(model, LifecycleConfig(...), evaluate=validation_score)
+    for epoch in range(E):
+        for batch in loader:
+            loss.backward(); optimizer.step()
+            driver.step()                       # one ops.lifecycle_advance_ per live layer + step gates
+        driver.end_epoch()                      # embargoes, timeouts, counterfactual gates
+
+`evaluate()` returns a validation score where higher is better (accuracy, or minus the loss); the
+driver calls it once for the baseline and once per seed under `layer.seed_disabled(i)`, so the
+contribution of a seed is `score(with seed) - score(alpha forced to 0)`. It must not train.
+Every transition is a LifecycleEvent, kept in `driver.events` and sent to listeners.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
+from esper.kasmina.layer import KasminaLayer, LifecycleClock
+from esper.kasmina.lifecycle import (
+    LifecycleConfig,
+    LifecycleEvent,
+    LifecycleListener,
+    contribution_gate,
+    needs_contribution,
+    step_gate,
+    training_gate,
+)
+from esper.kasmina.wrap import seed_sites
+from esper.lifecycle import SeedLifecycleState as S
+
+
+class LifecycleDriver:
+    """Owns the lifecycle config and clock; advances and gates all seed sites of a model."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LifecycleConfig | None = None,
+        evaluate: Callable[[], float] | None = None,
+        listeners: Iterable[LifecycleListener] = (),
+    ) -> None:
+        self.model = model
+        self.config = config or LifecycleConfig()
+        self.evaluate = evaluate
+        self.clock = LifecycleClock()
+        self.events: list[LifecycleEvent] = []
+        self._listeners = list(listeners)
+        self.sites: list[tuple[str, KasminaLayer]] = []
+        self.refresh_sites()
+        if not self.sites:
+            raise ValueError("the model has no seed sites; call esper.kasmina.wrap(model, ...) first")
+
+    @property
+    def global_step(self) -> int:
+        return self.clock.global_step
+
+    @property
+    def epoch(self) -> int:
+        return self.clock.epoch
+
+    def set_position(self, global_step: int, epoch: int) -> None:
+        """Set the clock (e.g. after resuming from a checkpoint)."""
+        self.clock.global_step = int(global_step)
+        self.clock.epoch = int(epoch)
+
+    def refresh_sites(self) -> None:
+        """Re-scan the model for seed sites (after wrapping more layers) and attach to them."""
+        self.sites = seed_sites(self.model)
+        for _, layer in self.sites:
+            layer.clock = self.clock
+            layer.embargo_epochs = self.config.embargo_epochs
+            layer.dead_threshold = self.config.dead_threshold
+            if self._record not in layer._listeners:
+                layer.add_listener(self._record)
+
+    def add_listener(self, listener: LifecycleListener) -> None:
+        """Call `listener(event)` on every transition of every site."""
+        self._listeners.append(listener)
+
+    def _record(self, event: LifecycleEvent) -> None:
+        self.events.append(event)
+        for listener in self._listeners:
+            listener(event)
+
+    def site(self, name: str) -> KasminaLayer:
+        for n, layer in self.sites:
+            if n == name:
+                return layer
+        raise KeyError(f"no seed site {name!r}; sites are {[n for n, _ in self.sites]}")
+
+    def step(self) -> list[LifecycleEvent]:
+        """After each optimizer step: advance every live table once and apply the step gates."""
+        self.clock.global_step += 1
+        cfg = self.config
+        start = len(self.events)
+        for _, layer in self.sites:
+            if layer.num_live_slots == 0:
+                continue
+            layer.advance(cfg.alpha_step)
+            for i in range(layer.num_seeds):
+                state = layer.state_of(i)
+                steps = layer.steps_in_state(i)
+                decision = None
+                if state == S.TRAINING:
+                    due = steps >= cfg.training_min_steps and (
+                        (steps - cfg.training_min_steps) % cfg.gate_interval_steps == 0
+                        or steps >= cfg.training_max_steps
+                    )
+                    if due:
+                        decision = training_gate(steps, layer.read_alignment(i), cfg)
+                elif state in (S.GRAFTING, S.STABILIZATION):
+                    decision = step_gate(state, steps, cfg)
+                if decision is not None:
+                    layer.transition(i, decision.to_state, decision.reason)
+        return self.events[start:]
+
+    def end_epoch(self) -> list[LifecycleEvent]:
+        """At each epoch boundary: epoch counters, embargoes, germination timeouts, contribution gates."""
+        cfg = self.config
+        start = len(self.events)
+        for _, layer in self.sites:
+            layer.end_epoch()
+            for i in range(layer.num_seeds):
+                if layer.state_of(i) == S.GERMINATED and layer.epochs_in_state(i) >= cfg.germination_timeout_epochs:
+                    layer.cancel(i, f"no kernel arrived within {cfg.germination_timeout_epochs} epoch(s)")
+        pending = [
+            (layer, i)
+            for _, layer in self.sites
+            for i in range(layer.num_seeds)
+            if needs_contribution(layer.state_of(i), layer.epochs_in_state(i), cfg)
+        ]
+        if pending:
+            if self.evaluate is None:
+                raise RuntimeError(
+                    "seeds need a counterfactual measurement but the LifecycleDriver has no evaluate callable; "
+                    "pass evaluate=<function returning a validation score, higher is better>"
+                )
+            baseline = float(self.evaluate())
+            for layer, i in pending:
+                with layer.seed_disabled(i):
+                    without = float(self.evaluate())
+                contribution = baseline - without
+                layer.record_contribution(i, contribution)
+                decision = contribution_gate(layer.state_of(i), layer.epochs_in_state(i), contribution, cfg)
+                if decision is not None:
+                    layer.transition(i, decision.to_state, decision.reason)
+        self.clock.epoch += 1
+        return self.events[start:]
+
+    def seed_table(self) -> list:
+        """Rows of every site's seed table (one device read per site)."""
+        return [row for _, layer in self.sites for row in layer.seed_table()]
