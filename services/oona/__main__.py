@@ -11,7 +11,13 @@ import sys
 
 from esper.oona import DEFAULT_RETENTION, OonaBus, open_backend
 from esper.oona.redis_streams import RedisStreamsBackend
-from esper.serving import GrpcServer, add_server_arguments, configure_logging, run_server_main, server_config_from_args
+from esper.serving import (
+    GrpcServer,
+    add_server_arguments,
+    configure_logging,
+    run_server_main,
+    server_config_from_args,
+)
 from esper.v1 import oona_pb2_grpc
 from services.oona.servicer import SERVICE_NAME, OonaServicer
 
