@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMPS := $(VENV)/.stamps
 # Debian packages the test suite needs (real servers started by the tests).
-APT_PACKAGES ?=
+APT_PACKAGES ?= postgresql redis-server
 CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null)
 EXT_SO := esper/_C.cpython-311-x86_64-linux-gnu.so
 TORCH_PIN := torch==2.13.0

@@ -9,3 +9,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A real redis-server on a free 127.0.0.1 port in a temp dir, for the whole session."""
+    from esper.oona.local_redis import LocalRedisServer, RedisServerUnavailable
+
+    try:
+        server = LocalRedisServer()
+        server.start()
+    except RedisServerUnavailable as exc:
+        pytest.skip(f"redis-server unavailable ({exc}); `make build` installs the apt package redis-server")
+    yield server
+    server.stop()

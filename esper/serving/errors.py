@@ -1,0 +1,80 @@
+"""The one mapping from domain errors (`esper.errors`) to gRPC status codes.
+
+`rpc_status_for(exc)` builds a `grpc.Status` whose trailing metadata carries a `google.rpc.Status`
+with a `google.rpc.ErrorInfo` detail (reason, domain ``esper.v1``, metadata such as the offending
+``field``), as AIP-193 describes. `error_info_from(rpc_error)` reads it back on the client.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from esper import errors
+
+# Ordered most specific first is not needed: lookup walks the exception's MRO.
+STATUS_CODE_BY_ERROR: dict[type[errors.EsperError], grpc.StatusCode] = {
+    errors.InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFoundError: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExistsError: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.DataLossError: grpc.StatusCode.DATA_LOSS,
+    errors.ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.UnavailableError: grpc.StatusCode.UNAVAILABLE,
+    errors.AbortedError: grpc.StatusCode.ABORTED,
+    errors.DeadlineExceededError: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.OperationCancelledError: grpc.StatusCode.CANCELLED,
+    errors.UnauthenticatedError: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDeniedError: grpc.StatusCode.PERMISSION_DENIED,
+    errors.EsperError: grpc.StatusCode.INTERNAL,
+}
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def status_code_for(exc: errors.EsperError) -> grpc.StatusCode:
+    """The gRPC status code of a domain error (nearest mapped base class)."""
+    for cls in type(exc).__mro__:
+        code = STATUS_CODE_BY_ERROR.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def make_rpc_status(code: grpc.StatusCode, message: str, *, reason: str,
+                    metadata: dict[str, str] | None = None) -> grpc.Status:
+    """A `grpc.Status` with a `google.rpc.ErrorInfo` detail, ready for `context.abort`."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=errors.ERROR_DOMAIN, metadata=metadata or {})
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])
+    return rpc_status.to_status(proto)
+
+
+def rpc_status_for(exc: errors.EsperError) -> grpc.Status:
+    """The status (code, message, ErrorInfo) a server returns for a domain error."""
+    return make_rpc_status(status_code_for(exc), exc.message, reason=exc.reason, metadata=exc.metadata)
+
+
+def _trailing_items(rpc_error: grpc.RpcError) -> list[tuple[str, object]]:
+    trailing = rpc_error.trailing_metadata() if hasattr(rpc_error, "trailing_metadata") else None
+    if trailing is None:
+        return []
+    # Sync errors give a tuple of _Metadatum; aio errors give grpc.aio.Metadata (iterates pairs).
+    return [(item[0], item[1]) for item in trailing]
+
+
+def error_info_from(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The `ErrorInfo` a server attached to a failed call, or None when there is none."""
+    for key, value in _trailing_items(rpc_error):
+        if key != STATUS_DETAILS_KEY or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                return info
+    return None

@@ -1,0 +1,155 @@
+"""Server interceptors: domain errors -> status codes, and bearer-token authentication.
+
+`ErrorMappingInterceptor` wraps every handler: an `esper.errors.EsperError` becomes its mapped
+status with an `ErrorInfo` detail; any other exception is logged with a traceback and becomes
+INTERNAL (with an error id to find it in the log); the server keeps serving either way.
+A handler that aborts the call itself (`context.abort`) passes through untouched.
+
+`BearerTokenInterceptor` rejects calls whose ``authorization`` metadata is not
+``Bearer <token>`` with UNAUTHENTICATED, except for exempt method prefixes (the health service,
+so process supervisors can probe without a secret).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+
+from esper import errors
+from esper.serving.errors import make_rpc_status, rpc_status_for
+
+log = logging.getLogger("esper.serving")
+
+HEALTH_METHOD_PREFIX = "/grpc.health.v1.Health/"
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    if isinstance(exc, errors.EsperError):
+        status = rpc_status_for(exc)
+        log.info("%s -> %s: %s", method, status.code.name, exc.message)
+    else:
+        error_id = uuid.uuid4().hex[:12]
+        log.error("uncaught error in %s (error id %s)", method, error_id, exc_info=exc)
+        status = make_rpc_status(
+            grpc.StatusCode.INTERNAL,
+            f"internal error in {method}: {type(exc).__name__}: {exc} (error id {error_id}, see server log)",
+            reason="INTERNAL", metadata={"error_id": error_id, "method": method})
+    await context.abort(status.code, status.details, status.trailing_metadata)
+
+
+def _passes_through(exc: BaseException) -> bool:
+    # AbortError: the handler (or an inner interceptor) already set the status.
+    return isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError))
+
+
+def _wrap_unary_response(behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            result = behavior(request_or_iterator, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+            if _passes_through(exc) or not isinstance(exc, Exception):
+                raise
+            await _abort_for(exc, context, method)
+
+    return wrapped
+
+
+def _wrap_stream_response(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            result = behavior(request_or_iterator, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            elif inspect.isawaitable(result):
+                # Handler writes with context.write() and returns None.
+                await result
+            else:
+                for item in result:
+                    yield item
+        except BaseException as exc:  # noqa: BLE001 - mapped to a status below
+            if _passes_through(exc) or not isinstance(exc, Exception):
+                raise
+            await _abort_for(exc, context, method)
+
+    return wrapped
+
+
+def _rebuild(handler: grpc.RpcMethodHandler, method: str,
+             unary_wrap: Callable[..., Any], stream_wrap: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    kwargs = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary_wrap(handler.unary_unary, method), **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(stream_wrap(handler.unary_stream, method), **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary_wrap(handler.stream_unary, method), **kwargs)
+    return grpc.stream_stream_rpc_method_handler(stream_wrap(handler.stream_stream, method), **kwargs)
+
+
+class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by handlers to status codes; never lets one reach the server core."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        return _rebuild(handler, handler_call_details.method, _wrap_unary_response, _wrap_stream_response)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every call except exempt method prefixes."""
+
+    def __init__(self, token: str, exempt_prefixes: Iterable[str] = (HEALTH_METHOD_PREFIX,)):
+        if not token:
+            raise ValueError("bearer token must be a non-empty string")
+        self._expected = f"Bearer {token}".encode()
+        self._exempt = tuple(exempt_prefixes)
+
+    def _authorized(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
+        for key, value in metadata or ():
+            if key.lower() == "authorization":
+                given = value if isinstance(value, bytes) else str(value).encode()
+                return hmac.compare_digest(given, self._expected)
+        return False
+
+    async def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        if method.startswith(self._exempt) or self._authorized(handler_call_details.invocation_metadata):
+            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+
+        def deny_unary(_behavior: Any, _method: str) -> Callable[..., Awaitable[Any]]:
+            async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await _abort_unauthenticated(context, method)
+            return deny
+
+        def deny_stream(_behavior: Any, _method: str) -> Callable[..., Any]:
+            async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await _abort_unauthenticated(context, method)
+                yield  # pragma: no cover - makes this an async generator like the handler it replaces
+            return deny
+
+        return _rebuild(handler, method, deny_unary, deny_stream)
+
+
+async def _abort_unauthenticated(context: grpc.aio.ServicerContext, method: str) -> None:
+    status = make_rpc_status(
+        grpc.StatusCode.UNAUTHENTICATED,
+        f"{method} needs 'authorization: Bearer <token>' metadata with the server's token; "
+        "it was missing or wrong",
+        reason="UNAUTHENTICATED")
+    await context.abort(status.code, status.details, status.trailing_metadata)

@@ -1,0 +1,1 @@
+"""Oona gRPC server: `OonaServicer` translates esper.v1 messages to `esper.oona.OonaBus` calls."""

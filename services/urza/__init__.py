@@ -1,0 +1,1 @@
+"""gRPC server of Urza (`esper.v1.UrzaService`); logic lives in `esper.urza`."""
