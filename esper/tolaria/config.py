@@ -16,7 +16,6 @@ from typing import Any
 
 import yaml
 
-
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 

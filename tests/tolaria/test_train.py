@@ -271,9 +271,9 @@ def test_resume_completed_run_without_config_uses_its_config(finished_run):
 
 @pytest.mark.integration
 def test_export_matches_the_trained_model(finished_run, tmp_path):
-    import esper.kasmina  # noqa: F401  (the exported program calls torch.ops.esper.*)
     from safetensors.torch import load_file
 
+    import esper.kasmina  # noqa: F401  (the exported program calls torch.ops.esper.*)
     from esper.tolaria.export import main as export_main
     from esper.tolaria.export import rebuild_model
 
