@@ -78,8 +78,11 @@ test: build
 test-all: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The main job on the bundled default config (digits, no download): a seed goes DORMANT -> FOSSILIZED.
 demo: build
-	$(PY) -m esper.demo
+	rm -rf runs/demo
+	$(VENV)/bin/esper-train --config configs/development.yaml --output-dir runs/demo --verbose --progress plain
+	$(VENV)/bin/esper-export runs/demo
 
 proto: $(STAMPS)/deps
 	$(PY) proto/generate.py

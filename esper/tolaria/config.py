@@ -8,12 +8,15 @@ that was expected, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class ConfigError(ValueError):
@@ -160,6 +163,8 @@ class GovernorConfig:
     enabled: bool = True
     # A step loss above `spike_factor` times the running mean counts as a spike.
     spike_factor: float = 5.0
+    # ... and more than this many running standard deviations above the running loss.
+    spike_zscore: float = 6.0
     spike_warmup_steps: int = 20
 
 
@@ -254,6 +259,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value

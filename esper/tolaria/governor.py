@@ -14,14 +14,17 @@ from esper.tolaria.config import GovernorConfig
 class Governor:
     """Watches each step's loss; on a non-finite loss or a spike the trainer rolls back.
 
-    A spike is a loss above `spike_factor` times the running (EMA) loss, once `spike_warmup_steps`
-    finite losses have been seen. The snapshot is taken at each epoch start (after the
+    A spike is a loss above `spike_factor` times the running (EMA) loss that is also more than
+    `spike_zscore` running standard deviations above it (small losses are noisy: a ratio alone
+    would fire on ordinary batches late in training), once `spike_warmup_steps` finite losses
+    have been seen. The snapshot is taken at each epoch start (after the
     controller's decisions are applied), on the device, so a rollback costs one copy.
     """
 
     def __init__(self, cfg: GovernorConfig) -> None:
         self.cfg = cfg
         self.ema: float | None = None
+        self.ema_var = 0.0
         self.seen = 0
         self.rollbacks = 0
         self._snapshot: dict[str, Any] | None = None
@@ -32,9 +35,17 @@ class Governor:
             return None
         if not math.isfinite(loss):
             return f"non-finite loss ({loss})"
-        if self.ema is not None and self.seen >= self.cfg.spike_warmup_steps and loss > self.cfg.spike_factor * self.ema:
-            return f"loss spike ({loss:.4g} > {self.cfg.spike_factor:g} x running {self.ema:.4g})"
-        self.ema = loss if self.ema is None else 0.9 * self.ema + 0.1 * loss
+        if self.ema is not None and self.seen >= self.cfg.spike_warmup_steps:
+            std = math.sqrt(self.ema_var)
+            if loss > self.cfg.spike_factor * self.ema and loss - self.ema > self.cfg.spike_zscore * std:
+                return (f"loss spike ({loss:.4g} > {self.cfg.spike_factor:g} x running {self.ema:.4g} "
+                        f"and {self.cfg.spike_zscore:g} sd)")
+        if self.ema is None:
+            self.ema = loss
+        else:
+            delta = loss - self.ema
+            self.ema += 0.1 * delta
+            self.ema_var = 0.9 * (self.ema_var + 0.1 * delta * delta)
         self.seen += 1
         return None
 
@@ -61,13 +72,15 @@ class Governor:
         self.rollbacks += 1
         model.load_state_dict(copy.deepcopy(snap["model"]))
         self.ema = None
+        self.ema_var = 0.0
         self.seen = 0
         return copy.deepcopy({k: v for k, v in snap.items() if k != "model"})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"ema": self.ema, "seen": self.seen, "rollbacks": self.rollbacks}
+        return {"ema": self.ema, "ema_var": self.ema_var, "seen": self.seen, "rollbacks": self.rollbacks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.ema = state["ema"]
+        self.ema_var = float(state["ema_var"])
         self.seen = int(state["seen"])
         self.rollbacks = int(state["rollbacks"])

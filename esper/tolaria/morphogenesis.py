@@ -159,6 +159,8 @@ class Morphogenesis:
             for name, layer in self.driver.sites for i in range(layer.num_seeds)
         ]
         self._event_log = None
+        # Set by the trainer under --verbose: prints every lifecycle transition as it happens.
+        self.echo: Callable[[str], None] | None = None
         self._flops_cache: tuple[tuple, float] | None = None
         if enabled:
             for _, layer in self.driver.sites:
@@ -218,6 +220,9 @@ class Morphogenesis:
                     value = float(layer.table.contribution[event.seed])
                     record["contribution"] = None if math.isnan(value) else value
                     break
+        if self.echo is not None:
+            self.echo(f"  [step {event.step}] {event.layer}[{event.seed}] {event.from_state.name} -> "
+                      f"{event.to_state.name}: {event.reason}")
         if self._event_log is not None:
             self._event_log.write(json.dumps({
                 "step": event.step, "epoch": round(epoch_f, 4), "layer": event.layer, "seed": event.seed,

@@ -8,6 +8,7 @@ the run directory, so a rejected command leaves an existing run untouched.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +214,8 @@ class Trainer:
         cfg = self.config
         display = ProgressDisplay(self.progress_mode, cfg.train.epochs, self.steps_per_epoch, self.verbose)
         self._display = display
+        if self.verbose:
+            self.morph.echo = display.print
         wall_start = time.perf_counter() - self.state.wall_s
         stopped_early = False
         try:
@@ -224,6 +227,12 @@ class Trainer:
                     train_loss, train_acc = self._train_epoch(epoch, display)
                     val_loss, val_acc = self.evaluate(self.data.val)
                     self._account_eval(len(self.data.val))
+                    if cfg.governor.enabled and not math.isfinite(val_loss):
+                        # The last update of the epoch broke the weights (its own loss was still
+                        # finite): restore the epoch-start snapshot rather than keep them.
+                        self._rollback(epoch, f"non-finite validation loss ({val_loss})")
+                        val_loss, val_acc = self.evaluate(self.data.val)
+                        self._account_eval(len(self.data.val))
                     improved = val_loss < self.state.best_val_loss
                     if improved:
                         self.state.best_val_loss = val_loss
@@ -396,6 +405,8 @@ class Trainer:
             "governor": self.governor.state_dict(),
             "run_state": dict(self.state.__dict__),
             "params_initial": self.params_initial,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.data.num_classes,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],

@@ -99,3 +99,33 @@ def test_telemetry_probe_covers_dormant_sites_only_inside_the_block():
         row = layer.seed_table()[0]
         assert row.state == S.DORMANT and row.telemetry["samples"] == 40 and row.telemetry["gradient_norm"] > 0
         assert layer.num_active == 0 and layer._live == 0
+
+
+def test_model_level_table_disable_and_precision_changes_keep_table_dtypes():
+    torch.manual_seed(5)
+    model = K.wrap(MLP(4, 8, 2, depth=2), ["hidden.0", "hidden.1"], seeds_per_layer=2)
+    model.hidden[1].germinate(1, "residual_mlp")
+    model.hidden[1].transition(1, S.GRAFTING, "test")
+    model.hidden[1].advance(1.0)
+    with torch.no_grad():
+        for p in model.hidden[1].seed_parameters(1):
+            p.normal_()
+    rows = K.seed_table(model)
+    assert [(r.layer, r.seed, r.state) for r in rows] == [
+        ("hidden.0", 0, S.DORMANT), ("hidden.0", 1, S.DORMANT), ("hidden.1", 0, S.DORMANT),
+        ("hidden.1", 1, S.GRAFTING),
+    ]
+    model.double()
+    table = model.hidden[1].table
+    assert table.alpha.dtype == torch.float32 and table.telemetry.dtype == torch.float64
+    assert table.state.dtype == torch.int64
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with_seed = model(x)
+    with K.all_seeds_disabled(model):
+        without = model(x)
+        assert float(table.alpha[1]) == 0.0
+    assert float(table.alpha[1]) == 1.0
+    assert not torch.allclose(with_seed, without)
+    plain_like = copy.deepcopy(model)
+    plain_like.hidden[1].rollback(1, "compare with the host alone")
+    assert torch.equal(without, plain_like(x))

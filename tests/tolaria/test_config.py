@@ -43,6 +43,7 @@ def test_override_values_are_typed_by_yaml(tmp_path):
     assert cfg.train.epochs == 3 and cfg.optim.nesterov is True and cfg.seeds.sites == ["hidden.0"]
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1.0  # an int is a valid float
     assert cfg.lifecycle.min_contribution_per_site == {"hidden.1": 0.5}
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads this as a string
 
 
 @pytest.mark.parametrize(

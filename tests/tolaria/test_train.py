@@ -267,3 +267,47 @@ def test_resume_completed_run_without_config_uses_its_config(finished_run):
     assert main(["--output-dir", str(finished_run), "--resume", "auto", "--dry-run"]) == 0
     assert tree_digest(finished_run / "checkpoints") == before
 
+
+
+@pytest.mark.integration
+def test_export_matches_the_trained_model(finished_run, tmp_path):
+    from safetensors.torch import load_file
+
+    import esper.kasmina  # noqa: F401  (the exported program calls torch.ops.esper.*)
+    from esper.tolaria.export import main as export_main
+    from esper.tolaria.export import rebuild_model
+
+    out = tmp_path / "export"
+    assert export_main([str(finished_run), "--output-dir", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["verification"]["max_abs_diff"] <= 1e-5
+    assert any(s["blueprint"] for s in manifest["seeds"])  # the grown seed is part of the export
+    program = torch.export.load(str(out / "program.pt2"))
+    model, shape = rebuild_model(ckpt.load_checkpoint(finished_run))
+    x = torch.randn(33, *shape)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), model(x), atol=1e-6)
+    weights = load_file(str(out / "weights.safetensors"))
+    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert weights.keys() == state.keys()
+    for k in state:  # bitwise, NaN == NaN (an unmeasured contribution is stored as NaN)
+        torch.testing.assert_close(weights[k], state[k], rtol=0, atol=0, equal_nan=True)
+    assert manifest["parameters"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.integration
+def test_governor_rolls_back_a_diverging_run(tmp_path):
+    # A learning rate far too high makes the loss blow up; the governor restores the epoch-start
+    # snapshot instead of letting NaN weights through, and the run still finishes.
+    out = tmp_path / "diverge"
+    code = main(["--config", DEV, "--output-dir", str(out), "--progress", "plain", "train.epochs=3",
+                 "optim.lr=1e12", "schedule.warmup_epochs=0", *FAST])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rollbacks"] > 0
+    assert "rolled_back" in {a["outcome"] for a in summary["adaptations"]}  # the seed in flight is blamed
+    model_state = ckpt.load_checkpoint(out)["model"]
+    for key, value in model_state.items():  # table.contribution uses NaN for "never measured"
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not key.endswith("contribution"):
+            assert torch.isfinite(value).all(), key
+    assert any(r.get("rollback") for r in read_metrics(out, "event"))
