@@ -72,7 +72,7 @@ def _tezzeret_args(options: StackOptions, addresses: Mapping[str, str]) -> list[
 
 
 def _tamiyo_args(options: StackOptions, addresses: Mapping[str, str]) -> list[str]:
-    return []
+    return ["--replay-dir", str(options.state_dir / "tamiyo")]
 
 
 # Start order: a service starts after everything it needs.
@@ -121,7 +121,8 @@ class LocalStack:
 
     def __init__(self, names: Iterable[str] | None = None, *, state_dir: Path | None = None,
                  oona_backend: str = "memory://", tezzeret_workers: int = 1, log_level: str = "INFO",
-                 start_timeout: float = 120.0, stop_timeout: float = 20.0):
+                 start_timeout: float = 120.0, stop_timeout: float = 20.0,
+                 extra_args: Mapping[str, list[str]] | None = None):
         requested = list(names) if names is not None else list(SERVICES)
         unknown = [n for n in requested if n not in SERVICES]
         if unknown:
@@ -129,7 +130,8 @@ class LocalStack:
         self._temp_dir = None if state_dir is not None else tempfile.mkdtemp(prefix="esper-services-")
         self.state_dir = Path(state_dir if state_dir is not None else self._temp_dir)
         self.options = StackOptions(state_dir=self.state_dir, oona_backend=oona_backend,
-                                    tezzeret_workers=tezzeret_workers, log_level=log_level)
+                                    tezzeret_workers=tezzeret_workers, log_level=log_level,
+                                    extra_args=dict(extra_args or {}))
         self.skipped: list[str] = []
         self.specs: list[ServiceSpec] = []
         for name in SERVICES:  # SERVICES order is the start order
@@ -167,7 +169,7 @@ class LocalStack:
     def _start_one(self, spec: ServiceSpec) -> None:
         log_path = self.state_dir / "logs" / f"{spec.name}.log"
         argv = ["--host", self.options.host, "--port", "0", "--log-level", self.options.log_level,
-                *spec.args(self.options, self.addresses)]
+                *spec.args(self.options, self.addresses), *self.options.extra_args.get(spec.name, [])]
         command = [sys.executable, "-m", spec.module, *argv]
         # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which then stops
         # the servers in order (otherwise each would also get SIGINT and race our SIGTERM).

@@ -673,6 +673,7 @@ class TrainingSignals(_message.Message):
     PARAMETER_BUDGET_LEFT_FIELD_NUMBER: _builtins.int
     COMPUTE_BUDGET_LEFT_FIELD_NUMBER: _builtins.int
     ACTIVE_ADAPTATIONS_FIELD_NUMBER: _builtins.int
+    INITIAL_FLOPS_PER_SAMPLE_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     total_epochs: _builtins.int
     global_step: _builtins.int
@@ -685,6 +686,8 @@ class TrainingSignals(_message.Message):
     """Fractions of the growth budgets still unspent, 0..1."""
     compute_budget_left: _builtins.float
     active_adaptations: _builtins.int
+    initial_flops_per_sample: _builtins.float
+    """Forward FLOPs per sample of the host before any growth (the unit of the compute budget)."""
     @_builtins.property
     def val_loss_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Recent validation losses, oldest first."""
@@ -704,10 +707,11 @@ class TrainingSignals(_message.Message):
         parameter_budget_left: _builtins.float = ...,
         compute_budget_left: _builtins.float = ...,
         active_adaptations: _builtins.int = ...,
+        initial_flops_per_sample: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adaptations", b"active_adaptations", "compute_budget_left", b"compute_budget_left", "epoch", b"epoch", "global_step", b"global_step", "initial_parameter_count", b"initial_parameter_count", "parameter_budget_left", b"parameter_budget_left", "parameter_count", b"parameter_count", "total_epochs", b"total_epochs", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_loss_history", b"val_loss_history"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adaptations", b"active_adaptations", "compute_budget_left", b"compute_budget_left", "epoch", b"epoch", "global_step", b"global_step", "initial_flops_per_sample", b"initial_flops_per_sample", "initial_parameter_count", b"initial_parameter_count", "parameter_budget_left", b"parameter_budget_left", "parameter_count", b"parameter_count", "total_epochs", b"total_epochs", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_loss_history", b"val_loss_history"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

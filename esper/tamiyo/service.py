@@ -1,0 +1,141 @@
+"""What the Tamiyo server does, without gRPC: per-run controllers, the replay buffer, policy info.
+
+`TamiyoCore` keeps one `Controller` (the heuristic policy behind the safety rails, the same code
+Tolaria runs in-process with ``services.mode: off``) per run id, because the rails carry per-run
+state (cooldown, adaptation count). The policy knobs come from a `PolicySettings` (the
+``controller`` section of a Tolaria config, passed to ``esper-tamiyo --policy-config``); the host's
+FLOPs, which the compute budget is measured in, come with every graph
+(`TrainingSignals.initial_flops_per_sample`).
+
+`policy_settings_from_mapping` validates such a mapping with errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from esper.errors import InvalidArgumentError
+from esper.tamiyo.heuristic import VERSION, HeuristicPolicy
+from esper.tamiyo.policy import HeuristicConfig, RailsConfig
+from esper.tamiyo.rails import Controller, SafetyRails
+from esper.tamiyo.replay import ReplayBuffer
+from esper.v1 import common_pb2
+
+
+@dataclass
+class PolicySettings:
+    """Heuristic and rail knobs; field names match the ``controller`` section of a Tolaria config."""
+
+    start_epoch: int = 1
+    plateau_window: int = 2
+    plateau_threshold: float = 0.01
+    grow_without_plateau: bool = False
+    cooldown_epochs: int = 1
+    max_concurrent: int = 1
+    parameter_budget: float = 1.0
+    compute_budget: float = 1.0
+    max_adaptations: int = 8
+    blueprints: list[str] = field(default_factory=list)
+
+    def heuristic(self) -> HeuristicConfig:
+        return HeuristicConfig(start_epoch=self.start_epoch, plateau_window=self.plateau_window,
+                               plateau_threshold=self.plateau_threshold,
+                               grow_without_plateau=self.grow_without_plateau, blueprints=tuple(self.blueprints))
+
+    def rails(self) -> RailsConfig:
+        return RailsConfig(cooldown_epochs=self.cooldown_epochs, max_concurrent=self.max_concurrent,
+                           max_adaptations=self.max_adaptations, parameter_budget=self.parameter_budget,
+                           compute_budget=self.compute_budget)
+
+
+def policy_settings_from_mapping(values: Mapping[str, Any], *, ignore_unknown: tuple[str, ...] = ("policy",)
+                                 ) -> PolicySettings:
+    """A `PolicySettings` from a mapping; ValueError naming an unknown key or a wrongly typed value."""
+    settings = PolicySettings()
+    types = {f.name: f.type for f in dataclasses.fields(PolicySettings)}
+    for key, value in values.items():
+        if key in ignore_unknown:
+            continue
+        if key not in types:
+            raise ValueError(f"policy config: unknown key {key!r}; expected some of {sorted(types)}")
+        expected = types[key]
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, int | float) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        }[expected]
+        if not ok:
+            raise ValueError(f"policy config: {key} expected {expected}, got {type(value).__name__} {value!r}")
+        setattr(settings, key, float(value) if expected == "float" else value)
+    return settings
+
+
+class TamiyoCore:
+    """Per-run controllers over one policy configuration, plus the replay buffer."""
+
+    def __init__(self, settings: PolicySettings, replay_dir: Path | str):
+        self.settings = settings
+        self.replay = ReplayBuffer(replay_dir)
+        self._controllers: dict[str, Controller] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def version(self) -> str:
+        return VERSION
+
+    def controller_for(self, run_id: str, host_flops: float) -> Controller:
+        with self._lock:
+            controller = self._controllers.get(run_id)
+            if controller is None:
+                policy = HeuristicPolicy(self.settings.heuristic(), self.settings.rails(), host_flops)
+                controller = Controller(policy, SafetyRails(self.settings.rails(), host_flops))
+                self._controllers[run_id] = controller
+            return controller
+
+    def decide(self, graph: common_pb2.ModelGraphState) -> list[common_pb2.AdaptationDecision]:
+        """Decisions for one epoch boundary of run `graph.run_id` (rails applied)."""
+        if not graph.run_id:
+            raise InvalidArgumentError("graph.run_id is empty; expected the id of the training run",
+                                       field="graph.run_id")
+        if graph.signals.initial_flops_per_sample <= 0:
+            raise InvalidArgumentError(
+                "graph.signals.initial_flops_per_sample must be > 0 (the host's forward FLOPs per sample, "
+                "the unit of the compute budget)", field="graph.signals.initial_flops_per_sample")
+        for node in graph.nodes:
+            if node.seed.chunk_size <= 0:
+                raise InvalidArgumentError(f"graph node {node.node_id!r} has chunk_size {node.seed.chunk_size}; "
+                                           "expected > 0", field="graph.nodes.seed.chunk_size")
+        controller = self.controller_for(graph.run_id, graph.signals.initial_flops_per_sample)
+        with self._lock:  # rails state is per run but Decide calls for one run may overlap
+            return controller.decide(graph)
+
+    def report(self, report: common_pb2.FieldReport) -> tuple[str, int]:
+        """Appends a field report durably; (report id, buffer size)."""
+        if not report.decision.decision_id:
+            raise InvalidArgumentError("report.decision.decision_id is empty; expected the decision reported on",
+                                       field="report.decision.decision_id")
+        if report.outcome == common_pb2.ADAPTATION_OUTCOME_UNSPECIFIED:
+            raise InvalidArgumentError("report.outcome is ADAPTATION_OUTCOME_UNSPECIFIED; expected an outcome",
+                                       field="report.outcome")
+        stored = common_pb2.FieldReport()
+        stored.CopyFrom(report)
+        if not stored.report_id:
+            stored.report_id = uuid.uuid4().hex
+        if not stored.HasField("create_time"):
+            stored.create_time.GetCurrentTime()
+        size = self.replay.append(stored)
+        return stored.report_id, size
+
+    def rails_info(self) -> dict[str, str]:
+        r = self.settings.rails()
+        return {k: str(v) for k, v in dataclasses.asdict(r).items()}
+
+    def close(self) -> None:
+        self.replay.close()

@@ -1,0 +1,1 @@
+"""Tamiyo server: thin TamiyoService servicer and `python -m services.tamiyo`."""

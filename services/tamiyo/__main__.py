@@ -1,0 +1,84 @@
+"""``esper-tamiyo`` / ``python -m services.tamiyo``: run the Tamiyo controller server.
+
+The heuristic policy behind the safety rails (`esper.tamiyo`), configured by ``--policy-config``
+(a YAML/JSON mapping with the keys of a Tolaria config's ``controller`` section, or a whole Tolaria
+config whose ``controller`` and ``seeds.blueprints`` are used). Field reports go to the replay
+buffer in ``--replay-dir``. Prints ``LISTENING host:port`` on stdout once SERVING.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from esper.serving import (
+    GrpcServer,
+    add_server_arguments,
+    configure_logging,
+    run_server_main,
+    server_config_from_args,
+)
+from esper.tamiyo.service import PolicySettings, TamiyoCore, policy_settings_from_mapping
+from esper.v1 import tamiyo_pb2_grpc
+from services.tamiyo.servicer import SERVICE_NAME, TamiyoServicer
+
+log = logging.getLogger("esper.tamiyo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="esper-tamiyo", description="Tamiyo: Esper's adaptation controller.")
+    add_server_arguments(parser)
+    parser.add_argument("--replay-dir", type=Path, required=True, help="directory of the on-disk replay buffer")
+    parser.add_argument("--policy-config", type=Path, default=None,
+                        help="YAML/JSON policy knobs (a Tolaria 'controller' section or a whole Tolaria config)")
+    return parser
+
+
+def load_policy_settings(path: Path | None) -> PolicySettings:
+    """Settings from a file (see the module docstring); defaults without one."""
+    if path is None:
+        return PolicySettings()
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"--policy-config {path}: cannot read: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--policy-config {path}: expected a mapping, got {type(data).__name__}")
+    if "controller" in data:  # a whole Tolaria config
+        section = dict(data.get("controller") or {})
+        blueprints = (data.get("seeds") or {}).get("blueprints")
+        if blueprints:
+            section["blueprints"] = blueprints
+        data = section
+    return policy_settings_from_mapping(data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        settings = load_policy_settings(args.policy_config)
+    except ValueError as exc:
+        print(f"esper-tamiyo: {exc}", file=sys.stderr)
+        return 2
+    config = server_config_from_args(args)
+
+    async def setup(server: GrpcServer) -> None:
+        core = await asyncio.to_thread(TamiyoCore, settings, args.replay_dir)
+        if core.replay.truncated_bytes:
+            log.warning("replay buffer %s: cut a torn tail of %d bytes", core.replay.path, core.replay.truncated_bytes)
+        log.info("replay buffer %s holds %d field reports", core.replay.path, len(core.replay))
+        servicer = TamiyoServicer(core)
+        server.add_service(SERVICE_NAME, servicer, tamiyo_pb2_grpc.add_TamiyoServiceServicer_to_server)
+        server.add_shutdown_callback(servicer.close)
+
+    return run_server_main(config, setup)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Thin TamiyoService servicer: protobuf in, `esper.tamiyo.service.TamiyoCore` calls, protobuf out.
+
+Policy work and replay-buffer writes (fsync) run in worker threads, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from esper.tamiyo.service import TamiyoCore
+from esper.v1 import tamiyo_pb2, tamiyo_pb2_grpc
+
+SERVICE_NAME = "esper.v1.TamiyoService"
+POLICY_KIND = "heuristic"
+
+
+class TamiyoServicer(tamiyo_pb2_grpc.TamiyoServiceServicer):
+    """Decide / ReportOutcome / GetPolicyInfo over a `TamiyoCore`."""
+
+    def __init__(self, core: TamiyoCore):
+        self.core = core
+
+    async def Decide(self, request: tamiyo_pb2.DecideRequest, context: grpc.aio.ServicerContext
+                     ) -> tamiyo_pb2.DecideResponse:
+        decisions = await asyncio.to_thread(self.core.decide, request.graph)
+        return tamiyo_pb2.DecideResponse(decisions=decisions, policy_version=self.core.version)
+
+    async def ReportOutcome(self, request: tamiyo_pb2.ReportOutcomeRequest, context: grpc.aio.ServicerContext
+                            ) -> tamiyo_pb2.ReportOutcomeResponse:
+        report_id, size = await asyncio.to_thread(self.core.report, request.report)
+        return tamiyo_pb2.ReportOutcomeResponse(report_id=report_id, replay_buffer_size=size)
+
+    async def GetPolicyInfo(self, request: tamiyo_pb2.GetPolicyInfoRequest, context: grpc.aio.ServicerContext
+                            ) -> tamiyo_pb2.GetPolicyInfoResponse:
+        return tamiyo_pb2.GetPolicyInfoResponse(policy_kind=POLICY_KIND, policy_version=self.core.version,
+                                                replay_buffer_size=len(self.core.replay),
+                                                rails=self.core.rails_info())
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.core.close)
