@@ -8,6 +8,7 @@ that was expected, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
 POLICIES = ("heuristic",)
+SERVICE_MODES = ("local", "remote", "off")
+SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
 
 
 @dataclass
@@ -157,6 +160,34 @@ class ControllerConfig:
 
 
 @dataclass
+class ServicesConfig:
+    """How the run reaches Urza, Tezzeret, Oona and Tamiyo (see esper.tolaria.services).
+
+    local: `esper-train` starts them as child processes on loopback (the default; the environment
+    variable ESPER_SERVICES_MODE changes the default, e.g. to `off` for fast test suites);
+    remote: connect to `addresses`; off: the in-process controller, no services.
+    """
+
+    mode: str = field(default_factory=lambda: os.environ.get("ESPER_SERVICES_MODE", "local"))
+    # name -> host:port for mode remote (urza, tezzeret, oona, tamiyo).
+    addresses: dict[str, str] = field(default_factory=dict)
+    # The in-process Tolaria gRPC server (run status, metrics, seeds, checkpoint, stop); -1 disables it.
+    tolaria_port: int = 0
+    # Deadline of one Decide call; a slower Tamiyo means "no decision this epoch".
+    decision_timeout_s: float = 2.0
+    # Deadline of other unary calls (Urza lookups, compile requests, reports, publishes).
+    call_timeout_s: float = 5.0
+    compile_timeout_s: float = 120.0
+    # Backoff between attempts to reach a service that is down: initial, doubled up to the max.
+    retry_initial_s: float = 0.5
+    retry_max_s: float = 8.0
+    # Local mode: how long each service may take to become healthy, compile workers, Oona backend.
+    start_timeout_s: float = 120.0
+    tezzeret_workers: int = 1
+    oona_backend: str = "memory://"
+
+
+@dataclass
 class GovernorConfig:
     """Rollback on NaN/Inf or a loss spike."""
 
@@ -203,6 +234,7 @@ class Config:
     governor: GovernorConfig = field(default_factory=GovernorConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    services: ServicesConfig = field(default_factory=ServicesConfig)
 
 
 # Keys whose values must be one of a closed set; checked after the types.
@@ -213,6 +245,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.name": SCHEDULES,
     "train.device": DEVICES,
     "controller.policy": POLICIES,
+    "services.mode": SERVICE_MODES,
 }
 
 # Keys that define the model's architecture: a resume must not change them.
@@ -313,6 +346,30 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.lr: expected a float > 0, got {config.optim.lr}")
     if config.model.width < 1:
         raise ConfigError(f"model.width: expected an int >= 1, got {config.model.width}")
+    _validate_services(config.services)
+
+
+def _validate_services(svc: ServicesConfig) -> None:
+    unknown = [n for n in svc.addresses if n not in SERVICE_NAMES]
+    if unknown:
+        raise ConfigError(f"services.addresses: unknown service(s) {unknown}; expected some of {list(SERVICE_NAMES)}")
+    for name, address in svc.addresses.items():
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"services.addresses.{name}: expected host:port (e.g. 127.0.0.1:50051), got {address!r}")
+    if svc.mode == "remote":
+        missing = [n for n in SERVICE_NAMES if n not in svc.addresses]
+        if missing:
+            raise ConfigError(f"services.mode remote needs services.addresses for {missing}; "
+                              "expected host:port for each of urza, tezzeret, oona, tamiyo")
+    for key in ("decision_timeout_s", "call_timeout_s", "compile_timeout_s", "retry_initial_s", "retry_max_s",
+                "start_timeout_s"):
+        if getattr(svc, key) <= 0:
+            raise ConfigError(f"services.{key}: expected a float > 0, got {getattr(svc, key)}")
+    if svc.tezzeret_workers < 1:
+        raise ConfigError(f"services.tezzeret_workers: expected an int >= 1, got {svc.tezzeret_workers}")
+    if not -1 <= svc.tolaria_port < 65536:
+        raise ConfigError(f"services.tolaria_port: expected -1 (off), 0 (any free port) or a port, got {svc.tolaria_port}")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -97,6 +97,11 @@ class Trainer:
         self.payload: dict[str, Any] | None = None
         self.morph = None
         self._display = None
+        # Boundary hooks (esper.tolaria.server.ServedRunHooks, esper.tolaria.remote.RemoteController):
+        # called on the training thread between steps and after each epoch; they never wait on
+        # the network. `after_step`/`after_epoch` returning True ends the run (graceful Stop).
+        self.hooks: list[Any] = []
+        self.stop_requested = False
 
     # ------------------------------------------------------------------ setup
 
@@ -225,6 +230,8 @@ class Trainer:
                         break
                     t0 = time.perf_counter()
                     train_loss, train_acc = self._train_epoch(epoch, display)
+                    if self.stop_requested:
+                        break
                     val_loss, val_acc = self.evaluate(self.data.val)
                     self._account_eval(len(self.data.val))
                     if cfg.governor.enabled and not math.isfinite(val_loss):
@@ -262,8 +269,12 @@ class Trainer:
                     })
                     self.metrics.flush()
                     display.epoch_done(record, self.morph.describe())
+                    if any([hook.after_epoch(self, epoch, record) for hook in self.hooks]):
+                        self.stop_requested = True
                     if epoch + 1 == cfg.train.epochs or (epoch + 1) % cfg.checkpoint.every_epochs == 0:
                         self.save(best_metric=val_loss if cfg.checkpoint.save_best else None)
+                    if self.stop_requested:
+                        break
                     patience = cfg.train.early_stopping_patience
                     if patience and self.state.epochs_without_improvement >= patience:
                         stopped_early = True
@@ -323,6 +334,9 @@ class Trainer:
             self.metrics.write("step", self.state.global_step, epoch + 1,
                                {"loss": loss_value, "lr": self.optimizer.param_groups[0]["initial_lr"] * lr_factor})
             display.step_done(loss_value)
+            if self.hooks and any([hook.after_step(self, epoch, loss_value) for hook in self.hooks]):
+                self.stop_requested = True
+                break
         if seen == 0:
             return float("nan"), float("nan")
         return float(loss_sum) / seen, float(correct) / seen
