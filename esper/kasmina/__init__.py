@@ -23,6 +23,7 @@ from esper.kasmina.blueprints import (
     validate_blueprint,
 )
 from esper.kasmina.driver import LifecycleDriver
+from esper.kasmina.kernel_cache import KernelCache, cache_key
 from esper.kasmina.layer import KasminaLayer, LifecycleClock, SeedRow
 from esper.kasmina.lifecycle import IllegalTransitionError, LifecycleConfig, LifecycleEvent
 from esper.kasmina.state_table import SeedStateTable
@@ -41,6 +42,7 @@ __all__ = [
     "BlueprintError",
     "IllegalTransitionError",
     "KasminaLayer",
+    "KernelCache",
     "LifecycleClock",
     "LifecycleConfig",
     "LifecycleDriver",
@@ -50,6 +52,7 @@ __all__ = [
     "all_seeds_disabled",
     "blueprint_cost",
     "build_seed_module",
+    "cache_key",
     "drop_stale_parameters",
     "get_blueprint",
     "new_parameters",
