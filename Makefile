@@ -14,6 +14,8 @@ EXT_SO := esper/_C.cpython-311-x86_64-linux-gnu.so
 TORCH_PIN := torch==2.13.0
 BUF_VERSION := 1.75.0
 PYTEST_ARGS ?=
+NODE_CLIENT := clients/node
+NODE_CLIENT_STAMP := $(NODE_CLIENT)/node_modules/.esper-npm-ci
 
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MAX_JOBS ?= 2
@@ -31,7 +33,7 @@ help:
 	@echo "make check-cuda  compile the CUDA sources to objects with nvcc (no GPU needed)"
 	@echo "make clean       remove build outputs (keeps .venv); distclean also removes .venv"
 
-build: toolchain $(STAMPS)/deps $(STAMPS)/system $(STAMPS)/editable $(EXT_SO)
+build: toolchain $(STAMPS)/deps $(STAMPS)/system $(STAMPS)/editable $(EXT_SO) $(NODE_CLIENT_STAMP)
 
 toolchain:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: no '$(PYTHON)' found; Esper needs Python 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 1; }
@@ -65,6 +67,13 @@ $(STAMPS)/system:
 $(STAMPS)/editable: $(STAMPS)/deps pyproject.toml
 	ESPER_SKIP_EXTENSION=1 $(PIP) install --quiet --no-deps --no-build-isolation -e .
 	@touch $@
+
+# Node.js client (clients/node): exact versions from package-lock.json. The stamp lives inside
+# node_modules so deleting node_modules reinstalls. Without npm the client is skipped (its test too).
+$(NODE_CLIENT_STAMP): $(NODE_CLIENT)/package.json $(NODE_CLIENT)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd $(NODE_CLIENT) && npm ci --no-audit --no-fund --silent && touch $(CURDIR)/$@; \
+	else echo "warning: npm not found; skipping the Node.js client in $(NODE_CLIENT) (needs Node.js >= 18)" >&2; fi
 
 $(EXT_SO): $(STAMPS)/deps setup.py $(CSRC)
 	$(PY) setup.py --quiet build_ext --inplace
