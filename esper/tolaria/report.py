@@ -28,6 +28,7 @@ class ProgressDisplay:
     """A rich progress bar on a terminal; one plain line per epoch otherwise."""
 
     def __init__(self, mode: str, epochs: int, steps_per_epoch: int, verbose: bool) -> None:
+        self.quiet = mode == "none"
         self.rich = mode == "rich" or (mode == "auto" and sys.stdout.isatty())
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
@@ -64,6 +65,8 @@ class ProgressDisplay:
         self.print(line)
 
     def print(self, line: str) -> None:
+        if self.quiet:
+            return
         if self._progress is not None:
             self._progress.console.print(line, markup=False, highlight=False)
         else:
@@ -104,6 +107,8 @@ def write_summary(run_dir: Path, summary: dict[str, Any], timeline: list[dict[st
     if plot:
         plot_timeline(timeline, summary["epochs"], run_dir / "timeline.png")
     text = summary_table(summary)
+    if echo is not None and echo.quiet:
+        return
     if echo is not None and echo.rich:
         from rich.console import Console
         from rich.table import Table
