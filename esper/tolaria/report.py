@@ -117,9 +117,21 @@ def write_summary(run_dir: Path, summary: dict[str, Any], timeline: list[dict[st
         table.add_column("metric")
         table.add_column("value")
         for line in text.splitlines():
+            if line.startswith("  "):
+                continue  # adaptations get their own table
             name, _, value = line.partition("  ")
             table.add_row(name.strip(), value.strip())
-        Console().print(table)
+        console = Console()
+        console.print(table)
+        if summary["adaptations"]:
+            adaptations = Table(title="adaptations")
+            for column in ("epoch", "seed", "blueprint", "outcome", "contribution"):
+                adaptations.add_column(column)
+            for a in summary["adaptations"]:
+                c = a.get("contribution")
+                adaptations.add_row(str(a["epoch"]), f"{a['layer']}[{a['seed']}]", a["blueprint"], a["outcome"],
+                                    "-" if c is None else f"{c:+.4f}")
+            console.print(adaptations)
     else:
         print(text, flush=True)
 
