@@ -148,7 +148,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `esper-train` console script."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     from esper.tolaria.services import sigterm_as_interrupt
 
     sigterm_as_interrupt()  # SIGTERM unwinds like Ctrl-C, so child services are stopped
