@@ -45,6 +45,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -598,7 +599,10 @@ class RemoteController:
 
     @staticmethod
     def _seed_copy(module: torch.nn.Module, spec: common_pb2.BlueprintSpec) -> torch.nn.Module:
-        return compiled_seed(copy.deepcopy(module), spec.blueprint_id)  # each seed trains its own parameters
+        with warnings.catch_warnings():  # torch's pytree warns about its own LeafSpec inside deepcopy
+            warnings.simplefilter("ignore", FutureWarning)
+            seed = copy.deepcopy(module)  # each seed trains its own parameters
+        return compiled_seed(seed, spec.blueprint_id)
 
     def _request_kernel(self, kernel_id: str, spec, shape, device, dtype) -> None:
         if kernel_id in self._fetching:
