@@ -282,6 +282,7 @@ class RemoteController:
         self._adaptations: dict[tuple[str, int], PendingSeed] = {}
         self._failed_kernels: dict[str, str] = {}
         self._fetching: set[str] = set()
+        self._shapes: dict[str, list[int]] = {}
         self._loaded: dict[str, tuple[torch.nn.Module, str]] = {}
         self.germinations: list[dict[str, Any]] = []
         self.decision_latencies_ms: list[float] = []
@@ -608,6 +609,7 @@ class RemoteController:
         if kernel_id in self._fetching:
             return
         self._fetching.add(kernel_id)
+        self._shapes[kernel_id] = list(shape)
         self._submit(self._obtain_kernel(kernel_id, spec, shape, device, dtype))
 
     def _attach(self, kernel_id: str, epoch: int) -> bool:
@@ -846,10 +848,18 @@ class RemoteController:
         """Worker thread: verify, keep the bytes in the run directory, load (torch.export.load), cache."""
         from esper.tezzeret import load_kernel_artifact
 
-        module = load_kernel_artifact(data, expected_sha256=sha256)
+        module = load_kernel_artifact(data, expected_sha256=sha256).to(self.morph.device)
         self.kernels.save_bytes(kernel_id, data)
         dtype = next((p.dtype for p in module.parameters()), torch.float32)
-        self.kernels.put(kernel_id, self.morph.device, dtype, module.to(self.morph.device), len(data))
+        # The first forward/backward of a loaded graph is slow (lazy set-up); pay it here, off the
+        # training thread, not in the first training step of the seed.
+        shape = self._shapes.get(kernel_id)
+        if shape is not None:
+            x = torch.zeros((2, *shape[1:]), device=self.morph.device, dtype=dtype, requires_grad=True)
+            module(x).sum().backward()
+            for p in module.parameters():
+                p.grad = None
+        self.kernels.put(kernel_id, self.morph.device, dtype, module, len(data))
         return module
 
     async def _kernel_ready_listener(self) -> None:

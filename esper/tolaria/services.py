@@ -318,7 +318,10 @@ def step_time_stats(samples: list[tuple[float, bool]]) -> dict[str, Any]:
     def stats(values: list[float]) -> dict[str, float]:
         if not values:
             return {"n": 0}
-        return {"n": len(values), "median_ms": statistics.median(values) * 1000, "max_ms": max(values) * 1000}
+        ordered = sorted(values)
+        return {"n": len(values), "median_ms": statistics.median(values) * 1000,
+                "p95_ms": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] * 1000,
+                "max_ms": ordered[-1] * 1000}
 
     everything = [dt for dt, _ in samples]
     during = [dt for dt, busy in samples if busy]

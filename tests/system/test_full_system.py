@@ -29,6 +29,24 @@ def slot_states(events: list[dict], layer: str, seed: int) -> list[str]:
     return [e["to"] for e in events if e["layer"] == layer and e["seed"] == seed]
 
 
+def life_of(events: list[dict], germination: dict) -> list[dict]:
+    """The slot's events from the germination that got this kernel to the next germination."""
+    slot = [e for e in events if e["layer"] == germination["layer"] and e["seed"] == germination["seed"]]
+    attach = max(i for i, e in enumerate(slot) if e["to"] == "TRAINING" and e["step"] <= germination["step"])
+    start = max(i for i in range(attach + 1) if slot[i]["to"] == "GERMINATED")
+    end = next((i for i in range(attach, len(slot)) if slot[i]["to"] == "GERMINATED"), len(slot))
+    return slot[start:end]
+
+
+def assert_no_step_lost(run_dir, summary) -> None:
+    """Every step 1..N was trained and logged once, except steps the governor skipped (each logged)."""
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    steps = [r["step"] for r in records if r.get("scope") == "step"]
+    assert steps == sorted(set(steps)), "a step was logged twice or out of order"
+    skipped = {r["step"] + 1 for r in records if r.get("scope") == "event" and r.get("rollback")}
+    assert set(steps) | skipped == set(range(1, summary["global_step"] + 1))
+
+
 def test_full_cycle_compiled_kernel_fossilizes(tmp_path, train_process):
     run_dir = tmp_path / "run"
     proc = train_process(run_dir, "--config", DEV, "train.epochs=30", *COMMON)
@@ -38,19 +56,19 @@ def test_full_cycle_compiled_kernel_fossilizes(tmp_path, train_process):
     assert services["mode"] == "local" and set(services["addresses"]) == {"urza", "tezzeret", "oona", "tamiyo"}
     cold = [g for g in services["germinations"] if g["path"] == "cold"]
     assert cold, services
-    first = cold[0]
-    assert first["via"] == "oona", first  # the kernel-ready event, not the job poll, triggered the load
-    kernel_id, layer, seed = first["kernel_id"], first["layer"], first["seed"]
+    assert cold[0]["via"] == "oona", cold[0]  # the kernel-ready event, not the job poll, triggered the load
     events = read_jsonl(run_dir / "events.jsonl")
-    states = slot_states(events, layer, seed)
-    assert states[:2] == ["GERMINATED", "TRAINING"], states
-    attach = [e for e in events if e["layer"] == layer and e["seed"] == seed and e["to"] == "TRAINING"][0]
-    assert kernel_id in attach["reason"]
-    assert "FOSSILIZED" in states, states
-    assert states.index("FOSSILIZED") > states.index("TRAINING")
-    fossil = [a for a in summary["adaptations"] if a["layer"] == layer and a["seed"] == seed
-              and a["outcome"] == "fossilized"]
-    assert fossil, summary["adaptations"]
+    # Which seeds survive their gates depends on training; one compiled seed fossilized.
+    lives = [(g, life_of(events, g)) for g in cold]
+    fossilized = [(g, life) for g, life in lives if life[-1]["to"] == "FOSSILIZED"]
+    assert fossilized, [(g["layer"], [e["to"] for e in life]) for g, life in lives]
+    first, life = fossilized[0]
+    kernel_id = first["kernel_id"]
+    assert [e["to"] for e in life][:2] == ["GERMINATED", "TRAINING"]
+    assert kernel_id in life[1]["reason"]  # "seed module attached (kernel <id>)"
+    assert [e["to"] for e in life][-1] == "FOSSILIZED"
+    assert any(a["layer"] == first["layer"] and a["seed"] == first["seed"] and a["outcome"] == "fossilized"
+               for a in summary["adaptations"]), summary["adaptations"]
     # The artifact the seed ran is in Urza, VALIDATED, with the bytes the run verified and kept.
     local = (run_dir / "kernels" / f"{kernel_id}.pt2").read_bytes()
     urza = ServerProcess([sys.executable, "-m", "services.urza", "--port", "0", "--data-dir",
@@ -62,7 +80,7 @@ def test_full_cycle_compiled_kernel_fossilizes(tmp_path, train_process):
     assert artifact.sha256 == hashlib.sha256(local).hexdigest()
     # Tamiyo holds the outcome in its replay buffer on disk.
     reports = list(ReplayBuffer(run_dir / "services" / "tamiyo"))
-    assert any(r.outcome == common_pb2.ADAPTATION_OUTCOME_FOSSILIZED and r.decision.layer_name == layer
+    assert any(r.outcome == common_pb2.ADAPTATION_OUTCOME_FOSSILIZED and r.decision.layer_name == first["layer"]
                for r in reports), [(r.decision.layer_name, r.outcome) for r in reports]
     # Logs of every service are in the run directory.
     for name in ("urza", "tezzeret", "oona", "tamiyo"):
@@ -72,9 +90,7 @@ def test_full_cycle_compiled_kernel_fossilizes(tmp_path, train_process):
     steps = services["step_times"]
     print(f"\nstep times: {json.dumps(steps)}")
     assert steps["during_compile"]["n"] > 0  # steps really ran while the kernel was being compiled
-    # No step was lost: every step 1..N logged once.
-    step_records = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("scope") == "step"]
-    assert step_records == list(range(1, summary["global_step"] + 1))
+    assert_no_step_lost(run_dir, summary)
 
 
 def test_services_killed_mid_run_training_completes_and_adaptation_resumes(tmp_path, train_process):
@@ -97,8 +113,7 @@ def test_services_killed_mid_run_training_completes_and_adaptation_resumes(tmp_p
     events = read_jsonl(run_dir / "events.jsonl")
     g = services["germinations"][0]
     assert "TRAINING" in slot_states(events, g["layer"], g["seed"])
-    step_records = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("scope") == "step"]
-    assert step_records == list(range(1, summary["global_step"] + 1))  # no step lost
+    assert_no_step_lost(run_dir, summary)
     assert summary["epochs"] == 60
     assert not process_alive(first) and not process_alive(tezzeret)
     print(f"\noutages: {services['outages']}, restarts: {services['restarts']}")
