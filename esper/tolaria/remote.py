@@ -439,8 +439,9 @@ class RemoteController:
                 spec = json_format.Parse(extra["specs"][index], common_pb2.BlueprintSpec())
                 module.seeds[str(index)] = compiled_seed(loaded.to(self.morph.device), spec.blueprint_id)
 
-    def resume_pending(self) -> int:
+    def resume_pending(self, global_step: int) -> int:
         """After a resume: fetch (or compile) the kernels of slots still GERMINATED; their count."""
+        self._step = global_step
         count = 0
         for name, layer in self.morph.driver.sites:
             for i in range(layer.num_seeds):

@@ -174,7 +174,7 @@ class RunServices:
         if self.remote is not None:
             self.remote.connect(self.addresses)
             if trainer.payload is not None:
-                self.remote.resume_pending()
+                self.remote.resume_pending(trainer.state.global_step)
         if svc.tolaria_port >= 0:
             self.control = RunControl(self.cfg.run_name, str(self.run_dir), self.cfg.train.epochs)
             self.tolaria = TolariaServer(self.control, port=svc.tolaria_port)
