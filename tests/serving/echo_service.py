@@ -104,10 +104,13 @@ def method(channel, name: str, kind: str = "unary_unary"):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="echo-service")
     add_server_arguments(parser)
+    parser.add_argument("--setup-delay", type=float, default=0.0, help="simulate a slow setup (seconds)")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
 
     async def setup(server: GrpcServer) -> None:
+        print("echo: setup started", file=sys.stderr, flush=True)
+        await asyncio.sleep(args.setup_delay)
         add_echo(server)
 
     return run_server_main(server_config_from_args(args), setup)

@@ -310,3 +310,18 @@ def test_process_grace_period_cancels_calls_that_take_too_long(tmp_path):
             future.result(timeout=10)
         assert proc.process.wait(10) == 0
         assert time.monotonic() - started < 5
+
+
+def test_sigterm_during_a_slow_setup_exits_cleanly_without_binding():
+    proc = subprocess.Popen([sys.executable, str(ECHO_SCRIPT), "--port", "0", "--setup-delay", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stderr.readline()  # setup runs after the signal handlers are installed
+    assert b"setup started" in first, first
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, rest = proc.communicate(timeout=20)
+    err = first + rest
+    assert proc.returncode == 0, err.decode()
+    assert b"LISTENING" not in out
+    assert b"while starting" in err
+    assert time.monotonic() - started < 15
