@@ -396,7 +396,8 @@ class KasminaLayer(nn.Module):
             table.alpha[index] = 1.0
         elif to_state in (S.CULLED, S.CANCELLED, S.ROLLED_BACK, S.DORMANT):
             table.alpha[index] = 0.0
-            self.seeds.pop(str(index), None)
+            if str(index) in self.seeds:
+                del self.seeds[str(index)]
         if to_state == S.TRAINING:
             table.alignment[index] = 0.0
         if to_state == S.CULLED:
@@ -492,12 +493,16 @@ class KasminaLayer(nn.Module):
     def seed_table(self) -> list[SeedRow]:
         """One row per slot with state, alpha, blueprint, counters, contribution and telemetry."""
         t = self.table
-        readout = {k: v.tolist() for k, v in ops.telemetry_readout(t.telemetry).items()}
-        alpha = t.alpha.tolist()
-        contribution = t.contribution.tolist()
-        steps = t.steps_in_state.tolist()
-        epochs = t.epochs_in_state.tolist()
-        embargo = t.embargo.tolist()
+        readout = ops.telemetry_readout(t.telemetry)
+        names = list(readout)
+        # One device->host copy for the whole table.
+        columns = [readout[k].double() for k in names] + [
+            t.alpha.double(), t.contribution, t.steps_in_state.double(), t.epochs_in_state.double(),
+            t.embargo.double(),
+        ]
+        values = torch.stack(columns).tolist()
+        readout = dict(zip(names, values[: len(names)], strict=True))
+        alpha, contribution, steps, epochs, embargo = values[len(names) :]
         rows = []
         for i in range(self.num_seeds):
             spec = self._specs.get(i)

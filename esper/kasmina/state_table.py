@@ -58,5 +58,27 @@ class SeedStateTable(nn.Module):
             "contribution", torch.full((num_seeds,), float("nan"), dtype=torch.float64, device=device)
         )
 
+    _DTYPES = {
+        "state": torch.int64,
+        "alpha": torch.float32,
+        "steps_in_state": torch.int64,
+        "epochs_in_state": torch.int64,
+        "blueprint_index": torch.int64,
+        "embargo": torch.int64,
+        "telemetry": torch.float64,
+        "alignment": torch.float64,
+        "contribution": torch.float64,
+    }
+
+    def _apply(self, fn, recurse=True):
+        # model.half() / model.double() must move the table, never change its dtypes: the ops
+        # require float32 alpha and float64 accumulators whatever the model's precision.
+        super()._apply(fn, recurse)
+        for name, dtype in self._DTYPES.items():
+            buf = getattr(self, name)
+            if buf.dtype != dtype:
+                setattr(self, name, buf.to(dtype))
+        return self
+
     def extra_repr(self) -> str:
         return f"num_seeds={self.num_seeds}"

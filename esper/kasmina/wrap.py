@@ -108,6 +108,21 @@ def drop_stale_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     return dropped
 
 
+def seed_table(model: nn.Module) -> list:
+    """Rows (`SeedRow`) of every seed slot of every site of `model`, in module order."""
+    return [row for _, layer in seed_sites(model) for row in layer.seed_table()]
+
+
+@contextlib.contextmanager
+def all_seeds_disabled(model: nn.Module) -> Iterator[None]:
+    """Force alpha = 0 for every seed of `model` inside the block: the host alone, for comparison."""
+    with contextlib.ExitStack() as stack:
+        for _, layer in seed_sites(model):
+            for i in range(layer.num_seeds):
+                stack.enter_context(layer.seed_disabled(i))
+        yield
+
+
 @contextlib.contextmanager
 def telemetry_probe(model: nn.Module) -> Iterator[None]:
     """Collect telemetry on every seed site, dormant ones included, inside the block."""

@@ -78,3 +78,29 @@ def error_info_from(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | N
                 detail.Unpack(info)
                 return info
     return None
+
+
+_UNAVAILABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                                grpc.StatusCode.CANCELLED})
+
+
+def domain_error_from_rpc_error(rpc_error: grpc.RpcError, *, upstream: str) -> errors.EsperError:
+    """Turn a failed call to another Esper server back into a domain error, keeping its message,
+    reason and field, so a server relaying it answers with the same status. Transport failures
+    (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED) become UnavailableError naming `upstream`."""
+    code = rpc_error.code() if hasattr(rpc_error, "code") else grpc.StatusCode.UNKNOWN
+    details = (rpc_error.details() if hasattr(rpc_error, "details") else None) or str(rpc_error)
+    info = error_info_from(rpc_error)
+    metadata = dict(info.metadata) if info is not None else {}
+    reason = info.reason if info is not None else None
+    if code in _UNAVAILABLE_CODES:
+        return errors.UnavailableError(f"{upstream} did not answer ({code.name}): {details}",
+                                       reason="UPSTREAM_UNAVAILABLE", metadata={"upstream": upstream})
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return errors.InvalidArgumentError(details, field=metadata.pop("field", None), reason=reason,
+                                           metadata=metadata)
+    for cls, mapped in STATUS_CODE_BY_ERROR.items():
+        if mapped == code and cls is not errors.EsperError:
+            return cls(details, reason=reason, metadata=metadata)
+    return errors.EsperError(f"{upstream} failed ({code.name}): {details}", reason=reason or "UPSTREAM_ERROR",
+                             metadata=metadata)
