@@ -274,3 +274,17 @@ def test_list_jobs_by_state_with_paging(cluster):
     assert seen == [j.job_id for j in everything]
     expect_code(grpc.StatusCode.INVALID_ARGUMENT, cluster.stub.ListCompileJobs,
                 T.ListCompileJobsRequest(page_token="%%%"), timeout=10)
+
+
+def test_tezzeret_refuses_to_start_without_urza():
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "services.tezzeret", "--port", "0", "--urza", f"127.0.0.1:{port}",
+                           "--urza-wait", "1", "--workers", "1"], capture_output=True, timeout=120)
+    assert proc.returncode == 1
+    assert b"LISTENING" not in proc.stdout
+    assert b"not SERVING" in proc.stderr
