@@ -49,6 +49,8 @@ async def fail(request: bytes, context) -> bytes:
 
 
 async def slow(request: bytes, context) -> bytes:
+    # Tests wait for this line to know the call is in flight on the server.
+    print(f"echo: slow call started ({request.decode()} s)", file=sys.stderr, flush=True)
     await asyncio.sleep(float(request.decode()))
     return b"done"
 

@@ -175,8 +175,11 @@ def test_upload_cut_halfway_leaves_no_visible_artifact(urza):
 
     future = stub.UploadArtifact.future(messages(), timeout=60)
     assert half_sent.wait(30)
-    time.sleep(0.3)  # let the server receive the first half
+    deadline = time.monotonic() + 20
+    while not list((data_dir / "blobs" / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert list((data_dir / "blobs" / "tmp").iterdir()), "the server should be receiving the upload"
+    time.sleep(0.2)  # let more of the first half arrive
     future.cancel()
     release.set()
     deadline = time.monotonic() + 10
