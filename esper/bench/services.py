@@ -1,6 +1,6 @@
-"""``esper-bench services``: the servers' speed, each figure next to a baseline from the same run.
+"""Speed of the Esper servers (Urza, Oona), each figure next to a baseline measured in the same run.
 
-Measured in one run, every server a real process on 127.0.0.1 started by the benchmark:
+``esper-bench services [--json PATH]``. Measured in one run, every server a real process on 127.0.0.1 started by the benchmark:
 
 - baseline: a bare grpc.aio empty unary ping (`esper.bench.ping_server`), p50/p99 latency;
 - Urza GetArtifact (metadata get) p50/p99 and its ratio to the ping (target: p50 <= 1.5x ping);

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.local_stack import LocalStack, module_available
+from esper.local_stack import LocalStack
 from esper.serving import open_sync_channel
 from esper.v1 import urza_pb2, urza_pb2_grpc
 
@@ -32,8 +32,6 @@ def node():
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    if not module_available("services.tezzeret"):
-        pytest.skip("the Tezzeret server (services.tezzeret) is not in this tree yet")
     with LocalStack(["urza", "oona", "tezzeret"], state_dir=tmp_path_factory.mktemp("stack")) as running:
         yield running.addresses
 
