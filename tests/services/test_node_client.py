@@ -65,7 +65,8 @@ def test_node_client_registers_compiles_waits_and_downloads_a_verified_artifact(
     assert again.returncode == 0, again.stderr
     second = json.loads(again.stdout.strip().splitlines()[-1])
     assert second["kernel_id"] == summary["kernel_id"] and second["sha256"] == summary["sha256"]
-    assert second["blueprint_created"] is False and again_out.read_bytes() == data
+    assert second["blueprint_created"] is False and second["reused"] is True
+    assert again_out.read_bytes() == data
 
 
 def test_node_client_reports_bad_usage_and_unreachable_servers(node, tmp_path):
