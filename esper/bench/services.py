@@ -1,6 +1,6 @@
-"""``esper-bench services``: the servers' speed, each figure next to a baseline from the same run.
+"""Speed of the Esper servers (Urza, Oona), each figure next to a baseline measured in the same run.
 
-Measured in one run, every server a real process on 127.0.0.1 started by the benchmark:
+``esper-bench services [--json PATH]``. Measured in one run, every server a real process on 127.0.0.1 started by the benchmark:
 
 - baseline: a bare grpc.aio empty unary ping (`esper.bench.ping_server`), p50/p99 latency;
 - Urza GetArtifact (metadata get) p50/p99 and its ratio to the ping (target: p50 <= 1.5x ping);
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -84,27 +85,28 @@ async def _ping_throughput(address: str, calls: int, callers: int) -> dict[str, 
 
 
 def bench_ping_and_urza(work_dir: Path, calls: int, warmup: int, download_mib: int, downloads: int,
-                        throughput_calls: int, publishers: int) -> dict[str, Any]:
-    """Ping baselines (latency and concurrent throughput), Urza metadata get, Urza download."""
+                        throughput_calls: int, publishers: int, rounds: int) -> dict[str, Any]:
+    """Ping baselines (latency and concurrent throughput), Urza metadata get, Urza download.
+
+    The three latency series run interleaved in `rounds` blocks (ping, bootstrap ping, Urza get,
+    ping, ...) so background load on a shared machine hits baseline and subject alike.
+    """
     from esper.bench.ping_server import PING_METHOD
     from esper.serving import ServerProcess, open_sync_channel
     from esper.v1 import common_pb2, urza_pb2, urza_pb2_grpc
 
     out: dict[str, Any] = {}
-    for key, extra in (("ping", ()), ("ping_bootstrap", ("--bootstrap",))):
-        with ServerProcess.python_module("esper.bench.ping_server", "--port", "0", *extra,
-                                         stderr_path=work_dir / f"{key}.log") as ping_server, \
-                open_sync_channel(ping_server.address) as channel:
-            ping = channel.unary_unary(PING_METHOD)
-            out[key] = _latency_summary(_time_calls(lambda ping=ping: ping(b"", timeout=5), calls, warmup))
-            if key == "ping":
-                out["ping_throughput"] = asyncio.run(_ping_throughput(ping_server.address, throughput_calls,
-                                                                      publishers))
-
-    with ServerProcess.python_module("services.urza", "--port", "0", "--data-dir", str(work_dir / "urza"),
-                                     "--log-level", "WARNING", stderr_path=work_dir / "urza.log") as urza, \
-            open_sync_channel(urza.address) as channel:
-        stub = urza_pb2_grpc.UrzaServiceStub(channel)
+    with contextlib.ExitStack() as stack:
+        ping_server = stack.enter_context(ServerProcess.python_module(
+            "esper.bench.ping_server", "--port", "0", stderr_path=work_dir / "ping.log"))
+        boot_server = stack.enter_context(ServerProcess.python_module(
+            "esper.bench.ping_server", "--port", "0", "--bootstrap", stderr_path=work_dir / "ping_bootstrap.log"))
+        urza = stack.enter_context(ServerProcess.python_module(
+            "services.urza", "--port", "0", "--data-dir", str(work_dir / "urza"), "--log-level", "WARNING",
+            stderr_path=work_dir / "urza.log"))
+        ping = stack.enter_context(open_sync_channel(ping_server.address)).unary_unary(PING_METHOD)
+        boot = stack.enter_context(open_sync_channel(boot_server.address)).unary_unary(PING_METHOD)
+        stub = urza_pb2_grpc.UrzaServiceStub(stack.enter_context(open_sync_channel(urza.address)))
 
         def meta(kernel_id: str, data: bytes) -> common_pb2.KernelArtifact:
             return common_pb2.KernelArtifact(
@@ -122,7 +124,24 @@ def bench_ping_and_urza(work_dir: Path, calls: int, warmup: int, download_mib: i
 
         upload("bench-small", os.urandom(1024))
         request = urza_pb2.GetArtifactRequest(kernel_id="bench-small")
-        out["urza_get"] = _latency_summary(_time_calls(lambda: stub.GetArtifact(request, timeout=5), calls, warmup))
+        series: dict[str, tuple[Callable[[], Any], list[float]]] = {
+            "ping": (lambda: ping(b"", timeout=5), []),
+            "ping_bootstrap": (lambda: boot(b"", timeout=5), []),
+            "urza_get": (lambda: stub.GetArtifact(request, timeout=5), []),
+        }
+        for call, _ in series.values():
+            _time_calls(call, 0, warmup)
+        for _ in range(rounds):
+            for call, samples in series.values():
+                samples += _time_calls(call, max(1, calls // rounds), 0)
+        for key, (_, samples) in series.items():
+            out[key] = _latency_summary(samples)
+
+        tp_rounds = [asyncio.run(_ping_throughput(ping_server.address, max(publishers, throughput_calls // rounds),
+                                                  publishers)) for _ in range(rounds)]
+        out["ping_throughput"] = {"calls": sum(r["calls"] for r in tp_rounds), "callers": publishers,
+                                  "calls_s": statistics.median(r["calls_s"] for r in tp_rounds),
+                                  "rounds_calls_s": [r["calls_s"] for r in tp_rounds]}
 
         big = os.urandom(download_mib * MiB)
         started = time.perf_counter()
@@ -201,6 +220,7 @@ async def _bus_run(publish: Callable[[bytes], Awaitable[None]], collector: _Coll
     await collector.wait_for(base + per_publisher * publishers, 120)
     total = per_publisher * publishers
     loaded = _latency_summary(collector.latencies)
+    loaded["samples_us"] = list(collector.latencies)
     result = {"messages": total, "publishers": publishers,
               "publish_msg_s": total / (published - started),
               "delivered_msg_s": total / (collector.last_time - started), "loaded": loaded}
@@ -209,6 +229,7 @@ async def _bus_run(publish: Callable[[bytes], Awaitable[None]], collector: _Coll
         await publish(_stamp(PAYLOAD_BYTES))
         await collector.wait_for(base + total + i + 1, 30)
     result["one_at_a_time"] = _latency_summary(collector.latencies)
+    result["one_at_a_time"]["samples_us"] = list(collector.latencies)
     return result
 
 
@@ -275,19 +296,41 @@ async def _raw_redis_scenario(url: str, messages: int, publishers: int, sequenti
         await reader_client.aclose()
 
 
-def bench_bus(work_dir: Path, messages: int, publishers: int, sequential: int) -> dict[str, Any]:
-    """Oona (memory, redis) and raw Redis Streams, same workload."""
+def bench_bus(work_dir: Path, messages: int, publishers: int, sequential: int, rounds: int) -> dict[str, Any]:
+    """Oona (memory, redis) and raw Redis Streams, same workload, interleaved over `rounds` rounds;
+    throughput is the median round, latencies are pooled over rounds."""
     from esper.oona.local_redis import LocalRedisServer
     from esper.serving import ServerProcess
 
-    out: dict[str, Any] = {}
-    with LocalRedisServer() as redis_server:
+    per_round: dict[str, list[dict[str, Any]]] = {"raw_redis": [], "oona_redis": [], "oona_memory": []}
+    with LocalRedisServer() as redis_server, contextlib.ExitStack() as stack:
+        addresses = {}
         for name, backend in (("oona_memory", "memory://"), ("oona_redis", f"{redis_server.url}?namespace=bench")):
-            with ServerProcess.python_module("services.oona", "--port", "0", "--backend", backend,
-                                             "--log-level", "WARNING", stderr_path=work_dir / f"{name}.log") as oona:
-                out[name] = asyncio.run(_oona_scenario(oona.address, messages, publishers, sequential))
-        out["raw_redis"] = asyncio.run(_raw_redis_scenario(redis_server.url, messages, publishers, sequential))
-    return out
+            addresses[name] = stack.enter_context(ServerProcess.python_module(
+                "services.oona", "--port", "0", "--backend", backend, "--log-level", "WARNING",
+                stderr_path=work_dir / f"{name}.log")).address
+        per_round_messages = max(publishers, messages // rounds)
+        per_round_sequential = max(1, sequential // rounds)
+        for _ in range(rounds):
+            per_round["raw_redis"].append(asyncio.run(_raw_redis_scenario(
+                redis_server.url, per_round_messages, publishers, per_round_sequential)))
+            for name, address in addresses.items():
+                per_round[name].append(asyncio.run(_oona_scenario(
+                    address, per_round_messages, publishers, per_round_sequential)))
+    return {name: _merge_rounds(results) for name, results in per_round.items()}
+
+
+def _merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    merged: dict[str, Any] = {
+        "messages": sum(r["messages"] for r in results), "publishers": results[0]["publishers"],
+        "rounds": len(results),
+        "publish_msg_s": statistics.median(r["publish_msg_s"] for r in results),
+        "delivered_msg_s": statistics.median(r["delivered_msg_s"] for r in results),
+        "rounds_delivered_msg_s": [r["delivered_msg_s"] for r in results],
+    }
+    for key in ("loaded", "one_at_a_time"):
+        merged[key] = _latency_summary([x for r in results for x in r[key]["samples_us"]])
+    return merged
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -332,7 +375,9 @@ def format_table(results: dict[str, Any]) -> str:
     lines.append(f"Oona/raw-Redis delivered throughput: redis backend "
                  f"{results['oona_redis']['delivered_msg_s'] / raw:.2f}x, memory backend "
                  f"{results['oona_memory']['delivered_msg_s'] / raw:.2f}x "
-                 f"({results['raw_redis']['messages']} messages, {results['raw_redis']['publishers']} publishers).")
+                 f"({results['raw_redis']['messages']} messages per system over {results['raw_redis']['rounds']} "
+                 f"interleaved rounds, {results['raw_redis']['publishers']} publishers; msg/s = median round, "
+                 "latencies pooled).")
     return "\n".join(lines)
 
 
@@ -344,6 +389,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages", type=int, default=20000, help="messages per bus throughput run")
     parser.add_argument("--publishers", type=int, default=4, help="concurrent publishers")
     parser.add_argument("--download-mib", type=int, default=64, help="artifact size for the download run")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds of baseline and subjects (evens out background load)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -352,7 +399,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         calls, messages, download_mib, downloads, sequential = 300, 2000, 8, 2, 50
     for name, value in (("--calls", calls), ("--messages", messages), ("--publishers", args.publishers),
-                        ("--download-mib", download_mib)):
+                        ("--download-mib", download_mib), ("--rounds", args.rounds)):
         if value <= 0:
             print(f"esper-bench services: {name} must be positive, got {value}", file=sys.stderr)
             return 2
@@ -362,11 +409,12 @@ def run(args: argparse.Namespace) -> int:
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "loadavg_at_start": os.getloadavg(), "platform": platform.platform()},
             "settings": {"calls": calls, "messages": messages, "publishers": args.publishers,
-                         "download_mib": download_mib, "sequential": sequential, "payload_bytes": PAYLOAD_BYTES},
+                         "download_mib": download_mib, "sequential": sequential, "payload_bytes": PAYLOAD_BYTES,
+                         "rounds": args.rounds},
         }
         results.update(bench_ping_and_urza(work_dir, calls, max(50, calls // 10), download_mib, downloads,
-                                           messages, args.publishers))
-        results.update(bench_bus(work_dir, messages, args.publishers, sequential))
+                                           messages, args.publishers, args.rounds))
+        results.update(bench_bus(work_dir, messages, args.publishers, sequential, args.rounds))
         results["machine"]["loadavg_at_end"] = os.getloadavg()
     print(format_table(results))
     if args.json is not None:
