@@ -393,6 +393,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds", type=int, default=0, help="interleaved rounds (default: 5 quick, 15 full)"
     )
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument(
         "--no-extra",
         action="store_true",
@@ -407,9 +408,12 @@ def run(args: argparse.Namespace) -> int:
             "esper-bench kernels: --device cuda needs a CUDA device, and none is available", file=sys.stderr
         )
         return 2
-    if args.rounds < 0:
-        print(f"esper-bench kernels: --rounds must be positive, got {args.rounds}", file=sys.stderr)
-        return 2
+    for option, value in (("--rounds", args.rounds), ("--threads", args.threads)):
+        if value < 0:
+            print(f"esper-bench kernels: {option} must be positive, got {value}", file=sys.stderr)
+            return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rounds = args.rounds or (5 if args.quick else 15)
     device = torch.device(args.device)
     started = time.perf_counter()
