@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "esper/seed_ops.h"
+#include "isa_dispatch.h"
 
 namespace esper {
 namespace {
@@ -50,7 +51,7 @@ std::vector<opmath_t> seed_weights(const at::Tensor& state, const at::Tensor& al
 
 // out[i] = host[i] + w * (isfinite(seed[i]) ? seed[i] : 0)
 template <typename scalar_t, typename opmath_t>
-inline void blend_segment(const scalar_t* __restrict host, const scalar_t* __restrict seed,
+ESPER_ALWAYS_INLINE void blend_segment(const scalar_t* __restrict host, const scalar_t* __restrict seed,
                           scalar_t* __restrict out, int64_t n, opmath_t w) {
   for (int64_t i = 0; i < n; ++i) {
     const opmath_t v = static_cast<opmath_t>(seed[i]);
@@ -61,13 +62,42 @@ inline void blend_segment(const scalar_t* __restrict host, const scalar_t* __res
 
 // grad_seed[i] = isfinite(seed[i]) ? w * grad[i] : 0
 template <typename scalar_t, typename opmath_t>
-inline void blend_backward_segment(const scalar_t* __restrict grad, const scalar_t* __restrict seed,
+ESPER_ALWAYS_INLINE void blend_backward_segment(const scalar_t* __restrict grad, const scalar_t* __restrict seed,
                                    scalar_t* __restrict out, int64_t n, opmath_t w) {
   for (int64_t i = 0; i < n; ++i) {
     const opmath_t v = static_cast<opmath_t>(seed[i]);
     const opmath_t g = static_cast<opmath_t>(grad[i]);
     // Select, then scale (not the reverse): the shape gcc if-converts under -ftrapping-math.
     out[i] = static_cast<scalar_t>(w * ((v - v == opmath_t(0)) ? g : opmath_t(0)));
+  }
+}
+
+// One instantiation per ISA of each loop (see isa_dispatch.h).
+template <bool kBackward, typename scalar_t, typename opmath_t>
+void blend_range_baseline(const scalar_t* a, const scalar_t* seed, scalar_t* out, int64_t n, opmath_t w) {
+  if constexpr (kBackward) {
+    blend_backward_segment<scalar_t, opmath_t>(a, seed, out, n, w);
+  } else {
+    blend_segment<scalar_t, opmath_t>(a, seed, out, n, w);
+  }
+}
+
+template <bool kBackward, typename scalar_t, typename opmath_t>
+ESPER_TARGET_AVX2 void blend_range_avx2(const scalar_t* a, const scalar_t* seed, scalar_t* out, int64_t n,
+                                        opmath_t w) {
+  if constexpr (kBackward) {
+    blend_backward_segment<scalar_t, opmath_t>(a, seed, out, n, w);
+  } else {
+    blend_segment<scalar_t, opmath_t>(a, seed, out, n, w);
+  }
+}
+
+template <bool kBackward, typename scalar_t, typename opmath_t>
+void blend_range(const scalar_t* a, const scalar_t* seed, scalar_t* out, int64_t n, opmath_t w) {
+  if (cpu::cpu_has_avx2()) {
+    blend_range_avx2<kBackward, scalar_t, opmath_t>(a, seed, out, n, w);
+  } else {
+    blend_range_baseline<kBackward, scalar_t, opmath_t>(a, seed, out, n, w);
   }
 }
 
@@ -89,7 +119,7 @@ at::Tensor seed_blend_cpu(const at::Tensor& host, const at::Tensor& seed, const 
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, layout.numel, kGrain, [&](int64_t begin, int64_t end) {
       for_each_segment(layout, begin, end, [&](int64_t b, int64_t e, int64_t seed_index) {
-        blend_segment<scalar_t, opmath_t>(hp + b, sp + b, op + b, e - b, w[seed_index]);
+        blend_range<false, scalar_t, opmath_t>(hp + b, sp + b, op + b, e - b, w[seed_index]);
       });
     });
   });
@@ -115,7 +145,7 @@ at::Tensor seed_blend_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, layout.numel, kGrain, [&](int64_t begin, int64_t end) {
       for_each_segment(layout, begin, end, [&](int64_t b, int64_t e, int64_t seed_index) {
-        blend_backward_segment<scalar_t, opmath_t>(gp + b, sp + b, op + b, e - b, w[seed_index]);
+        blend_range<true, scalar_t, opmath_t>(gp + b, sp + b, op + b, e - b, w[seed_index]);
       });
     });
   });
