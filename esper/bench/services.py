@@ -391,6 +391,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--download-mib", type=int, default=64, help="artifact size for the download run")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of baseline and subjects (evens out background load)")
+    parser.add_argument("--skip-adaptation", action="store_true",
+                        help="leave out the Services II figures (esper.bench.services_ii: decision round trip, "
+                             "germination latency with a real esper-train run)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -415,8 +418,22 @@ def run(args: argparse.Namespace) -> int:
         results.update(bench_ping_and_urza(work_dir, calls, max(50, calls // 10), download_mib, downloads,
                                            messages, args.publishers, args.rounds))
         results.update(bench_bus(work_dir, messages, args.publishers, sequential, args.rounds))
+        if not args.skip_adaptation:
+            from esper.bench.services_ii import bench_adaptation
+
+            results["adaptation"] = bench_adaptation(work_dir, calls, max(50, calls // 10),
+                                                     epochs=12 if args.quick else 20)
         results["machine"]["loadavg_at_end"] = os.getloadavg()
     print(format_table(results))
+    if "adaptation" in results:
+        from esper.bench.services_ii import format_table as adaptation_table
+
+        ping_p99_ms = results["ping"]["p99_us"] / 1000
+        print()
+        print(adaptation_table(results["adaptation"]))
+        decide_p99 = results["adaptation"]["decisions"]["round_trip_tolaria"]["p99_ms"]
+        print(f"decision round trip p99 {decide_p99:.3f} ms = {decide_p99 / ping_p99_ms:.2f}x the bare gRPC ping p99 "
+              f"({ping_p99_ms:.3f} ms); target 2 ms: {'met' if decide_p99 <= 2.0 else 'NOT met'}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -162,6 +162,15 @@ def format_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bench_adaptation(work_dir: Path, calls: int, warmup: int, epochs: int = 20,
+                     germination: bool = True) -> dict[str, Any]:
+    """Every figure of this module (what `esper-bench services` adds to its table)."""
+    results: dict[str, Any] = {"decisions": bench_decisions(work_dir, calls, warmup)}
+    if germination:
+        results["germination"] = bench_germination(work_dir, epochs, timeout_s=900)
+    return results
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--calls", type=int, default=2000, help="timed calls per latency figure")
@@ -172,10 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="esper-bench-services-ii-") as tmp:
-        work = Path(tmp)
-        results: dict[str, Any] = {"decisions": bench_decisions(work, args.calls, args.warmup)}
-        if not args.skip_germination:
-            results["germination"] = bench_germination(work, args.epochs, timeout_s=900)
+        results = bench_adaptation(Path(tmp), args.calls, args.warmup, args.epochs, not args.skip_germination)
     print(format_table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
