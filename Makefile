@@ -87,10 +87,13 @@ test: build
 test-all: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# The main job on the bundled default config (digits, no download): a seed goes DORMANT -> FOSSILIZED.
+# The main job on the bundled default config (digits, no download), on the full system: esper-train
+# starts Urza, Tezzeret, Oona and Tamiyo, Tamiyo decides, Tezzeret compiles the seed's kernel, the
+# kernel-ready event on Oona brings it into the run, and a seed goes DORMANT -> ... -> FOSSILIZED.
 demo: build
 	rm -rf runs/demo
-	$(VENV)/bin/esper-train --config configs/development.yaml --output-dir runs/demo --verbose --progress plain
+	$(VENV)/bin/esper-train --config configs/development.yaml --output-dir runs/demo --verbose --progress plain \
+	  services.mode=local
 	$(VENV)/bin/esper-export runs/demo
 
 proto: $(STAMPS)/deps

@@ -122,7 +122,8 @@ class LocalStack:
     def __init__(self, names: Iterable[str] | None = None, *, state_dir: Path | None = None,
                  oona_backend: str = "memory://", tezzeret_workers: int = 1, log_level: str = "INFO",
                  start_timeout: float = 120.0, stop_timeout: float = 20.0,
-                 extra_args: Mapping[str, list[str]] | None = None, die_with_parent: bool = False):
+                 extra_args: Mapping[str, list[str]] | None = None, die_with_parent: bool = False,
+                 niceness: Mapping[str, int] | None = None):
         requested = list(names) if names is not None else list(SERVICES)
         unknown = [n for n in requested if n not in SERVICES]
         if unknown:
@@ -148,6 +149,8 @@ class LocalStack:
                 raise StackError(f"service {name!r} needs module {spec.module}.__main__, which is not installed")
             self.specs.append(spec)
         self.die_with_parent = die_with_parent
+        # Lower CPU priority per service (e.g. Tezzeret's compile workers next to a training process).
+        self.niceness = dict(niceness or {})
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.running: dict[str, RunningService] = {}
@@ -188,6 +191,9 @@ class LocalStack:
         # the servers in order (otherwise each would also get SIGINT and race our SIGTERM).
         # setsid(1) execs in place (the child is not a group leader), so the pid stays the server's.
         setsid = shutil.which("setsid")
+        nice = shutil.which("nice")
+        if self.niceness.get(spec.name) and nice:
+            command = [nice, "-n", str(self.niceness[spec.name]), *command]
         process = ServerProcess([setsid, *command] if setsid else command, start_timeout=self.start_timeout,
                                 stderr_path=log_path, die_with_parent=self.die_with_parent)
         try:

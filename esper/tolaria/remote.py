@@ -627,7 +627,8 @@ class RemoteController:
                 continue
             spec = layer.blueprint_of(pending.seed)
             layer.attach_kernel(pending.seed, self._seed_copy(module, spec), kernel_id=kernel_id)
-            self._record_germination(pending, pending.path, via)
+            # cold: compiled for this run; library: the artifact was already in Urza.
+            self._record_germination(pending, "library" if via == "urza" else pending.path, via)
             attached = True
         return attached
 

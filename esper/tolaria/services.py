@@ -40,6 +40,11 @@ GRPC_SERVICES = {
 }
 
 
+# Compiles run at a lower CPU priority than training: on a small machine they share its cores, and
+# the training step must not wait for them.
+TEZZERET_NICENESS = 10
+
+
 class ServicesError(RuntimeError):
     """The run's services could not be started."""
 
@@ -93,7 +98,7 @@ class RunServices:
         self.stack = LocalStack(list(SERVICE_NAMES), state_dir=state_dir, oona_backend=svc.oona_backend,
                                 tezzeret_workers=svc.tezzeret_workers, start_timeout=svc.start_timeout_s,
                                 extra_args={"tamiyo": ["--policy-config", str(policy_path)]},
-                                die_with_parent=True)
+                                die_with_parent=True, niceness={"tezzeret": TEZZERET_NICENESS})
         started = time.perf_counter()
         try:
             self.addresses = self.stack.start()
