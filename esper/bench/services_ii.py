@@ -112,7 +112,7 @@ def bench_decisions(work_dir: Path, calls: int, warmup: int) -> dict[str, Any]:
     return results
 
 
-def bench_germination(work_dir: Path, epochs: int, timeout_s: float) -> dict[str, Any]:
+def bench_germination(work_dir: Path, epochs: int, timeout_s: float, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Two real esper-train runs against one set of services (started here, services.mode remote).
 
     Run 1 finds no artifact: its first germination compiles (cold); a later germination of the
@@ -136,7 +136,7 @@ def bench_germination(work_dir: Path, epochs: int, timeout_s: float) -> dict[str
                  str(run_dir), "--progress", "plain", f"train.epochs={epochs}", "logging.tensorboard=false",
                  "logging.timeline_plot=false", "lifecycle.germination_timeout_epochs=200",
                  "seeds.blueprints=[residual_mlp]", "controller.cooldown_epochs=3", f"run_name=bench-{run}",
-                 "services.mode=remote", *addresses],
+                 "services.mode=remote", *addresses, *extra],
                 env=dict(os.environ), cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
             if proc.returncode != 0:
                 raise RuntimeError(f"esper-train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -43,6 +43,7 @@ import hashlib
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 import warnings
@@ -80,6 +81,8 @@ PROTO_CONTENT = "application/x-protobuf; type=esper.v1.{}"
 # Publishes and reports kept while their service is down (oldest publishes dropped beyond this).
 MAX_BACKLOG = 10_000
 KERNEL_CACHE_BYTES = 256 << 20
+# GIL switch interval while the worker thread loads a kernel (the default is 5 ms).
+LOAD_SWITCH_INTERVAL_S = 0.0002
 OUTCOMES = {
     S.FOSSILIZED: common_pb2.ADAPTATION_OUTCOME_FOSSILIZED,
     S.CULLED: common_pb2.ADAPTATION_OUTCOME_CULLED,
@@ -847,7 +850,20 @@ class RemoteController:
         raise CompileFailed(f"kernel {kernel_id}: downloaded bytes never matched their SHA-256")
 
     def _load(self, kernel_id: str, data: bytes, sha256: str) -> torch.nn.Module:
-        """Worker thread: verify, keep the bytes in the run directory, load (torch.export.load), cache."""
+        """Worker thread: verify, keep the bytes in the run directory, load (torch.export.load), cache.
+
+        Loading is mostly Python (deserialising the graph) and holds the GIL; with the default 5 ms
+        switch interval the training thread would wait up to 5 ms at each of its GIL acquisitions,
+        so the interval is shortened while a kernel loads.
+        """
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(LOAD_SWITCH_INTERVAL_S)
+        try:
+            return self._load_kernel(kernel_id, data, sha256)
+        finally:
+            sys.setswitchinterval(interval)
+
+    def _load_kernel(self, kernel_id: str, data: bytes, sha256: str) -> torch.nn.Module:
         from esper.tezzeret import load_kernel_artifact
 
         module = load_kernel_artifact(data, expected_sha256=sha256).to(self.morph.device)
