@@ -77,14 +77,14 @@ class RunServices:
 
     # ------------------------------------------------------------------ services
 
-    def start(self) -> dict[str, str]:
-        """Start (local) or check (remote) the services; returns their addresses."""
+    def start(self, warn: bool = True) -> dict[str, str]:
+        """Start (local) or check (remote, warning about those down when `warn`); their addresses."""
         svc = self.cfg.services
         if self.mode == "off":
             return {}
         if self.mode == "remote":
             self.addresses = {name: svc.addresses[name] for name in SERVICE_NAMES}
-            for status in self.check():
+            for status in self.check() if warn else ():
                 if status.status != "SERVING":
                     self.echo(f"warning: {status.name} at {status.address} is {status.status} {status.detail}; "
                               "training starts anyway, adaptation waits for it")
@@ -298,7 +298,7 @@ def services_command(cfg: Config, run_dir: Path, check: bool) -> int:
         return 0
     services = RunServices(cfg, run_dir)
     try:
-        addresses = services.start()
+        addresses = services.start(warn=False)
         statuses = services.check()
         for s in statuses:
             line = f"{s.name:<9} {s.address:<22} {s.status}"

@@ -51,13 +51,13 @@ def test_remote_mode_with_services_down_trains_without_adaptation(tmp_path):
     check = esper_train("--config", DEV, "--output-dir", str(run_dir), "--check-services", "services.mode=remote",
                         *down)
     assert check.returncode == 1 and check.stdout.count("UNREACHABLE") == 4, check.stdout + check.stderr
-    result = esper_train("--config", DEV, "--output-dir", str(run_dir), "--progress", "plain", "train.epochs=4",
+    result = esper_train("--config", DEV, "--output-dir", str(run_dir), "--progress", "plain", "train.epochs=40",
                          "logging.tensorboard=false", "services.mode=remote", "services.retry_max_s=1", *down)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "training starts anyway" in result.stdout
     assert "training continues without adaptation" in result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["epochs"] == 4 and summary["services"]["outages"]["tamiyo"] >= 1
+    assert summary["epochs"] == 40 and summary["services"]["outages"]["tamiyo"] >= 1
     assert summary["services"]["germinations"] == [] and summary["adaptations"] == []
     assert read_jsonl(run_dir / "events.jsonl") == []
 
@@ -70,7 +70,7 @@ def test_remote_mode_uses_running_services(tmp_path):
         check = esper_train("--config", DEV, "--output-dir", str(run_dir), "--check-services",
                             "services.mode=remote", *addresses)
         assert check.returncode == 0 and check.stdout.count("SERVING") == 4, check.stdout + check.stderr
-        result = esper_train("--config", DEV, "--output-dir", str(run_dir), "--progress", "plain", "train.epochs=10",
+        result = esper_train("--config", DEV, "--output-dir", str(run_dir), "--progress", "plain", "train.epochs=60",
                              "logging.tensorboard=false", "lifecycle.germination_timeout_epochs=200",
                              "services.mode=remote", *addresses)
         assert result.returncode == 0, result.stdout + result.stderr
