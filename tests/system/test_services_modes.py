@@ -14,6 +14,8 @@ import time
 import pytest
 
 from esper.local_stack import LocalStack
+from esper.serving import open_sync_channel
+from esper.v1 import oona_pb2, oona_pb2_grpc
 from tests.system.helpers import DEV, ROOT, process_alive, read_jsonl
 
 pytestmark = pytest.mark.integration
@@ -79,6 +81,14 @@ def test_remote_mode_uses_running_services(tmp_path):
         assert summary["services"]["germinations"], summary["services"]
         assert not (run_dir / "services" / "pids.json").exists()  # nothing was started for the run
         assert not stack.exited()  # the remote services outlive the run
+        # Every lifecycle transition, the decisions and the epoch metrics were published on Oona.
+        with open_sync_channel(stack.addresses["oona"]) as channel:
+            topics = {t.name: t.next_offset for t in oona_pb2_grpc.OonaServiceStub(channel).ListTopics(
+                oona_pb2.ListTopicsRequest(), timeout=10).topics}
+        assert topics["esper.lifecycle"] == len(read_jsonl(run_dir / "events.jsonl"))
+        assert topics["esper.metrics"] == 60
+        assert topics["esper.decisions"] >= len(summary["adaptations"]) >= 1
+        assert topics["esper.kernel.ready"] >= 1
 
 
 def test_services_only_runs_until_sigterm(tmp_path):
