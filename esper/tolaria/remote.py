@@ -56,7 +56,8 @@ from typing import Any
 import grpc
 import torch
 
-from esper.kasmina.lifecycle import ACTIVE_STATES
+from esper.kasmina.blueprints import BlueprintError
+from esper.kasmina.lifecycle import ACTIVE_STATES, IllegalTransitionError
 from esper.lifecycle import SeedLifecycleState as S
 from esper.serving import ChannelConfig, open_aio_channel
 from esper.v1 import (
@@ -296,7 +297,6 @@ class RemoteController:
         self._ready_waiters: dict[str, asyncio.Event] = {}
         self._last_graph_nodes: dict[tuple[str, int], common_pb2.GraphNode] = {}
         self._last_signals = common_pb2.TrainingSignals()
-        self._trainer: Any = None
         self._step = 0
         self._status_listener: Callable[[bool, str], None] | None = None
         self._loop = asyncio.new_event_loop()
@@ -482,7 +482,6 @@ class RemoteController:
         return False
 
     def _drain(self, trainer: Any, epoch: int) -> None:
-        self._trainer = trainer
         self._step = trainer.state.global_step
         if self._outbox.empty():
             return
@@ -553,8 +552,10 @@ class RemoteController:
                     self._note(f"decision {d.decision_id[:8]}: {d.blueprint_id} at {d.layer_name} failed to "
                                f"compile earlier in this run ({failed}); dropped")
                     continue
-            self._graph_epoch = epoch
-            self.morph._apply(d, epoch + 1)
+            try:
+                self.morph._apply(d, epoch + 1)
+            except (IllegalTransitionError, BlueprintError) as exc:  # the slot moved on since the graph
+                self._note(f"decision {d.decision_id[:8]} on {d.layer_name}[{d.seed_index}] dropped: {exc}")
         return len(self.morph.param_group_names()) != before
 
     def _failed_kernel_for(self, layer: Any, blueprint_id: str) -> str:
