@@ -2,15 +2,12 @@
 //
 // The activation [N, C, *] is walked as one flat contiguous buffer split into N * S blocks (seed i
 // owns every block b with b % S == i), parallelised over element ranges so both "many small
-// blocks" and "one huge block" shapes use every thread. float/double inner loops use ATen's
-// Vectorized; reduced precision types compute in float.
+// blocks" and "one huge block" shapes use every thread. Reduced precision types compute in float.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "esper/seed_ops.h"
@@ -19,9 +16,6 @@ namespace esper {
 namespace {
 
 constexpr int64_t kGrain = 32768;
-
-template <typename scalar_t>
-constexpr bool kVectorised = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
 // Calls fn(begin, end, seed) for each maximal run of [range_begin, range_end) inside one block.
 template <typename Fn>
@@ -48,44 +42,32 @@ std::vector<opmath_t> seed_weights(const at::Tensor& state, const at::Tensor& al
   return w;
 }
 
+// The inner loops are written so that gcc/clang vectorise them at -O3 for the baseline ISA
+// (checked with -fopt-info-vec): no calls, no data-dependent branches, and the finiteness test
+// as `v - v == 0` (NaN for NaN and +-Inf), a compare-and-select the vectoriser handles. They
+// measured ~2x faster than at::vec::Vectorized, whose portable fallback is all this extension
+// gets without ATen's per-CPU dispatch.
+
 // out[i] = host[i] + w * (isfinite(seed[i]) ? seed[i] : 0)
 template <typename scalar_t, typename opmath_t>
-inline void blend_segment(const scalar_t* host, const scalar_t* seed, scalar_t* out, int64_t n, opmath_t w) {
-  int64_t i = 0;
-  if constexpr (kVectorised<scalar_t>) {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    const Vec wv(w);
-    const Vec zero(scalar_t(0));
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec s = Vec::loadu(seed + i);
-      const Vec finite_s = Vec::blendv(zero, s, (s - s) == zero);  // x - x is NaN iff x is NaN or Inf
-      (Vec::loadu(host + i) + wv * finite_s).store(out + i);
-    }
-  }
-  for (; i < n; ++i) {
-    const opmath_t s = static_cast<opmath_t>(seed[i]);
-    const opmath_t finite_s = std::isfinite(s) ? s : opmath_t(0);
-    out[i] = static_cast<scalar_t>(static_cast<opmath_t>(host[i]) + w * finite_s);
+inline void blend_segment(const scalar_t* __restrict host, const scalar_t* __restrict seed,
+                          scalar_t* __restrict out, int64_t n, opmath_t w) {
+  for (int64_t i = 0; i < n; ++i) {
+    const opmath_t v = static_cast<opmath_t>(seed[i]);
+    const opmath_t finite_v = (v - v == opmath_t(0)) ? v : opmath_t(0);
+    out[i] = static_cast<scalar_t>(static_cast<opmath_t>(host[i]) + w * finite_v);
   }
 }
 
 // grad_seed[i] = isfinite(seed[i]) ? w * grad[i] : 0
 template <typename scalar_t, typename opmath_t>
-inline void blend_backward_segment(const scalar_t* grad, const scalar_t* seed, scalar_t* out, int64_t n,
-                                   opmath_t w) {
-  int64_t i = 0;
-  if constexpr (kVectorised<scalar_t>) {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    const Vec wv(w);
-    const Vec zero(scalar_t(0));
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec s = Vec::loadu(seed + i);
-      Vec::blendv(zero, wv * Vec::loadu(grad + i), (s - s) == zero).store(out + i);
-    }
-  }
-  for (; i < n; ++i) {
-    const opmath_t s = static_cast<opmath_t>(seed[i]);
-    out[i] = std::isfinite(s) ? static_cast<scalar_t>(w * static_cast<opmath_t>(grad[i])) : scalar_t(0);
+inline void blend_backward_segment(const scalar_t* __restrict grad, const scalar_t* __restrict seed,
+                                   scalar_t* __restrict out, int64_t n, opmath_t w) {
+  for (int64_t i = 0; i < n; ++i) {
+    const opmath_t v = static_cast<opmath_t>(seed[i]);
+    const opmath_t g = static_cast<opmath_t>(grad[i]);
+    // Select, then scale (not the reverse): the shape gcc if-converts under -ftrapping-math.
+    out[i] = static_cast<scalar_t>(w * ((v - v == opmath_t(0)) ? g : opmath_t(0)));
   }
 }
 

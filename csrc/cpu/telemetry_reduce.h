@@ -28,7 +28,8 @@ struct SegmentSums {
 
 template <bool kSumSqOnly, typename scalar_t>
 inline SegmentSums reduce_segment(const scalar_t* x, int64_t n, double dead_threshold) {
-  std::array<double, kLanes> sum{}, sumsq{}, dead{};
+  std::array<double, kLanes> sum{}, sumsq{};
+  std::array<int64_t, kLanes> dead{};  // an integer count vectorises better than adding 1.0/0.0
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int k = 0; k < kLanes; ++k) {
@@ -36,7 +37,7 @@ inline SegmentSums reduce_segment(const scalar_t* x, int64_t n, double dead_thre
       sumsq[k] += v * v;
       if constexpr (!kSumSqOnly) {
         sum[k] += v;
-        dead[k] += v <= dead_threshold ? 1.0 : 0.0;
+        dead[k] += v <= dead_threshold;
       }
     }
   }
@@ -45,14 +46,14 @@ inline SegmentSums reduce_segment(const scalar_t* x, int64_t n, double dead_thre
     sumsq[k] += v * v;
     if constexpr (!kSumSqOnly) {
       sum[k] += v;
-      dead[k] += v <= dead_threshold ? 1.0 : 0.0;
+      dead[k] += v <= dead_threshold;
     }
   }
   SegmentSums out;
   for (int k = 0; k < kLanes; ++k) {
     out.sum += sum[k];
     out.sumsq += sumsq[k];
-    out.dead += dead[k];
+    out.dead += static_cast<double>(dead[k]);
   }
   return out;
 }
