@@ -4,8 +4,13 @@
 
 #include "esper/lifecycle.h"
 
+namespace esper {
+void bind_kernel_cache(pybind11::module_& m);  // kernel_cache.cpp
+}  // namespace esper
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Esper Kasmina extension: seed state-table ops and kernel cache";
+  esper::bind_kernel_cache(m);
   m.def(
       "lifecycle_states",
       []() {
