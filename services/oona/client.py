@@ -62,19 +62,32 @@ class OonaClient:
                                           headers=dict(headers or {}), source=source)
         return await self._unary(self._stub.Publish, request, idempotent=False, timeout=timeout)
 
+    async def publish_batch(self, messages: list[oona_pb2.PublishRequest], *,
+                            timeout: float | None = None) -> list[oona_pb2.PublishResponse]:
+        """Publish several messages in one call, in order (all validated before any is stored).
+        Never retried."""
+        request = oona_pb2.PublishBatchRequest(messages=messages)
+        return list((await self._unary(self._stub.PublishBatch, request, idempotent=False, timeout=timeout)).results)
+
     async def subscribe(self, topic: str, *, start: StartPosition = StartPosition.LATEST, from_offset: int = 0,
                         consumer_group: str = "", consumer_name: str = "", visibility_timeout_s: float = 0.0,
-                        max_in_flight: int = 0, timeout: float = 24 * 3600.0) -> AsyncIterator[oona_pb2.Envelope]:
+                        max_in_flight: int = 0, max_batch: int = 0,
+                        timeout: float = 24 * 3600.0) -> AsyncIterator[oona_pb2.Envelope]:
         """Stream envelopes until the caller stops iterating or `timeout` (the stream's deadline)
-        passes. With `consumer_group`, each envelope must be acked with `ack()`."""
+        passes. With `consumer_group`, each envelope must be acked with `ack()`. `max_batch` > 1
+        asks the server for batched responses (fewer stream messages); envelopes come out one by one."""
         request = oona_pb2.SubscribeRequest(
             topic=topic, start=_START[StartPosition(start)], from_offset=from_offset, consumer_group=consumer_group,
             consumer_name=consumer_name, visibility_timeout_seconds=visibility_timeout_s,
-            max_in_flight=max_in_flight)
+            max_in_flight=max_in_flight, max_batch=max_batch)
         call = stream_call(self._stub.Subscribe, request, timeout=timeout)
         try:
             async for response in call:
-                yield response.message
+                if response.batch:
+                    for envelope in response.batch:
+                        yield envelope
+                else:
+                    yield response.message
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.CANCELLED:
                 return

@@ -69,3 +69,21 @@ def test_errors_come_back_as_domain_errors(address):
                 await client.list_topics()
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_client_batches(address):
+    from esper.v1 import oona_pb2
+
+    async def scenario():
+        async with OonaClient(address) as client:
+            results = await client.publish_batch([oona_pb2.PublishRequest(topic="c.batch", payload=b"%d" % i)
+                                                  for i in range(10)])
+            assert [r.offset for r in results] == list(range(10))
+            got = []
+            async for envelope in client.subscribe("c.batch", start=StartPosition.EARLIEST, max_batch=4, timeout=10):
+                got.append(envelope.offset)
+                if len(got) == 10:
+                    break
+            assert got == list(range(10))
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
