@@ -28,6 +28,7 @@ class ProgressDisplay:
     """A rich progress bar on a terminal; one plain line per epoch otherwise."""
 
     def __init__(self, mode: str, epochs: int, steps_per_epoch: int, verbose: bool) -> None:
+        self.quiet = mode == "none"
         self.rich = mode == "rich" or (mode == "auto" and sys.stdout.isatty())
         self.epochs = epochs
         self.steps_per_epoch = steps_per_epoch
@@ -64,6 +65,8 @@ class ProgressDisplay:
         self.print(line)
 
     def print(self, line: str) -> None:
+        if self.quiet:
+            return
         if self._progress is not None:
             self._progress.console.print(line, markup=False, highlight=False)
         else:
@@ -104,6 +107,8 @@ def write_summary(run_dir: Path, summary: dict[str, Any], timeline: list[dict[st
     if plot:
         plot_timeline(timeline, summary["epochs"], run_dir / "timeline.png")
     text = summary_table(summary)
+    if echo is not None and echo.quiet:
+        return
     if echo is not None and echo.rich:
         from rich.console import Console
         from rich.table import Table
@@ -112,9 +117,21 @@ def write_summary(run_dir: Path, summary: dict[str, Any], timeline: list[dict[st
         table.add_column("metric")
         table.add_column("value")
         for line in text.splitlines():
+            if line.startswith("  "):
+                continue  # adaptations get their own table
             name, _, value = line.partition("  ")
             table.add_row(name.strip(), value.strip())
-        Console().print(table)
+        console = Console()
+        console.print(table)
+        if summary["adaptations"]:
+            adaptations = Table(title="adaptations")
+            for column in ("epoch", "seed", "blueprint", "outcome", "contribution"):
+                adaptations.add_column(column)
+            for a in summary["adaptations"]:
+                c = a.get("contribution")
+                adaptations.add_row(str(a["epoch"]), f"{a['layer']}[{a['seed']}]", a["blueprint"], a["outcome"],
+                                    "-" if c is None else f"{c:+.4f}")
+            console.print(adaptations)
     else:
         print(text, flush=True)
 

@@ -311,3 +311,48 @@ def test_governor_rolls_back_a_diverging_run(tmp_path):
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not key.endswith("contribution"):
             assert torch.isfinite(value).all(), key
     assert any(r.get("rollback") for r in read_metrics(out, "event"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is missing")
+def test_cuda_requested_without_cuda_is_a_usage_error(tmp_path, capsys):
+    assert main(["--config", DEV, "--device", "cuda", "--output-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "train.device: 'cuda' was requested but no CUDA device is available" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_germination_keeps_the_host_optimizer_state(tmp_path):
+    from esper.tolaria.config import load_config
+    from esper.tolaria.report import ProgressDisplay
+    from esper.tolaria.trainer import Trainer
+
+    cfg = load_config(DEV, ["train.epochs=3", "controller.start_epoch=0", *FAST])
+    trainer = Trainer(cfg, tmp_path / "run", progress="none")
+    trainer.prepare()
+    trainer.start()
+    trainer._train_epoch(0, ProgressDisplay("none", 3, trainer.steps_per_epoch, False))
+    host_params = trainer.optimizer.param_groups[0]["params"]
+    before = {i: trainer.optimizer.state[p]["momentum_buffer"].clone() for i, p in enumerate(host_params)}
+    val_loss, val_acc = trainer.evaluate(trainer.data.val)
+    growth = trainer.morph.epoch_end(epoch=0, global_step=trainer.state.global_step, total_epochs=3, train_loss=1.0,
+                                     val_loss=val_loss, val_acc=val_acc, history=[val_loss],
+                                     evaluate=trainer._counterfactual_eval)
+    trainer._apply_growth(growth)
+    assert len(growth.added_groups) == 1  # a seed germinated and its parameters joined the optimizer
+    names = [g["name"] for g in trainer.optimizer.param_groups]
+    assert names[0] == "host" and names[1].startswith("seed:")
+    assert trainer.optimizer.param_groups[0]["params"] == host_params
+    for i, p in enumerate(host_params):  # the host's momentum survived the growth untouched
+        assert torch.equal(trainer.optimizer.state[p]["momentum_buffer"], before[i])
+    trainer.metrics.close()
+
+
+@pytest.mark.integration
+def test_early_stopping_ends_the_run(tmp_path):
+    out = tmp_path / "es"
+    # A learning rate of ~0 cannot improve the validation loss, so patience 1 stops after epoch 2.
+    assert main(["--config", DEV, "--output-dir", str(out), "--progress", "plain", "train.epochs=6",
+                 "optim.lr=1e-12", "train.early_stopping_patience=1", "--no-morphogenetic", *FAST]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] is True and summary["epochs"] < 6
+    assert ckpt.latest_checkpoint(out).name == f"epoch_{summary['epochs']:04d}"
