@@ -255,4 +255,8 @@ def run_server_main(config: ServerConfig, setup: Callable[[GrpcServer], Awaitabl
         asyncio.run(serve(config, setup))
     except KeyboardInterrupt:  # a signal that arrived before handlers were installed
         return 130
+    except Exception as exc:  # e.g. a dependency not reachable at startup: say why, exit non-zero
+        log.error("server failed: %s: %s", type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import sys
+from pathlib import Path
 
 from esper.serving import (
     ChannelConfig,
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a compile may take when the request sets none (default %(default)s)")
     parser.add_argument("--max-timeout", type=float, default=3600.0,
                         help="largest timeout a request may ask for (default %(default)s)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="scratch directory of the compile workers (their TMPDIR); default: the system temp dir")
     parser.add_argument("--urza-wait", type=float, default=30.0,
                         help="seconds to wait at startup for Urza to report SERVING (default %(default)s)")
     return parser
@@ -57,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         print("esper-tezzeret: need 0 < --default-timeout <= --max-timeout", file=sys.stderr)
         return 2
     config = server_config_from_args(args)
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        # Spawned workers inherit the environment: torch.export's temporary files land here.
+        os.environ["TMPDIR"] = str(args.work_dir.resolve())
 
     async def setup(server: GrpcServer) -> None:
         import torch
