@@ -122,7 +122,7 @@ class LocalStack:
     def __init__(self, names: Iterable[str] | None = None, *, state_dir: Path | None = None,
                  oona_backend: str = "memory://", tezzeret_workers: int = 1, log_level: str = "INFO",
                  start_timeout: float = 120.0, stop_timeout: float = 20.0,
-                 extra_args: Mapping[str, list[str]] | None = None):
+                 extra_args: Mapping[str, list[str]] | None = None, die_with_parent: bool = False):
         requested = list(names) if names is not None else list(SERVICES)
         unknown = [n for n in requested if n not in SERVICES]
         if unknown:
@@ -147,6 +147,7 @@ class LocalStack:
                     continue
                 raise StackError(f"service {name!r} needs module {spec.module}.__main__, which is not installed")
             self.specs.append(spec)
+        self.die_with_parent = die_with_parent
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.running: dict[str, RunningService] = {}
@@ -166,9 +167,21 @@ class LocalStack:
             raise
         return self.addresses
 
-    def _start_one(self, spec: ServiceSpec) -> None:
+    def restart(self, name: str) -> str:
+        """Stop service `name` if it still runs and start it again on the same port; its address."""
+        running = self.running.get(name)
+        if running is None:
+            raise ValueError(f"service {name!r} is not part of this stack; expected one of {list(self.running)}")
+        running.process.stop(timeout=self.stop_timeout)
+        port = int(running.address.rpartition(":")[2])
+        self._start_one(running.spec, port=port, append_log=True)
+        return self.running[name].address
+
+    def _start_one(self, spec: ServiceSpec, port: int = 0, append_log: bool = False) -> None:
         log_path = self.state_dir / "logs" / f"{spec.name}.log"
-        argv = ["--host", self.options.host, "--port", "0", "--log-level", self.options.log_level,
+        if append_log and log_path.exists():  # keep the previous incarnation's log
+            log_path.rename(log_path.with_suffix(f".{int(time.time())}.log"))
+        argv = ["--host", self.options.host, "--port", str(port), "--log-level", self.options.log_level,
                 *spec.args(self.options, self.addresses), *self.options.extra_args.get(spec.name, [])]
         command = [sys.executable, "-m", spec.module, *argv]
         # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which then stops
@@ -176,7 +189,7 @@ class LocalStack:
         # setsid(1) execs in place (the child is not a group leader), so the pid stays the server's.
         setsid = shutil.which("setsid")
         process = ServerProcess([setsid, *command] if setsid else command, start_timeout=self.start_timeout,
-                                stderr_path=log_path)
+                                stderr_path=log_path, die_with_parent=self.die_with_parent)
         try:
             address = process.start()
         except ServerStartError as exc:

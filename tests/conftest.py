@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import torch
+
+# esper-train's default is services.mode local (it starts Urza, Tezzeret, Oona and Tamiyo);
+# the default suite uses the in-process controller unless a test asks for services explicitly.
+os.environ.setdefault("ESPER_SERVICES_MODE", "off")
 
 
 def pytest_collection_modifyitems(config, items):

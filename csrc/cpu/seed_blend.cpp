@@ -2,26 +2,21 @@
 //
 // The activation [N, C, *] is walked as one flat contiguous buffer split into N * S blocks (seed i
 // owns every block b with b % S == i), parallelised over element ranges so both "many small
-// blocks" and "one huge block" shapes use every thread. float/double inner loops use ATen's
-// Vectorized; reduced precision types compute in float.
+// blocks" and "one huge block" shapes use every thread. Reduced precision types compute in float.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "esper/seed_ops.h"
+#include "isa_dispatch.h"
 
 namespace esper {
 namespace {
 
 constexpr int64_t kGrain = 32768;
-
-template <typename scalar_t>
-constexpr bool kVectorised = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
 // Calls fn(begin, end, seed) for each maximal run of [range_begin, range_end) inside one block.
 template <typename Fn>
@@ -48,44 +43,61 @@ std::vector<opmath_t> seed_weights(const at::Tensor& state, const at::Tensor& al
   return w;
 }
 
+// The inner loops are written so that gcc/clang vectorise them at -O3 for the baseline ISA
+// (checked with -fopt-info-vec): no calls, no data-dependent branches, and the finiteness test
+// as `v - v == 0` (NaN for NaN and +-Inf), a compare-and-select the vectoriser handles. They
+// measured ~2x faster than at::vec::Vectorized, whose portable fallback is all this extension
+// gets without ATen's per-CPU dispatch.
+
 // out[i] = host[i] + w * (isfinite(seed[i]) ? seed[i] : 0)
 template <typename scalar_t, typename opmath_t>
-inline void blend_segment(const scalar_t* host, const scalar_t* seed, scalar_t* out, int64_t n, opmath_t w) {
-  int64_t i = 0;
-  if constexpr (kVectorised<scalar_t>) {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    const Vec wv(w);
-    const Vec zero(scalar_t(0));
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec s = Vec::loadu(seed + i);
-      const Vec finite_s = Vec::blendv(zero, s, (s - s) == zero);  // x - x is NaN iff x is NaN or Inf
-      (Vec::loadu(host + i) + wv * finite_s).store(out + i);
-    }
-  }
-  for (; i < n; ++i) {
-    const opmath_t s = static_cast<opmath_t>(seed[i]);
-    const opmath_t finite_s = std::isfinite(s) ? s : opmath_t(0);
-    out[i] = static_cast<scalar_t>(static_cast<opmath_t>(host[i]) + w * finite_s);
+ESPER_ALWAYS_INLINE void blend_segment(const scalar_t* __restrict host, const scalar_t* __restrict seed,
+                          scalar_t* __restrict out, int64_t n, opmath_t w) {
+  for (int64_t i = 0; i < n; ++i) {
+    const opmath_t v = static_cast<opmath_t>(seed[i]);
+    const opmath_t finite_v = (v - v == opmath_t(0)) ? v : opmath_t(0);
+    out[i] = static_cast<scalar_t>(static_cast<opmath_t>(host[i]) + w * finite_v);
   }
 }
 
 // grad_seed[i] = isfinite(seed[i]) ? w * grad[i] : 0
 template <typename scalar_t, typename opmath_t>
-inline void blend_backward_segment(const scalar_t* grad, const scalar_t* seed, scalar_t* out, int64_t n,
-                                   opmath_t w) {
-  int64_t i = 0;
-  if constexpr (kVectorised<scalar_t>) {
-    using Vec = at::vec::Vectorized<scalar_t>;
-    const Vec wv(w);
-    const Vec zero(scalar_t(0));
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec s = Vec::loadu(seed + i);
-      Vec::blendv(zero, wv * Vec::loadu(grad + i), (s - s) == zero).store(out + i);
-    }
+ESPER_ALWAYS_INLINE void blend_backward_segment(const scalar_t* __restrict grad, const scalar_t* __restrict seed,
+                                   scalar_t* __restrict out, int64_t n, opmath_t w) {
+  for (int64_t i = 0; i < n; ++i) {
+    const opmath_t v = static_cast<opmath_t>(seed[i]);
+    const opmath_t g = static_cast<opmath_t>(grad[i]);
+    // Select, then scale (not the reverse): the shape gcc if-converts under -ftrapping-math.
+    out[i] = static_cast<scalar_t>(w * ((v - v == opmath_t(0)) ? g : opmath_t(0)));
   }
-  for (; i < n; ++i) {
-    const opmath_t s = static_cast<opmath_t>(seed[i]);
-    out[i] = std::isfinite(s) ? static_cast<scalar_t>(w * static_cast<opmath_t>(grad[i])) : scalar_t(0);
+}
+
+// One instantiation per ISA of each loop (see isa_dispatch.h).
+template <bool kBackward, typename scalar_t, typename opmath_t>
+void blend_range_baseline(const scalar_t* a, const scalar_t* seed, scalar_t* out, int64_t n, opmath_t w) {
+  if constexpr (kBackward) {
+    blend_backward_segment<scalar_t, opmath_t>(a, seed, out, n, w);
+  } else {
+    blend_segment<scalar_t, opmath_t>(a, seed, out, n, w);
+  }
+}
+
+template <bool kBackward, typename scalar_t, typename opmath_t>
+ESPER_TARGET_AVX2 void blend_range_avx2(const scalar_t* a, const scalar_t* seed, scalar_t* out, int64_t n,
+                                        opmath_t w) {
+  if constexpr (kBackward) {
+    blend_backward_segment<scalar_t, opmath_t>(a, seed, out, n, w);
+  } else {
+    blend_segment<scalar_t, opmath_t>(a, seed, out, n, w);
+  }
+}
+
+template <bool kBackward, typename scalar_t, typename opmath_t>
+void blend_range(const scalar_t* a, const scalar_t* seed, scalar_t* out, int64_t n, opmath_t w) {
+  if (cpu::cpu_has_avx2()) {
+    blend_range_avx2<kBackward, scalar_t, opmath_t>(a, seed, out, n, w);
+  } else {
+    blend_range_baseline<kBackward, scalar_t, opmath_t>(a, seed, out, n, w);
   }
 }
 
@@ -107,7 +119,7 @@ at::Tensor seed_blend_cpu(const at::Tensor& host, const at::Tensor& seed, const 
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, layout.numel, kGrain, [&](int64_t begin, int64_t end) {
       for_each_segment(layout, begin, end, [&](int64_t b, int64_t e, int64_t seed_index) {
-        blend_segment<scalar_t, opmath_t>(hp + b, sp + b, op + b, e - b, w[seed_index]);
+        blend_range<false, scalar_t, opmath_t>(hp + b, sp + b, op + b, e - b, w[seed_index]);
       });
     });
   });
@@ -133,7 +145,7 @@ at::Tensor seed_blend_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, layout.numel, kGrain, [&](int64_t begin, int64_t end) {
       for_each_segment(layout, begin, end, [&](int64_t b, int64_t e, int64_t seed_index) {
-        blend_backward_segment<scalar_t, opmath_t>(gp + b, sp + b, op + b, e - b, w[seed_index]);
+        blend_range<true, scalar_t, opmath_t>(gp + b, sp + b, op + b, e - b, w[seed_index]);
       });
     });
   });

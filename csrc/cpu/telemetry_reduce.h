@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "esper/seed_ops.h"
+#include "isa_dispatch.h"
 
 namespace esper {
 namespace cpu {
@@ -27,8 +28,9 @@ struct SegmentSums {
 };
 
 template <bool kSumSqOnly, typename scalar_t>
-inline SegmentSums reduce_segment(const scalar_t* x, int64_t n, double dead_threshold) {
-  std::array<double, kLanes> sum{}, sumsq{}, dead{};
+ESPER_ALWAYS_INLINE SegmentSums reduce_segment_body(const scalar_t* x, int64_t n, double dead_threshold) {
+  std::array<double, kLanes> sum{}, sumsq{};
+  std::array<int64_t, kLanes> dead{};  // an integer count vectorises better than adding 1.0/0.0
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int k = 0; k < kLanes; ++k) {
@@ -36,7 +38,7 @@ inline SegmentSums reduce_segment(const scalar_t* x, int64_t n, double dead_thre
       sumsq[k] += v * v;
       if constexpr (!kSumSqOnly) {
         sum[k] += v;
-        dead[k] += v <= dead_threshold ? 1.0 : 0.0;
+        dead[k] += v <= dead_threshold;
       }
     }
   }
@@ -45,16 +47,32 @@ inline SegmentSums reduce_segment(const scalar_t* x, int64_t n, double dead_thre
     sumsq[k] += v * v;
     if constexpr (!kSumSqOnly) {
       sum[k] += v;
-      dead[k] += v <= dead_threshold ? 1.0 : 0.0;
+      dead[k] += v <= dead_threshold;
     }
   }
   SegmentSums out;
   for (int k = 0; k < kLanes; ++k) {
     out.sum += sum[k];
     out.sumsq += sumsq[k];
-    out.dead += dead[k];
+    out.dead += static_cast<double>(dead[k]);
   }
   return out;
+}
+
+template <bool kSumSqOnly, typename scalar_t>
+SegmentSums reduce_segment_baseline(const scalar_t* x, int64_t n, double dead_threshold) {
+  return reduce_segment_body<kSumSqOnly>(x, n, dead_threshold);
+}
+
+template <bool kSumSqOnly, typename scalar_t>
+ESPER_TARGET_AVX2 SegmentSums reduce_segment_avx2(const scalar_t* x, int64_t n, double dead_threshold) {
+  return reduce_segment_body<kSumSqOnly>(x, n, dead_threshold);
+}
+
+template <bool kSumSqOnly, typename scalar_t>
+inline SegmentSums reduce_segment(const scalar_t* x, int64_t n, double dead_threshold) {
+  return cpu_has_avx2() ? reduce_segment_avx2<kSumSqOnly>(x, n, dead_threshold)
+                        : reduce_segment_baseline<kSumSqOnly>(x, n, dead_threshold);
 }
 
 // Returns per-seed sums as a vector of S entries. `x` must be contiguous.

@@ -208,6 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `esper-bench growth` (the esper-bench CLI discovers this module by them)."""
     p.add_argument("--dataset", choices=sorted(DEFAULT_CONFIGS), default="mnist1d")
     p.add_argument("--seeds", type=int, default=10, help="number of paired seeds")
     p.add_argument("--first-seed", type=int, default=0)
@@ -218,13 +219,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="where run directories go (default: a temporary directory)")
     p.add_argument("--json", help="write the full result as JSON")
     p.add_argument("--markdown", help="write the table as Markdown")
-
-
-def register(subparsers) -> None:
-    """Adds the `growth` subcommand to an `esper-bench` argparse subparsers object."""
-    p = subparsers.add_parser("growth", help="host vs grown vs static targets, paired seeds", description=__doc__)
-    add_arguments(p)
-    p.set_defaults(func=run)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,6 +192,7 @@ class OffsetSubscription:
     async def batches(self) -> AsyncIterator[list[Message]]:
         backend = self.bus.backend
         while True:
+            _raise_if_cancelling()
             batch = await backend.read(self.topic, self.next_offset, self.bus.queue_limit, self.bus.poll_seconds)
             if not batch:
                 continue
@@ -226,6 +227,7 @@ class GroupSubscription:
         idle_sleep = 0.002
         try:
             while True:
+                _raise_if_cancelling()
                 room = o.max_in_flight - await backend.pending_count(self.topic, o.group, o.consumer)
                 if room > 0:
                     batch = await backend.read_group(self.topic, o.group, o.consumer,
@@ -249,6 +251,18 @@ class GroupSubscription:
         async for batch in self.batches():
             for message in batch:
                 yield message
+
+
+def _raise_if_cancelling() -> None:
+    """Re-raise a cancellation a backend call swallowed.
+
+    redis-py can turn a cancel that lands as a blocking read times out into a plain "no data"
+    result; the task is then still marked as cancelling but our loop would go on reading forever
+    after the client left. Checking at each turn ends the subscription as it should.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def _forget(backend: OonaBackend, topic: str, group: str, consumer: str) -> None:

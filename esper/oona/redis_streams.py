@@ -16,11 +16,16 @@ so a topic may hold up to about one node more than `retention`.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from esper.errors import NotFoundError, UnavailableError
 from esper.oona.backend import DEFAULT_RETENTION, OonaBackend
@@ -35,6 +40,23 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '1-' .. (n - 1),
 if n == 1 then redis.call('SADD', KEYS[3], ARGV[8]) end
 return n - 1
 """
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _unavailable_on_connection_errors(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Redis down or unreachable -> UnavailableError (UNAVAILABLE, retryable) instead of INTERNAL."""
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, ConnectionError) as exc:
+            backend = args[0]
+            raise UnavailableError(f"Redis at {getattr(backend, 'url', '?')} is unavailable: {exc}",
+                                   reason="BACKEND_UNAVAILABLE") from exc
+    return wrapper
 
 
 def _entry_id(offset: int) -> str:
@@ -92,6 +114,7 @@ class RedisStreamsBackend(OonaBackend):
         except (OSError, aioredis.ConnectionError) as exc:
             raise UnavailableError(f"cannot reach Redis at {self.url}: {exc}") from exc
 
+    @_unavailable_on_connection_errors
     async def publish(self, topic: str, message: OutgoingMessage) -> PublishResult:
         headers = json.dumps(dict(message.headers), separators=(",", ":")) if message.headers else ""
         offset = int(await self._publish_script(
@@ -100,6 +123,7 @@ class RedisStreamsBackend(OonaBackend):
                   repr(time.time()), message.source, topic]))
         return PublishResult(message_id=str(offset), offset=offset)
 
+    @_unavailable_on_connection_errors
     async def bounds(self, topic: str) -> tuple[int, int]:
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.get(self._seq(topic))
@@ -109,6 +133,7 @@ class RedisStreamsBackend(OonaBackend):
         first_offset = _offset_of(first[0][0]) if first else next_offset
         return first_offset, next_offset
 
+    @_unavailable_on_connection_errors
     async def read(self, topic: str, offset: int, max_count: int, wait_seconds: float) -> list[Message]:
         block = int(wait_seconds * 1000)
         reply = await self._redis.xread({self._stream(topic): _after_id(offset)}, count=max_count,
@@ -117,6 +142,7 @@ class RedisStreamsBackend(OonaBackend):
             return []
         return [_decode(topic, entry_id, fields) for entry_id, fields in reply[0][1]]
 
+    @_unavailable_on_connection_errors
     async def create_group(self, topic: str, group: str, start_offset: int) -> bool:
         try:
             await self._redis.xgroup_create(self._stream(topic), group, id=_after_id(start_offset), mkstream=True)
@@ -134,6 +160,7 @@ class RedisStreamsBackend(OonaBackend):
             return []
         return [g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups]
 
+    @_unavailable_on_connection_errors
     async def group_exists(self, topic: str, group: str) -> bool:
         return group in await self._group_names(topic)
 
@@ -160,6 +187,7 @@ class RedisStreamsBackend(OonaBackend):
         return [_decode(topic, entry_id, fields, attempt=int(info[0]["times_delivered"]) if info else 2)
                 for (entry_id, fields), info in zip(claimed, infos, strict=True)]
 
+    @_unavailable_on_connection_errors
     async def read_group(self, topic: str, group: str, consumer: str, max_count: int,
                          visibility_timeout: float, wait_seconds: float) -> list[Message]:
         try:
@@ -180,6 +208,7 @@ class RedisStreamsBackend(OonaBackend):
             out += [_decode(topic, entry_id, fields) for entry_id, fields in reply[0][1] if fields]
         return out
 
+    @_unavailable_on_connection_errors
     async def redeliver_own_expired(self, topic: str, group: str, consumer: str, max_count: int,
                                     visibility_timeout: float) -> list[Message]:
         stream = self._stream(topic)
@@ -198,6 +227,7 @@ class RedisStreamsBackend(OonaBackend):
         return [_decode(topic, entry_id, fields, attempt=attempts.get(entry_id, 2))
                 for entry_id, fields in claimed if fields]
 
+    @_unavailable_on_connection_errors
     async def pending_count(self, topic: str, group: str, consumer: str) -> int:
         try:
             summary = await self._redis.xpending(self._stream(topic), group)
@@ -211,6 +241,7 @@ class RedisStreamsBackend(OonaBackend):
                 return int(entry["pending"])
         return 0
 
+    @_unavailable_on_connection_errors
     async def ack(self, topic: str, group: str, offsets: list[int]) -> int:
         acked = 0
         if offsets:
@@ -230,6 +261,7 @@ class RedisStreamsBackend(OonaBackend):
         except (NotFoundError, ResponseError):
             pass  # the group went away: nothing to forget
 
+    @_unavailable_on_connection_errors
     async def list_topics(self) -> list[TopicInfo]:
         names = sorted(n.decode() for n in await self._redis.smembers(self._topics_key))
         if not names:

@@ -61,6 +61,10 @@ Client side (`esper.serving.client`)
   never retried.
 - ``await wait_for_serving(channel, timeout=...)`` / ``wait_for_serving_sync``: poll health.
 - ``error_info_from(rpc_error)``: the ``ErrorInfo`` (reason, metadata["field"], ...) of a failure.
+- ``domain_error_from_rpc_error(rpc_error, upstream="Urza at HOST:PORT")``: a failed call to another
+  Esper server as an `esper.errors` exception (same code, message and field; transport failures
+  become UnavailableError), for a server that relays it (e.g. Tezzeret relaying Urza's
+  INVALID_ARGUMENT).
 """
 
 from esper.serving.client import (
@@ -74,7 +78,7 @@ from esper.serving.client import (
     wait_for_serving,
     wait_for_serving_sync,
 )
-from esper.serving.errors import error_info_from, rpc_status_for, status_code_for
+from esper.serving.errors import domain_error_from_rpc_error, error_info_from, rpc_status_for, status_code_for
 from esper.serving.process import ServerProcess, ServerStartError, parse_listening_line
 from esper.serving.server import (
     LISTENING_PREFIX,
@@ -97,6 +101,7 @@ __all__ = [
     "ServerStartError",
     "add_server_arguments",
     "configure_logging",
+    "domain_error_from_rpc_error",
     "error_info_from",
     "open_aio_channel",
     "open_sync_channel",

@@ -19,6 +19,15 @@ from pathlib import Path
 from esper.serving.server import LISTENING_PREFIX
 
 
+def _die_with_parent() -> None:
+    """In the forked child before exec: ask for SIGTERM when the parent dies (Linux prctl)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 class ServerStartError(RuntimeError):
     """The child exited or stayed silent instead of printing its LISTENING line."""
 
@@ -39,7 +48,7 @@ class ServerProcess:
     """A server child process. Use as a context manager, or call `start()` and `stop()`."""
 
     def __init__(self, argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None,
-                 start_timeout: float = 60.0, stderr_path: Path | None = None):
+                 start_timeout: float = 60.0, stderr_path: Path | None = None, die_with_parent: bool = False):
         self.argv = list(argv)
         self.env = env
         self.cwd = cwd
@@ -48,6 +57,9 @@ class ServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.address: str | None = None
         self._stderr_file = None
+        # Linux: the kernel sends the child SIGTERM when the thread that started it dies, so a
+        # supervisor killed with SIGKILL leaves no orphaned servers behind.
+        self.die_with_parent = die_with_parent
 
     @classmethod
     def python_module(cls, module: str, *args: str, **kwargs) -> ServerProcess:
@@ -62,7 +74,8 @@ class ServerProcess:
             self._stderr_file = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
                                         stderr=self._stderr_file if self._stderr_file else None,
-                                        env=env, cwd=self.cwd)
+                                        env=env, cwd=self.cwd,
+                                        preexec_fn=_die_with_parent if self.die_with_parent else None)
         assert self.process.stdout is not None
         selector = selectors.DefaultSelector()
         selector.register(self.process.stdout, selectors.EVENT_READ)

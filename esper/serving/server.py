@@ -88,6 +88,7 @@ class GrpcServer:
         self._port: int | None = None
         self._stopping: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._stop_requested = False
 
     def add_service(self, service_name: str, servicer: object,
                     add_to_server: Callable[[object, grpc.aio.Server], None]) -> None:
@@ -185,7 +186,16 @@ class GrpcServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
 
+    @property
+    def stop_requested(self) -> bool:
+        """True once a signal asked the server to stop (possibly before it started)."""
+        return self._stop_requested
+
     def _on_signal(self, sig: signal.Signals) -> None:
+        self._stop_requested = True
+        if self._port is None:
+            log.info("received %s while starting; stopping once setup has finished", sig.name)
+            return
         log.info("received %s; stopping within %.1f s", sig.name, self.config.grace_seconds)
         asyncio.ensure_future(self.stop())
 
@@ -241,8 +251,12 @@ async def serve(config: ServerConfig, setup: Callable[[GrpcServer], Awaitable[No
     line, and waits for a signal.
     """
     server = GrpcServer(config)
-    await setup(server)
+    # Installed first so a SIGTERM during a slow setup (worker pools, databases) still stops cleanly.
     server.install_signal_handlers()
+    await setup(server)
+    if server.stop_requested:
+        await server.stop(0)  # runs the shutdown callbacks setup registered; nothing was bound
+        return
     address = await server.start()
     await server.set_serving()
     print(f"{LISTENING_PREFIX}{address}", flush=True)

@@ -133,6 +133,23 @@ class TamiyoCore:
         size = self.replay.append(stored)
         return stored.report_id, size
 
+    def warm_up(self) -> None:
+        """One throwaway decision so the first real Decide does not pay for imports (blueprint costs)."""
+        from esper.lifecycle import SeedLifecycleState
+
+        graph = common_pb2.ModelGraphState(run_id="warm-up")
+        node = graph.nodes.add(node_id="warm[0]", layer_name="warm", layer_kind="linear")
+        node.output_shape.dims.extend([-1, 8])
+        node.seed.state = int(SeedLifecycleState.DORMANT)
+        node.seed.chunk_size = 8
+        graph.signals.epoch = 5
+        graph.signals.val_loss_history.extend([1.0, 1.0, 1.0])
+        graph.signals.initial_parameter_count = 1000
+        graph.signals.parameter_budget_left = 1.0
+        graph.signals.compute_budget_left = 1.0
+        policy = HeuristicPolicy(self.settings.heuristic(), self.settings.rails(), 1000.0)
+        Controller(policy, SafetyRails(self.settings.rails(), 1000.0)).decide(graph)
+
     def rails_info(self) -> dict[str, str]:
         r = self.settings.rails()
         return {k: str(v) for k, v in dataclasses.asdict(r).items()}

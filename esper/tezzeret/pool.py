@@ -91,16 +91,27 @@ def _worker_main(conn: multiprocessing.connection.Connection, initializer: Calla
 
 
 class _Worker:
-    def __init__(self, ctx, initializer, initargs, ready_timeout: float):
+    def __init__(self, ctx, initializer, initargs, ready_timeout: float, stopping: threading.Event):
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_main, args=(child, initializer, initargs), daemon=True,
                                    name="tezzeret-worker")
         self.process.start()
         child.close()
-        if not self.conn.poll(ready_timeout):
+        try:
+            deadline = time.monotonic() + ready_timeout
+            # Poll in short steps so a pool shutdown does not wait for a slow start.
+            while not self.conn.poll(0.1):
+                if stopping.is_set():
+                    raise RuntimeError("the worker pool is shutting down")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"worker process did not become ready within {ready_timeout} s")
+            kind, payload = self.conn.recv()
+        except (EOFError, OSError) as exc:
             self.kill()
-            raise RuntimeError(f"worker process did not become ready within {ready_timeout} s")
-        kind, payload = self.conn.recv()
+            raise RuntimeError(f"worker process died while starting (exit code {self.process.exitcode})") from exc
+        except RuntimeError:
+            self.kill()
+            raise
         if kind != "ready":
             self.kill()
             raise RuntimeError(f"worker process failed to initialise:\n{payload}")
@@ -167,7 +178,7 @@ class WorkerPool:
             self._threads.append(thread)
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self._initializer, self._initargs, self._ready_timeout)
+        return _Worker(self._ctx, self._initializer, self._initargs, self._ready_timeout, self._stopping)
 
     @property
     def worker_pids(self) -> list[int]:
@@ -215,7 +226,9 @@ class WorkerPool:
         while not self._stopping.is_set():
             try:
                 worker = self._spawn()
-            except RuntimeError:
+            except Exception:  # keep trying: a slot without a worker would stall the queue
+                if self._stopping.is_set():
+                    return None
                 log.exception("could not start a replacement worker; retrying in 1 s")
                 time.sleep(1)
                 continue
@@ -227,7 +240,14 @@ class WorkerPool:
 
     def _run_slot(self, slot: int) -> None:
         while not self._stopping.is_set():
-            task = self._queue.get()
+            try:
+                task = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                # An idle worker that died (OOM killer, operator) is replaced now, not at the next task.
+                idle = self._workers[slot]
+                if idle is not None and not idle.alive() and not self._stopping.is_set():
+                    self._replace(slot)
+                continue
             if task is None:
                 return
             with task.lock:

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=["auto", "rich", "plain"], default="auto",
                    help="rich bars on a terminal (auto), or one plain line per epoch")
     p.add_argument("--verbose", action="store_true", help="print every lifecycle event")
+    p.add_argument("--check-services", action="store_true",
+                   help="report the health of the run's services (services.mode local: start them, check, stop)")
+    p.add_argument("--services-only", action="store_true",
+                   help="start the run's services (services.mode local), print their addresses, wait for Ctrl-C")
     return p
 
 
@@ -91,8 +95,16 @@ def run(args: argparse.Namespace) -> int:
         print(to_yaml(config), end="")
         return 0
     run_dir = Path(args.output_dir) if args.output_dir else Path("runs") / config.run_name
+    if args.check_services or args.services_only:
+        from esper.tolaria.services import services_command
+
+        return services_command(config, run_dir, check=args.check_services)
+    from esper.tolaria.services import RunServices
+
+    services = RunServices(config, run_dir)
     trainer = Trainer(config, run_dir, morphogenetic=not args.no_morphogenetic, verbose=args.verbose,
                       progress=args.progress, resume=args.resume)
+    services.install(trainer)
     trainer.prepare()  # validates config, data, model and checkpoint; writes nothing
     if args.resume is None and not args.dry_run and _holds_run(run_dir):
         raise UsageError(
@@ -111,7 +123,10 @@ def run(args: argparse.Namespace) -> int:
     if trainer.payload is not None:
         print(f"resuming from {trainer.payload['path']} (epoch {trainer.state.epoch}, step {trainer.state.global_step})",
               flush=True)
-    trainer.train()
+    with services:
+        services.attach(trainer)
+        trainer.train()
+        services.finish(trainer)
     print(f"run directory: {run_dir}", flush=True)
     return 0
 
@@ -125,14 +140,18 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from esper.tolaria.checkpoint import CheckpointError
     from esper.tolaria.data import DataError
     from esper.tolaria.hosts import ModelConfigError
+    from esper.tolaria.services import ServicesError
     from esper.tolaria.trainer import ResumeError
 
-    return (ConfigError, UsageError, CheckpointError, DataError, ModelConfigError, ResumeError)
+    return (ServicesError, ConfigError, UsageError, CheckpointError, DataError, ModelConfigError, ResumeError)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `esper-train` console script."""
     args = build_parser().parse_intermixed_args(argv)
+    from esper.tolaria.services import sigterm_as_interrupt
+
+    sigterm_as_interrupt()  # SIGTERM unwinds like Ctrl-C, so child services are stopped
     try:
         return run(args)
     except user_errors() as exc:

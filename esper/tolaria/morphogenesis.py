@@ -161,6 +161,8 @@ class Morphogenesis:
         self._event_log = None
         # Set by the trainer under --verbose: prints every lifecycle transition as it happens.
         self.echo: Callable[[str], None] | None = None
+        # Set by esper.tolaria.remote.RemoteController: germinates awaiting a compiled kernel.
+        self.germinate_hook: Callable[[KasminaLayer, common_pb2.AdaptationDecision], None] | None = None
         self._flops_cache: tuple[tuple, float] | None = None
         if enabled:
             for _, layer in self.driver.sites:
@@ -268,7 +270,10 @@ class Morphogenesis:
                 "outcome": "pending", "contribution": None, "decision": d.reason, "reason": "",
                 "parameters": 0,
             })
-            layer.germinate(d.seed_index, d.blueprint_id, reason=d.reason)
+            if self.germinate_hook is not None:
+                self.germinate_hook(layer, d)
+            else:
+                layer.germinate(d.seed_index, d.blueprint_id, reason=d.reason)
             self._adaptations[-1]["parameters"] = sum(p.numel() for p in layer.seed_parameters(d.seed_index))
         elif action == common_pb2.DECISION_ACTION_CULL:
             layer.cull(d.seed_index, f"controller: {d.reason}")

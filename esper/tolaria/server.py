@@ -234,10 +234,12 @@ class TolariaServer:
         server.add_service(SERVICE_NAME, TolariaServicer(self.control),
                            tolaria_pb2_grpc.add_TolariaServiceServicer_to_server)
         self._server = server
+        self._shutdown = asyncio.Event()
         self.address = await server.start()
         await server.set_serving()
         self._ready.set()
-        await server.wait_for_termination()
+        await self._shutdown.wait()
+        await server.stop()
 
     def stop(self) -> None:
         """Graceful stop (in-flight calls such as a Stop reply finish within the grace period)."""
@@ -246,12 +248,11 @@ class TolariaServer:
         self.control.close_streams()
         if self._loop is None or self._server is None or self._thread is None:
             return
-        try:
-            future = asyncio.run_coroutine_threadsafe(self._server.stop(), self._loop)
-            future.result(timeout=self.grace_s + 10)
-        except (RuntimeError, concurrent.futures.TimeoutError) as exc:
-            log.warning("Tolaria server did not stop cleanly: %s", exc)
-        self._thread.join(timeout=10)
+        with contextlib.suppress(RuntimeError):  # the loop already ended
+            self._loop.call_soon_threadsafe(self._shutdown.set)
+        self._thread.join(timeout=self.grace_s + 10)
+        if self._thread.is_alive():
+            log.warning("the Tolaria server did not stop within %.0f s", self.grace_s + 10)
 
 
 class ServedRunHooks:

@@ -102,6 +102,10 @@ class Trainer:
         # the network. `after_step`/`after_epoch` returning True ends the run (graceful Stop).
         self.hooks: list[Any] = []
         self.stop_requested = False
+        # Called in prepare() once the model is wrapped, before a checkpoint is restored (the
+        # services wiring installs the remote controller there); hooks with `before_restore`
+        # see the checkpoint payload before the model loads it.
+        self.setup_hooks: list[Any] = []
 
     # ------------------------------------------------------------------ setup
 
@@ -130,6 +134,8 @@ class Trainer:
             params_initial=self.params_initial, flops_initial=self.host_flops, enabled=self.morphogenetic,
         )
         self.model = self.morph.model
+        for setup in self.setup_hooks:
+            setup(self)
         self.steps_per_epoch = num_train_batches(len(self.data.train), cfg.data.batch_size)
         self.morph.steps_per_epoch = self.steps_per_epoch
         total = cfg.train.epochs * self.steps_per_epoch
@@ -167,6 +173,9 @@ class Trainer:
                 )
 
     def _restore(self, payload: dict[str, Any]) -> None:
+        for hook in self.hooks:
+            if hasattr(hook, "before_restore"):
+                hook.before_restore(payload)
         try:
             # The Kasmina layers rebuild their grown seeds from the state dict's extra state.
             self.model.load_state_dict(payload["model"])

@@ -22,6 +22,8 @@ import datetime as dt
 import hashlib
 import json
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -44,6 +46,9 @@ MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_MAX_ARTIFACT_BYTES = 4 * 1024**3
+# Metadata of finished artifacts kept in memory (they are immutable, so a cached copy never goes stale).
+DEFAULT_METADATA_CACHE_ENTRIES = 10_000
+_FINAL_STATUSES = (common_pb2.ARTIFACT_STATUS_VALIDATED, common_pb2.ARTIFACT_STATUS_INVALID)
 
 _BLUEPRINT_ID = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _KERNEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,199}$")
@@ -237,8 +242,12 @@ class UrzaLibrary:
     """Blueprints and artifacts: metadata in a SQL database, bytes in a content-addressed store."""
 
     def __init__(self, data_dir: Path | str, database_url: str | None = None, *,
-                 max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES):
+                 max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
+                 metadata_cache_entries: int = DEFAULT_METADATA_CACHE_ENTRIES):
         self.data_dir = Path(data_dir)
+        self._cache: OrderedDict[str, KernelArtifact] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._cache_entries = metadata_cache_entries
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.database_url = database_url or md.sqlite_url(self.data_dir / "urza.db")
         self.engine = md.create_metadata_engine(self.database_url)
@@ -475,8 +484,34 @@ class UrzaLibrary:
         _set_time(artifact.create_time, row.create_time)
         return artifact
 
+    def cached_artifact(self, kernel_id: str) -> KernelArtifact | None:
+        """A copy of a VALIDATED/INVALID artifact's metadata if it is in memory; no I/O, so a server
+        may call it on its event loop. None on a miss (then call get_artifact)."""
+        with self._cache_lock:
+            artifact = self._cache.get(kernel_id)
+            if artifact is None:
+                return None
+            self._cache.move_to_end(kernel_id)
+        copy = KernelArtifact()
+        copy.CopyFrom(artifact)
+        return copy
+
+    def _remember(self, artifact: KernelArtifact) -> None:
+        if artifact.status not in _FINAL_STATUSES or self._cache_entries <= 0:
+            return  # PENDING may still change
+        stored = KernelArtifact()
+        stored.CopyFrom(artifact)
+        with self._cache_lock:
+            self._cache[artifact.kernel_id] = stored
+            self._cache.move_to_end(artifact.kernel_id)
+            while len(self._cache) > self._cache_entries:
+                self._cache.popitem(last=False)
+
     def get_artifact(self, kernel_id: str) -> KernelArtifact:
         """Metadata of one artifact; NotFoundError when unknown."""
+        cached = self.cached_artifact(kernel_id)
+        if cached is not None:
+            return cached
         validate_kernel_id(kernel_id)
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(md.artifacts).where(md.artifacts.c.kernel_id == kernel_id)).first()
@@ -485,7 +520,9 @@ class UrzaLibrary:
                                     metadata={"kernel_id": kernel_id})
             tags = conn.execute(sa.select(md.artifact_tags.c.tag).where(
                 md.artifact_tags.c.kernel_id == kernel_id)).scalars().all()
-        return self._artifact_from_row(row, tags)
+        artifact = self._artifact_from_row(row, tags)
+        self._remember(artifact)
+        return artifact
 
     def find_artifact(self, kernel_id: str) -> KernelArtifact | None:
         """Like get_artifact, None when unknown."""

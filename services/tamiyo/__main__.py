@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     async def setup(server: GrpcServer) -> None:
         core = await asyncio.to_thread(TamiyoCore, settings, args.replay_dir)
+        await asyncio.to_thread(core.warm_up)
         if core.replay.truncated_bytes:
             log.warning("replay buffer %s: cut a torn tail of %d bytes", core.replay.path, core.replay.truncated_bytes)
         log.info("replay buffer %s holds %d field reports", core.replay.path, len(core.replay))

@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a compile may take when the request sets none (default %(default)s)")
     parser.add_argument("--max-timeout", type=float, default=3600.0,
                         help="largest timeout a request may ask for (default %(default)s)")
+    parser.add_argument("--upstream-tls-root-cert", type=Path, default=None,
+                        help="PEM root certificate for TLS connections to Urza and Oona (default: plaintext)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="scratch directory of the compile workers (their TMPDIR); default: the system temp dir")
     parser.add_argument("--urza-wait", type=float, default=30.0,
@@ -69,12 +71,14 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         # Outgoing calls use the same deployment token as incoming ones (if any).
-        urza = UrzaClient(ChannelConfig(args.urza, auth_token=config.auth_token))
+        urza = UrzaClient(ChannelConfig(args.urza, auth_token=config.auth_token,
+                                        tls_root_cert=args.upstream_tls_root_cert))
         server.add_shutdown_callback(urza.close)
         await wait_for_serving(urza.channel, timeout=args.urza_wait)
         publisher = None
         if args.oona:
-            publisher = OonaKernelPublisher(ChannelConfig(args.oona, auth_token=config.auth_token))
+            publisher = OonaKernelPublisher(ChannelConfig(args.oona, auth_token=config.auth_token,
+                                                          tls_root_cert=args.upstream_tls_root_cert))
             server.add_shutdown_callback(publisher.close)
         pool = WorkerPool(args.workers, initializer=warm_up_compiler)
         await asyncio.to_thread(pool.start)

@@ -85,7 +85,10 @@ class UrzaServicer(urza_pb2_grpc.UrzaServiceServicer):
         return urza_pb2.RecordArtifactResponse(artifact=artifact)
 
     async def GetArtifact(self, request, context):
-        artifact = await asyncio.to_thread(self.library.get_artifact, request.kernel_id)
+        # Finished artifacts are immutable: answer from memory without a thread hop when possible.
+        artifact = self.library.cached_artifact(request.kernel_id)
+        if artifact is None:
+            artifact = await asyncio.to_thread(self.library.get_artifact, request.kernel_id)
         return urza_pb2.GetArtifactResponse(artifact=artifact)
 
     async def QueryArtifacts(self, request, context):

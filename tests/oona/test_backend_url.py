@@ -39,3 +39,26 @@ def test_redis_url_gives_a_working_redis_backend(redis_server):
 def test_bad_urls_are_rejected_with_a_clear_message(url, words):
     with pytest.raises(InvalidArgumentError, match=words):
         open_backend(url)
+
+
+def test_unreachable_redis_is_unavailable_not_internal():
+    import socket
+
+    from esper.errors import UnavailableError
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = open_backend(f"redis://127.0.0.1:{port}/0")
+
+    async def scenario():
+        try:
+            with pytest.raises(UnavailableError, match="is unavailable") as info:
+                await backend.publish("t", OutgoingMessage(b"x"))
+            assert info.value.reason == "BACKEND_UNAVAILABLE"
+            with pytest.raises(UnavailableError):
+                await backend.ping()
+        finally:
+            await backend.close()
+
+    asyncio.run(scenario())

@@ -324,3 +324,31 @@ def test_concurrent_publishers_keep_per_topic_order(run_bus):
         assert all(v == 299 for v in last.values())
 
     run_bus(scenario)
+
+
+def test_cancelled_subscriptions_end_promptly(run_bus):
+    """A subscriber that goes away must not leave a reading loop behind (redis-py can swallow a
+    cancel landing as a blocking read times out; the bus re-raises it)."""
+
+    async def scenario(bus: OonaBus):
+        async def consume(sub):
+            async for _ in sub.messages():
+                pass
+
+        tasks = []
+        for i in range(12):
+            if i % 2:
+                sub = await bus.subscribe("t.cancel", StartPosition.LATEST)
+            else:
+                sub = await bus.join_group("t.cancel", bus.group_options("g", f"c{i}", visibility_timeout=0.2))
+            tasks.append(asyncio.ensure_future(consume(sub)))
+        for i, task in enumerate(tasks):
+            await bus.publish("t.cancel", b"x")
+            # Spread the cancels over the poll interval so some land as a blocking read returns.
+            await asyncio.sleep(0.2 * i / len(tasks) + 0.01)
+            task.cancel()
+        done, pending = await asyncio.wait(tasks, timeout=5)
+        assert not pending, f"{len(pending)} subscription loop(s) kept running after cancel"
+        assert all(t.cancelled() for t in done)
+
+    run_bus(scenario)

@@ -193,3 +193,26 @@ def test_four_concurrent_publishers_5000_each_delivered_at_least_once_in_order(o
         assert group_seen == set(range(total)), "consumer group must receive every message at least once"
 
     _run(scenario())
+
+
+def test_redis_going_away_gives_unavailable_and_the_server_keeps_serving(tmp_path):
+    from esper.oona.local_redis import LocalRedisServer
+
+    redis = LocalRedisServer()
+    try:
+        url = redis.start()
+    except Exception as exc:  # noqa: BLE001 - only the missing binary is a reason to skip
+        pytest.skip(f"redis-server unavailable: {exc}")
+    with ServerProcess.python_module("services.oona", "--port", "0", "--backend", url,
+                                     stderr_path=tmp_path / "oona.log") as server:
+        with open_sync_channel(server.address) as channel:
+            stub = oona_pb2_grpc.OonaServiceStub(channel)
+            assert stub.Publish(oona_pb2.PublishRequest(topic="t", payload=b"1"), timeout=5).offset == 0
+            redis.stop()
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Publish(oona_pb2.PublishRequest(topic="t", payload=b"2"), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+            assert error_info_from(info.value).reason == "BACKEND_UNAVAILABLE"
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert server.stop() == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.local_stack import LocalStack, module_available
+from esper.local_stack import LocalStack
 from esper.serving import open_sync_channel
 from esper.v1 import urza_pb2, urza_pb2_grpc
 
@@ -32,8 +32,6 @@ def node():
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    if not module_available("services.tezzeret"):
-        pytest.skip("the Tezzeret server (services.tezzeret) is not in this tree yet")
     with LocalStack(["urza", "oona", "tezzeret"], state_dir=tmp_path_factory.mktemp("stack")) as running:
         yield running.addresses
 
@@ -67,7 +65,8 @@ def test_node_client_registers_compiles_waits_and_downloads_a_verified_artifact(
     assert again.returncode == 0, again.stderr
     second = json.loads(again.stdout.strip().splitlines()[-1])
     assert second["kernel_id"] == summary["kernel_id"] and second["sha256"] == summary["sha256"]
-    assert second["blueprint_created"] is False and again_out.read_bytes() == data
+    assert second["blueprint_created"] is False and second["reused"] is True
+    assert again_out.read_bytes() == data
 
 
 def test_node_client_reports_bad_usage_and_unreachable_servers(node, tmp_path):

@@ -49,6 +49,8 @@ async def fail(request: bytes, context) -> bytes:
 
 
 async def slow(request: bytes, context) -> bytes:
+    # Tests wait for this line to know the call is in flight on the server.
+    print(f"echo: slow call started ({request.decode()} s)", file=sys.stderr, flush=True)
     await asyncio.sleep(float(request.decode()))
     return b"done"
 
@@ -104,10 +106,13 @@ def method(channel, name: str, kind: str = "unary_unary"):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="echo-service")
     add_server_arguments(parser)
+    parser.add_argument("--setup-delay", type=float, default=0.0, help="simulate a slow setup (seconds)")
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
 
     async def setup(server: GrpcServer) -> None:
+        print("echo: setup started", file=sys.stderr, flush=True)
+        await asyncio.sleep(args.setup_delay)
         add_echo(server)
 
     return run_server_main(server_config_from_args(args), setup)

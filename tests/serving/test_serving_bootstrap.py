@@ -269,6 +269,15 @@ def test_server_config_rejects_bad_settings():
             ServerConfig(**kwargs).validate()
 
 
+def _wait_for_text(path: Path, text: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{text!r} never appeared in {path}")
+
+
 def test_process_sigterm_finishes_in_flight_call_then_exits_cleanly(tmp_path):
     proc = ServerProcess([sys.executable, str(ECHO_SCRIPT), "--port", "0", "--grace", "5"],
                          stderr_path=tmp_path / "stderr.log")
@@ -287,26 +296,42 @@ def test_process_sigterm_finishes_in_flight_call_then_exits_cleanly(tmp_path):
 
             worker = threading.Thread(target=call)
             worker.start()
-            time.sleep(0.3)  # the call is in flight
+            _wait_for_text(tmp_path / "stderr.log", "slow call started")
             started = time.monotonic()
             proc.process.send_signal(signal.SIGTERM)
             worker.join(10)
             assert result.get("value") == b"done", result
             assert proc.process.wait(10) == 0
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < 8
     finally:
         proc.stop()
     assert "received SIGTERM" in (tmp_path / "stderr.log").read_text()
 
 
 def test_process_grace_period_cancels_calls_that_take_too_long(tmp_path):
-    proc = ServerProcess([sys.executable, str(ECHO_SCRIPT), "--port", "0", "--grace", "0.5"])
+    proc = ServerProcess([sys.executable, str(ECHO_SCRIPT), "--port", "0", "--grace", "0.5"],
+                         stderr_path=tmp_path / "stderr.log")
     with proc, open_sync_channel(proc.address) as channel:
         future = echo_service.method(channel, "Slow").future(b"30", timeout=20)
-        time.sleep(0.3)
+        _wait_for_text(tmp_path / "stderr.log", "slow call started")
         started = time.monotonic()
         proc.process.send_signal(signal.SIGINT)
         with pytest.raises(grpc.RpcError):
             future.result(timeout=10)
         assert proc.process.wait(10) == 0
         assert time.monotonic() - started < 5
+
+
+def test_sigterm_during_a_slow_setup_exits_cleanly_without_binding():
+    proc = subprocess.Popen([sys.executable, str(ECHO_SCRIPT), "--port", "0", "--setup-delay", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stderr.readline()  # setup runs after the signal handlers are installed
+    assert b"setup started" in first, first
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, rest = proc.communicate(timeout=20)
+    err = first + rest
+    assert proc.returncode == 0, err.decode()
+    assert b"LISTENING" not in out
+    assert b"while starting" in err
+    assert time.monotonic() - started < 15

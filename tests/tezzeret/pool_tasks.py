@@ -26,3 +26,8 @@ def raise_value_error(message: str) -> None:
 
 def die_by_sigkill() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def slow_init(seconds: float) -> None:
+    """Worker initializer that takes a while (like importing torch and warming up)."""
+    time.sleep(seconds)

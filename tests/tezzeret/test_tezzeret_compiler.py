@@ -77,3 +77,14 @@ def test_kernel_ids_are_deterministic_and_distinguish_every_input():
     others = {kernel_id_for(spec, [-1, 32], CPU, F32), kernel_id_for(spec, [-1, 16], CUDA, F32),
               kernel_id_for(spec, [-1, 16], CPU, F64), kernel_id_for(changed, [-1, 16], CPU, F32)}
     assert base not in others and len(others) == 4
+
+
+@pytest.mark.gpu
+def test_compile_for_cuda_and_load_on_cuda():
+    outcome = compile_blueprint(CATALOG["conv3x3"].SerializeToString(), [-1, 16, 8, 8], CUDA, F32,
+                                latency_budget_s=0.05)
+    assert outcome.valid, outcome.reason
+    seed = load_kernel_artifact(outcome.artifact)
+    x = torch.randn(3, 16, 8, 8, device="cuda")
+    y = seed(x)
+    assert y.device.type == "cuda" and torch.equal(y, torch.zeros_like(y))

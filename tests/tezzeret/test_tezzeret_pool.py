@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -155,3 +156,39 @@ def test_shutdown_cancels_pending_work():
             os.kill(pid, 0)
     with pytest.raises(RuntimeError, match="shut down"):
         pool.submit("late", pool_tasks.add, (1, 1), timeout_s=1, on_start=lambda p: None, on_done=lambda o: None)
+
+
+def test_an_idle_worker_that_dies_is_replaced_without_waiting_for_a_task(pool):
+    results = Results()
+    submit(pool, results, "warm", pool_tasks.add, 0, 0)
+    results.wait("warm")
+    victim = pool.worker_pids[0]
+    os.kill(victim, signal.SIGKILL)
+    _wait_replaced(pool, victim)
+    submit(pool, results, "after-idle-death", pool_tasks.add, 2, 2)
+    assert results.wait("after-idle-death").value == 4
+
+
+def test_a_replacement_killed_while_starting_is_retried():
+    results = Results()
+    pool = WorkerPool(1, initializer=pool_tasks.slow_init, initargs=(1.5,))
+    pool.start()
+    try:
+        first = pool.worker_pids[0]
+        submit(pool, results, "crash", pool_tasks.die_by_sigkill)
+        assert results.wait("crash").kind == "crashed"
+        # the replacement is now starting (1.5 s initializer): kill it mid-start
+        deadline = time.monotonic() + 10
+        booting = []
+        while not booting and time.monotonic() < deadline:
+            booting = [p.pid for p in multiprocessing.active_children()
+                       if p.name == "tezzeret-worker" and p.pid != first and p.pid not in pool.worker_pids]
+            time.sleep(0.02)
+        assert booting, "no replacement worker was started"
+        os.kill(booting[0], signal.SIGKILL)
+        replacement = _wait_replaced(pool, first)
+        assert booting[0] not in replacement
+        submit(pool, results, "works", pool_tasks.add, 5, 5)
+        assert results.wait("works").value == 10
+    finally:
+        pool.shutdown()

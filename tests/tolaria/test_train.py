@@ -242,16 +242,20 @@ def test_bad_input_exits_2_with_one_line_and_touches_nothing(case, finished_run,
 
 
 @pytest.mark.integration
-def test_console_process_exit_code_and_dry_run(tmp_path):
+def test_console_process_exit_code(tmp_path):
     bad = run_cli("--config", DEV, "optim.lr=oops", "--output-dir", str(tmp_path / "x"))
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "optim.lr: expected float" in bad.stderr
-    dry = run_cli("--config", DEV, "--dry-run", "model.width=48", "--output-dir", str(tmp_path / "dry"))
-    assert dry.returncode == 0, dry.stderr
-    assert "width: 48" in dry.stdout and "dry run ok" in dry.stdout
+    assert not (tmp_path / "x").exists()
+
+
+def test_dry_run_and_print_config_write_nothing(tmp_path, capsys):
+    assert main(["--config", DEV, "--dry-run", "model.width=48", "--output-dir", str(tmp_path / "dry")]) == 0
+    out = capsys.readouterr().out
+    assert "width: 48" in out and "dry run ok" in out
     assert not (tmp_path / "dry").exists()  # a dry run writes nothing
-    printed = run_cli("--config", DEV, "--print-config", "optim.lr=0.5")
-    assert printed.returncode == 0 and "lr: 0.5" in printed.stdout
+    assert main(["--config", DEV, "--print-config", "optim.lr=0.5"]) == 0
+    assert "lr: 0.5" in capsys.readouterr().out
 
 
 def test_architecture_change_message_names_values(finished_run, capsys):

@@ -275,3 +275,16 @@ def test_list_blueprints_filters(library):
                    if s.input_kind in (0, common_pb2.SEED_INPUT_KIND_SEQUENCE)}
     tagged = ids(tags=["residual"])
     assert tagged == {i for i, s in CATALOG.items() if "residual" in s.tags}
+
+
+def test_metadata_cache_holds_only_finished_artifacts_and_hands_out_copies(library):
+    library.record_artifact(artifact("cache-pending", status=PENDING))
+    library.get_artifact("cache-pending")
+    assert library.cached_artifact("cache-pending") is None  # PENDING may still change
+    done, _ = library.upload_bytes(artifact("cache-pending"), b"now final")
+    assert library.get_artifact("cache-pending").status == VALIDATED
+    cached = library.cached_artifact("cache-pending")
+    assert cached == done
+    cached.status_reason = "mutated by a caller"
+    assert library.cached_artifact("cache-pending").status_reason == ""
+    assert library.cached_artifact("never-seen") is None

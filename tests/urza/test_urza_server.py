@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from esper.kasmina.blueprints import get_blueprint
-from esper.serving import ServerProcess, error_info_from, open_sync_channel
+from esper.serving import ChannelConfig, ServerProcess, error_info_from, open_sync_channel
 from esper.urza.metadata import normalise_database_url
 from esper.v1 import common_pb2, urza_pb2, urza_pb2_grpc
 
@@ -175,8 +175,11 @@ def test_upload_cut_halfway_leaves_no_visible_artifact(urza):
 
     future = stub.UploadArtifact.future(messages(), timeout=60)
     assert half_sent.wait(30)
-    time.sleep(0.3)  # let the server receive the first half
+    deadline = time.monotonic() + 20
+    while not list((data_dir / "blobs" / "tmp").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert list((data_dir / "blobs" / "tmp").iterdir()), "the server should be receiving the upload"
+    time.sleep(0.2)  # let more of the first half arrive
     future.cancel()
     release.set()
     deadline = time.monotonic() + 10
@@ -255,3 +258,23 @@ def test_server_on_postgresql(postgres_url, tmp_path):
         assert conn.execute(sa.text("SELECT count(*) FROM artifacts")).scalar() == 1
         assert conn.execute(sa.text("SELECT count(*) FROM blueprints")).scalar() >= 8
     engine.dispose()
+
+
+def test_server_with_bearer_token(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("urza-secret\n")
+    proc = start_urza(tmp_path / "data", "--auth-token-file", str(token_file), "--no-register-catalog")
+    try:
+        with open_sync_channel(proc.address) as anonymous:
+            health = health_pb2_grpc.HealthStub(anonymous).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            expect_code(grpc.StatusCode.UNAUTHENTICATED, urza_pb2_grpc.UrzaServiceStub(anonymous).ListBlueprints,
+                        urza_pb2.ListBlueprintsRequest(), timeout=10)
+        with open_sync_channel(ChannelConfig(proc.address, auth_token="wrong")) as wrong:
+            expect_code(grpc.StatusCode.UNAUTHENTICATED, urza_pb2_grpc.UrzaServiceStub(wrong).ListBlueprints,
+                        urza_pb2.ListBlueprintsRequest(), timeout=10)
+        with open_sync_channel(ChannelConfig(proc.address, auth_token="urza-secret")) as channel:
+            reply = urza_pb2_grpc.UrzaServiceStub(channel).ListBlueprints(urza_pb2.ListBlueprintsRequest(), timeout=10)
+            assert list(reply.blueprints) == []  # --no-register-catalog
+    finally:
+        assert proc.stop() == 0

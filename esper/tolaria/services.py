@@ -1,0 +1,331 @@
+"""The services of a training run: start or find them, watch them, wire them into the trainer.
+
+``services.mode`` (see `esper.tolaria.config.ServicesConfig`):
+
+- ``local`` (default): Urza, Oona, Tezzeret and Tamiyo are started as child processes on
+  loopback with ephemeral ports by `esper.local_stack.LocalStack` (the same launcher as
+  ``esper-services up``), health-checked, with state and logs under ``<run dir>/services/``
+  (``services/logs/<name>.log``). Tamiyo gets the run's controller section as its policy config.
+  They are stopped when the run ends, on Ctrl-C and on a crash (and, on Linux, the kernel stops
+  them if esper-train itself is killed). A service that dies during the run is restarted on the
+  same port by a watcher thread, with backoff.
+- ``remote``: ``services.addresses`` name running servers; their health is checked at start (a
+  service that is down is a warning: adaptation waits for it, training does not).
+- ``off``: no services; the in-process controller (the fast path used by most tests).
+
+`RunServices.attach(trainer)` installs the `RemoteController` (as the morphogenesis controller)
+and the Tolaria server's `RunControl` as trainer boundary hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from esper.tolaria.config import SERVICE_NAMES, Config
+
+log = logging.getLogger("esper.tolaria.services")
+
+GRPC_SERVICES = {
+    "urza": "esper.v1.UrzaService",
+    "tezzeret": "esper.v1.TezzeretService",
+    "oona": "esper.v1.OonaService",
+    "tamiyo": "esper.v1.TamiyoService",
+}
+
+
+class ServicesError(RuntimeError):
+    """The run's services could not be started."""
+
+
+def policy_config(cfg: Config) -> dict[str, Any]:
+    """The Tamiyo policy knobs of a run: its controller section plus the allowed blueprints."""
+    from dataclasses import asdict
+
+    section = asdict(cfg.controller)
+    section["blueprints"] = list(cfg.seeds.blueprints)
+    return section
+
+
+class RunServices:
+    """The services of one run (see module doc). Use as a context manager or start()/stop()."""
+
+    def __init__(self, cfg: Config, run_dir: Path, echo: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.mode = cfg.services.mode
+        self.run_dir = Path(run_dir)
+        self.echo = echo
+        self.stack = None
+        self.addresses: dict[str, str] = {}
+        self.restarts: dict[str, int] = {}
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.remote = None
+        self.tolaria = None
+        self.control = None
+
+    # ------------------------------------------------------------------ services
+
+    def start(self) -> dict[str, str]:
+        """Start (local) or check (remote) the services; returns their addresses."""
+        svc = self.cfg.services
+        if self.mode == "off":
+            return {}
+        if self.mode == "remote":
+            self.addresses = {name: svc.addresses[name] for name in SERVICE_NAMES}
+            for status in self.check():
+                if status.status != "SERVING":
+                    self.echo(f"warning: {status.name} at {status.address} is {status.status} {status.detail}; "
+                              "training starts anyway, adaptation waits for it")
+            return self.addresses
+        from esper.local_stack import LocalStack, StackError
+
+        state_dir = self.run_dir / "services"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        policy_path = state_dir / "tamiyo-policy.yaml"
+        policy_path.write_text(yaml.safe_dump(policy_config(self.cfg), sort_keys=False))
+        self.stack = LocalStack(list(SERVICE_NAMES), state_dir=state_dir, oona_backend=svc.oona_backend,
+                                tezzeret_workers=svc.tezzeret_workers, start_timeout=svc.start_timeout_s,
+                                extra_args={"tamiyo": ["--policy-config", str(policy_path)]},
+                                die_with_parent=True)
+        started = time.perf_counter()
+        try:
+            self.addresses = self.stack.start()
+        except (StackError, ValueError) as exc:
+            raise ServicesError(f"services.mode local: {exc}") from exc
+        missing = [n for n in SERVICE_NAMES if n not in self.addresses]
+        if missing:
+            self.stack.stop()
+            raise ServicesError(f"services.mode local: {missing} could not be started (modules not installed)")
+        self.echo(f"services up in {time.perf_counter() - started:.1f} s: "
+                  + ", ".join(f"{n} {a}" for n, a in self.addresses.items())
+                  + f" (logs in {state_dir / 'logs'})")
+        self._write_pids()
+        self._watcher = threading.Thread(target=self._watch, name="esper-services-watch", daemon=True)
+        self._watcher.start()
+        return self.addresses
+
+    def check(self) -> list[Any]:
+        """Health of every service of this run (SERVING, NOT_SERVING or UNREACHABLE)."""
+        from esper.local_stack import check_health
+
+        return check_health(self.addresses, timeout=3.0)
+
+    def _watch(self) -> None:
+        """Restart local services that died, on their old port, with backoff (see module doc).
+
+        Runs until stop(): on Linux a child started from this thread is stopped when the thread ends.
+        """
+        backoff: dict[str, float] = {}
+        next_try: dict[str, float] = {}
+        while not self._watch_stop.wait(0.5):
+            stack = self.stack
+            if stack is None:
+                return
+            for name, code in stack.exited().items():
+                if self._watch_stop.is_set() or time.monotonic() < next_try.get(name, 0.0):
+                    continue
+                self.echo(f"warning: service {name} exited with code {code}; restarting it")
+                try:
+                    stack.restart(name)
+                except Exception as exc:  # keep watching; try again later
+                    backoff[name] = min(30.0, backoff.get(name, 1.0) * 2)
+                    next_try[name] = time.monotonic() + backoff[name]
+                    self.echo(f"warning: restarting {name} failed ({exc}); next attempt in {backoff[name]:.0f} s")
+                    continue
+                backoff.pop(name, None)
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                self._write_pids()
+                self.echo(f"service {name} restarted at {stack.running[name].address}")
+
+    def _write_pids(self) -> None:
+        import json
+
+        path = self.run_dir / "services" / "pids.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pids": self.pids(), "addresses": dict(self.addresses),
+                                   "restarts": dict(self.restarts)}))
+        tmp.replace(path)
+
+    def pids(self) -> dict[str, int]:
+        """Process ids of local services (tests kill them to check degradation)."""
+        if self.stack is None:
+            return {}
+        return {name: r.pid for name, r in self.stack.running.items()}
+
+    # ------------------------------------------------------------------ trainer wiring
+
+    def install(self, trainer: Any) -> None:
+        """Before `trainer.prepare()`: the remote controller is created with the model (no network yet)."""
+        if self.mode != "off" and trainer.morphogenetic:
+            trainer.setup_hooks.append(self._install_remote)
+
+    def attach(self, trainer: Any) -> None:
+        """After `start()`: connect the remote controller, start the Tolaria server, resume pending kernels."""
+        from esper.tolaria.server import RunControl, ServedRunHooks, TolariaServer
+
+        svc = self.cfg.services
+        if self.remote is not None:
+            self.remote.connect(self.addresses)
+            if trainer.payload is not None:
+                self.remote.resume_pending(trainer.state.global_step)
+        if svc.tolaria_port >= 0:
+            self.control = RunControl(self.cfg.run_name, str(self.run_dir), self.cfg.train.epochs)
+            self.tolaria = TolariaServer(self.control, port=svc.tolaria_port)
+            address = self.tolaria.start()
+            (self.run_dir / "services").mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "services" / "tolaria.address").write_text(address + "\n")
+            self.echo(f"tolaria server at {address}")
+            trainer.hooks.append(ServedRunHooks(self.control))
+            if self.remote is not None:
+                self.remote.on_status_change(
+                    lambda paused, reason: self.control.update_status(adaptation_paused=paused,
+                                                                      paused_reason=reason))
+
+    def _install_remote(self, trainer: Any) -> None:
+        from esper.tolaria.remote import RemoteController, RemoteSettings
+
+        svc = self.cfg.services
+        settings = RemoteSettings(addresses=dict(self.addresses), decision_timeout_s=svc.decision_timeout_s,
+                                  call_timeout_s=svc.call_timeout_s, compile_timeout_s=svc.compile_timeout_s,
+                                  retry_initial_s=svc.retry_initial_s, retry_max_s=svc.retry_max_s)
+        self.remote = RemoteController(trainer.morph, settings, self.run_dir, echo=trainer.display_line)
+        trainer.morph.controller = self.remote
+        trainer.hooks.insert(0, self.remote)
+
+    def report(self) -> dict[str, Any]:
+        """What the run's summary records about the services."""
+        out: dict[str, Any] = {"mode": self.mode, "addresses": dict(self.addresses), "restarts": dict(self.restarts)}
+        if self.remote is not None:
+            r = self.remote
+            lat = sorted(r.decision_latencies_ms)
+            out["decisions"] = len(lat)
+            if lat:
+                out["decision_round_trip_ms"] = {"p50": lat[len(lat) // 2],
+                                                 "max": lat[-1]}
+            out["germinations"] = list(r.germinations)
+            out["outages"] = r.outages()
+            out["kernel_cache"] = r.kernels.stats()
+            out["notes"] = [e["note"] for e in r.events][-200:]
+            out["step_times"] = step_time_stats(r.step_times)
+        return out
+
+    def finish(self, trainer: Any) -> None:
+        """After training: flush reports and add the services' record to summary.json."""
+        import json
+
+        if self.remote is not None:
+            self.remote.close()
+        path = self.run_dir / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return
+        summary["services"] = self.report()
+        summary["stopped_by_request"] = bool(trainer.stop_requested)
+        adaptations = list(summary.get("adaptations", []))
+        for g in summary["services"].get("germinations", []):
+            source = ("compiled by Tezzeret for this run" if g["path"] == "cold" else "from the kernel cache")
+            match = next((a for a in adaptations if a["layer"] == g["layer"] and a["seed"] == g["seed"]), None)
+            outcome = "?"
+            if match is not None:  # germinations and adaptations of one slot come in the same order
+                adaptations.remove(match)
+                outcome = match["outcome"]
+            self.echo(f"seed {g['layer']}[{g['seed']}] ran kernel {g['kernel_id']} ({source}, loaded via {g['via']}, "
+                      f"active {g['latency_s']:.2f} s after the decision, {g['steps_meanwhile']} steps meanwhile): "
+                      f"{outcome.upper()}")
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        tmp.replace(path)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def stop(self) -> None:
+        """Stop the remote controller, the Tolaria server and any local services (idempotent)."""
+        if self.remote is not None:
+            self.remote.close()
+        if self.tolaria is not None:
+            self.tolaria.stop()
+            self.tolaria = None
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+            self._watcher = None
+        if self.stack is not None:
+            codes = self.stack.stop()
+            self.stack = None
+            bad = {n: c for n, c in codes.items() if c not in (0, None)}
+            if bad:
+                log.warning("services exited with codes %s", bad)
+
+    def __enter__(self) -> RunServices:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+
+
+def sigterm_as_interrupt() -> None:
+    """In the main thread: SIGTERM raises KeyboardInterrupt, so `finally` blocks stop the services."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def services_command(cfg: Config, run_dir: Path, check: bool) -> int:
+    """``esper-train --check-services`` (check=True) and ``--services-only``; the exit status."""
+    if cfg.services.mode == "off":
+        print("services.mode is off: this run uses the in-process controller and no services")
+        return 0
+    services = RunServices(cfg, run_dir)
+    try:
+        addresses = services.start()
+        statuses = services.check()
+        for s in statuses:
+            line = f"{s.name:<9} {s.address:<22} {s.status}"
+            print(line + (f" ({s.latency_ms:.1f} ms)" if s.status == "SERVING" else f" {s.detail}"), flush=True)
+        healthy = all(s.status == "SERVING" for s in statuses)
+        if check:
+            return 0 if healthy else 1
+        print("services up: " + " ".join(f"{n}={a}" for n, a in addresses.items()), flush=True)
+        print("press Ctrl-C to stop them", flush=True)
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        services.stop()
+
+
+def step_time_stats(samples: list[tuple[float, bool]]) -> dict[str, Any]:
+    """Median and slowest step (ms), overall and while a kernel was being compiled/fetched."""
+    import statistics
+
+    def stats(values: list[float]) -> dict[str, float]:
+        if not values:
+            return {"n": 0}
+        ordered = sorted(values)
+        return {"n": len(values), "median_ms": statistics.median(values) * 1000,
+                "p95_ms": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] * 1000,
+                "max_ms": ordered[-1] * 1000}
+
+    everything = [dt for dt, _ in samples]
+    during = [dt for dt, busy in samples if busy]
+    out = {"all": stats(everything), "during_compile": stats(during)}
+    if everything and during:
+        out["max_during_compile_over_median"] = max(during) / statistics.median(everything)
+    return out
