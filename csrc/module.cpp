@@ -2,6 +2,7 @@
 // exposes the non-op pieces: lifecycle names for the parity test, build facts.
 #include <torch/extension.h>
 
+#include "cpu/isa_dispatch.h"
 #include "esper/lifecycle.h"
 
 namespace esper {
@@ -21,6 +22,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return out;
       },
       "SeedLifecycleState (name, value) pairs as compiled into the C++ header.");
+  m.def(
+      "cpu_kernel_isa", []() { return esper::cpu::cpu_has_avx2() ? "avx2" : "baseline"; },
+      "Which build of the CPU kernels' hot loops runs on this machine ('avx2' or 'baseline').");
 #ifdef ESPER_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

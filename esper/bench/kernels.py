@@ -438,6 +438,7 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),
+        "cpu kernel build": ops._C.cpu_kernel_isa(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}",
         "rounds": str(rounds),
         "wall time": f"{time.perf_counter() - started:.1f} s (ops and cache {own_seconds:.1f} s)",

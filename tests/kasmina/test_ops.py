@@ -547,3 +547,47 @@ def test_cuda_rejects_mixed_devices():
         )
     with pytest.raises(RuntimeError, match="expected `telemetry` on"):
         ops.telemetry_accumulate_(torch.randn(2, 4).cuda(), torch.zeros(1, 6, dtype=torch.float64), 0.0)
+
+
+_ISA_SCRIPT = """
+import sys, torch
+from esper.kasmina import ops
+g = torch.Generator().manual_seed(0)
+out = []
+for dtype in (torch.float32, torch.float64, torch.bfloat16):
+    x = torch.randn(7, 12, 9, 5, generator=g).to(dtype)
+    s = torch.randn(7, 12, 9, 5, generator=g).to(dtype)
+    s.view(-1)[::17] = float("nan")
+    state, alpha = torch.tensor([3, 4, 8]), torch.tensor([0.3, 0.6, 0.9])
+    t = torch.zeros(3, 6, dtype=torch.float64)
+    ops.telemetry_accumulate_(x, t, 0.1)
+    ops.grad_telemetry_accumulate_(x, t)
+    out += [ops.seed_blend(x, s, state, alpha), torch.ops.esper.seed_blend_backward(x, s, state, alpha), t]
+torch.save(out, sys.argv[1])
+print(ops._C.cpu_kernel_isa())
+"""
+
+
+def test_cpu_isa_builds_agree_bitwise(tmp_path):
+    # The CPU kernels pick an AVX2 build of their loops at runtime; ESPER_CPU_BASELINE=1 forces the
+    # baseline build. Both must produce the same bits (single thread: same summation order).
+    import os
+    import subprocess
+    import sys
+
+    results, isas = [], []
+    for name, extra_env in (("fast", {}), ("baseline", {"ESPER_CPU_BASELINE": "1"})):
+        path = tmp_path / f"{name}.pt"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **extra_env}
+        run = subprocess.run(
+            [sys.executable, "-c", _ISA_SCRIPT, str(path)],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        isas.append(run.stdout.strip())
+        results.append(torch.load(path))
+    assert isas[1] == "baseline" and isas[0] in ("avx2", "baseline")
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
