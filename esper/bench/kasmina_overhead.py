@@ -8,11 +8,16 @@
 - `active_overhead_{mlp,cnn,resnet18}`: one seed per site in FINE_TUNING (alpha 1, host and seed
   training, telemetry on) / the plain model with the same seed modules called by hand
   (`h + s` written with torch.cat), i.e. the cost of the Kasmina machinery around the seed.
+- `dormant_wrapper_us`: extra time of one forward call through a dormant KasminaLayer (wrapping a
+  tiny Linear, so the wrapper's own Python cost dominates), in microseconds; the dormant backward
+  adds nothing (no autograd node). Multiply by the sites of a model to bound its dormant overhead.
 - `*_plain_ms`: the plain model's median step time, for scale; `resnet18_width`: the ResNet's base
   width (64 in the full run; 8 when quick, so a CPU-only quick run stays short).
 
-Batch 128 of 32x32 RGB inputs, SGD with momentum, timings interleaved (plain, wrapped, plain, ...)
-so machine load affects both alike; ratios are of medians. Run: `python -m esper.bench.kasmina_overhead`.
+Batch 128 of 32x32 RGB inputs, SGD with momentum. On CPU the step cost is the process CPU time
+with one intra-op thread (robust on a shared machine); on CUDA it is synchronised wall time. Each round times the baseline and the candidate
+back to back (order alternating), so machine load affects both alike; a figure is the median of
+the per-round ratios. Run: `python -m esper.bench.kasmina_overhead`.
 """
 
 from __future__ import annotations
@@ -77,33 +82,79 @@ def _step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, after: Callable
 
 
 def _time(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Seconds per step: CUDA wall time after a sync; on CPU the process's CPU time.
+
+    CPU time (with one intra-op thread, see figures) is what the step costs this process; wall
+    time on a shared CPU mostly measures the other processes.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) / steps
+    start = time.process_time()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return (time.process_time() - start) / steps
 
 
 def _ratio(baseline: Callable[[], None], candidate: Callable[[], None], rounds: int, steps: int,
            device: torch.device) -> tuple[float, float]:
+    """Median over rounds of (candidate time / baseline time), each round timing both back to back.
+
+    Pairing the two measurements of a round cancels slow drifts of machine load; the order
+    alternates between rounds so neither side always runs on a warmer cache.
+    """
     for fn in (baseline, candidate):  # warm-up (allocator, lazy init, autotuning)
         _time(fn, 1, device)
-    base, cand = [], []
+    ratios, base = [], []
     for r in range(rounds):
-        order = ((baseline, base), (candidate, cand)) if r % 2 == 0 else ((candidate, cand), (baseline, base))
-        for fn, out in order:
-            out.append(_time(fn, steps, device))
-    return statistics.median(cand) / statistics.median(base), statistics.median(base)
+        if r % 2 == 0:
+            b = _time(baseline, steps, device)
+            c = _time(candidate, steps, device)
+        else:
+            c = _time(candidate, steps, device)
+            b = _time(baseline, steps, device)
+        ratios.append(c / b)
+        base.append(b)
+    return statistics.median(ratios), statistics.median(base)
 
 
 def figures(quick: bool = True, device: str = "cpu") -> dict[str, float]:
     """Dormant and active overhead ratios for the MLP, small CNN and CIFAR ResNet-18 (see module doc)."""
     dev = torch.device(device)
-    rounds, steps = (3, 1) if quick else (15, 5)
+    rounds, steps = (5, 1) if quick else (21, 3)
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        return _figures(quick, dev, rounds, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _wrapper_us(dev: torch.device, calls: int) -> float:
+    plain = nn.Linear(4, 4).to(dev)
+    wrapped = K.KasminaLayer(copy.deepcopy(plain), num_seeds=2, name="probe")
+    x = torch.randn(2, 4, device=dev)
+    samples = []
+    with torch.no_grad():
+        for _ in range(7):
+            pair = []
+            for module in (plain, wrapped):
+                start = time.perf_counter()
+                for _ in range(calls):
+                    module(x)
+                pair.append(time.perf_counter() - start)
+            samples.append((pair[1] - pair[0]) / calls * 1e6)
+    return statistics.median(samples)
+
+
+def _figures(quick: bool, dev: torch.device, rounds: int, steps: int) -> dict[str, float]:
     out: dict[str, float] = {"resnet18_width": 8.0 if quick else 64.0}
+    out["dormant_wrapper_us"] = _wrapper_us(dev, 2000 if quick else 20000)
     torch.manual_seed(0)
     x = torch.randn(BATCH, 3, 32, 32, device=dev)
     y = torch.randint(0, 10, (BATCH,), device=dev)

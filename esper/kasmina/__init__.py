@@ -10,6 +10,8 @@ Public API for trainers (stable):
 - `new_parameters(model, optimizer)`, `drop_stale_parameters(model, optimizer)`, `telemetry_probe(model)`,
   `seed_table(model)`, `all_seeds_disabled(model)`
 - blueprints: `CATALOG`, `get_blueprint`, `validate_blueprint`, `build_seed_module`, `blueprint_cost`
+- ops (`esper.kasmina.ops`): `seed_blend`, `telemetry_accumulate_`, `grad_telemetry_accumulate_`,
+  `lifecycle_advance_`, `telemetry_readout`, `telemetry_reset_`; the C++ `KernelCache`
 
 Importing `esper.kasmina` loads the compiled ops (`esper._C`).
 """
@@ -26,6 +28,20 @@ from esper.kasmina.driver import LifecycleDriver
 from esper.kasmina.kernel_cache import KernelCache, cache_key
 from esper.kasmina.layer import KasminaLayer, LifecycleClock, SeedRow
 from esper.kasmina.lifecycle import IllegalTransitionError, LifecycleConfig, LifecycleEvent
+from esper.kasmina.ops import (
+    TELEMETRY_COUNT,
+    TELEMETRY_DEAD,
+    TELEMETRY_GRAD_SQ,
+    TELEMETRY_GRAD_STEPS,
+    TELEMETRY_SUM,
+    TELEMETRY_SUMSQ,
+    grad_telemetry_accumulate_,
+    lifecycle_advance_,
+    seed_blend,
+    telemetry_accumulate_,
+    telemetry_readout,
+    telemetry_reset_,
+)
 from esper.kasmina.state_table import SeedStateTable
 from esper.kasmina.wrap import (
     all_seeds_disabled,
@@ -39,6 +55,12 @@ from esper.kasmina.wrap import (
 
 __all__ = [
     "CATALOG",
+    "TELEMETRY_COUNT",
+    "TELEMETRY_DEAD",
+    "TELEMETRY_GRAD_SQ",
+    "TELEMETRY_GRAD_STEPS",
+    "TELEMETRY_SUM",
+    "TELEMETRY_SUMSQ",
     "BlueprintError",
     "IllegalTransitionError",
     "KasminaLayer",
@@ -55,10 +77,16 @@ __all__ = [
     "cache_key",
     "drop_stale_parameters",
     "get_blueprint",
+    "grad_telemetry_accumulate_",
+    "lifecycle_advance_",
     "new_parameters",
+    "seed_blend",
     "seed_sites",
     "seed_table",
+    "telemetry_accumulate_",
     "telemetry_probe",
+    "telemetry_readout",
+    "telemetry_reset_",
     "validate_blueprint",
     "wrap",
 ]

@@ -16,3 +16,4 @@ def test_figures_returns_all_ratios():
             assert math.isfinite(value) and value > 0
         assert figures[f"{model}_plain_ms"] > 0
     assert figures["resnet18_width"] == 8.0
+    assert figures["dormant_wrapper_us"] < 1000  # microseconds per dormant call, not milliseconds

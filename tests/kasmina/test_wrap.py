@@ -129,3 +129,30 @@ def test_model_level_table_disable_and_precision_changes_keep_table_dtypes():
     plain_like = copy.deepcopy(model)
     plain_like.hidden[1].rollback(1, "compare with the host alone")
     assert torch.equal(without, plain_like(x))
+
+
+def test_wrapped_model_with_active_seeds_exports_and_runs_in_bfloat16():
+    torch.manual_seed(6)
+    model = K.wrap(SmallCNN2d(3, 5, channels=(8, 16)), ["convs.0", "convs.1"], seeds_per_layer=2)
+    model.convs[1].germinate(0, "conv3x3")
+    model.convs[1].transition(0, S.GRAFTING, "test")
+    model.convs[1].advance(0.5)
+    with torch.no_grad():
+        for p in model.convs[1].seed_parameters(0):
+            p.normal_()
+    model.convs[0].germinate(1, "depthwise_separable")
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("b", min=1, max=64)},))
+    x5 = torch.randn(5, 3, 8, 8)
+    assert torch.allclose(program.module()(x5), model(x5))
+
+    half = K.wrap(nn.Sequential(nn.Linear(4, 8)).bfloat16(), ["0"], seeds_per_layer=2)
+    half[0].germinate(0, "residual_mlp")
+    assert half[0].seeds["0"][0].weight.dtype == torch.bfloat16
+    half[0].transition(0, S.GRAFTING, "test")
+    half[0].advance(1.0)
+    out = half(torch.randn(3, 4, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert half[0].seed_table()[0].telemetry["samples"] == 12
