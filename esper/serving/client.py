@@ -193,10 +193,16 @@ def _retry_plan(idempotent: bool, retry: RetryPolicy | None) -> RetryPolicy:
     return retry or RetryPolicy()
 
 
+def _fresh(request: Any) -> Any:
+    # A list/tuple of messages is the request stream of a stream-unary call: each attempt sends it
+    # again from the start (a generator could not be replayed, so it is never retried safely).
+    return iter(request) if isinstance(request, (list, tuple)) else request
+
+
 async def unary_call(method: Callable[..., Any], request: Any, *, timeout: float, idempotent: bool,
                      retry: RetryPolicy | None = None,
                      metadata: Iterable[tuple[str, str]] | None = None) -> Any:
-    """Call a grpc.aio unary (or stream-unary with a re-iterable request) method.
+    """Call a grpc.aio unary method, or a stream-unary one with a list of request messages.
 
     `timeout` (seconds) is the deadline of the whole call, retries included. Only an `idempotent`
     call is retried, on UNAVAILABLE/RESOURCE_EXHAUSTED/ABORTED, with jittered exponential backoff.
@@ -208,7 +214,7 @@ async def unary_call(method: Callable[..., Any], request: Any, *, timeout: float
         attempt += 1
         remaining = deadline - time.monotonic()
         try:
-            return await method(request, timeout=max(remaining, 0.001), metadata=metadata)
+            return await method(_fresh(request), timeout=max(remaining, 0.001), metadata=metadata)
         except grpc.aio.AioRpcError as err:
             pause = plan.backoff(attempt)
             if (attempt >= plan.max_attempts or err.code() not in plan.retryable_codes
@@ -228,7 +234,7 @@ def unary_call_sync(method: Callable[..., Any], request: Any, *, timeout: float,
         attempt += 1
         remaining = deadline - time.monotonic()
         try:
-            return method(request, timeout=max(remaining, 0.001), metadata=metadata)
+            return method(_fresh(request), timeout=max(remaining, 0.001), metadata=metadata)
         except grpc.RpcError as err:
             pause = plan.backoff(attempt)
             if (attempt >= plan.max_attempts or err.code() not in plan.retryable_codes

@@ -4,6 +4,10 @@
     outcome = compile_blueprint(spec.SerializeToString(), [-1, 32], DEVICE_TYPE_CPU, D_TYPE_FLOAT32)
     seed = load_kernel_artifact(outcome.artifact)        # nn.Module: chunk [N, 32] -> delta [N, 32]
 
+    # the trainer, with an artifact compiled by the Tezzeret server and stored in Urza:
+    artifact, data = services.urza.client.UrzaClient(urza_address).download_artifact(kernel_id)
+    seed = load_kernel_artifact(data, expected_sha256=artifact.sha256)
+
 `WorkerPool` runs compiles in spawn-started processes with per-job timeouts (a stuck worker is
 killed and replaced); `CompileJobs` is the job table behind the gRPC server `services.tezzeret`
 (console script ``esper-tezzeret``), storing results in Urza and announcing them on Oona.

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from esper.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from esper.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from esper.tezzeret.compiler import ARTIFACT_FORMAT, CompileOutcome, compile_blueprint
 from esper.tezzeret.kernel_ids import kernel_id_for
 from esper.tezzeret.pool import TaskOutcome, WorkerPool
@@ -326,16 +326,30 @@ class CompileJobs:
             artifact.format = ARTIFACT_FORMAT
             artifact.sha256 = result.sha256
             artifact.size_bytes = len(result.artifact)
-            stored = await self.library.store_artifact(artifact, result.artifact)
-            entry.job.artifact.CopyFrom(stored)
-            self._final(entry, S.COMPILE_JOB_STATE_SUCCEEDED)
         else:
             artifact.status = common_pb2.ARTIFACT_STATUS_INVALID
             artifact.status_reason = result.reason
-            stored = await self.library.record_artifact(artifact)
-            entry.job.artifact.CopyFrom(stored)
-            self._final(entry, S.COMPILE_JOB_STATE_FAILED, f"artifact INVALID: {result.reason}")
-        await self._publish(entry, stored)
+        try:
+            if result.valid:
+                stored = await self.library.store_artifact(artifact, result.artifact)
+            else:
+                stored = await self.library.record_artifact(artifact)
+        except AlreadyExistsError:
+            # Another compile of the same kernel id (another server, or a request that raced this
+            # one) stored its result first; artifacts are immutable, so that one stands.
+            existing = await self.library.find_artifact(entry.job.kernel_id)
+            if existing is None or existing.status not in (common_pb2.ARTIFACT_STATUS_VALIDATED,
+                                                           common_pb2.ARTIFACT_STATUS_INVALID):
+                raise
+            entry.job.reused = True
+            stored = existing
+        entry.job.artifact.CopyFrom(stored)
+        if stored.status == common_pb2.ARTIFACT_STATUS_VALIDATED:
+            self._final(entry, S.COMPILE_JOB_STATE_SUCCEEDED)
+        else:
+            self._final(entry, S.COMPILE_JOB_STATE_FAILED, f"artifact INVALID: {stored.status_reason}")
+        if not entry.job.reused:
+            await self._publish(entry, stored)
 
     async def _publish(self, entry: _Entry, artifact: common_pb2.KernelArtifact) -> None:
         if self.publisher is None:

@@ -80,6 +80,16 @@ async def collect(request_iterator, context) -> bytes:
     return str(total).encode()
 
 
+async def flaky_collect(request_iterator, context) -> bytes:
+    """First chunk b'KEY:N': fails UNAVAILABLE N times per KEY, then answers the bytes received."""
+    chunks = [chunk async for chunk in request_iterator]
+    key, _, times = chunks[0].partition(b":")
+    _attempts[key] = _attempts.get(key, 0) + 1
+    if _attempts[key] <= int(times):
+        raise errors.UnavailableError(f"flaky stream {key.decode()} attempt {_attempts[key]}")
+    return str(sum(map(len, chunks))).encode()
+
+
 def handlers() -> grpc.GenericRpcHandler:
     """The generic handler of the echo service."""
     kw = {"request_deserializer": _identity, "response_serializer": _identity}
@@ -90,6 +100,7 @@ def handlers() -> grpc.GenericRpcHandler:
         "Flaky": grpc.unary_unary_rpc_method_handler(flaky, **kw),
         "Stream": grpc.unary_stream_rpc_method_handler(stream, **kw),
         "Collect": grpc.stream_unary_rpc_method_handler(collect, **kw),
+        "FlakyCollect": grpc.stream_unary_rpc_method_handler(flaky_collect, **kw),
     })
 
 

@@ -249,10 +249,27 @@ def test_client_deadline_is_mandatory_and_retries_only_idempotent_calls():
                 assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
                 # attempts actually made: 'many' was tried exactly max_attempts times
                 assert await unary_call(flaky, b"many:0", timeout=5, idempotent=False) == b"5"
+                # a stream-unary request given as a list is sent again, whole, on each attempt
+                collect = echo_service.method(channel, "FlakyCollect", "stream_unary")
+                assert await unary_call(collect, [b"s:2", b"abcd"], timeout=5, idempotent=True, retry=policy) == b"7"
         finally:
             await server.stop(0)
 
     asyncio.run(scenario())
+
+    async def sync_scenario():
+        server = await _started()
+        try:
+            def calls():
+                with open_sync_channel(server.address) as ch:
+                    collect = echo_service.method(ch, "FlakyCollect", "stream_unary")
+                    return unary_call_sync(collect, [b"sync:1", b"xy"], timeout=5, idempotent=True,
+                                           retry=RetryPolicy(initial_backoff_s=0.01))
+            assert await asyncio.to_thread(calls) == b"8"
+        finally:
+            await server.stop(0)
+
+    asyncio.run(sync_scenario())
 
 
 def test_parse_listening_line():

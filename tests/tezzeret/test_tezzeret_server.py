@@ -153,12 +153,15 @@ def test_compile_stores_a_validated_artifact_reuses_it_and_announces_it(cluster)
     assert ready.artifact.kernel_id == job.kernel_id and ready.artifact.status == common_pb2.ARTIFACT_STATUS_VALIDATED
 
 
-def test_identical_concurrent_requests_share_one_job(cluster):
-    first = cluster.stub.Compile(request("norm_mlp", (-1, 20)), timeout=30).job
-    second = cluster.stub.Compile(request("norm_mlp", (-1, 20)), timeout=30).job
-    if second.state != T.COMPILE_JOB_STATE_SUCCEEDED:  # still running: joined, not duplicated
-        assert second.job_id == first.job_id
-    assert watch(cluster.stub, first.job_id)[-1].state == T.COMPILE_JOB_STATE_SUCCEEDED
+def test_identical_concurrent_requests_compile_once(cluster):
+    futures = [cluster.stub.Compile.future(request("norm_mlp", (-1, 20)), timeout=30) for _ in range(4)]
+    jobs = [f.result().job for f in futures]
+    assert len({j.kernel_id for j in jobs}) == 1
+    for job in jobs:
+        assert watch(cluster.stub, job.job_id)[-1].state == T.COMPILE_JOB_STATE_SUCCEEDED
+    listed = cluster.stub.ListCompileJobs(T.ListCompileJobsRequest(page_size=1000), timeout=10).jobs
+    compiled = [j for j in listed if j.kernel_id == jobs[0].kernel_id and not j.reused]
+    assert len(compiled) == 1, "identical requests must share one compile (joined or reused)"
 
 
 def test_inline_invalid_blueprint_is_invalid_argument_and_server_keeps_serving(cluster):

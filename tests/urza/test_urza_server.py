@@ -278,3 +278,31 @@ def test_server_with_bearer_token(tmp_path):
             assert list(reply.blueprints) == []  # --no-register-catalog
     finally:
         assert proc.stop() == 0
+
+
+def test_blocking_client(urza):
+    from esper.errors import DataLossError, InvalidArgumentError, NotFoundError
+    from services.urza.client import UrzaClient
+
+    proc, _stub, data_dir = urza
+    data = os.urandom(2 * MiB + 3)
+    with UrzaClient(proc.address) as client:
+        bare = meta_for("client-kernel", b"")
+        bare.sha256, bare.size_bytes = "", 0  # the client fills them in
+        stored, created = client.upload_artifact(bare, data)
+        assert created and stored.size_bytes == len(data)
+        meta, got = client.download_artifact("client-kernel")
+        assert got == data and meta.sha256 == stored.sha256
+        assert client.get_artifact("client-kernel") == meta
+        assert [a.kernel_id for a in client.query_artifacts(blueprint_id="residual_mlp", page_size=1)
+                if a.kernel_id == "client-kernel"] == ["client-kernel"]
+        assert client.get_blueprint("residual_mlp").blueprint_id == "residual_mlp"
+        with pytest.raises(NotFoundError):
+            client.get_artifact("client-missing")
+        with pytest.raises(InvalidArgumentError) as info:
+            client.get_artifact("bad id with spaces")
+        assert info.value.field == "kernel_id"
+        path = data_dir / "blobs" / "sha256" / stored.sha256[:2] / stored.sha256
+        path.write_bytes(b"x" + path.read_bytes()[1:])
+        with pytest.raises(DataLossError):
+            client.download_artifact("client-kernel")
