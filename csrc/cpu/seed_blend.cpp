@@ -47,12 +47,14 @@ std::vector<opmath_t> seed_weights(const at::Tensor& state, const at::Tensor& al
 // (checked with -fopt-info-vec): no calls, no data-dependent branches, and the finiteness test
 // as `v - v == 0` (NaN for NaN and +-Inf), a compare-and-select the vectoriser handles. They
 // measured ~2x faster than at::vec::Vectorized, whose portable fallback is all this extension
-// gets without ATen's per-CPU dispatch.
+// gets without ATen's per-CPU dispatch; on x86-64 an AVX2 build is picked at runtime
+// (isa_dispatch.h). `v - v == 0` relies on IEEE semantics: never build with -ffast-math or
+// -ffinite-math-only.
 
 // out[i] = host[i] + w * (isfinite(seed[i]) ? seed[i] : 0)
 template <typename scalar_t, typename opmath_t>
 ESPER_ALWAYS_INLINE void blend_segment(const scalar_t* __restrict host, const scalar_t* __restrict seed,
-                          scalar_t* __restrict out, int64_t n, opmath_t w) {
+                                       scalar_t* __restrict out, int64_t n, opmath_t w) {
   for (int64_t i = 0; i < n; ++i) {
     const opmath_t v = static_cast<opmath_t>(seed[i]);
     const opmath_t finite_v = (v - v == opmath_t(0)) ? v : opmath_t(0);
@@ -62,8 +64,9 @@ ESPER_ALWAYS_INLINE void blend_segment(const scalar_t* __restrict host, const sc
 
 // grad_seed[i] = isfinite(seed[i]) ? w * grad[i] : 0
 template <typename scalar_t, typename opmath_t>
-ESPER_ALWAYS_INLINE void blend_backward_segment(const scalar_t* __restrict grad, const scalar_t* __restrict seed,
-                                   scalar_t* __restrict out, int64_t n, opmath_t w) {
+ESPER_ALWAYS_INLINE void blend_backward_segment(const scalar_t* __restrict grad,
+                                                const scalar_t* __restrict seed, scalar_t* __restrict out,
+                                                int64_t n, opmath_t w) {
   for (int64_t i = 0; i < n; ++i) {
     const opmath_t v = static_cast<opmath_t>(seed[i]);
     const opmath_t g = static_cast<opmath_t>(grad[i]);
