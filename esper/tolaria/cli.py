@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-morphogenetic", action="store_true", help="same run, seeds never germinate (the baseline)")
     p.add_argument("--dry-run", action="store_true", help="validate config, data and environment, print the config, exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    p.add_argument("--progress", choices=["auto", "rich", "plain"], default="auto",
-                   help="rich bars on a terminal (auto), or one plain line per epoch")
+    p.add_argument("--progress", choices=["auto", "rich", "plain", "none"], default="auto",
+                   help="rich bars on a terminal (auto), one plain line per epoch, or nothing")
     p.add_argument("--verbose", action="store_true", help="print every lifecycle event")
     p.add_argument("--check-services", action="store_true",
                    help="report the health of the run's services (services.mode local: start them, check, stop)")
