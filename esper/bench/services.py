@@ -200,40 +200,43 @@ class _Collector:
         await asyncio.wait_for(fut, timeout)
 
 
-async def _bus_run(publish: Callable[[bytes], Awaitable[None]], collector: _Collector, messages: int,
-                   publishers: int, sequential: int) -> dict[str, Any]:
-    """Throughput with `publishers` concurrent publishers, then `sequential` one-at-a-time messages."""
+async def _bus_run(publish_many: Callable[[list[bytes]], Awaitable[None]], collector: _Collector, messages: int,
+                   publishers: int, sequential: int, batch: int) -> dict[str, Any]:
+    """Throughput with `publishers` concurrent publishers sending `batch` messages per call, then
+    `sequential` one-at-a-time messages (latency without load; skipped when 0)."""
     # Warm-up: the subscription is live once a marker makes it through.
-    await publish(_stamp(PAYLOAD_BYTES))
+    await publish_many([_stamp(PAYLOAD_BYTES)])
     await collector.wait_for(1, 30)
     collector.latencies.clear()
     base = collector.count
     per_publisher = messages // publishers
 
     async def publisher():
-        for _ in range(per_publisher):
-            await publish(_stamp(PAYLOAD_BYTES))
+        for start in range(0, per_publisher, batch):
+            await publish_many([_stamp(PAYLOAD_BYTES) for _ in range(min(batch, per_publisher - start))])
 
     started = time.perf_counter()
     await asyncio.gather(*(publisher() for _ in range(publishers)))
     published = time.perf_counter()
-    await collector.wait_for(base + per_publisher * publishers, 120)
     total = per_publisher * publishers
+    await collector.wait_for(base + total, 120)
     loaded = _latency_summary(collector.latencies)
     loaded["samples_us"] = list(collector.latencies)
-    result = {"messages": total, "publishers": publishers,
+    result = {"messages": total, "publishers": publishers, "batch": batch,
               "publish_msg_s": total / (published - started),
               "delivered_msg_s": total / (collector.last_time - started), "loaded": loaded}
     collector.latencies.clear()
     for i in range(sequential):
-        await publish(_stamp(PAYLOAD_BYTES))
+        await publish_many([_stamp(PAYLOAD_BYTES)])
         await collector.wait_for(base + total + i + 1, 30)
-    result["one_at_a_time"] = _latency_summary(collector.latencies)
-    result["one_at_a_time"]["samples_us"] = list(collector.latencies)
+    if sequential:
+        result["one_at_a_time"] = _latency_summary(collector.latencies)
+        result["one_at_a_time"]["samples_us"] = list(collector.latencies)
     return result
 
 
-async def _oona_scenario(address: str, messages: int, publishers: int, sequential: int) -> dict[str, Any]:
+async def _oona_scenario(address: str, messages: int, publishers: int, sequential: int,
+                         batch: int = 1) -> dict[str, Any]:
     from esper.serving import open_aio_channel
     from esper.v1 import oona_pb2, oona_pb2_grpc
 
@@ -241,22 +244,31 @@ async def _oona_scenario(address: str, messages: int, publishers: int, sequentia
     collector = _Collector()
     channels = [open_aio_channel(address) for _ in range(publishers + 1)]
     stubs = [oona_pb2_grpc.OonaServiceStub(c) for c in channels]
-    sub_call = stubs[-1].Subscribe(oona_pb2.SubscribeRequest(topic=topic, start=oona_pb2.SUBSCRIBE_START_OFFSET,
-                                                             from_offset=0), timeout=600)
+    sub_call = stubs[-1].Subscribe(oona_pb2.SubscribeRequest(
+        topic=topic, start=oona_pb2.SUBSCRIBE_START_OFFSET, from_offset=0, max_batch=batch if batch > 1 else 0),
+        timeout=600)
 
     async def subscriber():
         async for response in sub_call:
-            collector.record(response.message.payload)
+            if response.batch:
+                for message in response.batch:
+                    collector.record(message.payload)
+            else:
+                collector.record(response.message.payload)
 
     reader = asyncio.ensure_future(subscriber())
     next_stub = iter(range(1 << 62))
 
-    async def publish(payload: bytes) -> None:
+    async def publish_many(payloads: list[bytes]) -> None:
         stub = stubs[next(next_stub) % publishers]
-        await stub.Publish(oona_pb2.PublishRequest(topic=topic, payload=payload), timeout=30)
+        if batch == 1:
+            await stub.Publish(oona_pb2.PublishRequest(topic=topic, payload=payloads[0]), timeout=30)
+        else:
+            await stub.PublishBatch(oona_pb2.PublishBatchRequest(
+                messages=[oona_pb2.PublishRequest(topic=topic, payload=p) for p in payloads]), timeout=30)
 
     try:
-        return await _bus_run(publish, collector, messages, publishers, sequential)
+        return await _bus_run(publish_many, collector, messages, publishers, sequential, batch)
     finally:
         sub_call.cancel()
         await asyncio.gather(reader, return_exceptions=True)
@@ -264,7 +276,8 @@ async def _oona_scenario(address: str, messages: int, publishers: int, sequentia
             await channel.close()
 
 
-async def _raw_redis_scenario(url: str, messages: int, publishers: int, sequential: int) -> dict[str, Any]:
+async def _raw_redis_scenario(url: str, messages: int, publishers: int, sequential: int,
+                              batch: int = 1) -> dict[str, Any]:
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url(url)
@@ -284,11 +297,17 @@ async def _raw_redis_scenario(url: str, messages: int, publishers: int, sequenti
 
     task = asyncio.ensure_future(reader())
 
-    async def publish(payload: bytes) -> None:
-        await client.xadd(stream, {"p": payload}, maxlen=100_000, approximate=True)
+    async def publish_many(payloads: list[bytes]) -> None:
+        if batch == 1:
+            await client.xadd(stream, {"p": payloads[0]}, maxlen=100_000, approximate=True)
+            return
+        async with client.pipeline(transaction=False) as pipe:
+            for payload in payloads:
+                pipe.xadd(stream, {"p": payload}, maxlen=100_000, approximate=True)
+            await pipe.execute()
 
     try:
-        return await _bus_run(publish, collector, messages, publishers, sequential)
+        return await _bus_run(publish_many, collector, messages, publishers, sequential, batch)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -296,13 +315,16 @@ async def _raw_redis_scenario(url: str, messages: int, publishers: int, sequenti
         await reader_client.aclose()
 
 
-def bench_bus(work_dir: Path, messages: int, publishers: int, sequential: int, rounds: int) -> dict[str, Any]:
+def bench_bus(work_dir: Path, messages: int, publishers: int, sequential: int, rounds: int,
+              batch: int) -> dict[str, Any]:
     """Oona (memory, redis) and raw Redis Streams, same workload, interleaved over `rounds` rounds;
-    throughput is the median round, latencies are pooled over rounds."""
+    then the same with `batch` messages per call (PublishBatch + batched Subscribe for Oona, a
+    pipeline of XADDs for raw Redis). Throughput is the median round, latencies are pooled."""
     from esper.oona.local_redis import LocalRedisServer
     from esper.serving import ServerProcess
 
-    per_round: dict[str, list[dict[str, Any]]] = {"raw_redis": [], "oona_redis": [], "oona_memory": []}
+    names = ["raw_redis", "oona_redis", "oona_memory"]
+    per_round: dict[str, list[dict[str, Any]]] = {n: [] for n in names + [f"{n}_batched" for n in names]}
     with LocalRedisServer() as redis_server, contextlib.ExitStack() as stack:
         addresses = {}
         for name, backend in (("oona_memory", "memory://"), ("oona_redis", f"{redis_server.url}?namespace=bench")):
@@ -312,11 +334,12 @@ def bench_bus(work_dir: Path, messages: int, publishers: int, sequential: int, r
         per_round_messages = max(publishers, messages // rounds)
         per_round_sequential = max(1, sequential // rounds)
         for _ in range(rounds):
-            per_round["raw_redis"].append(asyncio.run(_raw_redis_scenario(
-                redis_server.url, per_round_messages, publishers, per_round_sequential)))
-            for name, address in addresses.items():
-                per_round[name].append(asyncio.run(_oona_scenario(
-                    address, per_round_messages, publishers, per_round_sequential)))
+            for size, suffix, seq in ((1, "", per_round_sequential), (batch, "_batched", 0)):
+                per_round[f"raw_redis{suffix}"].append(asyncio.run(_raw_redis_scenario(
+                    redis_server.url, per_round_messages, publishers, seq, size)))
+                for name, address in addresses.items():
+                    per_round[f"{name}{suffix}"].append(asyncio.run(_oona_scenario(
+                        address, per_round_messages, publishers, seq, size)))
     return {name: _merge_rounds(results) for name, results in per_round.items()}
 
 
@@ -326,10 +349,11 @@ def _merge_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
         "rounds": len(results),
         "publish_msg_s": statistics.median(r["publish_msg_s"] for r in results),
         "delivered_msg_s": statistics.median(r["delivered_msg_s"] for r in results),
-        "rounds_delivered_msg_s": [r["delivered_msg_s"] for r in results],
+        "rounds_delivered_msg_s": [r["delivered_msg_s"] for r in results], "batch": results[0]["batch"],
     }
     for key in ("loaded", "one_at_a_time"):
-        merged[key] = _latency_summary([x for r in results for x in r[key]["samples_us"]])
+        if key in results[0]:
+            merged[key] = _latency_summary([x for r in results for x in r[key]["samples_us"]])
     return merged
 
 
@@ -378,6 +402,26 @@ def format_table(results: dict[str, Any]) -> str:
                  f"({results['raw_redis']['messages']} messages per system over {results['raw_redis']['rounds']} "
                  f"interleaved rounds, {results['raw_redis']['publishers']} publishers; msg/s = median round, "
                  "latencies pooled).")
+    batch = results["raw_redis_batched"]["batch"]
+    lines += [
+        "",
+        f"| batched bus ({batch} messages per call) | publish msg/s | publish-to-delivery msg/s | "
+        "latency under load p50 / p99 |",
+        "|---|---|---|---|",
+    ]
+    labels_b = {"raw_redis_batched": f"raw Redis Streams, pipelines of {batch} XADD + XREAD (baseline)",
+                "oona_redis_batched": "Oona PublishBatch + batched Subscribe, Redis Streams backend",
+                "oona_memory_batched": "Oona PublishBatch + batched Subscribe, in-memory backend"}
+    for key, label in labels_b.items():
+        r = results[key]
+        lo = r["loaded"]
+        lines.append(f"| {label} | {r['publish_msg_s']:.0f} | {r['delivered_msg_s']:.0f} | "
+                     f"{lo['p50_us'] / 1000:.2f} / {lo['p99_us'] / 1000:.2f} ms |")
+    raw_b = results["raw_redis_batched"]["delivered_msg_s"]
+    lines.append("")
+    lines.append(f"Batched Oona/raw-Redis delivered throughput: redis backend "
+                 f"{results['oona_redis_batched']['delivered_msg_s'] / raw_b:.2f}x, memory backend "
+                 f"{results['oona_memory_batched']['delivered_msg_s'] / raw_b:.2f}x.")
     return "\n".join(lines)
 
 
@@ -389,6 +433,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--messages", type=int, default=20000, help="messages per bus throughput run")
     parser.add_argument("--publishers", type=int, default=4, help="concurrent publishers")
     parser.add_argument("--download-mib", type=int, default=64, help="artifact size for the download run")
+    parser.add_argument("--batch", type=int, default=100, help="messages per call in the batched bus runs")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of baseline and subjects (evens out background load)")
     parser.add_argument("--skip-adaptation", action="store_true",
@@ -402,7 +447,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         calls, messages, download_mib, downloads, sequential = 300, 2000, 8, 2, 50
     for name, value in (("--calls", calls), ("--messages", messages), ("--publishers", args.publishers),
-                        ("--download-mib", download_mib), ("--rounds", args.rounds)):
+                        ("--download-mib", download_mib), ("--rounds", args.rounds), ("--batch", args.batch)):
         if value <= 0:
             print(f"esper-bench services: {name} must be positive, got {value}", file=sys.stderr)
             return 2
@@ -413,11 +458,11 @@ def run(args: argparse.Namespace) -> int:
                         "loadavg_at_start": os.getloadavg(), "platform": platform.platform()},
             "settings": {"calls": calls, "messages": messages, "publishers": args.publishers,
                          "download_mib": download_mib, "sequential": sequential, "payload_bytes": PAYLOAD_BYTES,
-                         "rounds": args.rounds},
+                         "rounds": args.rounds, "batch": args.batch},
         }
         results.update(bench_ping_and_urza(work_dir, calls, max(50, calls // 10), download_mib, downloads,
                                            messages, args.publishers, args.rounds))
-        results.update(bench_bus(work_dir, messages, args.publishers, sequential, args.rounds))
+        results.update(bench_bus(work_dir, messages, args.publishers, sequential, args.rounds, args.batch))
         if not args.skip_adaptation:
             from esper.bench.services_ii import bench_adaptation
 

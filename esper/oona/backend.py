@@ -30,6 +30,10 @@ class OonaBackend(abc.ABC):
     async def publish(self, topic: str, message: OutgoingMessage) -> PublishResult:
         """Append one message; returns its id and offset (next_offset before the call)."""
 
+    async def publish_many(self, items: list[tuple[str, OutgoingMessage]]) -> list[PublishResult]:
+        """Append several (topic, message) pairs in order; backends may do it in one round trip."""
+        return [await self.publish(topic, message) for topic, message in items]
+
     @abc.abstractmethod
     async def bounds(self, topic: str) -> tuple[int, int]:
         """(first retained offset, next offset); (0, 0) for a topic never written."""

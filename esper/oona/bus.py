@@ -55,6 +55,7 @@ DEFAULT_MAX_PAYLOAD_BYTES = 4 * 2**20 - 64 * 1024
 MAX_HEADERS = 64
 MAX_SHORT_FIELD = 1024
 MAX_ACK_IDS = 10_000
+MAX_BATCH = 10_000
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,28 @@ class OonaBus:
     async def publish(self, topic: str, payload: bytes, *, key: str = "", content_type: str = "",
                       headers: Mapping[str, str] | None = None, source: str = "") -> PublishResult:
         """Append a message to `topic` (created on first publish)."""
+        message = self._checked(topic, payload, key=key, content_type=content_type, headers=headers, source=source)
+        return await self.backend.publish(topic, message)
+
+    async def publish_batch(self, items: list[tuple[str, OutgoingMessage]]) -> list[PublishResult]:
+        """Append several (topic, message) pairs in order. All are validated first: one bad message
+        raises InvalidArgumentError naming ``messages[i].<field>`` and nothing is published."""
+        if not items:
+            raise InvalidArgumentError("messages is empty; expected at least one message", field="messages")
+        if len(items) > MAX_BATCH:
+            raise InvalidArgumentError(f"{len(items)} messages in one batch; at most {MAX_BATCH}", field="messages")
+        checked = []
+        for i, (topic, m) in enumerate(items):
+            try:
+                checked.append((topic, self._checked(topic, m.payload, key=m.key, content_type=m.content_type,
+                                                     headers=m.headers, source=m.source)))
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(f"messages[{i}]: {exc.message}", field=f"messages[{i}].{exc.field}",
+                                           reason=exc.reason) from exc
+        return await self.backend.publish_many(checked)
+
+    def _checked(self, topic: str, payload: bytes, *, key: str, content_type: str,
+                 headers: Mapping[str, str] | None, source: str) -> OutgoingMessage:
         validate_topic(topic)
         if len(payload) > self.max_payload_bytes:
             raise InvalidArgumentError(f"payload is {len(payload)} bytes; a message holds at most "
@@ -97,8 +120,7 @@ class OonaBus:
             if not name or len(name) > MAX_SHORT_FIELD or len(value) > MAX_SHORT_FIELD:
                 raise InvalidArgumentError(f"header {name!r} needs a non-empty name and name/value of at most "
                                            f"{MAX_SHORT_FIELD} characters", field="headers")
-        return await self.backend.publish(topic, OutgoingMessage(payload=payload, key=key, content_type=content_type,
-                                                                 headers=headers, source=source))
+        return OutgoingMessage(payload=payload, key=key, content_type=content_type, headers=headers, source=source)
 
     async def resolve_start(self, topic: str, start: StartPosition, from_offset: int) -> int:
         """The first offset a subscription starting at `start` reads; validates `from_offset`."""

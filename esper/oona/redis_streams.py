@@ -116,12 +116,24 @@ class RedisStreamsBackend(OonaBackend):
 
     @_unavailable_on_connection_errors
     async def publish(self, topic: str, message: OutgoingMessage) -> PublishResult:
-        headers = json.dumps(dict(message.headers), separators=(",", ":")) if message.headers else ""
-        offset = int(await self._publish_script(
-            keys=[self._stream(topic), self._seq(topic), self._topics_key],
-            args=[self.retention, message.key, message.content_type, bytes(message.payload), headers,
-                  repr(time.time()), message.source, topic]))
+        offset = int(await self._publish_script(keys=[self._stream(topic), self._seq(topic), self._topics_key],
+                                                args=self._publish_args(topic, message)))
         return PublishResult(message_id=str(offset), offset=offset)
+
+    def _publish_args(self, topic: str, message: OutgoingMessage) -> list:
+        headers = json.dumps(dict(message.headers), separators=(",", ":")) if message.headers else ""
+        return [self.retention, message.key, message.content_type, bytes(message.payload), headers,
+                repr(time.time()), message.source, topic]
+
+    @_unavailable_on_connection_errors
+    async def publish_many(self, items: list[tuple[str, OutgoingMessage]]) -> list[PublishResult]:
+        # One pipelined round trip; the scripts still run one after another, in order.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for topic, message in items:
+                await self._publish_script(keys=[self._stream(topic), self._seq(topic), self._topics_key],
+                                           args=self._publish_args(topic, message), client=pipe)
+            offsets = await pipe.execute()
+        return [PublishResult(message_id=str(int(o)), offset=int(o)) for o in offsets]
 
     @_unavailable_on_connection_errors
     async def bounds(self, topic: str) -> tuple[int, int]:

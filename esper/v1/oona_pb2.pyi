@@ -197,6 +197,48 @@ class PublishResponse(_message.Message):
 Global___PublishResponse: _TypeAlias = PublishResponse  # noqa: Y015
 
 @_typing.final
+class PublishBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___PublishRequest]: ...
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[Global___PublishRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishBatchRequest: _TypeAlias = PublishBatchRequest  # noqa: Y015
+
+@_typing.final
+class PublishBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___PublishResponse]:
+        """One result per message, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___PublishResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishBatchResponse: _TypeAlias = PublishBatchResponse  # noqa: Y015
+
+@_typing.final
 class SubscribeRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -207,6 +249,7 @@ class SubscribeRequest(_message.Message):
     CONSUMER_NAME_FIELD_NUMBER: _builtins.int
     VISIBILITY_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     start: Global___SubscribeStart.ValueType
     from_offset: _builtins.int
@@ -218,6 +261,10 @@ class SubscribeRequest(_message.Message):
     visibility_timeout_seconds: _builtins.float
     max_in_flight: _builtins.int
     """Most unacked messages held by this subscriber at once (0 for the server default)."""
+    max_batch: _builtins.int
+    """When > 1, each response carries up to this many messages in `batch` (and leaves `message`
+    unset): fewer, larger stream messages for high-rate subscribers. 0 or 1: one per response.
+    """
     def __init__(
         self,
         *,
@@ -228,10 +275,11 @@ class SubscribeRequest(_message.Message):
         consumer_name: _builtins.str = ...,
         visibility_timeout_seconds: _builtins.float = ...,
         max_in_flight: _builtins.int = ...,
+        max_batch: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_group", b"consumer_group", "consumer_name", b"consumer_name", "from_offset", b"from_offset", "max_in_flight", b"max_in_flight", "start", b"start", "topic", b"topic", "visibility_timeout_seconds", b"visibility_timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer_group", b"consumer_group", "consumer_name", b"consumer_name", "from_offset", b"from_offset", "max_batch", b"max_batch", "max_in_flight", b"max_in_flight", "start", b"start", "topic", b"topic", "visibility_timeout_seconds", b"visibility_timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -242,16 +290,22 @@ class SubscribeResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MESSAGE_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def message(self) -> Global___Envelope: ...
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]:
+        """Set instead of `message` when the request asked for max_batch > 1; offset order."""
+
     def __init__(
         self,
         *,
         message: Global___Envelope | None = ...,
+        batch: _abc.Iterable[Global___Envelope] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "message", b"message"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -43,6 +43,11 @@ class OonaServiceStub:
                 request_serializer=esper_dot_v1_dot_oona__pb2.PublishRequest.SerializeToString,
                 response_deserializer=esper_dot_v1_dot_oona__pb2.PublishResponse.FromString,
                 _registered_method=True)
+        self.PublishBatch = channel.unary_unary(
+                '/esper.v1.OonaService/PublishBatch',
+                request_serializer=esper_dot_v1_dot_oona__pb2.PublishBatchRequest.SerializeToString,
+                response_deserializer=esper_dot_v1_dot_oona__pb2.PublishBatchResponse.FromString,
+                _registered_method=True)
         self.Subscribe = channel.unary_stream(
                 '/esper.v1.OonaService/Subscribe',
                 request_serializer=esper_dot_v1_dot_oona__pb2.SubscribeRequest.SerializeToString,
@@ -69,6 +74,14 @@ class OonaServiceServicer:
 
     def Publish(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PublishBatch(self, request, context):
+        """Publishes several messages in one call, in order (each may name its own topic). The whole
+        batch is validated first: one bad message rejects the batch and nothing is published.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -100,6 +113,11 @@ def add_OonaServiceServicer_to_server(servicer, server):
                     servicer.Publish,
                     request_deserializer=esper_dot_v1_dot_oona__pb2.PublishRequest.FromString,
                     response_serializer=esper_dot_v1_dot_oona__pb2.PublishResponse.SerializeToString,
+            ),
+            'PublishBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishBatch,
+                    request_deserializer=esper_dot_v1_dot_oona__pb2.PublishBatchRequest.FromString,
+                    response_serializer=esper_dot_v1_dot_oona__pb2.PublishBatchResponse.SerializeToString,
             ),
             'Subscribe': grpc.unary_stream_rpc_method_handler(
                     servicer.Subscribe,
@@ -148,6 +166,33 @@ class OonaService:
             '/esper.v1.OonaService/Publish',
             esper_dot_v1_dot_oona__pb2.PublishRequest.SerializeToString,
             esper_dot_v1_dot_oona__pb2.PublishResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esper.v1.OonaService/PublishBatch',
+            esper_dot_v1_dot_oona__pb2.PublishBatchRequest.SerializeToString,
+            esper_dot_v1_dot_oona__pb2.PublishBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

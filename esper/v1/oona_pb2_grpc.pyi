@@ -38,6 +38,10 @@ class OonaServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OonaServiceAsyncStub: ...
     Publish: _grpc.UnaryUnaryMultiCallable[_oona_pb2.PublishRequest, _oona_pb2.PublishResponse]
+    PublishBatch: _grpc.UnaryUnaryMultiCallable[_oona_pb2.PublishBatchRequest, _oona_pb2.PublishBatchResponse]
+    """Publishes several messages in one call, in order (each may name its own topic). The whole
+    batch is validated first: one bad message rejects the batch and nothing is published.
+    """
     Subscribe: _grpc.UnaryStreamMultiCallable[_oona_pb2.SubscribeRequest, _oona_pb2.SubscribeResponse]
     """Server stream of messages until the client cancels."""
     Ack: _grpc.UnaryUnaryMultiCallable[_oona_pb2.AckRequest, _oona_pb2.AckResponse]
@@ -54,6 +58,10 @@ class OonaServiceAsyncStub(OonaServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Publish: _aio.UnaryUnaryMultiCallable[_oona_pb2.PublishRequest, _oona_pb2.PublishResponse]  # type: ignore[assignment]
+    PublishBatch: _aio.UnaryUnaryMultiCallable[_oona_pb2.PublishBatchRequest, _oona_pb2.PublishBatchResponse]  # type: ignore[assignment]
+    """Publishes several messages in one call, in order (each may name its own topic). The whole
+    batch is validated first: one bad message rejects the batch and nothing is published.
+    """
     Subscribe: _aio.UnaryStreamMultiCallable[_oona_pb2.SubscribeRequest, _oona_pb2.SubscribeResponse]  # type: ignore[assignment]
     """Server stream of messages until the client cancels."""
     Ack: _aio.UnaryUnaryMultiCallable[_oona_pb2.AckRequest, _oona_pb2.AckResponse]  # type: ignore[assignment]
@@ -73,6 +81,16 @@ class OonaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _oona_pb2.PublishRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_oona_pb2.PublishResponse, _abc.Awaitable[_oona_pb2.PublishResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PublishBatch(
+        self,
+        request: _oona_pb2.PublishBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_oona_pb2.PublishBatchResponse, _abc.Awaitable[_oona_pb2.PublishBatchResponse]]:
+        """Publishes several messages in one call, in order (each may name its own topic). The whole
+        batch is validated first: one bad message rejects the batch and nothing is published.
+        """
 
     @_abc_1.abstractmethod
     def Subscribe(

@@ -12,7 +12,8 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from esper.errors import InvalidArgumentError
-from esper.oona import Message, OonaBus, StartPosition
+from esper.oona import Message, OonaBus, OutgoingMessage, StartPosition
+from esper.oona.bus import MAX_BATCH
 from esper.v1 import oona_pb2, oona_pb2_grpc
 
 SERVICE_NAME = "esper.v1.OonaService"
@@ -49,8 +50,19 @@ class OonaServicer(oona_pb2_grpc.OonaServiceServicer):
                                         source=request.source)
         return oona_pb2.PublishResponse(message_id=result.message_id, offset=result.offset)
 
+    async def PublishBatch(self, request: oona_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
+                           ) -> oona_pb2.PublishBatchResponse:
+        items = [(m.topic, OutgoingMessage(payload=m.payload, key=m.key, content_type=m.content_type,
+                                           headers=dict(m.headers), source=m.source)) for m in request.messages]
+        results = await self.bus.publish_batch(items)
+        return oona_pb2.PublishBatchResponse(results=[
+            oona_pb2.PublishResponse(message_id=r.message_id, offset=r.offset) for r in results])
+
     async def Subscribe(self, request: oona_pb2.SubscribeRequest, context: grpc.aio.ServicerContext
                         ) -> AsyncIterator[oona_pb2.SubscribeResponse]:
+        if not 0 <= request.max_batch <= MAX_BATCH:
+            raise InvalidArgumentError(f"max_batch must be in 0..{MAX_BATCH}, got {request.max_batch}",
+                                       field="max_batch")
         start = _START.get(request.start)
         if start is None:
             raise InvalidArgumentError(f"start {request.start} is not a SubscribeStart value; expected "
@@ -67,9 +79,14 @@ class OonaServicer(oona_pb2_grpc.OonaServiceServicer):
                     raise InvalidArgumentError(f"{name} is set but consumer_group is empty; it only applies "
                                                "to consumer-group subscriptions", field=name)
             subscription = await self.bus.subscribe(request.topic, start, request.from_offset)
+        max_batch = request.max_batch
         async for batch in subscription.batches():
-            for message in batch:
-                yield oona_pb2.SubscribeResponse(message=envelope(message))
+            if max_batch > 1:
+                for i in range(0, len(batch), max_batch):
+                    yield oona_pb2.SubscribeResponse(batch=[envelope(m) for m in batch[i:i + max_batch]])
+            else:
+                for message in batch:
+                    yield oona_pb2.SubscribeResponse(message=envelope(message))
 
     async def Ack(self, request: oona_pb2.AckRequest, context: grpc.aio.ServicerContext) -> oona_pb2.AckResponse:
         acked = await self.bus.ack(request.topic, request.consumer_group, list(request.message_ids))

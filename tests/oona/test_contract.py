@@ -352,3 +352,22 @@ def test_cancelled_subscriptions_end_promptly(run_bus):
         assert all(t.cancelled() for t in done)
 
     run_bus(scenario)
+
+
+def test_publish_batch_keeps_order_across_topics_and_rejects_a_bad_batch_whole(run_bus):
+    from esper.oona import OutgoingMessage
+
+    async def scenario(bus: OonaBus):
+        items = [("t.b1", OutgoingMessage(b"a")), ("t.b2", OutgoingMessage(b"b")), ("t.b1", OutgoingMessage(b"c"))]
+        results = await bus.publish_batch(items)
+        assert [(r.offset, r.message_id) for r in results] == [(0, "0"), (0, "0"), (1, "1")]
+        assert [m.payload for m in await bus.backend.read("t.b1", 0, 10, 0)] == [b"a", b"c"]
+        bad = [("t.b1", OutgoingMessage(b"d")), ("bad topic", OutgoingMessage(b"e"))]
+        with pytest.raises(InvalidArgumentError, match=r"messages\[1\]") as info:
+            await bus.publish_batch(bad)
+        assert info.value.field == "messages[1].topic"
+        assert await bus.backend.bounds("t.b1") == (0, 2), "nothing of a rejected batch is published"
+        with pytest.raises(InvalidArgumentError, match="messages is empty"):
+            await bus.publish_batch([])
+
+    run_bus(scenario)

@@ -216,3 +216,31 @@ def test_redis_going_away_gives_unavailable_and_the_server_keeps_serving(tmp_pat
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert server.stop() == 0
+
+
+def test_publish_batch_and_batched_subscribe(oona_address):
+    async def scenario():
+        async with open_aio_channel(oona_address) as channel:
+            stub = oona_pb2_grpc.OonaServiceStub(channel)
+            topic = f"batch.{uuid.uuid4().hex[:8]}"
+            reply = await stub.PublishBatch(oona_pb2.PublishBatchRequest(messages=[
+                oona_pb2.PublishRequest(topic=topic, payload=b"%d" % i) for i in range(300)]), timeout=10)
+            assert [r.offset for r in reply.results] == list(range(300))
+            call = stub.Subscribe(oona_pb2.SubscribeRequest(topic=topic, start=oona_pb2.SUBSCRIBE_START_EARLIEST,
+                                                            max_batch=100), timeout=10)
+            offsets, sizes = [], []
+            async for response in call:
+                assert not response.HasField("message")
+                sizes.append(len(response.batch))
+                offsets += [e.offset for e in response.batch]
+                if len(offsets) == 300:
+                    call.cancel()
+                    break
+            assert offsets == list(range(300)) and max(sizes) == 100
+            await _expect_error(stub.PublishBatch(oona_pb2.PublishBatchRequest(messages=[
+                oona_pb2.PublishRequest(topic=topic, payload=b"ok"), oona_pb2.PublishRequest(topic="", payload=b"x")]),
+                timeout=5), grpc.StatusCode.INVALID_ARGUMENT, "messages[1].topic")
+            await _expect_error(_first_message(stub, oona_pb2.SubscribeRequest(topic=topic, max_batch=-1)),
+                                grpc.StatusCode.INVALID_ARGUMENT, "max_batch")
+
+    _run(scenario())

@@ -26,3 +26,5 @@ def test_quick_run_produces_every_figure(tmp_path, redis_server):
     for key in ("raw_redis", "oona_redis", "oona_memory"):
         assert data[key]["delivered_msg_s"] > 0 and data[key]["loaded"]["n"] > 0
         assert data[key]["one_at_a_time"]["n"] > 0
+        batched = data[f"{key}_batched"]
+        assert batched["batch"] == 100 and batched["delivered_msg_s"] > 0 and batched["loaded"]["n"] > 0
