@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,14 +19,22 @@ from pathlib import Path
 
 from esper.serving.server import LISTENING_PREFIX
 
+# Sets the parent-death signal, then execs the command (used when util-linux `setpriv` is missing).
+# A separate exec, not a preexec_fn: code run between fork and exec in a multi-threaded parent (a
+# training process) can deadlock on a lock another thread held at the fork.
+_PDEATHSIG_EXEC = ("import ctypes, os, signal, sys; "
+                   "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "
+                   "os.execvp(sys.argv[1], sys.argv[1:])")
 
-def _die_with_parent() -> None:
-    """In the forked child before exec: ask for SIGTERM when the parent dies (Linux prctl)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
 
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def die_with_parent_argv(argv: Sequence[str]) -> list[str]:
+    """`argv` wrapped so that the kernel sends it SIGTERM when the starting thread dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return list(argv)
+    setpriv = shutil.which("setpriv")
+    if setpriv:
+        return [setpriv, "--pdeathsig", "TERM", *argv]
+    return [sys.executable, "-c", _PDEATHSIG_EXEC, *argv]
 
 
 class ServerStartError(RuntimeError):
@@ -72,10 +81,10 @@ class ServerProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         if self.stderr_path is not None:
             self._stderr_file = open(self.stderr_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
+        argv = die_with_parent_argv(self.argv) if self.die_with_parent else self.argv
+        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE,
                                         stderr=self._stderr_file if self._stderr_file else None,
-                                        env=env, cwd=self.cwd,
-                                        preexec_fn=_die_with_parent if self.die_with_parent else None)
+                                        env=env, cwd=self.cwd)
         assert self.process.stdout is not None
         selector = selectors.DefaultSelector()
         selector.register(self.process.stdout, selectors.EVENT_READ)
