@@ -19,10 +19,11 @@ the signals and calls them at step and epoch boundaries:
 - GRAFTING -> STABILIZATION: alpha ramped to 1 over `grafting_steps` steps.
 - STABILIZATION -> EVALUATING: `stabilization_steps` steps with the seed frozen.
 - EVALUATING -> FINE_TUNING / CULLED: after `evaluation_epochs` epochs, the counterfactual
-  contribution (validation score with the seed minus with its alpha forced to 0) is at least
-  `min_contribution`, else culled.
+  contribution (validation score with the seed minus with its alpha forced to 0) must exceed
+  `min_contribution` (default 0: the seed must measurably help), else culled. A seed that changes
+  nothing is culled, not kept: it would cost parameters and compute for no gain.
 - FINE_TUNING -> FOSSILIZED / CULLED: the contribution is re-measured every epoch; it must stay
-  >= `min_contribution` for `fine_tuning_epochs` epochs.
+  above `min_contribution` for `fine_tuning_epochs` epochs.
 - GERMINATED -> CANCELLED: no kernel arrived within `germination_timeout_epochs` epochs.
 """
 
@@ -219,8 +220,8 @@ def contribution_gate(
     state: S, epochs_in_state: int, contribution: float, cfg: LifecycleConfig
 ) -> GateDecision | None:
     """EVALUATING / FINE_TUNING gates on a measured counterfactual contribution."""
-    text = f"contribution {contribution:+.6f} (min {cfg.min_contribution:+.6f})"
-    if not math.isfinite(contribution) or contribution < cfg.min_contribution:
+    text = f"contribution {contribution:+.6f} (must exceed {cfg.min_contribution:+.6f})"
+    if not math.isfinite(contribution) or contribution <= cfg.min_contribution:
         return GateDecision(S.CULLED, f"{text} in {state.name}")
     if state == S.EVALUATING:
         return GateDecision(S.FINE_TUNING, f"{text} after {epochs_in_state} evaluation epoch(s)")

@@ -130,8 +130,8 @@ class LifecycleConfig:
     stabilization_steps: int = 20
     evaluation_epochs: int = 1
     fine_tuning_epochs: int = 1
-    # Minimum counterfactual contribution (validation accuracy with the seed minus with alpha=0,
-    # as a fraction) a seed must keep to be fossilized.
+    # Counterfactual contribution (validation accuracy with the seed minus with alpha=0, as a
+    # fraction) a seed must exceed to be fossilized; 0 means it must be positive.
     min_contribution: float = 0.0
     # Per-site thresholds that replace min_contribution at that site, e.g. {hidden.1: 0.01}.
     min_contribution_per_site: dict[str, float] = field(default_factory=dict)
@@ -374,6 +374,23 @@ def _validate_services(svc: ServicesConfig) -> None:
         raise ConfigError(f"services.tolaria_port: expected -1 (off), 0 (any free port) or a port, got {svc.tolaria_port}")
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false are bools, so `mode: off` stays "off"."""
+
+
+_ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_ConfigLoader)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Parses `a.b.c=value`; the value is read as YAML so `0.01`, `true`, `[1, 2]` get their types."""
     if "=" not in text:
@@ -383,7 +400,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{text}': expected a dotted key such as optim.lr")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})") from None
     return key, value
@@ -405,7 +422,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; expected a YAML file such as configs/development.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

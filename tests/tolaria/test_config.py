@@ -96,3 +96,12 @@ def test_shipped_configs_load(name):
 
 def test_parse_override_keeps_equals_in_value():
     assert parse_override("run_name=a=b") == ("run_name", "a=b")
+
+
+def test_yaml_1_1_words_stay_strings_for_string_keys(tmp_path):
+    # `off`/`no`/`yes` are strings (YAML 1.2 booleans are only true/false).
+    from esper.tolaria.config import parse_override
+
+    assert parse_override("services.mode=off") == ("services.mode", "off")
+    assert parse_override("train.deterministic=true") == ("train.deterministic", True)
+    assert parse_override("x.y=False") == ("x.y", False)
