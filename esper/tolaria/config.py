@@ -317,8 +317,6 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             _merge(getattr(obj, name), value, f"{key}.")
-        elif key == "services.mode" and value is False:  # YAML 1.1 reads a bare `off` as false
-            setattr(obj, name, "off")
         else:
             setattr(obj, name, _coerce(key, value, tp))
 
