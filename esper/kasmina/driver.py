@@ -15,6 +15,7 @@ Every transition is a LifecycleEvent, kept in `driver.events` and sent to listen
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 
 from torch import nn
@@ -42,10 +43,13 @@ class LifecycleDriver:
         config: LifecycleConfig | None = None,
         evaluate: Callable[[], float] | None = None,
         listeners: Iterable[LifecycleListener] = (),
+        min_contribution_per_site: dict[str, float] | None = None,
     ) -> None:
         self.model = model
         self.config = config or LifecycleConfig()
         self.evaluate = evaluate
+        # Sites that must clear a different contribution threshold than config.min_contribution.
+        self.min_contribution_per_site = dict(min_contribution_per_site or {})
         self.clock = LifecycleClock()
         self.events: list[LifecycleEvent] = []
         self._listeners = list(listeners)
@@ -53,6 +57,10 @@ class LifecycleDriver:
         self.refresh_sites()
         if not self.sites:
             raise ValueError("the model has no seed sites; call esper.kasmina.wrap(model, ...) first")
+        unknown = sorted(set(self.min_contribution_per_site) - {name for name, _ in self.sites})
+        if unknown:
+            raise ValueError(f"min_contribution_per_site names {unknown}, which are not seed sites; "
+                             f"expected some of {[name for name, _ in self.sites]}")
 
     @property
     def global_step(self) -> int:
@@ -118,8 +126,18 @@ class LifecycleDriver:
                     layer.transition(i, decision.to_state, decision.reason)
         return self.events[start:]
 
-    def end_epoch(self) -> list[LifecycleEvent]:
-        """At each epoch boundary: epoch counters, embargoes, germination timeouts, contribution gates."""
+    def site_config(self, name: str) -> LifecycleConfig:
+        """The lifecycle config that gates the seeds of site `name` (its own contribution threshold)."""
+        if name not in self.min_contribution_per_site:
+            return self.config
+        return dataclasses.replace(self.config, min_contribution=self.min_contribution_per_site[name])
+
+    def end_epoch(self, baseline: float | None = None) -> list[LifecycleEvent]:
+        """At each epoch boundary: epoch counters, embargoes, germination timeouts, contribution gates.
+
+        `baseline` is this epoch's validation score with every seed as it is, when the caller has it
+        already; otherwise it is measured with `evaluate` (only if some seed needs a measurement).
+        """
         cfg = self.config
         start = len(self.events)
         for _, layer in self.sites:
@@ -128,10 +146,11 @@ class LifecycleDriver:
                 if layer.state_of(i) == S.GERMINATED and layer.epochs_in_state(i) >= cfg.germination_timeout_epochs:
                     layer.cancel(i, f"no kernel arrived within {cfg.germination_timeout_epochs} epoch(s)")
         pending = [
-            (layer, i)
-            for _, layer in self.sites
+            (layer, i, site_cfg)
+            for name, layer in self.sites
+            for site_cfg in (self.site_config(name),)
             for i in range(layer.num_seeds)
-            if needs_contribution(layer.state_of(i), layer.epochs_in_state(i), cfg)
+            if needs_contribution(layer.state_of(i), layer.epochs_in_state(i), site_cfg)
         ]
         if pending:
             if self.evaluate is None:
@@ -139,13 +158,14 @@ class LifecycleDriver:
                     "seeds need a counterfactual measurement but the LifecycleDriver has no evaluate callable; "
                     "pass evaluate=<function returning a validation score, higher is better>"
                 )
-            baseline = float(self.evaluate())
-            for layer, i in pending:
+            if baseline is None:
+                baseline = float(self.evaluate())
+            for layer, i, site_cfg in pending:
                 with layer.seed_disabled(i):
                     without = float(self.evaluate())
                 contribution = baseline - without
                 layer.record_contribution(i, contribution)
-                decision = contribution_gate(layer.state_of(i), layer.epochs_in_state(i), contribution, cfg)
+                decision = contribution_gate(layer.state_of(i), layer.epochs_in_state(i), contribution, site_cfg)
                 if decision is not None:
                     layer.transition(i, decision.to_state, decision.reason)
         self.clock.epoch += 1

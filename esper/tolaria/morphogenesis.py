@@ -25,7 +25,7 @@ from torch import nn
 
 from esper.kasmina import KasminaLayer, LifecycleDriver, seed_sites, wrap
 from esper.kasmina import LifecycleConfig as KasminaLifecycleConfig
-from esper.kasmina.lifecycle import ACTIVE_STATES, LifecycleEvent, contribution_gate, needs_contribution
+from esper.kasmina.lifecycle import ACTIVE_STATES, LifecycleEvent
 from esper.lifecycle import SeedLifecycleState as S
 from esper.tamiyo import Controller, HeuristicConfig, HeuristicPolicy, RailsConfig, SafetyRails
 from esper.tolaria.config import Config, ConfigError
@@ -52,45 +52,6 @@ class Growth:
 
     added_groups: list[tuple[str, list[nn.Parameter]]] = field(default_factory=list)
     removed_groups: list[str] = field(default_factory=list)
-
-
-class SiteAwareDriver(LifecycleDriver):
-    """The Kasmina LifecycleDriver with per-site contribution thresholds and a known baseline.
-
-    Thin adapter: Kasmina's driver applies one `min_contribution` to every site and evaluates the
-    baseline itself; Tolaria already has this epoch's validation score, and a config may demand
-    more of some sites (`lifecycle.min_contribution_per_site`). The gates are Kasmina's own.
-    """
-
-    def __init__(self, model: nn.Module, config: KasminaLifecycleConfig, per_site: dict[str, float],
-                 evaluate: Callable[[], float]) -> None:
-        super().__init__(model, config, evaluate=evaluate)
-        self.per_site = dict(per_site)
-
-    def end_epoch_with_baseline(self, baseline: float) -> list[LifecycleEvent]:
-        cfg = self.config
-        start = len(self.events)
-        for _, layer in self.sites:
-            layer.end_epoch()
-            for i in range(layer.num_seeds):
-                if layer.state_of(i) == S.GERMINATED and layer.epochs_in_state(i) >= cfg.germination_timeout_epochs:
-                    layer.cancel(i, f"no kernel arrived within {cfg.germination_timeout_epochs} epoch(s)")
-        for name, layer in self.sites:
-            site_cfg = cfg
-            if name in self.per_site:
-                site_cfg = KasminaLifecycleConfig(**{**cfg.to_dict(), "min_contribution": self.per_site[name]})
-            for i in range(layer.num_seeds):
-                if not needs_contribution(layer.state_of(i), layer.epochs_in_state(i), site_cfg):
-                    continue
-                with layer.seed_disabled(i):
-                    without = float(self.evaluate())
-                contribution = baseline - without
-                layer.record_contribution(i, contribution)
-                decision = contribution_gate(layer.state_of(i), layer.epochs_in_state(i), contribution, site_cfg)
-                if decision is not None:
-                    layer.transition(i, decision.to_state, decision.reason)
-        self.clock.epoch += 1
-        return self.events[start:]
 
 
 def kasmina_lifecycle_config(cfg: Config) -> KasminaLifecycleConfig:
@@ -137,8 +98,8 @@ class Morphogenesis:
         if per_site_unknown:
             raise ConfigError(f"lifecycle.min_contribution_per_site: {per_site_unknown} are not seed sites; expected some of {sites}")
         self._evaluate_acc: Callable[[], float] = lambda: 0.0
-        self.driver = SiteAwareDriver(self.model, kasmina_lifecycle_config(cfg), cfg.lifecycle.min_contribution_per_site,
-                                      evaluate=lambda: self._evaluate_acc())
+        self.driver = LifecycleDriver(self.model, kasmina_lifecycle_config(cfg), evaluate=lambda: self._evaluate_acc(),
+                                      min_contribution_per_site=cfg.lifecycle.min_contribution_per_site)
         self.driver.add_listener(self._on_event)
         self.output_shapes = self._probe_output_shapes()
         ctl = cfg.controller
@@ -246,7 +207,7 @@ class Morphogenesis:
         before = self.param_group_names()
         self._evaluate_acc = lambda: evaluate()[1]
         self.driver.set_position(global_step, epoch)
-        self.driver.end_epoch_with_baseline(val_acc)
+        self.driver.end_epoch(baseline=val_acc)
         if self.enabled:
             state = self.graph_state(epoch + 1, global_step, total_epochs, train_loss, val_loss, val_acc, history)
             for decision in self.controller.decide(state):
@@ -427,4 +388,4 @@ class Morphogenesis:
         self._flops_cache = None
 
 
-__all__ = ["Growth", "KasminaLayer", "Morphogenesis", "SiteAwareDriver", "group_name", "seed_sites"]
+__all__ = ["Growth", "KasminaLayer", "Morphogenesis", "group_name", "seed_sites"]

@@ -253,3 +253,15 @@ def test_driver_without_evaluate_says_what_is_missing():
         driver.end_epoch()
     with pytest.raises(ValueError, match="no seed sites"):
         K.LifecycleDriver(MLP(4, 8, 2))
+
+
+def test_driver_rejects_per_site_thresholds_for_unknown_sites():
+    import pytest
+    from torch import nn
+
+    from esper.kasmina import LifecycleDriver, wrap
+
+    model = wrap(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), target_layers=["0"], seeds_per_layer=1)
+    assert LifecycleDriver(model, min_contribution_per_site={"0": 0.5}).site_config("0").min_contribution == 0.5
+    with pytest.raises(ValueError, match="not seed sites"):
+        LifecycleDriver(model, min_contribution_per_site={"2": 0.5})
