@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from esper.durable import fsync_dir
+
 FORMAT = "esper.tolaria.checkpoint/1"
 MARKER = "COMPLETE"
 STATE_FILE = "state.pt"
@@ -39,14 +41,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -80,7 +74,7 @@ def save_checkpoint(run_dir: Path, epoch: int, payload: dict[str, Any], keep_las
         os.fsync(fh.fileno())
     marker = {"format": FORMAT, "epoch": epoch, "sha256": _sha256(tmp / STATE_FILE)}
     _write_file(tmp / MARKER, json.dumps(marker).encode())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         # Re-writing an epoch (after a resume from an earlier one): retire the old copy first so
         # the rename below is atomic; a crash in between leaves the previous epochs intact.
@@ -88,7 +82,7 @@ def save_checkpoint(run_dir: Path, epoch: int, payload: dict[str, Any], keep_las
         final.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
     tmp.rename(final)
-    _fsync_dir(root)
+    fsync_dir(root)
     if best_metric is not None:
         best = read_best(run_dir)
         if best is None or best_metric < best["metric"] or not (root / best["dir"]).is_dir():

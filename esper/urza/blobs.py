@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from esper.durable import fsync_dir
 from esper.errors import DataLossError, InvalidArgumentError
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -75,7 +76,7 @@ class BlobWriter:
                 return digest
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self._path, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         except BaseException:
             self._path.unlink(missing_ok=True)
             raise
@@ -96,14 +97,6 @@ class BlobWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.abort()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class BlobStore:
