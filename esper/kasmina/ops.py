@@ -13,18 +13,21 @@ from __future__ import annotations
 import torch
 
 from esper._extension import load
+from esper.kasmina.reference import (  # noqa: F401  (re-exported)
+    TELEMETRY_COUNT,
+    TELEMETRY_DEAD,
+    TELEMETRY_GRAD_SQ,
+    TELEMETRY_GRAD_STEPS,
+    TELEMETRY_SUM,
+    TELEMETRY_SUMSQ,
+)
 
 _C = load()
 
 NUM_LIFECYCLE_STATES = 12
 
-# Columns of the float64[S, 6] telemetry table (mirrored in csrc/include/esper/seed_ops.h).
-TELEMETRY_SUM = 0
-TELEMETRY_SUMSQ = 1
-TELEMETRY_DEAD = 2
-TELEMETRY_COUNT = 3
-TELEMETRY_GRAD_SQ = 4
-TELEMETRY_GRAD_STEPS = 5
+# Columns of the float64[S, 6] telemetry table (mirrored in csrc/include/esper/seed_ops.h); the
+# pure-PyTorch reference defines them so it stays importable without the extension.
 TELEMETRY_COLUMNS = 6
 
 
