@@ -11,6 +11,8 @@ STAMPS := $(VENV)/.stamps
 APT_PACKAGES ?= postgresql redis-server
 CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null)
 EXT_SO := esper/_C.cpython-311-x86_64-linux-gnu.so
+# A tiny compiled kernel a trainer loads once before training (esper.tezzeret.compiler.warm_up_loader).
+WARMUP_PT2 := esper/tezzeret/warmup.pt2
 TORCH_PIN := torch==2.13.0
 BUF_VERSION := 1.75.0
 PYTEST_ARGS ?=
@@ -20,12 +22,13 @@ NODE_CLIENT_STAMP := $(NODE_CLIENT)/node_modules/.esper-npm-ci
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MAX_JOBS ?= 2
 
-.PHONY: help build test test-all demo proto lint bench check-cuda clean distclean toolchain system-deps
+.PHONY: help build test test-all test-slow demo proto lint bench check-cuda clean distclean toolchain system-deps
 
 help:
 	@echo "make build       create .venv, install dependencies and system packages, build the extension"
 	@echo "make test        run the default test suite (excludes tests marked slow)"
 	@echo "make test-all    run every test, slow ones included"
+	@echo "make test-slow   run only the slow tests (full-system runs; CI runs them after make test)"
 	@echo "make demo        run the main job on the bundled default config"
 	@echo "make proto       regenerate esper/v1 from proto/esper/v1/*.proto"
 	@echo "make lint        ruff + buf lint"
@@ -33,7 +36,7 @@ help:
 	@echo "make check-cuda  compile the CUDA sources to objects with nvcc (no GPU needed)"
 	@echo "make clean       remove build outputs (keeps .venv); distclean also removes .venv"
 
-build: toolchain $(STAMPS)/deps system-deps $(STAMPS)/editable $(EXT_SO) $(NODE_CLIENT_STAMP)
+build: toolchain $(STAMPS)/deps system-deps $(STAMPS)/editable $(EXT_SO) $(WARMUP_PT2) $(NODE_CLIENT_STAMP)
 
 toolchain:
 	@ver=$$($(PYTHON) -c 'import platform; print(platform.python_version())' 2>/dev/null); \
@@ -81,11 +84,18 @@ $(EXT_SO): $(STAMPS)/deps setup.py $(CSRC)
 	@$(PY) setup.py build_ext --inplace > build/extension-build.log 2>&1 || { tail -n 60 build/extension-build.log; echo "error: extension build failed; full log in build/extension-build.log" >&2; exit 1; }
 	@touch $@
 
+$(WARMUP_PT2): $(STAMPS)/deps $(EXT_SO) esper/tezzeret/compiler.py
+	@$(PY) -c "from esper.tezzeret.compiler import write_warmup_artifact; write_warmup_artifact()"
+
 test: build
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-all: build
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Only the tests marked slow (the full-system runs in tests/system): CI runs them after `make test`.
+test-slow: build
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # The main job on the bundled default config (digits, no download), on the full system: esper-train
 # starts Urza, Tezzeret, Oona and Tamiyo, Tamiyo decides, Tezzeret compiles the seed's kernel, the
@@ -125,7 +135,7 @@ check-cuda: $(STAMPS)/deps
 	done; echo "all CUDA sources compiled"
 
 clean:
-	rm -rf build esper/_C*.so esper/*.egg-info *.egg-info .pytest_cache .ruff_cache
+	rm -rf build esper/_C*.so $(WARMUP_PT2) esper/*.egg-info *.egg-info .pytest_cache .ruff_cache
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +
 
 distclean: clean

@@ -2,7 +2,9 @@
 
 `TamiyoCore` keeps one `Controller` (the heuristic policy behind the safety rails, the same code
 Tolaria runs in-process with ``services.mode: off``) per run id, because the rails carry per-run
-state (cooldown, adaptation count). The policy knobs come from a `PolicySettings` (the
+state (cooldown, adaptation count). That state is kept next to the replay buffer
+(``<replay dir>/controllers/<hash of run id>.json``, written atomically whenever a decision changes
+it), so a restarted Tamiyo keeps a run's cooldown and adaptation count. The policy knobs come from a `PolicySettings` (the
 ``controller`` section of a Tolaria config, passed to ``esper-tamiyo --policy-config``); the host's
 FLOPs, which the compute budget is measured in, come with every graph
 (`TrainingSignals.initial_flops_per_sample`).
@@ -13,6 +15,10 @@ FLOPs, which the compute budget is measured in, come with every graph
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
+import os
 import threading
 import uuid
 from collections.abc import Mapping
@@ -26,6 +32,8 @@ from esper.tamiyo.policy import HeuristicConfig, RailsConfig
 from esper.tamiyo.rails import Controller, SafetyRails
 from esper.tamiyo.replay import ReplayBuffer
 from esper.v1 import common_pb2
+
+log = logging.getLogger("esper.tamiyo")
 
 
 @dataclass
@@ -83,7 +91,9 @@ class TamiyoCore:
     def __init__(self, settings: PolicySettings, replay_dir: Path | str):
         self.settings = settings
         self.replay = ReplayBuffer(replay_dir)
+        self.state_dir = Path(replay_dir) / "controllers"
         self._controllers: dict[str, Controller] = {}
+        self._saved: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -96,8 +106,46 @@ class TamiyoCore:
             if controller is None:
                 policy = HeuristicPolicy(self.settings.heuristic(), self.settings.rails(), host_flops)
                 controller = Controller(policy, SafetyRails(self.settings.rails(), host_flops))
+                saved = self._load_state(run_id)
+                if saved is not None:
+                    controller.load_state_dict(saved)
+                    self._saved[run_id] = saved
                 self._controllers[run_id] = controller
             return controller
+
+    def _state_path(self, run_id: str) -> Path:
+        return self.state_dir / f"{hashlib.sha256(run_id.encode()).hexdigest()[:24]}.json"
+
+    def _load_state(self, run_id: str) -> dict[str, Any] | None:
+        path = self._state_path(run_id)
+        try:
+            record = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.warning("controller state of run %r at %s is unreadable (%s); starting it afresh", run_id, path, exc)
+            return None
+        if record.get("run_id") != run_id:
+            return None
+        return record["state"]
+
+    def _save_state(self, run_id: str, controller: Controller) -> None:
+        """Write the run's controller state if a decision changed it (atomic; fsynced)."""
+        state = controller.state_dict()
+        if self._saved.get(run_id) == state:
+            return
+        from esper.durable import fsync_dir
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self._state_path(run_id)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "w") as fh:
+            json.dump({"run_id": run_id, "state": state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(self.state_dir)
+        self._saved[run_id] = state
 
     def decide(self, graph: common_pb2.ModelGraphState) -> list[common_pb2.AdaptationDecision]:
         """Decisions for one epoch boundary of run `graph.run_id` (rails applied)."""
@@ -114,7 +162,9 @@ class TamiyoCore:
                                            "expected > 0", field="graph.nodes.seed.chunk_size")
         controller = self.controller_for(graph.run_id, graph.signals.initial_flops_per_sample)
         with self._lock:  # rails state is per run but Decide calls for one run may overlap
-            return controller.decide(graph)
+            decisions = controller.decide(graph)
+            self._save_state(graph.run_id, controller)
+            return decisions
 
     def report(self, report: common_pb2.FieldReport) -> tuple[str, int]:
         """Appends a field report durably; (report id, buffer size)."""

@@ -22,10 +22,12 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,6 +35,9 @@ from torch import nn
 from esper.v1 import common_pb2
 
 ARTIFACT_FORMAT = "torch.export/pt2"
+# A tiny artifact made by `make build` (write_warmup_artifact) for warm_up_loader.
+WARMUP_ARTIFACT = Path(__file__).with_name("warmup.pt2")
+WARMUP_CHUNK = 4
 EXAMPLE_BATCH = 4
 CHECK_BATCH = 7
 MAX_BATCH = 1 << 20
@@ -192,3 +197,41 @@ def warm_up_compiler() -> None:
     module = nn.Linear(4, 4)
     x = torch.zeros(2, 4)
     torch.export.export(module, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+
+
+def write_warmup_artifact(path: Path = WARMUP_ARTIFACT) -> Path:
+    """Compile a tiny residual MLP seed (chunk 4) and write its artifact to `path` (atomically)."""
+    from esper.kasmina.blueprints import get_blueprint
+
+    outcome = compile_blueprint(get_blueprint("residual_mlp").SerializeToString(), [-1, WARMUP_CHUNK],
+                                common_pb2.DEVICE_TYPE_CPU, common_pb2.D_TYPE_FLOAT32, latency_budget_s=0.01)
+    if not outcome.valid:
+        raise RuntimeError(f"the warm-up artifact did not compile: {outcome.reason}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(outcome.artifact)
+    os.replace(tmp, path)
+    return path
+
+
+def warm_up_loader(path: Path = WARMUP_ARTIFACT) -> bool:
+    """Pay the one-off cost of the first `torch.export.load` in this process now (about 1 s here).
+
+    The first load imports torch's serialisation code and sets up lazily; later loads of other
+    artifacts take about 20 ms. A trainer calls this before training, so that a kernel loaded
+    while training runs does not hold the GIL for a second. Loads the artifact `make build`
+    wrote and runs it forward and backward once; without that file it only imports the modules
+    (most of the cost) and returns False.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        import importlib
+
+        for name in ("torch._export.serde.serialize", "torch.export.pt2_archive._package"):
+            importlib.import_module(name)
+        return False
+    module = load_kernel_artifact(data)
+    x = torch.zeros((2, WARMUP_CHUNK), requires_grad=True)
+    module(x).sum().backward()
+    return True

@@ -185,6 +185,13 @@ class ServicesConfig:
     start_timeout_s: float = 120.0
     tezzeret_workers: int = 1
     oona_backend: str = "memory://"
+    # Local mode (Linux): the CPUs the services, their compile workers and the trainer's network
+    # threads run on, so that a compile never takes a core from the training step (esper.cpus).
+    # auto: the last CPU serves and the rest train (from 2 CPUs on; a quarter serve from 8 on),
+    # and torch uses one intra-op thread per training CPU unless train.torch_threads is set;
+    # off: everything shares every CPU; or a CPU list such as "3" or "6-7" that serves (in
+    # remote mode only an explicit list partitions: services started on those CPUs by hand).
+    cpus: str = "auto"
 
 
 @dataclass
@@ -297,6 +304,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)  # e.g. services.cpus=3
     else:  # pragma: no cover - the schema only uses the types above
         raise TypeError(f"unsupported config type {tp!r} for {key}")
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -368,6 +377,13 @@ def _validate_services(svc: ServicesConfig) -> None:
             raise ConfigError(f"services.{key}: expected a float > 0, got {getattr(svc, key)}")
     if svc.tezzeret_workers < 1:
         raise ConfigError(f"services.tezzeret_workers: expected an int >= 1, got {svc.tezzeret_workers}")
+    if svc.cpus.strip().lower() not in ("auto", "off"):
+        from esper.cpus import CpuSpecError, parse_cpu_list
+
+        try:
+            parse_cpu_list(svc.cpus)
+        except CpuSpecError as exc:
+            raise ConfigError(f"services.cpus: {exc}; expected auto, off or a CPU list such as 3 or 6-7") from None
     if not -1 <= svc.tolaria_port < 65536:
         raise ConfigError(f"services.tolaria_port: expected -1 (off), 0 (any free port) or a port, got {svc.tolaria_port}")
 

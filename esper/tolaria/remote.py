@@ -60,6 +60,7 @@ from esper.kasmina.blueprints import BlueprintError
 from esper.kasmina.lifecycle import ACTIVE_STATES, IllegalTransitionError
 from esper.lifecycle import SeedLifecycleState as S
 from esper.serving import ChannelConfig, open_aio_channel
+from esper.tolaria.slices import StepSlices
 from esper.v1 import (
     common_pb2,
     oona_pb2,
@@ -82,8 +83,11 @@ PROTO_CONTENT = "application/x-protobuf; type=esper.v1.{}"
 # Publishes and reports kept while their service is down (oldest publishes dropped beyond this).
 MAX_BACKLOG = 10_000
 KERNEL_CACHE_BYTES = 256 << 20
-# GIL switch interval while the worker thread loads a kernel (the default is 5 ms).
-LOAD_SWITCH_INTERVAL_S = 0.0002
+# Share of a training step's duration a kernel load may run for at each step boundary (StepSlices).
+LOAD_SHARE = 0.25
+# GIL switch interval while the controller runs (CPython's default is 5 ms): the longest the
+# training thread waits for the GIL when the adaptation thread is busy with Python work.
+SWITCH_INTERVAL_S = 0.0005
 OUTCOMES = {
     S.FOSSILIZED: common_pb2.ADAPTATION_OUTCOME_FOSSILIZED,
     S.CULLED: common_pb2.ADAPTATION_OUTCOME_CULLED,
@@ -288,10 +292,20 @@ class RemoteController:
         self._fetching: set[str] = set()
         self._shapes: dict[str, list[int]] = {}
         self._loaded: dict[str, tuple[torch.nn.Module, str]] = {}
+        # Kernel loads hold the GIL: they run in slices the training thread grants between steps.
+        self._slices = StepSlices(share=LOAD_SHARE)
+        self._last_step_s = 0.0
+        self._spares: dict[str, torch.nn.Module] = {}
         self.germinations: list[dict[str, Any]] = []
         self.decision_latencies_ms: list[float] = []
-        self.step_times: list[tuple[float, bool]] = []
+        # (seconds between step boundaries, what ran meanwhile: "compile", "load" or "", step)
+        self.step_times: list[tuple[float, str, int]] = []
+        # Set by the worker thread, read by the training thread (plain ints: no lock needed).
+        self._compiles_in_flight = 0
+        self._loads_in_flight = 0
         self._last_step_at: float | None = None
+        self._interval_phase = ""
+        self._switch_interval = sys.getswitchinterval()
         self.events: list[dict[str, Any]] = []
         self._decide_future: concurrent.futures.Future | None = None
         self._ready_waiters: dict[str, asyncio.Event] = {}
@@ -309,8 +323,20 @@ class RemoteController:
         morph.germinate_hook = self._germinate
 
     def connect(self, addresses: dict[str, str]) -> None:
-        """Start the worker thread with links to the services at `addresses` (no call waits here)."""
+        """Start the worker thread with links to the services at `addresses` (no call waits here).
+
+        First the kernel loader is warmed up (`esper.tezzeret.warm_up_loader`, about a second,
+        before training starts), so that loading a kernel later holds the GIL for milliseconds.
+        """
+        from esper.tezzeret.compiler import warm_up_loader
+
+        started = time.perf_counter()
+        full = warm_up_loader()
+        self._note(f"kernel loader warmed up in {time.perf_counter() - started:.2f} s"
+                   + ("" if full else " (imports only: esper/tezzeret/warmup.pt2 is missing; run make build)"))
         self.settings.addresses = dict(addresses)
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch_interval, SWITCH_INTERVAL_S))
         self._links = {name: ServiceLink(name, address, self.settings, self._links_changed)
                        for name, address in addresses.items()}
         self._thread = threading.Thread(target=self._run_loop, name="esper-adaptation", daemon=True)
@@ -336,6 +362,7 @@ class RemoteController:
         if self._stop.is_set():
             return
         self._stop.set()
+        self._slices.release()  # no more steps will grant slices
         if self._thread is None:
             return
 
@@ -357,6 +384,7 @@ class RemoteController:
             log.warning("adaptation worker did not shut down cleanly: %s", exc)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        sys.setswitchinterval(self._switch_interval)
 
     def on_status_change(self, listener: Callable[[bool, str], None]) -> None:
         self._status_listener = listener
@@ -475,11 +503,24 @@ class RemoteController:
     def after_step(self, trainer: Any, epoch: int, loss: float) -> bool:
         now = time.perf_counter()
         if self._last_step_at is not None:
-            # Wall time of one step (plus any boundary work), and whether a kernel was in flight.
-            self.step_times.append((now - self._last_step_at, bool(self._pending)))
+            # Wall time of one step (plus any boundary work), and what adaptation work ran meanwhile.
+            phase = self._phase()
+            if phase == "compile" and self._interval_phase != "compile":
+                phase = ""  # the compile began inside this interval (the germination step itself)
+            elif not phase and self._interval_phase == "load":
+                phase = "load"  # the load ended inside this interval
+            self._last_step_s = now - self._last_step_at
+            self.step_times.append((self._last_step_s, phase, trainer.state.global_step))
         self._last_step_at = now
         self._drain(trainer, epoch)
+        if self._last_step_s:
+            self._slices.grant(self._last_step_s)  # a kernel load's turn, if one is waiting
+        self._interval_phase = self._phase()
         return False
+
+    def _phase(self) -> str:
+        """What adaptation work runs now: "compile" (in Tezzeret), "load" (in this process) or ""."""
+        return "load" if self._loads_in_flight else "compile" if self._compiles_in_flight else ""
 
     def _drain(self, trainer: Any, epoch: int) -> None:
         self._step = trainer.state.global_step
@@ -604,11 +645,11 @@ class RemoteController:
         self._request_kernel(kernel_id, spec, shape, device, dtype)
 
     @staticmethod
-    def _seed_copy(module: torch.nn.Module, spec: common_pb2.BlueprintSpec) -> torch.nn.Module:
+    def _seed_copy(module: torch.nn.Module, spec: common_pb2.BlueprintSpec | None) -> torch.nn.Module:
         with warnings.catch_warnings():  # torch's pytree warns about its own LeafSpec inside deepcopy
             warnings.simplefilter("ignore", FutureWarning)
             seed = copy.deepcopy(module)  # each seed trains its own parameters
-        return compiled_seed(seed, spec.blueprint_id)
+        return seed if spec is None else compiled_seed(seed, spec.blueprint_id)
 
     def _request_kernel(self, kernel_id: str, spec, shape, device, dtype) -> None:
         if kernel_id in self._fetching:
@@ -630,7 +671,9 @@ class RemoteController:
                            f"{layer.state_of(pending.seed).name} by now; kept in the kernel cache")
                 continue
             spec = layer.blueprint_of(pending.seed)
-            layer.attach_kernel(pending.seed, self._seed_copy(module, spec), kernel_id=kernel_id)
+            spare = self._spares.pop(kernel_id, None)
+            seed = compiled_seed(spare, spec.blueprint_id) if spare is not None else self._seed_copy(module, spec)
+            layer.attach_kernel(pending.seed, seed, kernel_id=kernel_id)
             # cold: compiled for this run; library: the artifact was already in Urza.
             self._record_germination(pending, "library" if via == "urza" else pending.path, via)
             attached = True
@@ -753,9 +796,18 @@ class RemoteController:
             if artifact is None or artifact.status != common_pb2.ARTIFACT_STATUS_VALIDATED:
                 if artifact is not None and artifact.status == common_pb2.ARTIFACT_STATUS_INVALID:
                     raise CompileFailed(artifact.status_reason or "artifact is INVALID in Urza")
-                via = await self._compile(kernel_id, spec, shape, device, dtype)
-            data, artifact = await self._download(kernel_id)
-            module = await asyncio.to_thread(self._load, kernel_id, data, artifact.sha256)
+                self._compiles_in_flight += 1
+                try:
+                    via = await self._compile(kernel_id, spec, shape, device, dtype)
+                finally:
+                    self._compiles_in_flight -= 1
+            self._loads_in_flight += 1
+            try:
+                data, artifact = await self._download(kernel_id)
+                module = await asyncio.to_thread(self._slices.run, self._load_kernel, kernel_id, data,
+                                             artifact.sha256)
+            finally:
+                self._loads_in_flight -= 1
             self._loaded[kernel_id] = (module, via)
             self._outbox.put(("kernel", kernel_id))
         except CompileFailed as exc:
@@ -793,11 +845,21 @@ class RemoteController:
                                  f"{', reused' if job.reused else ''})")
             if self._job_done(job):
                 return "poll"
+            # Success arrives as kernel-ready on Oona; a failure only in the job's own stream (or
+            # at the next poll when the stream is unavailable).
+            waiters = {asyncio.ensure_future(ready.wait()), asyncio.ensure_future(self._watch_failure(job.job_id))}
             try:
-                await asyncio.wait_for(ready.wait(), self.settings.poll_s)
+                done, _ = await asyncio.wait(waiters, timeout=self.settings.poll_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            if ready.is_set():
                 return "oona"
-            except TimeoutError:
-                pass
+            failed = next((w.result() for w in done if not w.cancelled() and w.exception() is None
+                           and w.result() is not None and w.result() is not True), None)
+            if failed is not None:
+                self._job_done(failed)  # raises CompileFailed
             try:
                 job = (await self._call("tezzeret",
                                         lambda ch: tezzeret_pb2_grpc.TezzeretServiceStub(ch).GetCompileJob,
@@ -807,6 +869,24 @@ class RemoteController:
                     raise
                 self._note_async(f"Tezzeret lost compile job for {kernel_id} (restarted?); requesting it again")
                 job = None
+
+    async def _watch_failure(self, job_id: str) -> tezzeret_pb2.CompileJob | None:
+        """The job once Tezzeret's WatchCompileJob stream shows it failed; otherwise it never returns
+        (success arrives as kernel-ready; a broken stream is covered by the caller's poll)."""
+        link = self._links["tezzeret"]
+        if not link.up:
+            return None
+        try:
+            stream = tezzeret_pb2_grpc.TezzeretServiceStub(link.open()).WatchCompileJob(
+                tezzeret_pb2.WatchCompileJobRequest(job_id=job_id), timeout=self.settings.poll_s + 1.0)
+            async for reply in stream:
+                if reply.job.state in (tezzeret_pb2.COMPILE_JOB_STATE_FAILED, tezzeret_pb2.COMPILE_JOB_STATE_TIMED_OUT,
+                                       tezzeret_pb2.COMPILE_JOB_STATE_CANCELLED):
+                    return reply.job
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(3600)  # succeeded: leave the outcome to kernel-ready or the poll
+        return None
 
     @staticmethod
     def _job_done(job: tezzeret_pb2.CompileJob) -> bool:
@@ -850,21 +930,9 @@ class RemoteController:
                         artifact.sha256 if artifact else "?", attempt + 1)
         raise CompileFailed(f"kernel {kernel_id}: downloaded bytes never matched their SHA-256")
 
-    def _load(self, kernel_id: str, data: bytes, sha256: str) -> torch.nn.Module:
-        """Worker thread: verify, keep the bytes in the run directory, load (torch.export.load), cache.
-
-        Loading is mostly Python (deserialising the graph) and holds the GIL; with the default 5 ms
-        switch interval the training thread would wait up to 5 ms at each of its GIL acquisitions,
-        so the interval is shortened while a kernel loads.
-        """
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(LOAD_SWITCH_INTERVAL_S)
-        try:
-            return self._load_kernel(kernel_id, data, sha256)
-        finally:
-            sys.setswitchinterval(interval)
-
     def _load_kernel(self, kernel_id: str, data: bytes, sha256: str) -> torch.nn.Module:
+        """Worker thread, in slices granted between training steps (`StepSlices`): verify, keep the
+        bytes in the run directory, load (`torch.export.load`), run it once, cache it."""
         from esper.tezzeret import load_kernel_artifact
 
         module = load_kernel_artifact(data, expected_sha256=sha256).to(self.morph.device)
@@ -879,6 +947,8 @@ class RemoteController:
             for p in module.parameters():
                 p.grad = None
         self.kernels.put(kernel_id, self.morph.device, dtype, module, len(data))
+        # The first seed's own copy is made here too, not on the training thread at attach time.
+        self._spares[kernel_id] = self._seed_copy(module, None)
         return module
 
     async def _kernel_ready_listener(self) -> None:

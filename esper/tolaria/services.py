@@ -74,6 +74,52 @@ class RunServices:
         self.remote = None
         self.tolaria = None
         self.control = None
+        # services.cpus (local mode): the training thread's CPUs and the services' (esper.cpus).
+        self.partition = None
+        self._restore_cpus: tuple[set[int], int] | None = None
+
+    def _service_cpus(self):
+        return self.partition.services if self.partition is not None else None
+
+    def partition_cpus(self) -> None:
+        """Move the training thread to its CPUs (see ServicesConfig.cpus); idempotent.
+
+        Local mode; remote mode only with an explicit CPU list (services running on this machine,
+        pinned there by whoever started them).
+        """
+        setting = self.cfg.services.cpus.strip().lower()
+        if self._restore_cpus is not None or self.mode == "off" or (self.mode == "remote" and setting == "auto"):
+            return
+        import os
+
+        import torch
+
+        from esper import cpus
+
+        try:
+            self.partition = cpus.plan_partition(self.cfg.services.cpus)
+        except cpus.CpuSpecError as exc:
+            raise ServicesError(f"services.cpus: {exc}") from exc
+        if self.partition is None:
+            return
+        self._restore_cpus = (os.sched_getaffinity(0), torch.get_num_threads())
+        cpus.pin_current_thread(self.partition.train)
+        if self.cfg.train.torch_threads <= 0:
+            torch.set_num_threads(len(self.partition.train))
+        self.echo(f"cpus: {self.partition.describe()} (services.cpus={self.cfg.services.cpus}; "
+                  f"torch threads {torch.get_num_threads()})")
+
+    def _unpartition(self) -> None:
+        if self._restore_cpus is None:
+            return
+        import torch
+
+        from esper import cpus
+
+        mask, threads = self._restore_cpus
+        self._restore_cpus = None
+        cpus.pin_current_thread(sorted(mask))
+        torch.set_num_threads(threads)
 
     # ------------------------------------------------------------------ services
 
@@ -89,6 +135,12 @@ class RunServices:
                     self.echo(f"warning: {status.name} at {status.address} is {status.status} {status.detail}; "
                               "training starts anyway, adaptation waits for it")
             return self.addresses
+        from esper.cpus import on_cpus
+
+        with on_cpus(self._service_cpus()):  # children and the watcher thread inherit these CPUs
+            return self._start_local(svc)
+
+    def _start_local(self, svc: Any) -> dict[str, str]:
         from esper.local_stack import LocalStack, StackError
 
         state_dir = self.run_dir / "services"
@@ -168,11 +220,21 @@ class RunServices:
 
     def install(self, trainer: Any) -> None:
         """Before `trainer.prepare()`: the remote controller is created with the model (no network yet)."""
+        self.partition_cpus()
         if self.mode != "off" and trainer.morphogenetic:
             trainer.setup_hooks.append(self._install_remote)
 
     def attach(self, trainer: Any) -> None:
-        """After `start()`: connect the remote controller, start the Tolaria server, resume pending kernels."""
+        """After `start()`: connect the remote controller, start the Tolaria server, resume pending kernels.
+
+        Their threads are started on the service CPUs (local mode with a CPU partition).
+        """
+        from esper.cpus import on_cpus
+
+        with on_cpus(self._service_cpus()):
+            self._attach(trainer)
+
+    def _attach(self, trainer: Any) -> None:
         from esper.tolaria.server import RunControl, ServedRunHooks, TolariaServer
 
         svc = self.cfg.services
@@ -219,6 +281,10 @@ class RunServices:
             out["kernel_cache"] = r.kernels.stats()
             out["notes"] = [e["note"] for e in r.events][-200:]
             out["step_times"] = step_time_stats(r.step_times)
+            waits = sorted(r._slices.waited_s)
+            if waits:  # kernel loads ran in slices between steps (esper.tolaria.slices)
+                out["load_slices"] = {"n": len(waits), "median_ms": waits[len(waits) // 2] * 1000,
+                                      "max_ms": waits[-1] * 1000}
         return out
 
     def finish(self, trainer: Any) -> None:
@@ -268,6 +334,7 @@ class RunServices:
             bad = {n: c for n, c in codes.items() if c not in (0, None)}
             if bad:
                 log.warning("services exited with codes %s", bad)
+        self._unpartition()
 
     def __enter__(self) -> RunServices:
         self.start()
@@ -316,8 +383,9 @@ def services_command(cfg: Config, run_dir: Path, check: bool) -> int:
         services.stop()
 
 
-def step_time_stats(samples: list[tuple[float, bool]]) -> dict[str, Any]:
-    """Median and slowest step (ms), overall and while a kernel was being compiled/fetched."""
+def step_time_stats(samples: list[tuple[float, str, int]]) -> dict[str, Any]:
+    """Median, p95 and slowest step (ms): overall, with no kernel in flight, while Tezzeret compiled
+    a kernel for the run, and while the trainer downloaded and loaded one; the ten slowest steps."""
     import statistics
 
     def stats(values: list[float]) -> dict[str, float]:
@@ -328,9 +396,13 @@ def step_time_stats(samples: list[tuple[float, bool]]) -> dict[str, Any]:
                 "p95_ms": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] * 1000,
                 "max_ms": ordered[-1] * 1000}
 
-    everything = [dt for dt, _ in samples]
-    during = [dt for dt, busy in samples if busy]
-    out = {"all": stats(everything), "during_compile": stats(during)}
-    if everything and during:
-        out["max_during_compile_over_median"] = max(during) / statistics.median(everything)
+    everything = [dt for dt, _, _ in samples]
+    out: dict[str, Any] = {"all": stats(everything)}
+    for key, phase in (("no_adaptation", ""), ("during_compile", "compile"), ("during_load", "load")):
+        values = [dt for dt, p, _ in samples if p == phase]
+        out[key] = stats(values)
+        if everything and values and key != "no_adaptation":
+            out[f"max_{key}_over_median"] = max(values) / statistics.median(everything)
+    out["slowest"] = [{"step": step, "ms": dt * 1000, "phase": phase or "none"}
+                      for dt, phase, step in sorted(samples, reverse=True)[:10]]
     return out

@@ -7,6 +7,7 @@ the run directory, so a rejected command leaves an existing run untouched.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -232,6 +233,11 @@ class Trainer:
             self.morph.echo = display.print
         wall_start = time.perf_counter() - self.state.wall_s
         stopped_early = False
+        # Everything set up so far (torch, gRPC, the model, the data) lives for the whole run: move
+        # it out of the collector's sight, so that a full collection triggered in the middle of a
+        # step scans only what the run allocates later (~110 ms -> ~0 ms for the digits MLP here).
+        gc.collect()
+        gc.freeze()
         try:
             with display:
                 for epoch in range(self.state.epoch, cfg.train.epochs):
@@ -291,6 +297,7 @@ class Trainer:
                             self.save(best_metric=val_loss if cfg.checkpoint.save_best else None)
                         break
         finally:
+            gc.unfreeze()  # what the run leaves behind is collected as usual (tests run many trainers)
             self.metrics.close()
         test_loss, test_acc = self.evaluate(self.data.test)
         self.state.wall_s = time.perf_counter() - wall_start

@@ -94,11 +94,16 @@ def test_decide_report_info_and_restart(tmp_path, policy_file):
     # Simulate a crash mid-append: a torn record at the end is cut on the next start.
     with (tmp_path / "replay" / "field_reports.bin").open("ab") as fh:
         fh.write(b"\x00\x00\x01\x00garbage")
-    proc = start(tmp_path)
+    proc = start(tmp_path, "--policy-config", str(policy_file))
     try:
         with open_sync_channel(proc.address) as channel:
             stub = tamiyo_pb2_grpc.TamiyoServiceStub(channel)
             assert stub.GetPolicyInfo(tamiyo_pb2.GetPolicyInfoRequest(), timeout=10).replay_buffer_size == 2
+            # The rails state of each run survived the kill: run-a is still in its cooldown.
+            (again,) = stub.Decide(tamiyo_pb2.DecideRequest(graph=graph(epoch=4)), timeout=10).decisions
+            assert again.action == common_pb2.DECISION_ACTION_WAIT and "cooldown" in again.reason
+            (new,) = stub.Decide(tamiyo_pb2.DecideRequest(graph=graph(run_id="run-c", epoch=4)), timeout=10).decisions
+            assert new.action == common_pb2.DECISION_ACTION_GERMINATE
             report = common_pb2.FieldReport(run_id="run-a", decision=d,
                                             outcome=common_pb2.ADAPTATION_OUTCOME_COMPILE_FAILED)
             assert stub.ReportOutcome(tamiyo_pb2.ReportOutcomeRequest(report=report),

@@ -88,3 +88,16 @@ def test_compile_for_cuda_and_load_on_cuda():
     x = torch.randn(3, 16, 8, 8, device="cuda")
     y = seed(x)
     assert y.device.type == "cuda" and torch.equal(y, torch.zeros_like(y))
+
+
+def test_warm_up_loader_uses_the_built_artifact_or_imports_only(tmp_path):
+    from esper.tezzeret.compiler import WARMUP_ARTIFACT, WARMUP_CHUNK, warm_up_loader, write_warmup_artifact
+
+    path = write_warmup_artifact(tmp_path / "warmup.pt2")
+    module = load_kernel_artifact(path.read_bytes())
+    x = torch.randn(3, WARMUP_CHUNK)
+    assert module(x).shape == x.shape and torch.equal(module(x), torch.zeros_like(x))  # a fresh seed: zero
+    assert warm_up_loader(path) is True
+    assert warm_up_loader(tmp_path / "missing.pt2") is False
+    # `make build` writes the package's own copy (the one esper-train warms up with).
+    assert WARMUP_ARTIFACT.exists(), "esper/tezzeret/warmup.pt2 is missing: run make build"
