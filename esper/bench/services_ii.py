@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import statistics
 import subprocess
 import sys
@@ -95,12 +96,13 @@ def bench_decisions(work_dir: Path, calls: int, warmup: int) -> dict[str, Any]:
             for i in range(warmup + calls):
                 t0 = time.perf_counter()
                 controller.decide(graph)
-                deadline = t0 + 10.0
-                # The training thread polls at its next step boundary; here: as fast as it can.
-                while controller._outbox.empty():
-                    if time.perf_counter() > deadline:
-                        raise RuntimeError(f"no decision came back within 10 s: {controller.paused()[1]}")
-                    time.sleep(0)
+                # The moment the reply is in the training thread's queue (read there at its next
+                # step boundary). A blocking get releases the GIL like a training thread inside its
+                # torch ops; spinning on the queue would take the GIL from the worker thread.
+                try:
+                    controller._outbox.get(timeout=10.0)
+                except queue.Empty:
+                    raise RuntimeError(f"no decision came back within 10 s: {controller.paused()[1]}") from None
                 if i >= warmup:
                     samples.append((time.perf_counter() - t0) * 1000)
                 while not controller._outbox.empty():

@@ -4,7 +4,8 @@
 Tolaria runs in-process with ``services.mode: off``) per run id, because the rails carry per-run
 state (cooldown, adaptation count). That state is kept next to the replay buffer
 (``<replay dir>/controllers/<hash of run id>.json``, written atomically whenever a decision changes
-it), so a restarted Tamiyo keeps a run's cooldown and adaptation count. The policy knobs come from a `PolicySettings` (the
+it: when a germination passes the rails), so a restarted Tamiyo keeps a run's cooldown and
+adaptation count. The policy knobs come from a `PolicySettings` (the
 ``controller`` section of a Tolaria config, passed to ``esper-tamiyo --policy-config``); the host's
 FLOPs, which the compute budget is measured in, come with every graph
 (`TrainingSignals.initial_flops_per_sample`).
@@ -108,7 +109,7 @@ class TamiyoCore:
                 controller = Controller(policy, SafetyRails(self.settings.rails(), host_flops))
                 saved = self._load_state(run_id)
                 if saved is not None:
-                    controller.load_state_dict(saved)
+                    controller.rails.load_state_dict(saved)
                     self._saved[run_id] = saved
                 self._controllers[run_id] = controller
             return controller
@@ -130,8 +131,9 @@ class TamiyoCore:
         return record["state"]
 
     def _save_state(self, run_id: str, controller: Controller) -> None:
-        """Write the run's controller state if a decision changed it (atomic; fsynced)."""
-        state = controller.state_dict()
+        """Write the run's rails state if a decision changed it (atomic, fsynced: only when a
+        germination passes the rails, not at every Decide)."""
+        state = controller.rails.state_dict()
         if self._saved.get(run_id) == state:
             return
         from esper.durable import fsync_dir
