@@ -1,10 +1,12 @@
 """Crash-safe filesystem steps shared by the components that write durable state
-(Tolaria checkpoints, Urza blobs)."""
+(Tolaria checkpoints, Urza blobs, Tamiyo's per-run rails state)."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def fsync_dir(path: Path) -> None:
@@ -14,3 +16,22 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_file_synced(path: Path, data: bytes) -> None:
+    """Write `data` to `path` and fsync the file (not its directory)."""
+    with Path(path).open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Replace `path` with `value` as JSON atomically: an fsynced temporary file, then a rename.
+
+    A reader sees the old content or the new, never a torn file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_file_synced(tmp, json.dumps(value).encode())
+    os.replace(tmp, path)

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import threading
 import uuid
 from collections.abc import Mapping
@@ -136,16 +135,10 @@ class TamiyoCore:
         state = controller.rails.state_dict()
         if self._saved.get(run_id) == state:
             return
-        from esper.durable import fsync_dir
+        from esper.durable import fsync_dir, write_json_atomic
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        path = self._state_path(run_id)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "w") as fh:
-            json.dump({"run_id": run_id, "state": state}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_json_atomic(self._state_path(run_id), {"run_id": run_id, "state": state})
         fsync_dir(self.state_dir)
         self._saved[run_id] = state
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from esper.durable import fsync_dir
+from esper.durable import fsync_dir, write_file_synced, write_json_atomic
 
 FORMAT = "esper.tolaria.checkpoint/1"
 MARKER = "COMPLETE"
@@ -41,13 +41,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with path.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -73,7 +66,7 @@ def save_checkpoint(run_dir: Path, epoch: int, payload: dict[str, Any], keep_las
     with (tmp / STATE_FILE).open("rb") as fh:
         os.fsync(fh.fileno())
     marker = {"format": FORMAT, "epoch": epoch, "sha256": _sha256(tmp / STATE_FILE)}
-    _write_file(tmp / MARKER, json.dumps(marker).encode())
+    write_file_synced(tmp / MARKER, json.dumps(marker).encode())
     fsync_dir(tmp)
     if final.exists():
         # Re-writing an epoch (after a resume from an earlier one): retire the old copy first so
@@ -86,15 +79,9 @@ def save_checkpoint(run_dir: Path, epoch: int, payload: dict[str, Any], keep_las
     if best_metric is not None:
         best = read_best(run_dir)
         if best is None or best_metric < best["metric"] or not (root / best["dir"]).is_dir():
-            _write_json_atomic(root / "best.json", {"dir": final.name, "epoch": epoch, "metric": best_metric})
+            write_json_atomic(root / "best.json", {"dir": final.name, "epoch": epoch, "metric": best_metric})
     prune(run_dir, keep_last)
     return final
-
-
-def _write_json_atomic(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    _write_file(tmp, json.dumps(value).encode())
-    os.replace(tmp, path)
 
 
 def read_best(run_dir: Path) -> dict[str, Any] | None:
