@@ -645,11 +645,11 @@ class RemoteController:
         self._request_kernel(kernel_id, spec, shape, device, dtype)
 
     @staticmethod
-    def _seed_copy(module: torch.nn.Module, spec: common_pb2.BlueprintSpec | None) -> torch.nn.Module:
+    def _seed_copy(module: torch.nn.Module, spec: common_pb2.BlueprintSpec) -> torch.nn.Module:
         with warnings.catch_warnings():  # torch's pytree warns about its own LeafSpec inside deepcopy
             warnings.simplefilter("ignore", FutureWarning)
             seed = copy.deepcopy(module)  # each seed trains its own parameters
-        return seed if spec is None else compiled_seed(seed, spec.blueprint_id)
+        return compiled_seed(seed, spec.blueprint_id)
 
     def _request_kernel(self, kernel_id: str, spec, shape, device, dtype) -> None:
         if kernel_id in self._fetching:
@@ -671,8 +671,9 @@ class RemoteController:
                            f"{layer.state_of(pending.seed).name} by now; kept in the kernel cache")
                 continue
             spec = layer.blueprint_of(pending.seed)
-            spare = self._spares.pop(kernel_id, None)
-            seed = compiled_seed(spare, spec.blueprint_id) if spare is not None else self._seed_copy(module, spec)
+            seed = self._spares.pop(kernel_id, None)  # a kernel id names one blueprint spec
+            if seed is None:
+                seed = self._seed_copy(module, spec)
             layer.attach_kernel(pending.seed, seed, kernel_id=kernel_id)
             # cold: compiled for this run; library: the artifact was already in Urza.
             self._record_germination(pending, "library" if via == "urza" else pending.path, via)
@@ -804,8 +805,8 @@ class RemoteController:
             self._loads_in_flight += 1
             try:
                 data, artifact = await self._download(kernel_id)
-                module = await asyncio.to_thread(self._slices.run, self._load_kernel, kernel_id, data,
-                                             artifact.sha256)
+                module = await asyncio.to_thread(self._slices.run, self._load_kernel, kernel_id, spec, data,
+                                                 artifact.sha256)
             finally:
                 self._loads_in_flight -= 1
             self._loaded[kernel_id] = (module, via)
@@ -847,19 +848,18 @@ class RemoteController:
                 return "poll"
             # Success arrives as kernel-ready on Oona; a failure only in the job's own stream (or
             # at the next poll when the stream is unavailable).
-            waiters = {asyncio.ensure_future(ready.wait()), asyncio.ensure_future(self._watch_failure(job.job_id))}
+            announced = asyncio.ensure_future(ready.wait())
+            failure = asyncio.ensure_future(self._watch_failure(job.job_id))
             try:
-                done, _ = await asyncio.wait(waiters, timeout=self.settings.poll_s,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait((announced, failure), timeout=self.settings.poll_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
             finally:
-                for waiter in waiters:
-                    waiter.cancel()
+                announced.cancel()
+                failure.cancel()
             if ready.is_set():
                 return "oona"
-            failed = next((w.result() for w in done if not w.cancelled() and w.exception() is None
-                           and w.result() is not None and w.result() is not True), None)
-            if failed is not None:
-                self._job_done(failed)  # raises CompileFailed
+            if failure.done() and not failure.cancelled():
+                self._job_done(failure.result())  # a failed job: raises CompileFailed
             try:
                 job = (await self._call("tezzeret",
                                         lambda ch: tezzeret_pb2_grpc.TezzeretServiceStub(ch).GetCompileJob,
@@ -870,23 +870,23 @@ class RemoteController:
                 self._note_async(f"Tezzeret lost compile job for {kernel_id} (restarted?); requesting it again")
                 job = None
 
-    async def _watch_failure(self, job_id: str) -> tezzeret_pb2.CompileJob | None:
-        """The job once Tezzeret's WatchCompileJob stream shows it failed; otherwise it never returns
-        (success arrives as kernel-ready; a broken stream is covered by the caller's poll)."""
+    async def _watch_failure(self, job_id: str) -> tezzeret_pb2.CompileJob:
+        """The job once Tezzeret's WatchCompileJob stream shows it failed; otherwise it waits until
+        cancelled (success arrives as kernel-ready; a broken stream is covered by the caller's poll)."""
         link = self._links["tezzeret"]
-        if not link.up:
-            return None
-        try:
-            stream = tezzeret_pb2_grpc.TezzeretServiceStub(link.open()).WatchCompileJob(
-                tezzeret_pb2.WatchCompileJobRequest(job_id=job_id), timeout=self.settings.poll_s + 1.0)
-            async for reply in stream:
-                if reply.job.state in (tezzeret_pb2.COMPILE_JOB_STATE_FAILED, tezzeret_pb2.COMPILE_JOB_STATE_TIMED_OUT,
-                                       tezzeret_pb2.COMPILE_JOB_STATE_CANCELLED):
-                    return reply.job
-        except grpc.aio.AioRpcError:
-            pass
-        await asyncio.sleep(3600)  # succeeded: leave the outcome to kernel-ready or the poll
-        return None
+        if link.up:
+            try:
+                stream = tezzeret_pb2_grpc.TezzeretServiceStub(link.open()).WatchCompileJob(
+                    tezzeret_pb2.WatchCompileJobRequest(job_id=job_id), timeout=self.settings.poll_s + 1.0)
+                async for reply in stream:
+                    if reply.job.state in (tezzeret_pb2.COMPILE_JOB_STATE_FAILED,
+                                           tezzeret_pb2.COMPILE_JOB_STATE_TIMED_OUT,
+                                           tezzeret_pb2.COMPILE_JOB_STATE_CANCELLED):
+                        return reply.job
+            except grpc.aio.AioRpcError:
+                pass
+        await asyncio.Event().wait()  # never set: the caller cancels this at its poll deadline
+        raise AssertionError("unreachable")
 
     @staticmethod
     def _job_done(job: tezzeret_pb2.CompileJob) -> bool:
@@ -930,7 +930,8 @@ class RemoteController:
                         artifact.sha256 if artifact else "?", attempt + 1)
         raise CompileFailed(f"kernel {kernel_id}: downloaded bytes never matched their SHA-256")
 
-    def _load_kernel(self, kernel_id: str, data: bytes, sha256: str) -> torch.nn.Module:
+    def _load_kernel(self, kernel_id: str, spec: common_pb2.BlueprintSpec, data: bytes,
+                     sha256: str) -> torch.nn.Module:
         """Worker thread, in slices granted between training steps (`StepSlices`): verify, keep the
         bytes in the run directory, load (`torch.export.load`), run it once, cache it."""
         from esper.tezzeret import load_kernel_artifact
@@ -948,7 +949,7 @@ class RemoteController:
                 p.grad = None
         self.kernels.put(kernel_id, self.morph.device, dtype, module, len(data))
         # The first seed's own copy is made here too, not on the training thread at attach time.
-        self._spares[kernel_id] = self._seed_copy(module, None)
+        self._spares[kernel_id] = self._seed_copy(module, spec)
         return module
 
     async def _kernel_ready_listener(self) -> None:
