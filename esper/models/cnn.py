@@ -16,11 +16,42 @@ def _scaled(channels: Sequence[int], width: float) -> list[int]:
     return [max(1, round(c * width)) for c in channels]
 
 
-class SmallCNN1d(nn.Module):
-    """Conv1d(k=3, same) + BatchNorm + ReLU (+ MaxPool(2) between stages), global average pool, head.
+class _SmallCNN(nn.Module):
+    """Conv(3, same) + BatchNorm + ReLU (+ MaxPool(2) between stages), global average pool, head,
+    over `dims` spatial dimensions. Convolutions are `convs.0 ...` (the natural seed sites)."""
 
-    Input [N, in_channels, length]. Convolutions are `convs.0 ...` (the natural seed sites).
-    """
+    _LAYERS = {1: (nn.Conv1d, nn.BatchNorm1d, nn.functional.max_pool1d),
+               2: (nn.Conv2d, nn.BatchNorm2d, nn.functional.max_pool2d)}
+
+    def __init__(self, dims: int, in_channels: int, num_classes: int, channels: Sequence[int], width: float) -> None:
+        super().__init__()
+        conv_type, norm_type, self._pool = self._LAYERS[dims]
+        self._spatial = tuple(range(-dims, 0))
+        widths = _scaled(channels, width)
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        prev = in_channels
+        for c in widths:
+            self.convs.append(conv_type(prev, c, kernel_size=3, padding=1))
+            self.norms.append(norm_type(c))
+            prev = c
+        self.head = nn.Linear(prev, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        last = len(self.convs) - 1
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            x = torch.relu(norm(conv(x)))
+            if i < last and min(x.shape[d] for d in self._spatial) >= 2:
+                x = self._pool(x, 2)
+        return self.head(x.mean(dim=self._spatial))
+
+    def seed_site_names(self) -> list[str]:
+        """Names of the layers a trainer would normally wrap with seeds."""
+        return [f"convs.{i}" for i in range(len(self.convs))]
+
+
+class SmallCNN1d(_SmallCNN):
+    """The 1D host: input [N, in_channels, length] (or [N, length] for one channel)."""
 
     def __init__(
         self,
@@ -29,37 +60,16 @@ class SmallCNN1d(nn.Module):
         channels: Sequence[int] = (32, 64, 64),
         width: float = 1.0,
     ) -> None:
-        super().__init__()
-        widths = _scaled(channels, width)
-        self.convs = nn.ModuleList()
-        self.norms = nn.ModuleList()
-        prev = in_channels
-        for c in widths:
-            self.convs.append(nn.Conv1d(prev, c, kernel_size=3, padding=1))
-            self.norms.append(nn.BatchNorm1d(c))
-            prev = c
-        self.head = nn.Linear(prev, num_classes)
+        super().__init__(1, in_channels, num_classes, channels, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
             x = x.unsqueeze(1)
-        last = len(self.convs) - 1
-        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
-            x = torch.relu(norm(conv(x)))
-            if i < last and x.shape[-1] >= 2:
-                x = nn.functional.max_pool1d(x, 2)
-        return self.head(x.mean(dim=-1))
-
-    def seed_site_names(self) -> list[str]:
-        """Names of the layers a trainer would normally wrap with seeds."""
-        return [f"convs.{i}" for i in range(len(self.convs))]
+        return super().forward(x)
 
 
-class SmallCNN2d(nn.Module):
-    """Conv2d(3x3, same) + BatchNorm + ReLU (+ MaxPool(2) between stages), global average pool, head.
-
-    Input [N, in_channels, H, W]. Convolutions are `convs.0 ...` (the natural seed sites).
-    """
+class SmallCNN2d(_SmallCNN):
+    """The 2D host: input [N, in_channels, H, W]."""
 
     def __init__(
         self,
@@ -68,25 +78,4 @@ class SmallCNN2d(nn.Module):
         channels: Sequence[int] = (32, 64, 128),
         width: float = 1.0,
     ) -> None:
-        super().__init__()
-        widths = _scaled(channels, width)
-        self.convs = nn.ModuleList()
-        self.norms = nn.ModuleList()
-        prev = in_channels
-        for c in widths:
-            self.convs.append(nn.Conv2d(prev, c, kernel_size=3, padding=1))
-            self.norms.append(nn.BatchNorm2d(c))
-            prev = c
-        self.head = nn.Linear(prev, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        last = len(self.convs) - 1
-        for i, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
-            x = torch.relu(norm(conv(x)))
-            if i < last and min(x.shape[-2:]) >= 2:
-                x = nn.functional.max_pool2d(x, 2)
-        return self.head(x.mean(dim=(-2, -1)))
-
-    def seed_site_names(self) -> list[str]:
-        """Names of the layers a trainer would normally wrap with seeds."""
-        return [f"convs.{i}" for i in range(len(self.convs))]
+        super().__init__(2, in_channels, num_classes, channels, width)
