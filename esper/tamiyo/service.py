@@ -61,6 +61,12 @@ class PolicySettings:
                            max_adaptations=self.max_adaptations, parameter_budget=self.parameter_budget,
                            compute_budget=self.compute_budget)
 
+    def controller(self, host_flops: float) -> Controller:
+        """The heuristic policy behind the safety rails, for a host of `host_flops` forward FLOPs
+        per sample: what Tamiyo runs per run id, and Tolaria in-process (``services.mode: off``)."""
+        rails = self.rails()
+        return Controller(HeuristicPolicy(self.heuristic(), rails, host_flops), SafetyRails(rails, host_flops))
+
 
 def policy_settings_from_mapping(values: Mapping[str, Any], *, ignore_unknown: tuple[str, ...] = ("policy",)
                                  ) -> PolicySettings:
@@ -104,8 +110,7 @@ class TamiyoCore:
         with self._lock:
             controller = self._controllers.get(run_id)
             if controller is None:
-                policy = HeuristicPolicy(self.settings.heuristic(), self.settings.rails(), host_flops)
-                controller = Controller(policy, SafetyRails(self.settings.rails(), host_flops))
+                controller = self.settings.controller(host_flops)
                 saved = self._load_state(run_id)
                 if saved is not None:
                     controller.rails.load_state_dict(saved)
@@ -192,8 +197,7 @@ class TamiyoCore:
         graph.signals.initial_parameter_count = 1000
         graph.signals.parameter_budget_left = 1.0
         graph.signals.compute_budget_left = 1.0
-        policy = HeuristicPolicy(self.settings.heuristic(), self.settings.rails(), 1000.0)
-        Controller(policy, SafetyRails(self.settings.rails(), 1000.0)).decide(graph)
+        self.settings.controller(1000.0).decide(graph)
 
     def rails_info(self) -> dict[str, str]:
         r = self.settings.rails()

@@ -330,6 +330,14 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
             setattr(obj, name, _coerce(key, value, tp))
 
 
+def policy_config(cfg: Config) -> dict[str, Any]:
+    """The Tamiyo policy knobs of a run: its controller section plus the allowed blueprints (the
+    mapping `esper.tamiyo.service.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
+    section = dataclasses.asdict(cfg.controller)
+    section["blueprints"] = list(cfg.seeds.blueprints)
+    return section
+
+
 def validate(config: Config) -> None:
     """Checks closed value sets and ranges that the types alone do not express."""
     flat = to_dict(config)

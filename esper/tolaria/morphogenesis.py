@@ -27,8 +27,8 @@ from esper.kasmina import KasminaLayer, LifecycleDriver, seed_sites, wrap
 from esper.kasmina import LifecycleConfig as KasminaLifecycleConfig
 from esper.kasmina.lifecycle import ACTIVE_STATES, LifecycleEvent
 from esper.lifecycle import SeedLifecycleState as S
-from esper.tamiyo import Controller, HeuristicConfig, HeuristicPolicy, RailsConfig, SafetyRails
-from esper.tolaria.config import Config, ConfigError
+from esper.tamiyo.service import policy_settings_from_mapping
+from esper.tolaria.config import Config, ConfigError, policy_config
 from esper.tolaria.hosts import count_parameters, forward_flops_per_sample
 from esper.v1 import common_pb2
 
@@ -102,17 +102,8 @@ class Morphogenesis:
                                       min_contribution_per_site=cfg.lifecycle.min_contribution_per_site)
         self.driver.add_listener(self._on_event)
         self.output_shapes = self._probe_output_shapes()
-        ctl = cfg.controller
-        rails_cfg = RailsConfig(cooldown_epochs=ctl.cooldown_epochs, max_concurrent=ctl.max_concurrent,
-                                max_adaptations=ctl.max_adaptations, parameter_budget=ctl.parameter_budget,
-                                compute_budget=ctl.compute_budget)
-        policy = HeuristicPolicy(
-            HeuristicConfig(start_epoch=ctl.start_epoch, plateau_window=ctl.plateau_window,
-                            plateau_threshold=ctl.plateau_threshold, grow_without_plateau=ctl.grow_without_plateau,
-                            blueprints=tuple(cfg.seeds.blueprints)),
-            rails_cfg, flops_initial,
-        )
-        self.controller = Controller(policy, SafetyRails(rails_cfg, flops_initial))
+        # The same policy and rails Tamiyo builds from this run's policy config.
+        self.controller = policy_settings_from_mapping(policy_config(cfg)).controller(flops_initial)
         self.steps_per_epoch = 1
         self._adaptations: list[dict[str, Any]] = []
         self._timeline: list[dict[str, Any]] = [

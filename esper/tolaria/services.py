@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from esper.tolaria.config import SERVICE_NAMES, Config
+from esper.tolaria.config import SERVICE_NAMES, Config, policy_config
 
 log = logging.getLogger("esper.tolaria.services")
 
@@ -47,15 +47,6 @@ TEZZERET_NICENESS = 10
 
 class ServicesError(RuntimeError):
     """The run's services could not be started."""
-
-
-def policy_config(cfg: Config) -> dict[str, Any]:
-    """The Tamiyo policy knobs of a run: its controller section plus the allowed blueprints."""
-    from dataclasses import asdict
-
-    section = asdict(cfg.controller)
-    section["blueprints"] = list(cfg.seeds.blueprints)
-    return section
 
 
 class RunServices:
