@@ -332,7 +332,7 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
 
 def policy_config(cfg: Config) -> dict[str, Any]:
     """The Tamiyo policy knobs of a run: its controller section plus the allowed blueprints (the
-    mapping `esper.tamiyo.service.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
+    mapping `esper.tamiyo.settings.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
     section = dataclasses.asdict(cfg.controller)
     section["blueprints"] = list(cfg.seeds.blueprints)
     return section

@@ -27,7 +27,7 @@ from esper.kasmina import KasminaLayer, LifecycleDriver, seed_sites, wrap
 from esper.kasmina import LifecycleConfig as KasminaLifecycleConfig
 from esper.kasmina.lifecycle import ACTIVE_STATES, LifecycleEvent
 from esper.lifecycle import SeedLifecycleState as S
-from esper.tamiyo.service import policy_settings_from_mapping
+from esper.tamiyo.settings import policy_settings_from_mapping
 from esper.tolaria.config import Config, ConfigError, policy_config
 from esper.tolaria.hosts import count_parameters, forward_flops_per_sample
 from esper.v1 import common_pb2
