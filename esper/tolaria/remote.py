@@ -609,7 +609,7 @@ class RemoteController:
         out = self.morph.output_shapes.get(name) or [-1, layer.chunk_size]
         shape = [-1, int(layer.chunk_size), *[int(d) for d in out[2:]]]
         device = _DEVICE_TYPES[self.morph.device.type]
-        dtype = _DTYPES.get(layer._dtype(), common_pb2.D_TYPE_FLOAT32)
+        dtype = _DTYPES.get(layer.seed_dtype(), common_pb2.D_TYPE_FLOAT32)
         return shape, device, dtype
 
     @staticmethod
@@ -632,7 +632,7 @@ class RemoteController:
                               node.seed.telemetry if node is not None else common_pb2.SeedTelemetry(),
                               self._last_signals)
         self._adaptations[key] = pending
-        torch_dtype = layer._dtype()
+        torch_dtype = layer.seed_dtype()
         cached = self.kernels.get(kernel_id, self.morph.device, torch_dtype)
         if cached is not None:
             pending.path = "warm"
