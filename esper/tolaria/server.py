@@ -14,6 +14,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from esper.tolaria.control import Phase, RunControl
@@ -25,8 +26,11 @@ class TolariaServer:
     """The TolariaService gRPC server on a thread of its own (see module doc)."""
 
     def __init__(self, control: RunControl, host: str = "127.0.0.1", port: int = 0, grace_s: float = 5.0,
-                 auth_token: str | None = None) -> None:
+                 auth_token: str | None = None, tls_cert_file: str | None = None,
+                 tls_key_file: str | None = None) -> None:
         self.control = control
+        self.tls_cert_file = tls_cert_file
+        self.tls_key_file = tls_key_file
         self.host = host
         self.port = port
         self.grace_s = grace_s
@@ -66,7 +70,9 @@ class TolariaServer:
         from esper.v1 import tolaria_pb2_grpc
 
         server = GrpcServer(ServerConfig(host=self.host, port=self.port, grace_seconds=self.grace_s,
-                                         auth_token=self.auth_token))
+                                         auth_token=self.auth_token,
+                                         tls_cert_file=Path(self.tls_cert_file) if self.tls_cert_file else None,
+                                         tls_key_file=Path(self.tls_key_file) if self.tls_key_file else None))
         server.add_service(SERVICE_NAME, TolariaServicer(self.control),
                            tolaria_pb2_grpc.add_TolariaServiceServicer_to_server)
         self._server = server
