@@ -13,9 +13,11 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from esper.kasmina.lifecycle import LifecycleConfig
 
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -24,13 +26,14 @@ class ConfigError(ValueError):
     """A config file or override is malformed; the message names the key and what was expected."""
 
 
-DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "teacher_student")
-MODELS = ("mlp", "cnn1d", "cnn2d", "resnet18")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("constant", "cosine", "step")
-DEVICES = ("auto", "cpu", "cuda")
-POLICIES = ("heuristic",)
-SERVICE_MODES = ("local", "remote", "off")
+# Fixed choices are Literal types: the type is the one list of allowed values.
+DatasetName = Literal["digits", "mnist1d", "cifar10", "cifar100", "teacher_student"]
+ModelName = Literal["mlp", "cnn1d", "cnn2d", "resnet18"]
+OptimizerName = Literal["sgd", "adamw"]
+ScheduleName = Literal["constant", "cosine", "step"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+PolicyName = Literal["heuristic"]
+ServicesMode = Literal["local", "remote", "off"]
 SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
 
 
@@ -38,7 +41,7 @@ SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
 class DataConfig:
     """Which dataset, where it lives and how it is batched."""
 
-    name: str = "digits"
+    name: DatasetName = "digits"
     data_dir: str = "data"
     batch_size: int = 64
     eval_batch_size: int = 512
@@ -59,7 +62,7 @@ class ModelConfig:
     """The host model. `width` is the base width: MLP hidden units, the first CNN stage's channels
     (later stages are `width * stage_multipliers[i]`), the ResNet stem width."""
 
-    name: str = "mlp"
+    name: ModelName = "mlp"
     width: int = 64
     # MLP hidden layers / number of CNN stages is len(stage_multipliers).
     depth: int = 2
@@ -70,7 +73,7 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer and gradient clipping (0 disables clipping)."""
 
-    name: str = "sgd"
+    name: OptimizerName = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
@@ -83,7 +86,7 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule, stepped once per optimizer step; warmup is linear from 0."""
 
-    name: str = "cosine"
+    name: ScheduleName = "cosine"
     warmup_epochs: float = 0.0
     step_epochs: int = 10
     gamma: float = 0.1
@@ -96,7 +99,7 @@ class TrainConfig:
 
     epochs: int = 10
     seed: int = 0
-    device: str = "auto"
+    device: DeviceName = "auto"
     # Mixed precision (autocast + GradScaler); only ever used when the device is CUDA.
     amp: bool = True
     # Stop after this many epochs without a better validation loss (0 disables).
@@ -117,33 +120,10 @@ class SeedsConfig:
 
 
 @dataclass
-class LifecycleConfig:
-    """Gates of the seed lifecycle (steps are optimizer steps); mirrors esper.kasmina.lifecycle."""
-
-    # TRAINING -> GRAFTING after at least this many steps once the seed's output aligns with the
-    # descent direction (cosine >= min_alignment); CULLED if still unaligned after the max.
-    training_min_steps: int = 50
-    training_max_steps: int = 400
-    gate_interval_steps: int = 10
-    min_alignment: float = 0.02
-    grafting_steps: int = 50
-    stabilization_steps: int = 20
-    evaluation_epochs: int = 1
-    fine_tuning_epochs: int = 1
-    # Counterfactual contribution (validation accuracy with the seed minus with alpha=0, as a
-    # fraction) a seed must exceed to be fossilized; 0 means it must be positive.
-    min_contribution: float = 0.0
-    # Per-site thresholds that replace min_contribution at that site, e.g. {hidden.1: 0.01}.
-    min_contribution_per_site: dict[str, float] = field(default_factory=dict)
-    embargo_epochs: int = 2
-    germination_timeout_epochs: int = 3
-
-
-@dataclass
 class ControllerConfig:
     """The Tamiyo policy and the safety rails that apply to every policy."""
 
-    policy: str = "heuristic"
+    policy: PolicyName = "heuristic"
     # No germination before this epoch (the host gets a head start).
     start_epoch: int = 1
     # Plateau: relative improvement of val loss over `plateau_window` epochs below the threshold.
@@ -168,7 +148,7 @@ class ServicesConfig:
     remote: connect to `addresses`; off: the in-process controller, no services.
     """
 
-    mode: str = field(default_factory=lambda: os.environ.get("ESPER_SERVICES_MODE", "local"))
+    mode: ServicesMode = field(default_factory=lambda: os.environ.get("ESPER_SERVICES_MODE", "local"))
     # name -> host:port for mode remote (urza, tezzeret, oona, tamiyo).
     addresses: dict[str, str] = field(default_factory=dict)
     # The in-process Tolaria gRPC server (run status, metrics, seeds, checkpoint, stop); -1 disables it.
@@ -180,7 +160,7 @@ class ServicesConfig:
     compile_timeout_s: float = 120.0
     # A germinated seed whose kernel has not arrived this many seconds after the decision is
     # cancelled; 0 waits until the compile job fails (Tezzeret ends it after compile_timeout_s).
-    germination_timeout_s: float = 0.0
+    germination_timeout_s: float = 180.0
     # While a compile runs: how often its job is polled (covers a missed kernel-ready event).
     poll_s: float = 2.0
     # Backoff between attempts to reach a service that is down: initial, doubled up to the max.
@@ -267,17 +247,6 @@ class Config:
     services: ServicesConfig = field(default_factory=ServicesConfig)
 
 
-# Keys whose values must be one of a closed set; checked after the types.
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": DATASETS,
-    "model.name": MODELS,
-    "optim.name": OPTIMIZERS,
-    "schedule.name": SCHEDULES,
-    "train.device": DEVICES,
-    "controller.policy": POLICIES,
-    "services.mode": SERVICE_MODES,
-}
-
 # Keys that define the model's architecture: a resume must not change them.
 ARCHITECTURE_KEYS = (
     "data.name",
@@ -303,6 +272,11 @@ def _type_name(tp: Any) -> str:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Checks `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: unknown value '{value}'; expected one of: {', '.join(choices)}")
+        return value
     if origin is list:
         (inner,) = typing.get_args(tp)
         if not isinstance(value, list):
@@ -361,14 +335,20 @@ def policy_config(cfg: Config) -> dict[str, Any]:
     return section
 
 
+def _check_choices(obj: Any, prefix: str) -> None:
+    """Every Literal-typed field holds one of its values (defaults and environment included)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            _check_choices(value, f"{prefix}{f.name}.")
+        elif typing.get_origin(hints[f.name]) is Literal:
+            _coerce(f"{prefix}{f.name}", value, hints[f.name])
+
+
 def validate(config: Config) -> None:
     """Checks closed value sets and ranges that the types alone do not express."""
-    flat = to_dict(config)
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = flat[section][name]
-        if value not in choices:
-            raise ConfigError(f"{key}: unknown value '{value}'; expected one of: {', '.join(choices)}")
+    _check_choices(config, "")
     positive = {
         "data.batch_size": config.data.batch_size,
         "data.eval_batch_size": config.data.eval_batch_size,
@@ -386,6 +366,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.lr: expected a float > 0, got {config.optim.lr}")
     if config.model.width < 1:
         raise ConfigError(f"model.width: expected an int >= 1, got {config.model.width}")
+    try:
+        config.lifecycle.validate()
+    except ValueError as exc:
+        raise ConfigError(f"lifecycle: {str(exc).replace('LifecycleConfig.', 'lifecycle.')}") from None
     _validate_services(config.services)
 
 
