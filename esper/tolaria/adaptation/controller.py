@@ -36,6 +36,7 @@ from esper.tolaria.adaptation.reporting import Reporter
 from esper.tolaria.adaptation.timing import StepTimer
 from esper.tolaria.adaptation.worker import AdaptationWorker
 from esper.tolaria.config import ServicesConfig
+from esper.tolaria.hooks import BoundaryHook
 from esper.tolaria.seed_groups import sync_seed_groups
 from esper.v1 import common_pb2
 
@@ -59,7 +60,7 @@ def channel_config(settings: ServicesConfig, address: str) -> ChannelConfig:
                          tls_server_name=settings.tls_server_name or None)
 
 
-class RemoteController:
+class RemoteController(BoundaryHook):
     """Adaptation through the services; see the module docstring."""
 
     def __init__(self, morph: Any, settings: ServicesConfig, run_dir: Path, *,
