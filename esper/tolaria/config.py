@@ -206,6 +206,9 @@ class GovernorConfig:
     spike_factor: float = 5.0
     # ... and more than this many running standard deviations above the running loss.
     spike_zscore: float = 6.0
+    # ... and more than this far above the running loss in absolute terms (nats of cross-entropy):
+    # near convergence the ratio and z-score fire on single hard batches.
+    spike_min_delta: float = 0.5
     spike_warmup_steps: int = 20
 
 

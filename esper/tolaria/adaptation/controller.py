@@ -183,6 +183,13 @@ class RemoteController(BoundaryHook):
         for a in state.get("adaptations", []):
             record = Adaptation.from_dict(a)
             self._adaptations[record.key] = record
+        # A governor rollback loads this after the model: a slot it reverted to DORMANT waits for
+        # no kernel any more (one arriving later would otherwise find the slot moved on).
+        for key, pending in list(self._pending.items()):
+            if self.morph.driver.site(pending.layer).state_of(pending.seed) != S.GERMINATED:
+                del self._pending[key]
+                self._note(f"{pending.layer}[{pending.seed}] no longer waits for kernel {pending.kernel_id}: "
+                           "the governor's rollback reverted its germination")
 
     def before_restore(self, payload: dict[str, Any]) -> None:
         """Before a checkpoint is loaded: seeds that ran a compiled kernel get that kernel back.
