@@ -10,8 +10,9 @@
   message at a time; side by side with raw Redis Streams XADD/XREAD through redis-py on the same
   redis-server (the floor Oona-on-Redis adds gRPC and its own logic to).
 
-Clients are Python in this process (sync stubs for unary calls, grpc.aio / redis.asyncio for the
-bus), so client-side cost is included in every figure alike.
+Clients are Python in this process (the typed clients of esper.clients that Tolaria and the
+services use, raw channels only for the ping baseline, redis.asyncio for raw Redis), so client-side
+cost is included in every figure alike.
 """
 
 from __future__ import annotations
@@ -92,8 +93,9 @@ def bench_ping_and_urza(work_dir: Path, calls: int, warmup: int, download_mib: i
     ping, ...) so background load on a shared machine hits baseline and subject alike.
     """
     from esper.bench.ping_server import PING_METHOD
+    from esper.clients import UrzaClient
     from esper.serving import ServerProcess, open_sync_channel
-    from esper.v1 import common_pb2, urza_pb2, urza_pb2_grpc
+    from esper.v1 import common_pb2
 
     out: dict[str, Any] = {}
     with contextlib.ExitStack() as stack:
@@ -106,7 +108,8 @@ def bench_ping_and_urza(work_dir: Path, calls: int, warmup: int, download_mib: i
             stderr_path=work_dir / "urza.log"))
         ping = stack.enter_context(open_sync_channel(ping_server.address)).unary_unary(PING_METHOD)
         boot = stack.enter_context(open_sync_channel(boot_server.address)).unary_unary(PING_METHOD)
-        stub = urza_pb2_grpc.UrzaServiceStub(stack.enter_context(open_sync_channel(urza.address)))
+        # The client Tolaria and the services use (retries, error mapping, SHA-256 check on download).
+        client = stack.enter_context(UrzaClient(urza.address, timeout_s=5, transfer_timeout_s=600))
 
         def meta(kernel_id: str, data: bytes) -> common_pb2.KernelArtifact:
             return common_pb2.KernelArtifact(
@@ -116,18 +119,13 @@ def bench_ping_and_urza(work_dir: Path, calls: int, warmup: int, download_mib: i
                 sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), format="bench/raw")
 
         def upload(kernel_id: str, data: bytes) -> None:
-            def messages():
-                yield urza_pb2.UploadArtifactRequest(metadata=meta(kernel_id, data))
-                for start in range(0, len(data), MiB):
-                    yield urza_pb2.UploadArtifactRequest(chunk=data[start:start + MiB])
-            stub.UploadArtifact(messages(), timeout=600)
+            client.upload_artifact(meta(kernel_id, data), data)
 
         upload("bench-small", os.urandom(1024))
-        request = urza_pb2.GetArtifactRequest(kernel_id="bench-small")
         series: dict[str, tuple[Callable[[], Any], list[float]]] = {
             "ping": (lambda: ping(b"", timeout=5), []),
             "ping_bootstrap": (lambda: boot(b"", timeout=5), []),
-            "urza_get": (lambda: stub.GetArtifact(request, timeout=5), []),
+            "urza_get": (lambda: client.get_artifact("bench-small"), []),
         }
         for call, _ in series.values():
             _time_calls(call, 0, warmup)
@@ -150,11 +148,7 @@ def bench_ping_and_urza(work_dir: Path, calls: int, warmup: int, download_mib: i
         rates = []
         for _ in range(downloads):
             started = time.perf_counter()
-            received = 0
-            for message in stub.DownloadArtifact(urza_pb2.DownloadArtifactRequest(kernel_id="bench-big"),
-                                                 timeout=600):
-                if message.WhichOneof("content") == "chunk":
-                    received += len(message.chunk)
+            received = len(client.download_artifact("bench-big")[1])  # SHA-256 verified, as in Tolaria
             elapsed = time.perf_counter() - started
             if received != len(big):
                 raise RuntimeError(f"download returned {received} bytes, expected {len(big)}")
@@ -237,43 +231,40 @@ async def _bus_run(publish_many: Callable[[list[bytes]], Awaitable[None]], colle
 
 async def _oona_scenario(address: str, messages: int, publishers: int, sequential: int,
                          batch: int = 1) -> dict[str, Any]:
-    from esper.serving import open_aio_channel
-    from esper.v1 import oona_pb2, oona_pb2_grpc
+    from esper.clients import OonaClient
+    from esper.oona.model import StartPosition
+    from esper.v1 import oona_pb2
 
     topic = f"bench.{os.getpid()}.{time.monotonic_ns()}"
     collector = _Collector()
-    channels = [open_aio_channel(address) for _ in range(publishers + 1)]
-    stubs = [oona_pb2_grpc.OonaServiceStub(c) for c in channels]
-    sub_call = stubs[-1].Subscribe(oona_pb2.SubscribeRequest(
-        topic=topic, start=oona_pb2.SUBSCRIBE_START_OFFSET, from_offset=0, max_batch=batch if batch > 1 else 0),
-        timeout=600)
+    # One client (channel) per publisher and one for the subscriber, as separate processes would have.
+    clients = [OonaClient(address) for _ in range(publishers + 1)]
+    subscribed = clients[-1].subscribe(topic, start=StartPosition.OFFSET, from_offset=0,
+                                       max_batch=batch if batch > 1 else 0, timeout=600)
 
     async def subscriber():
-        async for response in sub_call:
-            if response.batch:
-                for message in response.batch:
-                    collector.record(message.payload)
-            else:
-                collector.record(response.message.payload)
+        async for envelope in subscribed:
+            collector.record(envelope.payload)
 
     reader = asyncio.ensure_future(subscriber())
-    next_stub = iter(range(1 << 62))
+    next_client = iter(range(1 << 62))
 
     async def publish_many(payloads: list[bytes]) -> None:
-        stub = stubs[next(next_stub) % publishers]
+        client = clients[next(next_client) % publishers]
         if batch == 1:
-            await stub.Publish(oona_pb2.PublishRequest(topic=topic, payload=payloads[0]), timeout=30)
+            await client.publish(topic, payloads[0], timeout=30)
         else:
-            await stub.PublishBatch(oona_pb2.PublishBatchRequest(
-                messages=[oona_pb2.PublishRequest(topic=topic, payload=p) for p in payloads]), timeout=30)
+            await client.publish_batch([oona_pb2.PublishRequest(topic=topic, payload=p) for p in payloads],
+                                       timeout=30)
 
     try:
         return await _bus_run(publish_many, collector, messages, publishers, sequential, batch)
     finally:
-        sub_call.cancel()
+        reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
-        for channel in channels:
-            await channel.close()
+        await subscribed.aclose()
+        for client in clients:
+            await client.close()
 
 
 async def _raw_redis_scenario(url: str, messages: int, publishers: int, sequential: int,

@@ -16,6 +16,7 @@ Measured in one run, every server a real process on 127.0.0.1:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import queue
@@ -60,10 +61,10 @@ def bench_decisions(work_dir: Path, calls: int, warmup: int) -> dict[str, Any]:
     """Baseline, raw Decide and the RemoteController round trip against one real Tamiyo server."""
     import yaml
 
-    from esper.serving import ServerProcess, open_sync_channel
+    from esper.clients import TamiyoClient
+    from esper.serving import ServerProcess
     from esper.tolaria.adaptation import RemoteController
     from esper.tolaria.config import ServicesConfig
-    from esper.v1 import tamiyo_pb2, tamiyo_pb2_grpc
 
     trainer, graph = real_graph_and_trainer(work_dir)
     policy = work_dir / "policy.yaml"
@@ -72,23 +73,26 @@ def bench_decisions(work_dir: Path, calls: int, warmup: int) -> dict[str, Any]:
                             str(work_dir / "replay"), "--policy-config", str(policy)],
                            stderr_path=work_dir / "tamiyo.log")
     results: dict[str, Any] = {}
-    with server, open_sync_channel(server.address) as channel:
-        stub = tamiyo_pb2_grpc.TamiyoServiceStub(channel)
 
-        def timed(call) -> list[float]:
-            for _ in range(warmup):
-                call()
-            out = []
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                call()
-                out.append((time.perf_counter() - t0) * 1000)
-            return out
+    async def rpc_samples() -> dict[str, list[float]]:
+        # The client Tolaria uses (esper.clients), on one asyncio loop as in Tolaria's worker thread.
+        async with TamiyoClient(server.address, timeout_s=5) as client:
+            async def timed(call) -> list[float]:
+                for _ in range(warmup):
+                    await call()
+                out = []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    await call()
+                    out.append((time.perf_counter() - t0) * 1000)
+                return out
 
-        results["baseline_policy_info"] = _summary_ms(
-            timed(lambda: stub.GetPolicyInfo(tamiyo_pb2.GetPolicyInfoRequest(), timeout=5)))
-        request = tamiyo_pb2.DecideRequest(graph=graph)
-        results["decide_rpc"] = _summary_ms(timed(lambda: stub.Decide(request, timeout=5)))
+            return {"baseline_policy_info": await timed(client.get_policy_info),
+                    "decide_rpc": await timed(lambda: client.decide(graph))}
+
+    with server:
+        for key, samples in asyncio.run(rpc_samples()).items():
+            results[key] = _summary_ms(samples)
         # Tolaria's own path: training thread -> worker thread -> Tamiyo -> queue read by the trainer.
         controller = RemoteController(trainer.morph, ServicesConfig(mode="remote"), work_dir / "rc-run")
         controller.connect({"tamiyo": server.address})
