@@ -66,6 +66,7 @@ class RemoteController(BoundaryHook):
         self._pending: dict[tuple[str, int], Adaptation] = {}
         self._adaptations: dict[tuple[str, int], Adaptation] = {}
         self._failed_kernels: dict[str, str] = {}
+        self._prefetched: set[str] = set()  # kernel ids obtained before any germination asked for them
         self.germinations: list[dict[str, Any]] = []
         self.decision_latencies_ms: list[float] = []
         self.events: list[dict[str, Any]] = []
@@ -262,6 +263,7 @@ class RemoteController(BoundaryHook):
             if kernel_id in requested or kernel_id in self._failed_kernels:
                 continue
             requested.append(kernel_id)
+            self._prefetched.add(kernel_id)
             self.pipeline.request(kernel_id, spec, shape, device, dtype)
         if requested:
             self._note(f"prefetching the likely first kernel(s): {', '.join(requested)}")
@@ -355,10 +357,15 @@ class RemoteController(BoundaryHook):
         self._adaptations[key] = pending
         cached = self.kernels.get(kernel_id, self.morph.device, layer.seed_dtype())
         if cached is not None:
-            pending.path = "warm"
+            # A prefetched kernel's first use is still a cold germination (compiled for this run),
+            # only one that did not have to wait.
+            prefetched = kernel_id in self._prefetched
+            self._prefetched.discard(kernel_id)
+            pending.path = "cold" if prefetched else "warm"
+            via = self.pipeline.loaded.get(kernel_id, (None, "cache"))[1] if prefetched else "cache"
             layer.germinate(d.seed_index, spec, module=seed_from_kernel(cached, spec), kernel_id=kernel_id,
                             reason=d.reason)
-            self._record_germination(pending, "warm")
+            self._record_germination(pending, "library" if via == "urza" else pending.path, via)
             return
         layer.germinate(d.seed_index, spec, await_kernel=True, kernel_id=kernel_id, reason=d.reason)
         self._pending[key] = pending
@@ -395,6 +402,7 @@ class RemoteController(BoundaryHook):
             if seed is None:
                 seed = seed_from_kernel(module, spec)
             layer.attach_kernel(pending.seed, seed, kernel_id=kernel_id)
+            self._prefetched.discard(kernel_id)  # its first use is this one
             # cold: compiled for this run; library: the artifact was already in Urza.
             self._record_germination(pending, "library" if via == "urza" else pending.path, via)
             attached = True
