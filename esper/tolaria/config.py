@@ -145,6 +145,9 @@ class ServicesConfig:
     # A germinated seed whose kernel has not arrived this many seconds after the decision is
     # cancelled; 0 waits until the compile job fails (Tezzeret ends it after compile_timeout_s).
     germination_timeout_s: float = 180.0
+    # Before training, start obtaining the kernel the heuristic policy would pick first at each
+    # site (a cold compile takes seconds, many epochs of a small model); false: only on decisions.
+    prefetch_kernels: bool = True
     # While a compile runs: how often its job is polled (covers a missed kernel-ready event).
     poll_s: float = 2.0
     # Backoff between attempts to reach a service that is down: initial, doubled up to the max.

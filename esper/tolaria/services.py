@@ -233,7 +233,7 @@ class RunServices:
             self.remote.connect(self.addresses)
             if trainer.payload is not None:
                 self.remote.resume_pending(trainer.state.global_step)
-            else:
+            elif svc.prefetch_kernels:
                 ctl = self.cfg.controller
                 self.remote.prefetch_first_kernels(self.cfg.seeds.blueprints or ctl.blueprints,
                                                    ctl.parameter_budget, ctl.compute_budget)
