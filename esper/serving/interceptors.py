@@ -3,7 +3,9 @@
 `ErrorMappingInterceptor` wraps every handler: an `esper.errors.EsperError` becomes its mapped
 status with an `ErrorInfo` detail; any other exception is logged with a traceback and becomes
 INTERNAL (with an error id to find it in the log); the server keeps serving either way.
-A handler that aborts the call itself (`context.abort`) passes through untouched.
+A handler that aborts the call itself (`context.abort`) passes through untouched. Request bytes
+that do not parse as the method's request message (on unary and streaming requests alike) become
+INVALID_ARGUMENT with reason ``MALFORMED_REQUEST`` instead of the core's UNKNOWN.
 
 `BearerTokenInterceptor` rejects calls whose ``authorization`` metadata is not
 ``Bearer <token>`` with UNAUTHENTICATED, except for exempt method prefixes (the health service,
@@ -44,6 +46,58 @@ async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, meth
     await context.abort(status.code, status.details, status.trailing_metadata)
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse; the wrapped handler rejects it.
+
+    The deserializer runs inside grpc's core, which turns any exception into UNKNOWN; returning
+    this marker instead lets the interceptor answer with INVALID_ARGUMENT.
+    """
+
+    __slots__ = ("error", "size")
+
+    def __init__(self, error: Exception, size: int):
+        self.error = error
+        self.size = size
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # DecodeError, or a custom deserializer's own failure
+            return _Undecodable(exc, len(data))
+
+    return deserialize
+
+
+def _malformed(request: _Undecodable, method: str, index: int | None = None) -> errors.InvalidArgumentError:
+    which = "the request message" if index is None else f"request message #{index} of the stream"
+    return errors.InvalidArgumentError(
+        f"{method}: {which} ({request.size} bytes) could not be parsed as the method's request type: "
+        f"{errors.bounded(str(request.error), 200)}", field="request", reason="MALFORMED_REQUEST",
+        metadata={"method": method})
+
+
+async def _checked_stream(requests: Any, method: str) -> Any:
+    index = 0
+    async for request in requests:
+        if isinstance(request, _Undecodable):
+            raise _malformed(request, method, index)
+        index += 1
+        yield request
+
+
+def _checked_request(request_or_iterator: Any, method: str) -> Any:
+    if isinstance(request_or_iterator, _Undecodable):
+        raise _malformed(request_or_iterator, method)
+    if hasattr(request_or_iterator, "__aiter__"):
+        return _checked_stream(request_or_iterator, method)
+    return request_or_iterator
+
+
 def _passes_through(exc: BaseException) -> bool:
     # AbortError: the handler (or an inner interceptor) already set the status.
     return isinstance(exc, (grpc.aio.AbortError, asyncio.CancelledError))
@@ -52,7 +106,7 @@ def _passes_through(exc: BaseException) -> bool:
 def _wrap_unary_response(behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
     async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            result = behavior(request_or_iterator, context)
+            result = behavior(_checked_request(request_or_iterator, method), context)
             if inspect.isawaitable(result):
                 result = await result
             return result
@@ -67,7 +121,7 @@ def _wrap_unary_response(behavior: Callable[..., Any], method: str) -> Callable[
 def _wrap_stream_response(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
-            result = behavior(request_or_iterator, context)
+            result = behavior(_checked_request(request_or_iterator, method), context)
             if inspect.isasyncgen(result):
                 async for item in result:
                     yield item
@@ -87,7 +141,7 @@ def _wrap_stream_response(behavior: Callable[..., Any], method: str) -> Callable
 
 def _rebuild(handler: grpc.RpcMethodHandler, method: str,
              unary_wrap: Callable[..., Any], stream_wrap: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    kwargs = {"request_deserializer": handler.request_deserializer,
+    kwargs = {"request_deserializer": _tolerant(handler.request_deserializer),
               "response_serializer": handler.response_serializer}
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary_wrap(handler.unary_unary, method), **kwargs)
