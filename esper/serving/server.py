@@ -14,9 +14,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from esper.serving.interceptors import HEALTH_METHOD_PREFIX, BearerTokenInterceptor, ErrorMappingInterceptor
+from esper.serving.reflection import enable_reflection
 
 log = logging.getLogger("esper.serving")
 
@@ -127,8 +127,7 @@ class GrpcServer:
         for name in ("", *self._service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.config.reflection:
-            reflection.enable_server_reflection(
-                (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+            enable_reflection((*self._service_names, health.SERVICE_NAME), self._server)
         target = f"{self.config.host}:{self.config.port}"
         if self.config.tls_cert_file is not None:
             assert self.config.tls_key_file is not None
