@@ -30,7 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from esper.errors import InvalidArgumentError, ResourceExhaustedError
+from esper.errors import InvalidArgumentError, ResourceExhaustedError, quoted
 from esper.oona.backend import OonaBackend
 from esper.oona.model import (
     MAX_MEMBER_NAME_LENGTH,
@@ -118,7 +118,7 @@ class OonaBus:
             raise InvalidArgumentError(f"{len(headers)} headers given; at most {MAX_HEADERS}", field="headers")
         for name, value in headers.items():
             if not name or len(name) > MAX_SHORT_FIELD or len(value) > MAX_SHORT_FIELD:
-                raise InvalidArgumentError(f"header {name!r} needs a non-empty name and name/value of at most "
+                raise InvalidArgumentError(f"header {quoted(name)} needs a non-empty name and name/value of at most "
                                            f"{MAX_SHORT_FIELD} characters", field="headers")
         return OutgoingMessage(payload=payload, key=key, content_type=content_type, headers=headers, source=source)
 
@@ -135,10 +135,10 @@ class OonaBus:
         if from_offset < 0:
             raise InvalidArgumentError(f"from_offset must be >= 0, got {from_offset}", field="from_offset")
         if from_offset > next_offset:
-            raise InvalidArgumentError(f"from_offset {from_offset} is past the end of topic {topic!r}; expected "
+            raise InvalidArgumentError(f"from_offset {from_offset} is past the end of topic {quoted(topic)}; expected "
                                        f"{first}..{next_offset}", field="from_offset")
         if from_offset < first:
-            raise InvalidArgumentError(f"from_offset {from_offset} is no longer retained on topic {topic!r}; the "
+            raise InvalidArgumentError(f"from_offset {from_offset} is no longer retained on topic {quoted(topic)}; the "
                                        f"earliest retained offset is {first}", field="from_offset")
         return from_offset
 
@@ -221,7 +221,7 @@ class OffsetSubscription:
             if batch[0].offset > self.next_offset and not self._tolerate_gap:
                 first, _ = await backend.bounds(self.topic)
                 raise ResourceExhaustedError(
-                    f"subscriber on topic {self.topic!r} fell behind retention: offset {self.next_offset} was "
+                    f"subscriber on topic {quoted(self.topic)} fell behind retention: offset {self.next_offset} was "
                     f"dropped before it was read (earliest retained: {first}); resubscribe from EARLIEST or a "
                     "retained offset, or read faster", reason="SUBSCRIBER_LAGGED",
                     metadata={"topic": self.topic, "next_offset": self.next_offset, "first_offset": first})

@@ -8,7 +8,7 @@ import heapq
 import time
 from dataclasses import dataclass, field
 
-from esper.errors import NotFoundError, ResourceExhaustedError
+from esper.errors import NotFoundError, ResourceExhaustedError, quoted
 from esper.oona.backend import DEFAULT_RETENTION, OonaBackend
 from esper.oona.model import Message, OutgoingMessage, PublishResult, TopicInfo
 
@@ -108,7 +108,7 @@ class InMemoryBackend(OonaBackend):
         if topic is None and create:
             if len(self._topics) >= MAX_TOPICS:
                 raise ResourceExhaustedError(f"the in-memory bus holds {MAX_TOPICS} topics already; cannot create "
-                                             f"{name!r}", metadata={"topic": name})
+                                             f"{quoted(name)}", metadata={"topic": name})
             topic = self._topics[name] = _Topic(name)
         return topic
 
@@ -169,7 +169,7 @@ class InMemoryBackend(OonaBackend):
     def _group(self, topic: str, group: str) -> tuple[_Topic, _Group]:
         t = self._topic(topic, create=False)
         if t is None or group not in t.groups:
-            raise NotFoundError(f"consumer group {group!r} does not exist on topic {topic!r}; subscribe with "
+            raise NotFoundError(f"consumer group {quoted(group)} does not exist on topic {quoted(topic)}; subscribe with "
                                 "consumer_group set to create it", metadata={"topic": topic, "group": group})
         return t, t.groups[group]
 

@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from esper.errors import InvalidArgumentError
+from esper.errors import InvalidArgumentError, quoted
 
 # Topic, group and consumer names become Redis key parts and log fields, so keep them plain.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
@@ -80,7 +80,7 @@ def validate_name(value: str, what: str, field_name: str, max_length: int) -> st
                                    f"{max_length}", field=field_name)
     if not _NAME_RE.match(value):
         raise InvalidArgumentError(
-            f"{field_name} {value!r} is not a valid {what} name; expected letters, digits, '.', '_' or '-', "
+            f"{field_name} {quoted(value)} is not a valid {what} name; expected letters, digits, '.', '_' or '-', "
             "starting with a letter or digit", field=field_name)
     return value
 
@@ -94,6 +94,6 @@ def parse_message_id(message_id: str, field_name: str) -> int:
     """A message id is the decimal offset; anything else is an InvalidArgumentError naming the field."""
     if not message_id.isascii() or not message_id.isdigit() or len(message_id) > 19:
         raise InvalidArgumentError(
-            f"{field_name} {message_id!r} is not a message id; expected the decimal offset the bus assigned",
+            f"{field_name} {quoted(message_id)} is not a message id; expected the decimal offset the bus assigned",
             field=field_name)
     return int(message_id)

@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from esper.errors import NotFoundError, UnavailableError
+from esper.errors import NotFoundError, UnavailableError, quoted
 from esper.oona.backend import DEFAULT_RETENTION, OonaBackend
 from esper.oona.model import Message, OutgoingMessage, PublishResult, TopicInfo
 
@@ -177,7 +177,7 @@ class RedisStreamsBackend(OonaBackend):
         return group in await self._group_names(topic)
 
     def _not_found(self, topic: str, group: str) -> NotFoundError:
-        return NotFoundError(f"consumer group {group!r} does not exist on topic {topic!r}; subscribe with "
+        return NotFoundError(f"consumer group {quoted(group)} does not exist on topic {quoted(topic)}; subscribe with "
                              "consumer_group set to create it", metadata={"topic": topic, "group": group})
 
     async def _claim_others_expired(self, topic: str, group: str, consumer: str, max_count: int,

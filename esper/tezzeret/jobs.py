@@ -18,7 +18,13 @@ from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from esper.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from esper.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    quoted,
+)
 from esper.tezzeret.compiler import ARTIFACT_FORMAT, CompileOutcome, compile_blueprint
 from esper.tezzeret.kernel_ids import kernel_id_for
 from esper.tezzeret.pool import TaskOutcome, WorkerPool
@@ -81,8 +87,8 @@ def validate_compile_request(request: tezzeret_pb2.CompileRequest, *, max_timeou
     if request.HasField("blueprint") and request.blueprint_id and \
             request.blueprint_id != request.blueprint.blueprint_id:
         raise InvalidArgumentError(
-            f"blueprint_id {request.blueprint_id!r} disagrees with blueprint.blueprint_id "
-            f"{request.blueprint.blueprint_id!r}; set one of them", field="blueprint_id")
+            f"blueprint_id {quoted(request.blueprint_id)} disagrees with blueprint.blueprint_id "
+            f"{quoted(request.blueprint.blueprint_id)}; set one of them", field="blueprint_id")
     if request.blueprint_version < 0:
         raise InvalidArgumentError(f"blueprint_version must be >= 0 (0 for the latest), got {request.blueprint_version}",
                                    field="blueprint_version")
@@ -209,7 +215,7 @@ class CompileJobs:
             try:
                 after = int(base64.urlsafe_b64decode(page_token.encode()).decode())
             except ValueError:
-                raise InvalidArgumentError(f"page_token {page_token!r} is not a token this server returned",
+                raise InvalidArgumentError(f"page_token {quoted(page_token)} is not a token this server returned",
                                            field="page_token") from None
         matches = [e for e in self._jobs.values() if e.seq > after and (not state or e.job.state == state)]
         page = matches[:size]
@@ -248,7 +254,7 @@ class CompileJobs:
             raise InvalidArgumentError("job_id is required", field="job_id")
         entry = self._jobs.get(job_id)
         if entry is None:
-            raise NotFoundError(f"compile job {job_id!r} not found", reason="JOB_NOT_FOUND",
+            raise NotFoundError(f"compile job {quoted(job_id)} not found", reason="JOB_NOT_FOUND",
                                 metadata={"job_id": job_id})
         return entry
 

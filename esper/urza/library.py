@@ -34,6 +34,7 @@ from esper.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    quoted,
 )
 from esper.urza import metadata as md
 from esper.urza.blobs import BlobStore, is_sha256_hex
@@ -89,7 +90,7 @@ def validate_kernel_id(kernel_id: str, field: str = "kernel_id") -> None:
     if not _KERNEL_ID.match(kernel_id):
         raise InvalidArgumentError(
             f"{field} must be 1-200 characters of letters, digits and _.:@+- starting with a letter or digit, "
-            f"got {kernel_id!r}", field=field)
+            f"got {quoted(kernel_id)}", field=field)
 
 
 def _validate_tags(tags: Iterable[str], field: str) -> list[str]:
@@ -97,7 +98,7 @@ def _validate_tags(tags: Iterable[str], field: str) -> list[str]:
     for i, tag in enumerate(tags):
         if not _TAG.match(tag):
             raise InvalidArgumentError(
-                f"{field}[{i}] must be 1-128 characters of letters, digits and _.:/=+- , got {tag!r}",
+                f"{field}[{i}] must be 1-128 characters of letters, digits and _.:/=+- , got {quoted(tag)}",
                 field=f"{field}[{i}]")
     return sorted(set(tags))
 
@@ -133,12 +134,12 @@ def validate_blueprint_spec(spec: BlueprintSpec, field: str = "blueprint") -> No
     if not _BLUEPRINT_ID.match(spec.blueprint_id):
         raise InvalidArgumentError(
             f"{field}.blueprint_id must be lower_snake_case (a-z, 0-9, _; starts with a letter; <= 64 chars), "
-            f"got {spec.blueprint_id!r}", field=f"{field}.blueprint_id")
+            f"got {quoted(spec.blueprint_id)}", field=f"{field}.blueprint_id")
     if spec.version < 1:
         raise InvalidArgumentError(f"{field}.version must be >= 1, got {spec.version}", field=f"{field}.version")
     if not spec.family or len(spec.family) > 64:
         raise InvalidArgumentError(f"{field}.family must be a non-empty name (<= 64 chars), e.g. 'mlp', "
-                                   f"got {spec.family!r}", field=f"{field}.family")
+                                   f"got {quoted(spec.family)}", field=f"{field}.family")
     _validate_enum(common_pb2.SeedInputKind, spec.input_kind, f"{field}.input_kind", allow_unspecified=True)
     if spec.min_chunk_size < 0:
         raise InvalidArgumentError(f"{field}.min_chunk_size must be >= 0, got {spec.min_chunk_size}",
@@ -158,7 +159,7 @@ def validate_blueprint_spec(spec: BlueprintSpec, field: str = "blueprint") -> No
         if last_error is not None:
             where = f"{field}.{last_error.field}"
             raise InvalidArgumentError(
-                f"{where}: {last_error.problem} (blueprint {spec.blueprint_id!r}, "
+                f"{where}: {last_error.problem} (blueprint {quoted(spec.blueprint_id)}, "
                 f"{_enum_name(common_pb2.SeedInputKind, kind)} inputs)", field=where)
 
 
@@ -170,7 +171,7 @@ def _decode_token(token: str) -> object:
     try:
         return json.loads(base64.urlsafe_b64decode(token.encode()))
     except (ValueError, UnicodeDecodeError):
-        raise InvalidArgumentError(f"page_token {token!r} is not a token this server returned",
+        raise InvalidArgumentError(f"page_token {quoted(token)} is not a token this server returned",
                                    field="page_token") from None
 
 
@@ -291,7 +292,7 @@ class UrzaLibrary:
     def _same_blueprint(self, existing: sa.Row, spec: BlueprintSpec, digest: str) -> BlueprintSpec:
         if existing.spec_sha256 != digest:
             raise AlreadyExistsError(
-                f"blueprint {spec.blueprint_id!r} version {spec.version} is already registered with different "
+                f"blueprint {quoted(spec.blueprint_id)} version {spec.version} is already registered with different "
                 "content; register a new version instead", reason="BLUEPRINT_VERSION_EXISTS",
                 metadata={"blueprint_id": spec.blueprint_id, "version": spec.version})
         return BlueprintSpec.FromString(existing.spec)
@@ -314,7 +315,7 @@ class UrzaLibrary:
         row = self._find_blueprint(blueprint_id, version)
         if row is None:
             which = f"version {version}" if version else "any version"
-            raise NotFoundError(f"blueprint {blueprint_id!r} ({which}) is not registered",
+            raise NotFoundError(f"blueprint {quoted(blueprint_id)} ({which}) is not registered",
                                 reason="BLUEPRINT_NOT_FOUND", metadata={"blueprint_id": blueprint_id})
         return BlueprintSpec.FromString(row.spec)
 
@@ -337,7 +338,7 @@ class UrzaLibrary:
         if page_token:
             after = _decode_token(page_token)
             if not (isinstance(after, list) and len(after) == 2):
-                raise InvalidArgumentError(f"page_token {page_token!r} is not a token this server returned",
+                raise InvalidArgumentError(f"page_token {quoted(page_token)} is not a token this server returned",
                                            field="page_token")
             query = query.where(sa.tuple_(t.c.blueprint_id, t.c.version) > sa.tuple_(after[0], after[1]))
         query = query.order_by(t.c.blueprint_id, t.c.version).limit(size + 1)
@@ -365,7 +366,7 @@ class UrzaLibrary:
                 raise InvalidArgumentError(f"{field}.{name} must be >= 0", field=f"{field}.{name}")
         if self._find_blueprint(artifact.blueprint_id, artifact.blueprint_version) is None:
             raise NotFoundError(
-                f"{field}: blueprint {artifact.blueprint_id!r} version {artifact.blueprint_version} is not "
+                f"{field}: blueprint {quoted(artifact.blueprint_id)} version {artifact.blueprint_version} is not "
                 "registered; register it before storing its artifacts", reason="BLUEPRINT_NOT_FOUND",
                 metadata={"blueprint_id": artifact.blueprint_id, "field": f"{field}.blueprint_id"})
 
@@ -375,7 +376,7 @@ class UrzaLibrary:
         if not is_sha256_hex(artifact.sha256):
             raise InvalidArgumentError(
                 f"metadata.sha256 must be the 64 lowercase hex characters of the bytes' SHA-256, "
-                f"got {artifact.sha256!r}", field="metadata.sha256")
+                f"got {quoted(artifact.sha256)}", field="metadata.sha256")
         if not 0 <= artifact.size_bytes <= self.max_artifact_bytes:
             raise InvalidArgumentError(
                 f"metadata.size_bytes must be in 0..{self.max_artifact_bytes}, got {artifact.size_bytes}",
@@ -406,7 +407,7 @@ class UrzaLibrary:
     @staticmethod
     def _conflict(kernel_id: str) -> AlreadyExistsError:
         return AlreadyExistsError(
-            f"artifact {kernel_id!r} already exists with other content; artifacts are immutable",
+            f"artifact {quoted(kernel_id)} already exists with other content; artifacts are immutable",
             reason="ARTIFACT_EXISTS", metadata={"kernel_id": kernel_id})
 
     def record_artifact(self, artifact: KernelArtifact) -> KernelArtifact:
@@ -516,7 +517,7 @@ class UrzaLibrary:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(md.artifacts).where(md.artifacts.c.kernel_id == kernel_id)).first()
             if row is None:
-                raise NotFoundError(f"artifact {kernel_id!r} not found", reason="ARTIFACT_NOT_FOUND",
+                raise NotFoundError(f"artifact {quoted(kernel_id)} not found", reason="ARTIFACT_NOT_FOUND",
                                     metadata={"kernel_id": kernel_id})
             tags = conn.execute(sa.select(md.artifact_tags.c.tag).where(
                 md.artifact_tags.c.kernel_id == kernel_id)).scalars().all()
@@ -540,7 +541,7 @@ class UrzaLibrary:
         artifact = self.get_artifact(kernel_id)
         if not artifact.sha256:
             raise FailedPreconditionError(
-                f"artifact {kernel_id!r} has no bytes (status "
+                f"artifact {quoted(kernel_id)} has no bytes (status "
                 f"{_enum_name(common_pb2.ArtifactStatus, artifact.status)}: {artifact.status_reason or 'no reason'})",
                 reason="ARTIFACT_HAS_NO_BYTES", metadata={"kernel_id": kernel_id})
         return artifact, self.blobs.read_chunks(artifact.sha256, size)
@@ -577,7 +578,7 @@ class UrzaLibrary:
         if page_token:
             after = _decode_token(page_token)
             if not isinstance(after, str):
-                raise InvalidArgumentError(f"page_token {page_token!r} is not a token this server returned",
+                raise InvalidArgumentError(f"page_token {quoted(page_token)} is not a token this server returned",
                                            field="page_token")
             query = query.where(t.c.kernel_id > after)
         query = query.order_by(t.c.kernel_id).limit(size + 1)
