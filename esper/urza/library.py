@@ -47,6 +47,17 @@ MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_MAX_ARTIFACT_BYTES = 4 * 1024**3
+# Size limits on what one client may store, so a stored record can never make a listing (or a
+# single Get) larger than a gRPC message. Documented in proto/esper/v1/common.proto.
+MAX_DESCRIPTION_CHARS = 4096
+MAX_STATUS_REASON_CHARS = 16384
+MAX_FORMAT_CHARS = 64
+MAX_LAYERS = 64
+MAX_TAGS = 32
+MAX_BLUEPRINT_BYTES = 64 * 1024
+# A list response stops adding items at this many bytes (half the default 4 MiB message limit),
+# whatever page_size asked for; next_page_token continues after the last item sent.
+DEFAULT_MAX_LIST_RESPONSE_BYTES = 2 * 1024 * 1024
 # Metadata of finished artifacts kept in memory (they are immutable, so a cached copy never goes stale).
 DEFAULT_METADATA_CACHE_ENTRIES = 10_000
 _FINAL_STATUSES = (common_pb2.ARTIFACT_STATUS_VALIDATED, common_pb2.ARTIFACT_STATUS_INVALID)
@@ -95,6 +106,8 @@ def validate_kernel_id(kernel_id: str, field: str = "kernel_id") -> None:
 
 def _validate_tags(tags: Iterable[str], field: str) -> list[str]:
     tags = list(tags)
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgumentError(f"{field} has {len(tags)} tags; at most {MAX_TAGS}", field=field)
     for i, tag in enumerate(tags):
         if not _TAG.match(tag):
             raise InvalidArgumentError(
@@ -140,6 +153,13 @@ def validate_blueprint_spec(spec: BlueprintSpec, field: str = "blueprint") -> No
     if not spec.family or len(spec.family) > 64:
         raise InvalidArgumentError(f"{field}.family must be a non-empty name (<= 64 chars), e.g. 'mlp', "
                                    f"got {quoted(spec.family)}", field=f"{field}.family")
+    _check_length(spec.description, MAX_DESCRIPTION_CHARS, f"{field}.description")
+    if len(spec.layers) > MAX_LAYERS:
+        raise InvalidArgumentError(f"{field}.layers has {len(spec.layers)} layers; at most {MAX_LAYERS}",
+                                   field=f"{field}.layers")
+    if spec.ByteSize() > MAX_BLUEPRINT_BYTES:
+        raise InvalidArgumentError(f"{field} serialises to {spec.ByteSize()} bytes; at most {MAX_BLUEPRINT_BYTES}",
+                                   field=field)
     _validate_enum(common_pb2.SeedInputKind, spec.input_kind, f"{field}.input_kind", allow_unspecified=True)
     if spec.min_chunk_size < 0:
         raise InvalidArgumentError(f"{field}.min_chunk_size must be >= 0, got {spec.min_chunk_size}",
@@ -161,6 +181,22 @@ def validate_blueprint_spec(spec: BlueprintSpec, field: str = "blueprint") -> No
             raise InvalidArgumentError(
                 f"{where}: {last_error.problem} (blueprint {quoted(spec.blueprint_id)}, "
                 f"{_enum_name(common_pb2.SeedInputKind, kind)} inputs)", field=where)
+
+
+def _check_length(text: str, limit: int, field: str) -> None:
+    if len(text) > limit:
+        raise InvalidArgumentError(f"{field} is {len(text)} characters; at most {limit}", field=field)
+
+
+def _fit_page(items: Sequence, size: int, max_bytes: int) -> int:
+    """How many of `items` (at most `size`) fit in `max_bytes` of serialised messages; always >= 1
+    when there are items (a single item is bounded far below a message by the field limits)."""
+    total = 0
+    for count, item in enumerate(items[:size]):
+        total += item.ByteSize() + 8  # + tag and length prefix in the repeated field
+        if total > max_bytes and count > 0:
+            return count
+    return min(len(items), size)
 
 
 def _encode_token(value: object) -> str:
@@ -244,7 +280,11 @@ class UrzaLibrary:
 
     def __init__(self, data_dir: Path | str, database_url: str | None = None, *,
                  max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
-                 metadata_cache_entries: int = DEFAULT_METADATA_CACHE_ENTRIES):
+                 metadata_cache_entries: int = DEFAULT_METADATA_CACHE_ENTRIES,
+                 max_list_response_bytes: int = DEFAULT_MAX_LIST_RESPONSE_BYTES):
+        if max_list_response_bytes < 1024:
+            raise ValueError(f"max_list_response_bytes must be >= 1024, got {max_list_response_bytes}")
+        self.max_list_response_bytes = max_list_response_bytes
         self.data_dir = Path(data_dir)
         self._cache: OrderedDict[str, KernelArtifact] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -344,9 +384,11 @@ class UrzaLibrary:
         query = query.order_by(t.c.blueprint_id, t.c.version).limit(size + 1)
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
-        page = rows[:size]
-        token = _encode_token([page[-1].blueprint_id, page[-1].version]) if len(rows) > size else ""
-        return [BlueprintSpec.FromString(r.spec) for r in page], token
+        specs = [BlueprintSpec.FromString(r.spec) for r in rows]
+        fit = _fit_page(specs, size, self.max_list_response_bytes)
+        page = rows[:fit]
+        token = _encode_token([page[-1].blueprint_id, page[-1].version]) if len(rows) > fit else ""
+        return specs[:fit], token
 
     # -- artifacts ----------------------------------------------------------------------------
 
@@ -361,6 +403,8 @@ class UrzaLibrary:
         _validate_enum(common_pb2.DeviceType, artifact.device, f"{field}.device")
         _validate_enum(common_pb2.DType, artifact.dtype, f"{field}.dtype")
         _validate_tags(artifact.tags, f"{field}.tags")
+        _check_length(artifact.status_reason, MAX_STATUS_REASON_CHARS, f"{field}.status_reason")
+        _check_length(artifact.format, MAX_FORMAT_CHARS, f"{field}.format")
         for name in ("parameter_count", "flops_per_sample"):
             if getattr(artifact, name) < 0:
                 raise InvalidArgumentError(f"{field}.{name} must be >= 0", field=f"{field}.{name}")
@@ -590,5 +634,9 @@ class UrzaLibrary:
                 for kid, tag in conn.execute(sa.select(md.artifact_tags.c.kernel_id, md.artifact_tags.c.tag).where(
                         md.artifact_tags.c.kernel_id.in_(list(tags_by_id)))):
                     tags_by_id[kid].append(tag)
-        token = _encode_token(page[-1].kernel_id) if len(rows) > size else ""
-        return [self._artifact_from_row(r, tags_by_id[r.kernel_id]) for r in page], token
+        artifacts = [self._artifact_from_row(r, tags_by_id[r.kernel_id]) for r in page]
+        fit = _fit_page(artifacts, size, self.max_list_response_bytes)
+        more = len(rows) > fit
+        artifacts = artifacts[:fit]
+        token = _encode_token(artifacts[-1].kernel_id) if more else ""
+        return artifacts, token
