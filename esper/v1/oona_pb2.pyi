@@ -149,11 +149,18 @@ class PublishRequest(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
     key: _builtins.str
     content_type: _builtins.str
     payload: _builtins.bytes
     source: _builtins.str
+    idempotency_key: _builtins.str
+    """Optional. A publish repeated with the same key on the same topic while the first message is
+    still retained stores nothing and returns the first message's id and offset, so a publisher
+    may retry a Publish that failed in transit (e.g. UNAVAILABLE after the message was stored).
+    1-128 characters of letters, digits and ._:-; empty means no deduplication.
+    """
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -165,10 +172,11 @@ class PublishRequest(_message.Message):
         payload: _builtins.bytes = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         source: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "headers", b"headers", "key", b"key", "payload", b"payload", "source", b"source", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "headers", b"headers", "idempotency_key", b"idempotency_key", "key", b"key", "payload", b"payload", "source", b"source", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
