@@ -19,12 +19,13 @@ import hmac
 import inspect
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
 
 from esper import errors
+from esper.serving.auth import DEPLOYMENT, Principal, set_current_principal
 from esper.serving.errors import make_rpc_status, rpc_status_for
 
 log = logging.getLogger("esper.serving")
@@ -163,28 +164,43 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>`` on every call except exempt method prefixes."""
+    """Requires ``authorization: Bearer <token>`` with a known token on every call except exempt
+    method prefixes, and binds the token's `Principal` for the handler (`current_principal()`).
 
-    def __init__(self, token: str, exempt_prefixes: Iterable[str] = (HEALTH_METHOD_PREFIX,)):
-        if not token:
-            raise ValueError("bearer token must be a non-empty string")
-        self._expected = f"Bearer {token}".encode()
+    `principals` maps token -> Principal; a plain string is the single deployment token (full access).
+    """
+
+    def __init__(self, principals: Mapping[str, Principal] | str,
+                 exempt_prefixes: Iterable[str] = (HEALTH_METHOD_PREFIX,)):
+        if isinstance(principals, str):
+            principals = {principals: DEPLOYMENT}
+        if not principals or not all(principals):
+            raise ValueError("bearer tokens must be non-empty strings")
+        self._principals = [(f"Bearer {token}".encode(), p) for token, p in principals.items()]
         self._exempt = tuple(exempt_prefixes)
 
-    def _authorized(self, metadata: Iterable[tuple[str, Any]] | None) -> bool:
+    def _principal(self, metadata: Iterable[tuple[str, Any]] | None) -> Principal | None:
         for key, value in metadata or ():
             if key.lower() == "authorization":
                 given = value if isinstance(value, bytes) else str(value).encode()
-                return hmac.compare_digest(given, self._expected)
-        return False
+                found = None
+                # Compare with every token (constant time each) so timing does not tell which matched.
+                for expected, principal in self._principals:
+                    if hmac.compare_digest(given, expected):
+                        found = principal
+                return found
+        return None
 
     async def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
-        if method.startswith(self._exempt) or self._authorized(handler_call_details.invocation_metadata):
+        if method.startswith(self._exempt):
             return await continuation(handler_call_details)
+        principal = self._principal(handler_call_details.invocation_metadata)
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        if principal is not None:
+            return _rebuild(handler, method, _as_principal(principal, unary=True), _as_principal(principal, unary=False))
 
         def deny_unary(_behavior: Any, _method: str) -> Callable[..., Awaitable[Any]]:
             async def deny(_request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -198,6 +214,24 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return deny
 
         return _rebuild(handler, method, deny_unary, deny_stream)
+
+
+def _as_principal(principal: Principal, *, unary: bool) -> Callable[..., Any]:
+    """Handler wrapper factory that runs the handler with `principal` bound."""
+    def wrap(behavior: Callable[..., Any], _method: str) -> Callable[..., Any]:
+        if unary:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                set_current_principal(principal)
+                result = behavior(request, context)
+                return await result if inspect.isawaitable(result) else result
+            return call
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            set_current_principal(principal)
+            async for item in behavior(request, context):
+                yield item
+        return stream
+    return wrap
 
 
 async def _abort_unauthenticated(context: grpc.aio.ServicerContext, method: str) -> None:

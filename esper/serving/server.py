@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from esper.serving.auth import DEPLOYMENT, Principal, load_principals
 from esper.serving.interceptors import HEALTH_METHOD_PREFIX, BearerTokenInterceptor, ErrorMappingInterceptor
 from esper.serving.reflection import enable_reflection
 
@@ -40,6 +41,8 @@ class ServerConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     auth_token: str | None = None
+    # token -> Principal (name and roles), e.g. from --principals-file; any of them is accepted.
+    principals: dict[str, Principal] = field(default_factory=dict)
     reflection: bool = True
     extra_options: list[tuple[str, Any]] = field(default_factory=list)
 
@@ -55,6 +58,15 @@ class ServerConfig:
             raise ValueError("TLS needs both tls_cert_file and tls_key_file, or neither")
         if self.auth_token is not None and not self.auth_token.strip():
             raise ValueError("auth_token must be non-empty when set")
+        if any(not token.strip() for token in self.principals):
+            raise ValueError("principals: every token must be a non-empty string")
+
+    def token_principals(self) -> dict[str, Principal]:
+        """Every accepted token with its principal (the deployment token has every role)."""
+        tokens = dict(self.principals)
+        if self.auth_token:
+            tokens.setdefault(self.auth_token, DEPLOYMENT)
+        return tokens
 
 
 class GrpcServer:
@@ -71,8 +83,9 @@ class GrpcServer:
         self.config = config or ServerConfig()
         self.config.validate()
         interceptors: list[grpc.aio.ServerInterceptor] = []
-        if self.config.auth_token:
-            interceptors.append(BearerTokenInterceptor(self.config.auth_token, (HEALTH_METHOD_PREFIX,)))
+        tokens = self.config.token_principals()
+        if tokens:
+            interceptors.append(BearerTokenInterceptor(tokens, (HEALTH_METHOD_PREFIX,)))
         interceptors.append(ErrorMappingInterceptor())
         options = [
             ("grpc.max_send_message_length", self.config.max_message_bytes),
@@ -215,6 +228,10 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-key", type=Path, help="PEM private key")
     group.add_argument("--auth-token-file", type=Path,
                        help="file holding the bearer token clients must send (env ESPER_AUTH_TOKEN also works)")
+    group.add_argument("--principals-file", type=Path,
+                       help="JSON file of accepted tokens, each with a principal name and roles, e.g. "
+                            "{\"principals\": [{\"name\": \"tezzeret\", \"token\": \"...\", "
+                            "\"roles\": [\"compiler\"]}]} (see esper.serving.auth)")
     group.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
 
 
@@ -229,9 +246,11 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ValueError(f"--auth-token-file {args.auth_token_file} is empty; expected a token")
     elif os.environ.get("ESPER_AUTH_TOKEN"):
         token = os.environ["ESPER_AUTH_TOKEN"].strip()
+    principals = load_principals(args.principals_file) if getattr(args, "principals_file", None) else {}
     config = ServerConfig(host=args.host, port=args.port, grace_seconds=args.grace,
                           max_message_bytes=int(args.max_message_mb * 2**20),
-                          tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token)
+                          tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token,
+                          principals=principals)
     config.validate()
     return config
 

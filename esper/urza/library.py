@@ -34,6 +34,7 @@ from esper.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     quoted,
 )
 from esper.urza import metadata as md
@@ -414,8 +415,14 @@ class UrzaLibrary:
                 "registered; register it before storing its artifacts", reason="BLUEPRINT_NOT_FOUND",
                 metadata={"blueprint_id": artifact.blueprint_id, "field": f"{field}.blueprint_id"})
 
-    def begin_upload(self, artifact: KernelArtifact) -> ArtifactUpload:
-        """Validate upload metadata (sha256 and size_bytes required) and start receiving bytes."""
+    def begin_upload(self, artifact: KernelArtifact, *, caller: str = "", may_certify: bool = True
+                     ) -> ArtifactUpload:
+        """Validate upload metadata (sha256 and size_bytes required) and start receiving bytes.
+
+        A VALIDATED artifact (the default status) certifies the bytes as a checked compile result,
+        so only a caller that `may_certify` (the compiler role) may create one; PermissionDeniedError
+        (reason COMPILER_ROLE_REQUIRED) otherwise. `caller` names the principal in that error.
+        """
         self._validate_artifact_fields(artifact, "metadata")
         if not is_sha256_hex(artifact.sha256):
             raise InvalidArgumentError(
@@ -427,6 +434,12 @@ class UrzaLibrary:
                 field="metadata.size_bytes")
         status = artifact.status or common_pb2.ARTIFACT_STATUS_VALIDATED
         _validate_enum(common_pb2.ArtifactStatus, status, "metadata.status")
+        if status == common_pb2.ARTIFACT_STATUS_VALIDATED and not may_certify:
+            raise PermissionDeniedError(
+                f"principal {quoted(caller or 'unknown')} may not create VALIDATED artifacts (metadata.status "
+                "VALIDATED, the default); only the compiler role (Tezzeret's credentials) may. Upload it as "
+                "ARTIFACT_STATUS_PENDING or INVALID, or have Tezzeret compile it",
+                reason="COMPILER_ROLE_REQUIRED", metadata={"principal": caller, "field": "metadata.status"})
         existing = self._find_artifact(artifact.kernel_id)
         if existing is not None and existing.status != common_pb2.ARTIFACT_STATUS_PENDING \
                 and existing.sha256 != artifact.sha256:
