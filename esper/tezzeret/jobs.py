@@ -27,6 +27,7 @@ from esper.errors import (
 )
 from esper.tezzeret.compiler import ARTIFACT_FORMAT, CompileOutcome, compile_blueprint
 from esper.tezzeret.kernel_ids import kernel_id_for
+from esper.tezzeret.limits import CompileLimits, check_compile_limits
 from esper.tezzeret.pool import TaskOutcome, WorkerPool
 from esper.v1 import common_pb2, tezzeret_pb2
 
@@ -119,7 +120,8 @@ class CompileJobs:
 
     def __init__(self, pool: WorkerPool, library: KernelLibrary, publisher: KernelEventPublisher | None = None,
                  *, default_timeout_s: float = 120.0, max_timeout_s: float = 3600.0, cuda_available: bool = False,
-                 max_finished_jobs: int = 10_000, latency_budget_s: float = 0.5):
+                 max_finished_jobs: int = 10_000, latency_budget_s: float = 0.5,
+                 limits: CompileLimits | None = None):
         self.pool = pool
         self.library = library
         self.publisher = publisher
@@ -128,6 +130,7 @@ class CompileJobs:
         self.cuda_available = cuda_available
         self.max_finished_jobs = max_finished_jobs
         self.latency_budget_s = latency_budget_s
+        self.limits = limits or CompileLimits()
         self._jobs: OrderedDict[str, _Entry] = OrderedDict()
         self._active_by_kernel: dict[str, _Entry] = {}
         self._seq = itertools.count(1)
@@ -148,6 +151,7 @@ class CompileJobs:
         else:
             spec = await self.library.get_blueprint(request.blueprint_id, request.blueprint_version)
         dims = list(request.input_shape.dims)
+        check_compile_limits(spec, dims, request.dtype, self.limits)
         kernel_id = kernel_id_for(spec, dims, request.device, request.dtype)
         running = self._active_by_kernel.get(kernel_id)
         if running is not None:
