@@ -31,7 +31,7 @@ class CompileLimits:
     """The largest seed a server compiles. Defaults fit a 2 GiB worker on a CPU host."""
 
     max_parameters: int = 50_000_000
-    max_flops_per_sample: int = 20_000_000_000
+    max_flops_per_sample: int = 100_000_000_000
     worker_memory_bytes: int = 2 * 1024**3
 
     def __post_init__(self) -> None:
