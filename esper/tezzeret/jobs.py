@@ -10,19 +10,23 @@ import asyncio
 import base64
 import itertools
 import logging
+import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from esper.errors import (
     AlreadyExistsError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
+    bounded,
     quoted,
 )
 from esper.tezzeret.compiler import ARTIFACT_FORMAT, CompileOutcome, compile_blueprint
@@ -32,6 +36,9 @@ from esper.tezzeret.pool import TaskOutcome, WorkerPool
 from esper.v1 import common_pb2, tezzeret_pb2
 
 log = logging.getLogger("esper.tezzeret")
+_R = TypeVar("_R")
+# Urza's limit on status_reason (esper.urza.library.MAX_STATUS_REASON_CHARS), kept in step by a test.
+MAX_STATUS_REASON_CHARS = 16384
 
 S = tezzeret_pb2
 FINAL_STATES = frozenset({S.COMPILE_JOB_STATE_SUCCEEDED, S.COMPILE_JOB_STATE_FAILED,
@@ -121,7 +128,8 @@ class CompileJobs:
     def __init__(self, pool: WorkerPool, library: KernelLibrary, publisher: KernelEventPublisher | None = None,
                  *, default_timeout_s: float = 120.0, max_timeout_s: float = 3600.0, cuda_available: bool = False,
                  max_finished_jobs: int = 10_000, latency_budget_s: float = 0.5,
-                 limits: CompileLimits | None = None):
+                 limits: CompileLimits | None = None, store_retry_s: float = 300.0,
+                 store_backoff_s: tuple[float, float] = (0.5, 10.0)):
         self.pool = pool
         self.library = library
         self.publisher = publisher
@@ -131,6 +139,10 @@ class CompileJobs:
         self.max_finished_jobs = max_finished_jobs
         self.latency_budget_s = latency_budget_s
         self.limits = limits or CompileLimits()
+        # A compiled result is worth keeping through an Urza restart: storing it is retried on
+        # UNAVAILABLE / DEADLINE_EXCEEDED for this long, with exponential backoff (first, cap).
+        self.store_retry_s = store_retry_s
+        self.store_backoff_s = store_backoff_s
         self._jobs: OrderedDict[str, _Entry] = OrderedDict()
         self._active_by_kernel: dict[str, _Entry] = {}
         self._seq = itertools.count(1)
@@ -338,12 +350,12 @@ class CompileJobs:
             artifact.size_bytes = len(result.artifact)
         else:
             artifact.status = common_pb2.ARTIFACT_STATUS_INVALID
-            artifact.status_reason = result.reason
+            artifact.status_reason = bounded(result.reason, MAX_STATUS_REASON_CHARS)
         try:
             if result.valid:
-                stored = await self.library.store_artifact(artifact, result.artifact)
+                stored = await self._retrying(entry, lambda: self.library.store_artifact(artifact, result.artifact))
             else:
-                stored = await self.library.record_artifact(artifact)
+                stored = await self._retrying(entry, lambda: self.library.record_artifact(artifact))
         except AlreadyExistsError:
             # Another compile of the same kernel id (another server, or a request that raced this
             # one) stored its result first; artifacts are immutable, so that one stands.
@@ -360,6 +372,26 @@ class CompileJobs:
             self._final(entry, S.COMPILE_JOB_STATE_FAILED, f"artifact INVALID: {stored.status_reason}")
         if not entry.job.reused:
             await self._publish(entry, stored)
+
+    async def _retrying(self, entry: _Entry, store: Callable[[], Awaitable[_R]]) -> _R:
+        """`await store()`, again after a transport or availability failure until store_retry_s has
+        passed (the artifact is content-addressed and immutable, so a repeat is harmless)."""
+        deadline = time.monotonic() + self.store_retry_s
+        delay, cap = self.store_backoff_s
+        attempt = 1
+        while True:
+            try:
+                return await store()
+            except (UnavailableError, DeadlineExceededError) as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                wait = min(delay, cap, left)
+                log.warning("job %s: storing in Urza failed (attempt %d: %s); retrying in %.1f s",
+                            entry.job.job_id, attempt, exc, wait)
+                await asyncio.sleep(wait)
+                delay *= 2
+                attempt += 1
 
     async def _publish(self, entry: _Entry, artifact: common_pb2.KernelArtifact) -> None:
         if self.publisher is None:

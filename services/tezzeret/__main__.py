@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--worker-memory-mb", type=int, default=CompileLimits.worker_memory_bytes // 2**20,
                         help="memory one compile may use in a worker, MiB, estimated before building "
                              "(default %(default)s)")
+    parser.add_argument("--store-retry-seconds", type=float, default=300.0,
+                        help="how long a compiled result keeps being offered to Urza while Urza is unavailable, "
+                             "with exponential backoff (default %(default)s)")
     parser.add_argument("--urza-wait", type=float, default=30.0,
                         help="seconds to wait at startup for Urza to report SERVING (default %(default)s)")
     return parser
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         await asyncio.to_thread(pool.start)
         log.info("%d compile workers ready (pids %s)", args.workers, pool.worker_pids)
         jobs = CompileJobs(pool, urza, publisher, default_timeout_s=args.default_timeout,
-                           max_timeout_s=args.max_timeout, cuda_available=torch.cuda.is_available(), limits=limits)
+                           max_timeout_s=args.max_timeout, cuda_available=torch.cuda.is_available(), limits=limits,
+                           store_retry_s=args.store_retry_seconds)
         server.add_service(SERVICE_NAME, TezzeretServicer(jobs), tezzeret_pb2_grpc.add_TezzeretServiceServicer_to_server)
         server.add_shutdown_callback(jobs.close)
 
