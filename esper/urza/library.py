@@ -596,6 +596,11 @@ class UrzaLibrary:
                                        field="chunk_size")
         size = min(chunk_size or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES)
         artifact = self.get_artifact(kernel_id)
+        if artifact.status == common_pb2.ARTIFACT_STATUS_INVALID:
+            # The compiler rejected it: its bytes (if any were stored) must never reach a model.
+            raise FailedPreconditionError(
+                f"artifact {quoted(kernel_id)} is INVALID ({artifact.status_reason or 'no reason'}); only VALIDATED "
+                "artifacts are served", reason="ARTIFACT_INVALID", metadata={"kernel_id": kernel_id})
         if not artifact.sha256:
             raise FailedPreconditionError(
                 f"artifact {quoted(kernel_id)} has no bytes (status "

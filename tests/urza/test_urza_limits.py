@@ -89,3 +89,19 @@ def test_list_pages_are_cut_by_bytes_and_paging_still_sees_everything(tmp_path):
                 break
         assert pages >= 3, pages
         assert len(seen) == len(set(seen)) and len(seen) >= 40
+
+
+def test_downloading_an_invalid_artifact_is_failed_precondition(tmp_path):
+    import hashlib
+
+    from esper.errors import FailedPreconditionError
+
+    library = UrzaLibrary(tmp_path / "urza")
+    library.register_blueprint(get_blueprint("residual_mlp"))
+    data = b"bytes the compiler rejected"
+    meta = _invalid(0, "preservation check failed")
+    meta.sha256, meta.size_bytes = hashlib.sha256(data).hexdigest(), len(data)
+    library.upload_bytes(meta, data)
+    with pytest.raises(FailedPreconditionError) as info:
+        library.open_download("bad-0")
+    assert info.value.reason == "ARTIFACT_INVALID" and "preservation check failed" in info.value.message
