@@ -181,7 +181,27 @@ class TamiyoCore:
         if not stored.HasField("create_time"):
             stored.create_time.GetCurrentTime()
         size = self.replay.append(stored)
+        if stored.outcome == common_pb2.ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE and stored.run_id:
+            self._give_back(stored.run_id, stored.decision.decision_id)
         return stored.report_id, size
+
+    def _give_back(self, run_id: str, decision_id: str) -> None:
+        """An outage cancelled this germination: it no longer counts against max_adaptations."""
+        with self._lock:
+            controller = self._controllers.get(run_id)
+            if controller is not None:
+                if controller.rails.give_back(decision_id):
+                    self._save_state(run_id, controller)
+                return
+            saved = self._load_state(run_id)
+            if saved is None:
+                return  # no rails state for this run: nothing was counted here
+            rails = SafetyRails(self.settings.rails(), 1.0)  # host FLOPs do not matter to the count
+            rails.load_state_dict(saved)
+            if rails.give_back(decision_id):
+                from esper.durable import write_json_atomic
+
+                write_json_atomic(self._state_path(run_id), {"run_id": run_id, "state": rails.state_dict()})
 
     def warm_up(self) -> None:
         """One throwaway decision so the first real Decide does not pay for imports (blueprint costs)."""

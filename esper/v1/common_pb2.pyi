@@ -306,7 +306,11 @@ class _AdaptationOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ada
     ADAPTATION_OUTCOME_ROLLED_BACK: _AdaptationOutcome.ValueType  # 5
     """The governor restored a snapshot taken before the adaptation."""
     ADAPTATION_OUTCOME_COMPILE_FAILED: _AdaptationOutcome.ValueType  # 6
-    """Tezzeret could not produce a VALIDATED kernel for the blueprint."""
+    """Tezzeret could not produce a VALIDATED kernel for the blueprint (the compiler rejected it)."""
+    ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE: _AdaptationOutcome.ValueType  # 7
+    """Cancelled before touching the host because a service it needed (Urza, Tezzeret) stayed
+    unavailable. Tamiyo gives the adaptation back: it does not count against max_adaptations.
+    """
 
 class AdaptationOutcome(_AdaptationOutcome, metaclass=_AdaptationOutcomeEnumTypeWrapper):
     """How an adaptation ended."""
@@ -323,7 +327,11 @@ ADAPTATION_OUTCOME_CANCELLED: AdaptationOutcome.ValueType  # 4
 ADAPTATION_OUTCOME_ROLLED_BACK: AdaptationOutcome.ValueType  # 5
 """The governor restored a snapshot taken before the adaptation."""
 ADAPTATION_OUTCOME_COMPILE_FAILED: AdaptationOutcome.ValueType  # 6
-"""Tezzeret could not produce a VALIDATED kernel for the blueprint."""
+"""Tezzeret could not produce a VALIDATED kernel for the blueprint (the compiler rejected it)."""
+ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE: AdaptationOutcome.ValueType  # 7
+"""Cancelled before touching the host because a service it needed (Urza, Tezzeret) stayed
+unavailable. Tamiyo gives the adaptation back: it does not count against max_adaptations.
+"""
 Global___AdaptationOutcome: _TypeAlias = AdaptationOutcome  # noqa: Y015
 
 class _ErrorReason:
