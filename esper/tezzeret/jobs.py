@@ -46,6 +46,8 @@ FINAL_STATES = frozenset({S.COMPILE_JOB_STATE_SUCCEEDED, S.COMPILE_JOB_STATE_FAI
 MAX_ELEMENTS_PER_SAMPLE = 1 << 24
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# A ListCompileJobs page stops at this many bytes whatever page_size asked (half a 4 MiB message).
+MAX_LIST_RESPONSE_BYTES = 2 * 1024 * 1024
 
 
 class KernelLibrary(Protocol):
@@ -234,8 +236,15 @@ class CompileJobs:
                 raise InvalidArgumentError(f"page_token {quoted(page_token)} is not a token this server returned",
                                            field="page_token") from None
         matches = [e for e in self._jobs.values() if e.seq > after and (not state or e.job.state == state)]
-        page = matches[:size]
-        token = base64.urlsafe_b64encode(str(page[-1].seq).encode()).decode() if len(matches) > size else ""
+        page: list[_Entry] = []
+        total = 0
+        for entry in matches[:size]:
+            total += entry.job.ByteSize() + 8
+            if page and total > MAX_LIST_RESPONSE_BYTES:
+                break  # a failed job carries its reason (up to 16 KiB): bound the page by bytes too
+            page.append(entry)
+        more = len(matches) > len(page)
+        token = base64.urlsafe_b64encode(str(page[-1].seq).encode()).decode() if more else ""
         return [self._snapshot(e) for e in page], token
 
     async def cancel(self, job_id: str) -> tezzeret_pb2.CompileJob:

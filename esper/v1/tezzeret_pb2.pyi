@@ -37,7 +37,9 @@ class _CompileJobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Compi
     COMPILE_JOB_STATE_SUCCEEDED: _CompileJobState.ValueType  # 3
     """The artifact is stored in Urza as VALIDATED."""
     COMPILE_JOB_STATE_FAILED: _CompileJobState.ValueType  # 4
-    """Compiled but rejected (stored in Urza as INVALID with the reason), or the worker failed."""
+    """Compiled but rejected (stored in Urza as INVALID with the reason), or the worker failed, or
+    the result could not be stored (see CompileJob.artifact for telling these apart).
+    """
     COMPILE_JOB_STATE_TIMED_OUT: _CompileJobState.ValueType  # 5
     """The compile ran past timeout_seconds; the worker was killed."""
     COMPILE_JOB_STATE_CANCELLED: _CompileJobState.ValueType  # 6
@@ -56,7 +58,9 @@ backoff while Urza is unavailable).
 COMPILE_JOB_STATE_SUCCEEDED: CompileJobState.ValueType  # 3
 """The artifact is stored in Urza as VALIDATED."""
 COMPILE_JOB_STATE_FAILED: CompileJobState.ValueType  # 4
-"""Compiled but rejected (stored in Urza as INVALID with the reason), or the worker failed."""
+"""Compiled but rejected (stored in Urza as INVALID with the reason), or the worker failed, or
+the result could not be stored (see CompileJob.artifact for telling these apart).
+"""
 COMPILE_JOB_STATE_TIMED_OUT: CompileJobState.ValueType  # 5
 """The compile ran past timeout_seconds; the worker was killed."""
 COMPILE_JOB_STATE_CANCELLED: CompileJobState.ValueType  # 6
@@ -110,7 +114,11 @@ class CompileJob(_message.Message):
 
     @_builtins.property
     def artifact(self) -> _common_pb2.KernelArtifact:
-        """The stored artifact, once the job finished with one."""
+        """The stored artifact, once the job finished with one. A FAILED job whose artifact is INVALID
+        failed deterministically (the compiler rejected the blueprint: trying again gives the same);
+        a FAILED job without one (a worker crash, or Urza unavailable past the store retry window),
+        TIMED_OUT or CANCELLED may succeed when requested again.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -335,7 +343,7 @@ class ListCompileJobsRequest(_message.Message):
     state: Global___CompileJobState.ValueType
     """Only jobs in this state when set."""
     page_size: _builtins.int
-    """>= 0; 0 means 100; capped at 1000."""
+    """>= 0; 0 means 100; capped at 1000. A page may hold fewer: it stops at 2 MiB of jobs."""
     page_token: _builtins.str
     """Empty for the first page, else a next_page_token this server returned."""
     def __init__(

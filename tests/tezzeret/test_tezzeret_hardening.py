@@ -14,10 +14,12 @@ import sys
 
 import grpc
 import pytest
+from test_tezzeret_jobs import InProcessLibrary
 
 from esper.kasmina.blueprints import CATALOG
 from esper.serving import ChannelConfig, GrpcServer, ServerConfig, ServerProcess, error_info_from
-from esper.tezzeret import CompileJobs, CompileLimits, WorkerPool, warm_up_compiler
+from esper.tezzeret import CompileJobs, CompileLimits, WorkerPool, kernel_id_for, warm_up_compiler
+from esper.urza import UrzaLibrary
 from esper.v1 import common_pb2, tezzeret_pb2, tezzeret_pb2_grpc
 from services.tezzeret.clients import UrzaClient
 from services.tezzeret.servicer import SERVICE_NAME, TezzeretServicer
@@ -25,24 +27,6 @@ from services.tezzeret.servicer import SERVICE_NAME, TezzeretServicer
 pytestmark = pytest.mark.integration
 T = tezzeret_pb2
 CPU, F32 = common_pb2.DEVICE_TYPE_CPU, common_pb2.D_TYPE_FLOAT32
-
-
-class _CatalogLibrary:
-    """Blueprints from the shipped catalog; the limit checks never reach storage."""
-
-    async def get_blueprint(self, blueprint_id, version):
-        return CATALOG[blueprint_id]
-
-    async def register_blueprint(self, spec):
-        return spec
-
-    async def find_artifact(self, kernel_id):
-        return None
-
-    async def store_artifact(self, artifact, data):
-        raise AssertionError("nothing may be compiled past the limits")
-
-    record_artifact = store_artifact
 
 
 def _request(blueprint_id: str, dims) -> T.CompileRequest:
@@ -55,10 +39,14 @@ def _request(blueprint_id: str, dims) -> T.CompileRequest:
     (CompileLimits(max_flops_per_sample=10_000), "conv3x3", [-1, 8, 16, 16], "max_flops_per_sample"),
     (CompileLimits(worker_memory_bytes=1 << 20), "conv3x3", [-1, 64, 64, 64], "worker_memory_bytes"),
 ])
-def test_limits_are_checked_before_building(limits, blueprint_id, dims, limit_name):
+def test_limits_are_checked_before_building(limits, blueprint_id, dims, limit_name, tmp_path):
+    library = UrzaLibrary(tmp_path / "urza")
+    for spec in CATALOG.values():
+        library.register_blueprint(spec)
+
     async def scenario():
         pool = WorkerPool(1)  # never started: a request past a limit must not reach a worker
-        jobs = CompileJobs(pool, _CatalogLibrary(), limits=limits)
+        jobs = CompileJobs(pool, InProcessLibrary(library), limits=limits)
         server = GrpcServer(ServerConfig())
         server.add_service(SERVICE_NAME, TezzeretServicer(jobs), tezzeret_pb2_grpc.add_TezzeretServiceServicer_to_server)
         await server.start()
@@ -78,6 +66,7 @@ def test_limits_are_checked_before_building(limits, blueprint_id, dims, limit_na
             await server.stop(0)
 
     asyncio.run(scenario())
+    assert library.query_artifacts()[0] == []  # nothing was compiled or recorded
 
 
 def test_compile_limits_reject_nonsense_configuration():
@@ -132,3 +121,44 @@ def test_invalid_reasons_are_cut_to_what_urza_accepts():
     from esper.urza import library
 
     assert jobs.MAX_STATUS_REASON_CHARS == library.MAX_STATUS_REASON_CHARS
+
+
+def test_list_compile_jobs_is_bounded_by_bytes(tmp_path):
+    """300 jobs that each carry a 16 KiB reason (about 10 MiB) still list, page by page."""
+    library = UrzaLibrary(tmp_path / "urza")
+    spec = CATALOG["residual_mlp"]
+    library.register_blueprint(spec)
+    reason = "r" * 16000
+    for width in range(8, 308):
+        dims = [-1, width]
+        library.record_artifact(common_pb2.KernelArtifact(
+            kernel_id=kernel_id_for(spec, dims, CPU, F32), blueprint_id="residual_mlp", blueprint_version=1,
+            input_shape=common_pb2.TensorShape(dims=dims), device=CPU, dtype=F32,
+            status=common_pb2.ARTIFACT_STATUS_INVALID, status_reason=reason))
+
+    async def scenario():
+        jobs = CompileJobs(WorkerPool(1), InProcessLibrary(library))
+        server = GrpcServer(ServerConfig())
+        server.add_service(SERVICE_NAME, TezzeretServicer(jobs), tezzeret_pb2_grpc.add_TezzeretServiceServicer_to_server)
+        await server.start()
+        await server.set_serving()
+        try:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = tezzeret_pb2_grpc.TezzeretServiceStub(channel)
+                for width in range(8, 308):
+                    job = (await stub.Compile(_request("residual_mlp", [-1, width]), timeout=10)).job
+                    assert job.reused and job.state == T.COMPILE_JOB_STATE_FAILED
+                seen, token = [], ""
+                while True:
+                    page = await stub.ListCompileJobs(T.ListCompileJobsRequest(page_size=1000, page_token=token),
+                                                      timeout=10)
+                    assert page.jobs and page.ByteSize() < 4 * 2**20
+                    seen += [j.job_id for j in page.jobs]
+                    token = page.next_page_token
+                    if not token:
+                        break
+                assert len(seen) == len(set(seen)) == 300
+        finally:
+            await server.stop(0)
+
+    asyncio.run(scenario())
