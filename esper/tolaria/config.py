@@ -178,9 +178,32 @@ class ServicesConfig:
     # Deadline of other unary calls (Urza lookups, compile requests, reports, publishes).
     call_timeout_s: float = 5.0
     compile_timeout_s: float = 120.0
+    # A germinated seed whose kernel has not arrived this many seconds after the decision is
+    # cancelled; 0 waits until the compile job fails (Tezzeret ends it after compile_timeout_s).
+    germination_timeout_s: float = 0.0
+    # While a compile runs: how often its job is polled (covers a missed kernel-ready event).
+    poll_s: float = 2.0
     # Backoff between attempts to reach a service that is down: initial, doubled up to the max.
     retry_initial_s: float = 0.5
     retry_max_s: float = 8.0
+    # Bearer token: sent on every call to the services and required by the Tolaria server (and,
+    # in local mode, by the services esper-train starts). auth_token_file holds it instead (its
+    # first line); set at most one of the two. Empty: no auth.
+    auth_token: str = ""
+    auth_token_file: str = ""
+    # TLS towards the services: the PEM root certificate that signed their certificates (empty:
+    # plaintext), and the name their certificates carry when it is not the host of the address.
+    tls_root_cert: str = ""
+    tls_server_name: str = ""
+    # TLS of the Tolaria server esper-train starts: PEM certificate chain and private key (both or neither).
+    tolaria_tls_cert: str = ""
+    tolaria_tls_key: str = ""
+
+    def token(self) -> str | None:
+        """The run's bearer token (auth_token, or the first line of auth_token_file), or None."""
+        if self.auth_token_file:
+            return Path(self.auth_token_file).read_text().strip().splitlines()[0].strip()
+        return self.auth_token or None
     # Local mode: how long each service may take to become healthy, compile workers, Oona backend.
     start_timeout_s: float = 120.0
     tezzeret_workers: int = 1
@@ -332,7 +355,7 @@ def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
 
 def policy_config(cfg: Config) -> dict[str, Any]:
     """The Tamiyo policy knobs of a run: its controller section plus the allowed blueprints (the
-    mapping `esper.tamiyo.service.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
+    mapping `esper.tamiyo.settings.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
     section = dataclasses.asdict(cfg.controller)
     section["blueprints"] = list(cfg.seeds.blueprints)
     return section
@@ -380,9 +403,28 @@ def _validate_services(svc: ServicesConfig) -> None:
             raise ConfigError(f"services.mode remote needs services.addresses for {missing}; "
                               "expected host:port for each of urza, tezzeret, oona, tamiyo")
     for key in ("decision_timeout_s", "call_timeout_s", "compile_timeout_s", "retry_initial_s", "retry_max_s",
-                "start_timeout_s"):
+                "start_timeout_s", "poll_s"):
         if getattr(svc, key) <= 0:
             raise ConfigError(f"services.{key}: expected a float > 0, got {getattr(svc, key)}")
+    if svc.germination_timeout_s < 0:
+        raise ConfigError(f"services.germination_timeout_s: expected a float >= 0 (0: until the compile job fails), "
+                          f"got {svc.germination_timeout_s}")
+    if svc.auth_token and svc.auth_token_file:
+        raise ConfigError("services.auth_token_file: set either services.auth_token or services.auth_token_file, not both")
+    if svc.auth_token_file:
+        try:
+            token = Path(svc.auth_token_file).read_text().strip().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"services.auth_token_file: cannot read {svc.auth_token_file!r} ({exc.strerror}); "
+                              "expected a file holding the token") from None
+        if not token or not token[0].strip():
+            raise ConfigError(f"services.auth_token_file: {svc.auth_token_file!r} is empty; expected the token")
+    if bool(svc.tolaria_tls_cert) != bool(svc.tolaria_tls_key):
+        raise ConfigError("services.tolaria_tls_cert / services.tolaria_tls_key: expected both (TLS) or neither")
+    for key in ("tls_root_cert", "tolaria_tls_cert", "tolaria_tls_key"):
+        value = getattr(svc, key)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"services.{key}: {value!r} is not a file; expected a PEM file")
     if svc.tezzeret_workers < 1:
         raise ConfigError(f"services.tezzeret_workers: expected an int >= 1, got {svc.tezzeret_workers}")
     if svc.cpus.strip().lower() not in ("auto", "off"):

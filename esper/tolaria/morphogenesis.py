@@ -27,7 +27,7 @@ from esper.kasmina import KasminaLayer, LifecycleDriver, seed_sites, wrap
 from esper.kasmina import LifecycleConfig as KasminaLifecycleConfig
 from esper.kasmina.lifecycle import ACTIVE_STATES, LifecycleEvent
 from esper.lifecycle import SeedLifecycleState as S
-from esper.tamiyo.service import policy_settings_from_mapping
+from esper.tamiyo.settings import policy_settings_from_mapping
 from esper.tolaria.config import Config, ConfigError, policy_config
 from esper.tolaria.hosts import count_parameters, forward_flops_per_sample
 from esper.v1 import common_pb2
@@ -113,7 +113,7 @@ class Morphogenesis:
         self._event_log = None
         # Set by the trainer under --verbose: prints every lifecycle transition as it happens.
         self.echo: Callable[[str], None] | None = None
-        # Set by esper.tolaria.remote.RemoteController: germinates awaiting a compiled kernel.
+        # Set by esper.tolaria.adaptation.RemoteController: germinates awaiting a compiled kernel.
         self.germinate_hook: Callable[[KasminaLayer, common_pb2.AdaptationDecision], None] | None = None
         self._flops_cache: tuple[tuple, float] | None = None
         if enabled:
@@ -202,7 +202,7 @@ class Morphogenesis:
         if self.enabled:
             state = self.graph_state(epoch + 1, global_step, total_epochs, train_loss, val_loss, val_acc, history)
             for decision in self.controller.decide(state):
-                self._apply(decision, epoch + 1)
+                self.apply_decision(decision, epoch + 1)
         for _, layer in self.driver.sites:
             layer.reset_telemetry()
         after = dict(self.param_groups())
@@ -211,7 +211,9 @@ class Morphogenesis:
             removed_groups=[n for n in before if n not in after],
         )
 
-    def _apply(self, d: common_pb2.AdaptationDecision, epoch: int) -> None:
+    def apply_decision(self, d: common_pb2.AdaptationDecision, epoch: int) -> None:
+        """Carry out one controller decision (germinate through `germinate_hook` when one is set).
+        Raises IllegalTransitionError / BlueprintError when the slot cannot take it."""
         action = d.action
         if action == common_pb2.DECISION_ACTION_WAIT:
             return
