@@ -24,7 +24,7 @@ from typing import Any
 
 from esper.errors import InvalidArgumentError
 from esper.tamiyo.heuristic import VERSION
-from esper.tamiyo.rails import Controller
+from esper.tamiyo.rails import Controller, SafetyRails
 from esper.tamiyo.replay import ReplayBuffer
 from esper.tamiyo.settings import PolicySettings
 from esper.v1 import common_pb2

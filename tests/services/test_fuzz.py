@@ -21,10 +21,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
+from esper.clients import AsyncUrzaClient as UrzaClient
+from esper.clients import KernelReadyPublisher as OonaKernelPublisher
 from esper.kasmina.blueprints import CATALOG
 from esper.oona import OonaBus, open_backend
 from esper.serving import ChannelConfig, GrpcServer, ServerConfig
-from esper.tamiyo.service import PolicySettings, TamiyoCore
+from esper.tamiyo.service import TamiyoCore
+from esper.tamiyo.settings import PolicySettings
 from esper.tezzeret import CompileJobs, CompileLimits, WorkerPool, warm_up_compiler
 from esper.tolaria.server import RunControl, TolariaServer
 from esper.urza import UrzaLibrary
@@ -41,7 +44,6 @@ from esper.v1 import (
 )
 from services.oona.servicer import OonaServicer
 from services.tamiyo.servicer import TamiyoServicer
-from services.tezzeret.clients import OonaKernelPublisher, UrzaClient
 from services.tezzeret.servicer import TezzeretServicer
 from services.urza.servicer import UrzaServicer
 

@@ -10,7 +10,8 @@ import pytest
 from test_tamiyo_server import graph
 
 from esper.serving import GrpcServer, ServerConfig
-from esper.tamiyo.service import PolicySettings, TamiyoCore
+from esper.tamiyo.service import TamiyoCore
+from esper.tamiyo.settings import PolicySettings
 from esper.v1 import common_pb2, tamiyo_pb2, tamiyo_pb2_grpc
 from services.tamiyo.servicer import SERVICE_NAME, TamiyoServicer
 

@@ -16,12 +16,12 @@ import grpc
 import pytest
 from test_tezzeret_jobs import InProcessLibrary
 
+from esper.clients import AsyncUrzaClient as UrzaClient
 from esper.kasmina.blueprints import CATALOG
 from esper.serving import ChannelConfig, GrpcServer, ServerConfig, ServerProcess, error_info_from
 from esper.tezzeret import CompileJobs, CompileLimits, WorkerPool, kernel_id_for, warm_up_compiler
 from esper.urza import UrzaLibrary
 from esper.v1 import common_pb2, tezzeret_pb2, tezzeret_pb2_grpc
-from services.tezzeret.clients import UrzaClient
 from services.tezzeret.servicer import SERVICE_NAME, TezzeretServicer
 
 pytestmark = pytest.mark.integration
