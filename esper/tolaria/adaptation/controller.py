@@ -50,6 +50,11 @@ _DEVICE_TYPES = {"cpu": common_pb2.DEVICE_TYPE_CPU, "cuda": common_pb2.DEVICE_TY
 _DTYPES = {torch.float32: common_pb2.D_TYPE_FLOAT32, torch.float64: common_pb2.D_TYPE_FLOAT64,
            torch.float16: common_pb2.D_TYPE_FLOAT16, torch.bfloat16: common_pb2.D_TYPE_BFLOAT16}
 _CLIENTS = {"urza": AsyncUrzaClient, "tezzeret": TezzeretClient, "oona": OonaClient, "tamiyo": TamiyoClient}
+# The services a germinating seed waits for: while one is down its timeouts do not run out.
+KERNEL_SERVICES = ("urza", "tezzeret")
+# Reason prefixes of cancellations that are reported to Tamiyo by `_compile_failed` itself.
+COMPILE_FAILED_PREFIX = "compile failed"
+UNAVAILABLE_PREFIX = "kernel unavailable"
 
 
 def channel_config(settings: ServicesConfig, address: str) -> ChannelConfig:
@@ -85,10 +90,12 @@ class RemoteController:
         self._last_graph_nodes: dict[tuple[str, int], common_pb2.GraphNode] = {}
         self._last_signals = common_pb2.TrainingSignals()
         self._step = 0
+        self._last_drain = time.perf_counter()
         self._status_listener: Callable[[bool, str], None] | None = None
         for _, layer in morph.driver.sites:
             layer.add_listener(self._on_lifecycle)
         morph.germinate_hook = self._germinate
+        morph.driver.germination_grace = self._germination_grace
 
     # ---------------------------------------------------------------- lifecycle of the controller
 
@@ -262,8 +269,27 @@ class RemoteController:
     def _phase(self) -> str:
         return self.pipeline.phase() if self.pipeline is not None else ""
 
+    def _kernel_services_down(self) -> bool:
+        return any(not self.links[name].up for name in KERNEL_SERVICES if name in self.links)
+
+    def _track_outages(self, epoch: int) -> None:
+        """Charge the time since the last boundary to every waiting germination while Urza or
+        Tezzeret is down: a restarting service extends the wait instead of ending it."""
+        now = time.perf_counter()
+        if self._pending and self._kernel_services_down():
+            for pending in self._pending.values():
+                pending.outage_s += now - self._last_drain
+                pending.outage_epochs.add(epoch)
+        self._last_drain = now
+
+    def _germination_grace(self, layer: str, seed: int) -> int:
+        """Epochs the driver adds to this seed's germination timeout: those it waited through an outage."""
+        pending = self._pending.get((layer, seed))
+        return len(pending.outage_epochs) if pending is not None else 0
+
     def _drain(self, trainer: Any, epoch: int) -> None:
         self._step = trainer.state.global_step
+        self._track_outages(epoch)
         self._cancel_overdue()
         changed = False
         for item in self.outbox.drain():
@@ -272,7 +298,7 @@ class RemoteController:
             elif isinstance(item, KernelLoaded):
                 changed |= self._attach(item.kernel_id)
             elif isinstance(item, KernelFailed):
-                self._compile_failed(item.kernel_id, item.reason)
+                self._compile_failed(item.kernel_id, item.reason, item.deterministic)
             elif isinstance(item, Note):
                 self._note(item.line)
         if changed:
@@ -345,11 +371,11 @@ class RemoteController:
     def _cancel_overdue(self) -> None:
         """Cancel seeds whose kernel has not arrived within services.germination_timeout_s (wall clock)."""
         limit = self.settings.germination_timeout_s
-        if limit <= 0 or not self._pending:
-            return
+        if limit <= 0 or not self._pending or self._kernel_services_down():
+            return  # while a service the kernel needs is down, germinations wait for it
         now = time.perf_counter()
         for key, pending in list(self._pending.items()):
-            if now - pending.decided_at < limit:
+            if now - pending.decided_at - pending.outage_s < limit:
                 continue
             layer = self.morph.driver.site(pending.layer)
             if layer.state_of(pending.seed) == S.GERMINATED:
@@ -387,16 +413,23 @@ class RemoteController:
         self._note(f"{pending.layer}[{pending.seed}] active with kernel {pending.kernel_id} ({path}, via {via}) "
                    f"{latency:.2f} s after the decision, {steps} training steps meanwhile")
 
-    def _compile_failed(self, kernel_id: str, reason: str) -> None:
-        self._failed_kernels[kernel_id] = reason
+    def _compile_failed(self, kernel_id: str, reason: str, deterministic: bool = True) -> None:
+        """Cancel the seeds waiting for `kernel_id`. Only the compiler's verdict (`deterministic`)
+        puts the kernel on the run-long failed list; an outage's casualties are reported as
+        SERVICE_UNAVAILABLE, which Tamiyo does not count against max_adaptations."""
+        if deterministic:
+            self._failed_kernels[kernel_id] = reason
+        prefix = COMPILE_FAILED_PREFIX if deterministic else UNAVAILABLE_PREFIX
+        outcome = (common_pb2.ADAPTATION_OUTCOME_COMPILE_FAILED if deterministic
+                   else common_pb2.ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE)
         for key, pending in list(self._pending.items()):
             if pending.kernel_id != kernel_id:
                 continue
             del self._pending[key]
             layer = self.morph.driver.site(pending.layer)
             if layer.state_of(pending.seed) == S.GERMINATED:
-                layer.cancel(pending.seed, f"compile failed: {reason}")
-            self._report(pending, common_pb2.ADAPTATION_OUTCOME_COMPILE_FAILED, reason)
+                layer.cancel(pending.seed, f"{prefix}: {reason}")
+            self._report(pending, outcome, reason)
 
     # ---------------------------------------------------------------- outcomes
 
@@ -405,9 +438,11 @@ class RemoteController:
         self.reporter.publish_lifecycle(event)
         key = (event.layer, event.seed)
         outcome = OUTCOMES.get(S(event.to_state))
-        if event.to_state == S.CANCELLED and not event.reason.startswith("compile failed"):
-            outcome = common_pb2.ADAPTATION_OUTCOME_CANCELLED
         pending = self._adaptations.get(key)
+        if event.to_state == S.CANCELLED and not event.reason.startswith((COMPILE_FAILED_PREFIX, UNAVAILABLE_PREFIX)):
+            waited_out_an_outage = pending is not None and (pending.outage_s > 0 or pending.outage_epochs)
+            outcome = (common_pb2.ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE if waited_out_an_outage
+                       else common_pb2.ADAPTATION_OUTCOME_CANCELLED)
         if outcome is not None and pending is not None:
             self._pending.pop(key, None)
             self._report(pending, outcome, event.reason)

@@ -25,6 +25,10 @@ class Adaptation:
     signals_before: common_pb2.TrainingSignals = field(default_factory=common_pb2.TrainingSignals)
     # "cold" (compiled for this run), "warm" (kernel cache) or "library" (already in Urza).
     path: str = "cold"
+    # Time and epochs this germination waited while Urza or Tezzeret was down: they extend its
+    # germination timeouts, and a cancellation after such a wait is a casualty of the outage.
+    outage_s: float = 0.0
+    outage_epochs: set[int] = field(default_factory=set)
 
     @property
     def key(self) -> tuple[str, int]:
