@@ -185,8 +185,9 @@ def test_compile_that_keeps_timing_out_cancels_the_seed_as_unavailable(tmp_path,
     # cancels the seed as a casualty of an unavailable service (not counted against
     # max_adaptations; the kernel stays allowed). Enough epochs for that to reach the trainer; no
     # governor, whose rollbacks on the tiny late losses of digits could roll the seed back first.
-    proc = train_process(run_dir, "--config", DEV, "train.epochs=400", "services.compile_timeout_s=0.01",
-                         "governor.enabled=false", *COMMON)
+    # The seed waits out the retries (tens of seconds; digits epochs take milliseconds).
+    proc = train_process(run_dir, "--config", DEV, "train.epochs=1500", "services.compile_timeout_s=0.01",
+                         "governor.enabled=false", *COMMON, "lifecycle.germination_timeout_epochs=100000")
     assert proc.wait(900) == 0, proc.output()[-5000:]
     events = read_jsonl(run_dir / "events.jsonl")
     cancelled = [e for e in events if e["to"] == "CANCELLED"]
