@@ -48,8 +48,10 @@ class LifecycleDriver:
         self.model = model
         self.config = config or LifecycleConfig()
         self.evaluate = evaluate
-        # Sites that must clear a different contribution threshold than config.min_contribution.
-        self.min_contribution_per_site = dict(min_contribution_per_site or {})
+        # Sites that must clear a different contribution threshold than config.min_contribution
+        # (the argument, when given, replaces config.min_contribution_per_site).
+        self.min_contribution_per_site = dict(self.config.min_contribution_per_site if min_contribution_per_site is None
+                                              else min_contribution_per_site)
         self.clock = LifecycleClock()
         # Extra epochs a GERMINATED seed may wait, e.g. the epochs the kernel's compiler was down
         # (set by a controller that knows; (site name, seed index) -> epochs).
@@ -146,7 +148,7 @@ class LifecycleDriver:
         for name, layer in self.sites:
             layer.end_epoch()
             for i in range(layer.num_seeds):
-                if layer.state_of(i) != S.GERMINATED:
+                if not cfg.germination_timeout_epochs or layer.state_of(i) != S.GERMINATED:
                     continue
                 grace = self.germination_grace(name, i) if self.germination_grace is not None else 0
                 if layer.epochs_in_state(i) >= cfg.germination_timeout_epochs + grace:

@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from esper.kasmina import KasminaLayer, LifecycleDriver, seed_sites, wrap
-from esper.kasmina import LifecycleConfig as KasminaLifecycleConfig
 from esper.kasmina.lifecycle import ACTIVE_STATES, LifecycleEvent
 from esper.lifecycle import SeedLifecycleState as S
 from esper.tamiyo.settings import policy_settings_from_mapping
@@ -52,22 +51,6 @@ class Growth:
 
     added_groups: list[tuple[str, list[nn.Parameter]]] = field(default_factory=list)
     removed_groups: list[str] = field(default_factory=list)
-
-
-def kasmina_lifecycle_config(cfg: Config) -> KasminaLifecycleConfig:
-    """Tolaria's lifecycle section as Kasmina's LifecycleConfig (errors name the config key)."""
-    lc = cfg.lifecycle
-    try:
-        return KasminaLifecycleConfig(
-            training_min_steps=lc.training_min_steps, training_max_steps=lc.training_max_steps,
-            gate_interval_steps=lc.gate_interval_steps, min_alignment=lc.min_alignment,
-            grafting_steps=lc.grafting_steps, stabilization_steps=lc.stabilization_steps,
-            evaluation_epochs=lc.evaluation_epochs, fine_tuning_epochs=lc.fine_tuning_epochs,
-            min_contribution=lc.min_contribution, embargo_epochs=lc.embargo_epochs,
-            germination_timeout_epochs=lc.germination_timeout_epochs,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"lifecycle: {str(exc).replace('LifecycleConfig.', 'lifecycle.')}") from None
 
 
 class Morphogenesis:
@@ -98,8 +81,7 @@ class Morphogenesis:
         if per_site_unknown:
             raise ConfigError(f"lifecycle.min_contribution_per_site: {per_site_unknown} are not seed sites; expected some of {sites}")
         self._evaluate_acc: Callable[[], float] = lambda: 0.0
-        self.driver = LifecycleDriver(self.model, kasmina_lifecycle_config(cfg), evaluate=lambda: self._evaluate_acc(),
-                                      min_contribution_per_site=cfg.lifecycle.min_contribution_per_site)
+        self.driver = LifecycleDriver(self.model, cfg.lifecycle, evaluate=lambda: self._evaluate_acc())
         self.driver.add_listener(self._on_event)
         self.output_shapes = self._probe_output_shapes()
         # The same policy and rails Tamiyo builds from this run's policy config.

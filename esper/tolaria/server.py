@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from esper.tolaria.control import Phase, RunControl
+from esper.tolaria.hooks import BoundaryHook
 from esper.v1 import common_pb2
 
 log = logging.getLogger("esper.tolaria.server")
@@ -97,7 +98,7 @@ class TolariaServer:
             log.warning("the Tolaria server did not stop within %.0f s", self.grace_s + 10)
 
 
-class ServedRunHooks:
+class ServedRunHooks(BoundaryHook):
     """Trainer boundary hooks that keep a `RunControl` current and serve its requests.
 
     Per step: a handful of status assignments, step metrics only while someone streams them, and

@@ -27,6 +27,7 @@ from esper.tolaria.data import (
     train_batches,
 )
 from esper.tolaria.governor import Governor
+from esper.tolaria.hooks import TrainerHook
 from esper.tolaria.hosts import build_host, count_parameters, forward_flops_per_sample, model_input_shape
 from esper.tolaria.metrics import MetricsWriter
 from esper.tolaria.schedule import LRSchedule, build_optimizer
@@ -98,10 +99,9 @@ class Trainer:
         self.payload: dict[str, Any] | None = None
         self.morph = None
         self._display = None
-        # Boundary hooks (esper.tolaria.server.ServedRunHooks, esper.tolaria.remote.RemoteController):
-        # called on the training thread between steps and after each epoch; they never wait on
-        # the network. `after_step`/`after_epoch` returning True ends the run (graceful Stop).
-        self.hooks: list[Any] = []
+        # Extension points (esper.tolaria.hooks.TrainerHook: esper.tolaria.server.ServedRunHooks,
+        # esper.tolaria.adaptation.RemoteController), called on the training thread.
+        self.hooks: list[TrainerHook] = []
         self.stop_requested = False
         # Called in prepare() once the model is wrapped, before a checkpoint is restored (the
         # services wiring installs the remote controller there); hooks with `before_restore`
@@ -175,8 +175,7 @@ class Trainer:
 
     def _restore(self, payload: dict[str, Any]) -> None:
         for hook in self.hooks:
-            if hasattr(hook, "before_restore"):
-                hook.before_restore(payload)
+            hook.before_restore(payload)
         try:
             # The Kasmina layers rebuild their grown seeds from the state dict's extra state.
             self.model.load_state_dict(payload["model"])

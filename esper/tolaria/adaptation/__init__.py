@@ -41,8 +41,9 @@ Outcome reports and publishes wait in bounded queues until their service is back
 kernels are retried until they arrive or their seed is cancelled.
 """
 
-from esper.tolaria.adaptation.controller import RemoteController, channel_config
+from esper.tolaria.adaptation.controller import RemoteController
 from esper.tolaria.adaptation.kernels import KernelStore
+from esper.tolaria.adaptation.links import channel_config
 from esper.tolaria.adaptation.pipeline import CompileFailed, KernelPipeline, KernelUnavailable
 
 __all__ = ["CompileFailed", "KernelPipeline", "KernelStore", "KernelUnavailable", "RemoteController", "channel_config"]

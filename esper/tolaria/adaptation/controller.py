@@ -14,9 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from esper.clients import AsyncUrzaClient, OonaClient, ServiceLink, TamiyoClient, TezzeretClient, is_outage
+from esper.clients import ServiceLink, is_outage
 from esper.errors import EsperError
 from esper.kasmina import (
     BlueprintError,
@@ -26,16 +24,17 @@ from esper.kasmina import (
     seed_from_kernel,
 )
 from esper.lifecycle import SeedLifecycleState as S
-from esper.serving.client import NO_RETRY, ChannelConfig
 from esper.tezzeret.kernel_ids import kernel_id_for
-from esper.tolaria.adaptation.kernels import KernelStore
+from esper.tolaria.adaptation.kernels import KernelStore, kernel_target
+from esper.tolaria.adaptation.links import open_links
 from esper.tolaria.adaptation.outbox import DecisionsArrived, KernelFailed, KernelLoaded, Note, Outbox
 from esper.tolaria.adaptation.pipeline import KernelPipeline
 from esper.tolaria.adaptation.records import Adaptation
-from esper.tolaria.adaptation.reporting import Reporter
+from esper.tolaria.adaptation.reporting import Reporter, field_report
 from esper.tolaria.adaptation.timing import StepTimer
 from esper.tolaria.adaptation.worker import AdaptationWorker
 from esper.tolaria.config import ServicesConfig
+from esper.tolaria.hooks import BoundaryHook
 from esper.tolaria.seed_groups import sync_seed_groups
 from esper.v1 import common_pb2
 
@@ -46,25 +45,13 @@ OUTCOMES = {
     S.CULLED: common_pb2.ADAPTATION_OUTCOME_CULLED,
     S.ROLLED_BACK: common_pb2.ADAPTATION_OUTCOME_ROLLED_BACK,
 }
-_DEVICE_TYPES = {"cpu": common_pb2.DEVICE_TYPE_CPU, "cuda": common_pb2.DEVICE_TYPE_CUDA}
-_DTYPES = {torch.float32: common_pb2.D_TYPE_FLOAT32, torch.float64: common_pb2.D_TYPE_FLOAT64,
-           torch.float16: common_pb2.D_TYPE_FLOAT16, torch.bfloat16: common_pb2.D_TYPE_BFLOAT16}
-_CLIENTS = {"urza": AsyncUrzaClient, "tezzeret": TezzeretClient, "oona": OonaClient, "tamiyo": TamiyoClient}
 # The services a germinating seed waits for: while one is down its timeouts do not run out.
 KERNEL_SERVICES = ("urza", "tezzeret")
 # Reason prefixes of cancellations that are reported to Tamiyo by `_compile_failed` itself.
 COMPILE_FAILED_PREFIX = "compile failed"
 UNAVAILABLE_PREFIX = "kernel unavailable"
 
-
-def channel_config(settings: ServicesConfig, address: str) -> ChannelConfig:
-    """How to reach a service of the run: its address with the run's token and TLS settings."""
-    return ChannelConfig(address, auth_token=settings.token(),
-                         tls_root_cert=Path(settings.tls_root_cert) if settings.tls_root_cert else None,
-                         tls_server_name=settings.tls_server_name or None)
-
-
-class RemoteController:
+class RemoteController(BoundaryHook):
     """Adaptation through the services; see the module docstring."""
 
     def __init__(self, morph: Any, settings: ServicesConfig, run_dir: Path, *,
@@ -112,13 +99,7 @@ class RemoteController:
         self._note(f"kernel loader warmed up in {time.perf_counter() - started:.2f} s"
                    + ("" if full else " (imports only: esper/tezzeret/warmup.pt2 is missing; run make build)"))
         s = self.settings
-        # Each link backs off on its own; its client does not retry underneath it.
-        self.links = {name: ServiceLink(name, channel_config(s, address),
-                                        lambda config, cls=_CLIENTS[name]: cls(config, timeout_s=s.call_timeout_s,
-                                                                               retry=NO_RETRY),
-                                        retry_initial_s=s.retry_initial_s, retry_max_s=s.retry_max_s,
-                                        on_change=self._links_changed)
-                      for name, address in addresses.items()}
+        self.links = open_links(s, addresses, self._links_changed)
         self.pipeline = KernelPipeline(s, self.kernels, self.morph.device, self.outbox, urza=self.links.get("urza"),
                                        tezzeret=self.links.get("tezzeret"), oona=self.links.get("oona"),
                                        submit=self.worker.submit, stopping=self.worker.stopping.is_set)
@@ -341,10 +322,7 @@ class RemoteController:
         return self._failed_kernels.get(kernel_id_for(get_blueprint(blueprint_id), shape, device, dtype), "")
 
     def _kernel_target(self, name: str, layer: Any) -> tuple[list[int], int, int]:
-        out = self.morph.output_shapes.get(name) or [-1, layer.chunk_size]
-        shape = [-1, int(layer.chunk_size), *[int(d) for d in out[2:]]]
-        return (shape, _DEVICE_TYPES[self.morph.device.type],
-                _DTYPES.get(layer.seed_dtype(), common_pb2.D_TYPE_FLOAT32))
+        return kernel_target(layer, self.morph.output_shapes.get(name), self.morph.device)
 
     def _germinate(self, layer: Any, d: common_pb2.AdaptationDecision) -> None:
         """Morphogenesis' germinate hook: warm kernels attach at once, cold ones are fetched/compiled."""
@@ -449,16 +427,8 @@ class RemoteController:
 
     def _report(self, pending: Adaptation, outcome: int, reason: str) -> None:
         self._adaptations.pop(pending.key, None)
-        report = common_pb2.FieldReport(run_id=self.run_id, decision=pending.decision, outcome=outcome,
-                                        epoch=int(self.morph.driver.epoch))
-        report.telemetry_before.CopyFrom(pending.telemetry_before)
-        report.signals_before.CopyFrom(pending.signals_before)
         try:
             row = self.morph.driver.site(pending.layer).seed_table()[pending.seed]
-            report.telemetry_after.CopyFrom(row.to_proto().telemetry)
-            if row.last_contribution is not None:
-                report.contribution = float(row.last_contribution)
         except (KeyError, IndexError):
-            pass
-        report.create_time.GetCurrentTime()
-        self.reporter.report(report)
+            row = None
+        self.reporter.report(field_report(self.run_id, pending, outcome, int(self.morph.driver.epoch), row))

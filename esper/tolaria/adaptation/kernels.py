@@ -5,13 +5,18 @@ very kernel a seed ran without fetching or compiling it again."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from esper.durable import write_bytes_atomic
 from esper.kasmina import KernelCache, cache_key
+from esper.v1 import common_pb2
 
 KERNEL_CACHE_BYTES = 256 << 20
+_DEVICE_TYPES = {"cpu": common_pb2.DEVICE_TYPE_CPU, "cuda": common_pb2.DEVICE_TYPE_CUDA}
+_DTYPES = {torch.float32: common_pb2.D_TYPE_FLOAT32, torch.float64: common_pb2.D_TYPE_FLOAT64,
+           torch.float16: common_pb2.D_TYPE_FLOAT16, torch.bfloat16: common_pb2.D_TYPE_BFLOAT16}
 _KERNEL_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
 
@@ -51,3 +56,11 @@ class KernelStore:
 
     def stats(self) -> dict[str, int]:
         return dict(self.cache.stats())
+
+
+def kernel_target(layer: Any, output_shape: list[int] | None, device: torch.device) -> tuple[list[int], int, int]:
+    """(input shape with dynamic batch, device enum, dtype enum) a kernel for `layer`'s seeds is
+    compiled for: one seed's chunk of the layer's output (spatial dims from `output_shape`)."""
+    out = output_shape or [-1, layer.chunk_size]
+    shape = [-1, int(layer.chunk_size), *[int(d) for d in out[2:]]]
+    return shape, _DEVICE_TYPES[device.type], _DTYPES.get(layer.seed_dtype(), common_pb2.D_TYPE_FLOAT32)

@@ -14,6 +14,7 @@ from typing import Any
 from esper.clients import OonaClient, ServiceLink, TamiyoClient, is_outage
 from esper.clients.topics import DECISIONS_TOPIC, LIFECYCLE_TOPIC, METRICS_TOPIC, proto_content_type
 from esper.errors import EsperError
+from esper.tolaria.adaptation.records import Adaptation
 from esper.tolaria.adaptation.worker import AdaptationWorker
 from esper.v1 import common_pb2, oona_pb2
 
@@ -107,3 +108,18 @@ class Reporter:
         pairs = [(self.publishes, self.oona), (self.reports, self.tamiyo)]
         while time.monotonic() < deadline and any(backlog and link is not None and link.up for backlog, link in pairs):
             await asyncio.sleep(0.05)
+
+
+def field_report(run_id: str, adaptation: Adaptation, outcome: int, epoch: int, row: Any | None
+                 ) -> common_pb2.FieldReport:
+    """The `FieldReport` of one adaptation's outcome: the decision, the graph's view of the slot
+    then (`adaptation`) and now (`row`, the slot's seed-table row, if there is one)."""
+    report = common_pb2.FieldReport(run_id=run_id, decision=adaptation.decision, outcome=outcome, epoch=epoch)
+    report.telemetry_before.CopyFrom(adaptation.telemetry_before)
+    report.signals_before.CopyFrom(adaptation.signals_before)
+    if row is not None:
+        report.telemetry_after.CopyFrom(row.to_proto().telemetry)
+        if row.last_contribution is not None:
+            report.contribution = float(row.last_contribution)
+    report.create_time.GetCurrentTime()
+    return report
