@@ -99,6 +99,8 @@ class TrainConfig:
     device: str = "auto"
     # Mixed precision (autocast + GradScaler); only ever used when the device is CUDA.
     amp: bool = True
+    # Autocast dtype under amp: float16 (with a grad scaler) or bfloat16 (none needed).
+    amp_dtype: str = "float16"
     # Stop after this many epochs without a better validation loss (0 disables).
     early_stopping_patience: int = 0
     # Stop after this many optimizer steps (0 = epochs * batches); the schedule spans min of both.
@@ -251,6 +253,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optim.name": OPTIMIZERS,
     "schedule.name": SCHEDULES,
     "train.device": DEVICES,
+    "train.amp_dtype": ("float16", "bfloat16"),
     "controller.policy": POLICIES,
     "services.mode": SERVICE_MODES,
 }
