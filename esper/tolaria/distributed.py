@@ -122,6 +122,8 @@ class RankGroup:
         self._ddp_key: tuple | None = None
         self._broadcast_key: tuple | None = None
         self._alignment_base: dict[str, torch.Tensor] = {}
+        # (epoch, every rank's replica digest) from each epoch's check, for the run's summary.
+        self.digests: list[tuple[int, list[str]]] = []
 
     # ------------------------------------------------------------------ set-up
 
@@ -187,6 +189,11 @@ class RankGroup:
     def _device_of(self, model: nn.Module) -> torch.device:
         ref = next(model.parameters(), None)
         return ref.device if ref is not None else torch.device("cpu")
+
+    def report(self) -> dict[str, Any]:
+        """What the run's summary records about the ranks (and each epoch's replica check)."""
+        return {"world_size": self.world_size, "backend": self.backend or "none",
+                "replica_digests": [{"epoch": e, "ranks": d} for e, d in self.digests]}
 
     # ------------------------------------------------------------------ the model
 
@@ -383,6 +390,7 @@ class RankGroup:
             return whole
         gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, whole)
+        self.digests.append((epoch + 1, list(gathered)))
         if all(g == gathered[0] for g in gathered):
             return whole
         tables: list[Any] = [None] * self.world_size

@@ -503,6 +503,7 @@ class Trainer:
             "seeds": self.morph.state_counts(),
             "adaptations": self.morph.adaptations(),
             "rollbacks": self.governor.rollbacks,
+            "ranks": self.ranks.report(),
             "wall_s": self.state.wall_s,
         }
 
