@@ -69,6 +69,7 @@ def _arm(args: argparse.Namespace, nproc: int, run_dir: Path) -> dict[str, Any]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Runs every arm; the figures as one JSON-able dict."""
     counts = [int(n) for n in args.ranks.split(",")]
+    load_before = os.getloadavg()[0]
     arms = []
     with tempfile.TemporaryDirectory(prefix="esper-scale-") as tmp:
         for n in counts:
@@ -82,6 +83,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             (abs(arm["step_loss"][s] - base["step_loss"][s]) / abs(base["step_loss"][s]) for s in common), default=0.0)
     return {"command": "esper-bench scale " + shlex.join(args.argv if getattr(args, "argv", None) else []),
             "cpu_count": os.cpu_count(), "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "load_average_1min": [load_before, os.getloadavg()[0]],
             "device": args.device, "threads_per_rank": args.threads_per_rank,
             "overrides": list(args.overrides or DEFAULT_OVERRIDES), "config": args.config, "arms": arms}
 
@@ -91,7 +93,9 @@ def markdown(fig: dict[str, Any]) -> str:
     lines = ["# esper-bench scale", "", "```", fig["command"], "```", "",
              f"Machine: {fig['cpu_count']} CPU cores ({fig['machine']}), device {fig['device']}; every rank "
              f"runs {fig['threads_per_rank']} intra-op thread(s). Config {fig['config']} with "
-             f"`{' '.join(fig['overrides'])}`; the global batch is the same in every arm (strong scaling).", "",
+             f"`{' '.join(fig['overrides'])}`; the global batch is the same in every arm (strong scaling). "
+             f"1-minute load average before / after: {fig['load_average_1min'][0]:.1f} / "
+             f"{fig['load_average_1min'][1]:.1f} (other processes share the cores).", "",
              "| ranks | cores used | global / per-rank batch | steps | wall s | steps/s | samples/s | speedup | "
              "efficiency | final val acc | max rel. step-loss diff vs 1st arm |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -132,10 +132,9 @@ def run(args: argparse.Namespace) -> int:
     from esper.tolaria.distributed import RankGroup
 
     ranks = RankGroup.start(config.train.device, args.collective_timeout, config.train.torch_threads)
-    try:
-        return _run_rank(args, config, run_dir, ranks, Trainer)
-    finally:
-        ranks.close()
+    code = _run_rank(args, config, run_dir, ranks, Trainer)
+    ranks.close()  # not after a failure: tearing down a group with a dead peer can hang or abort
+    return code
 
 
 def _launch(args: argparse.Namespace, config: Config) -> int:
@@ -203,9 +202,12 @@ def _run_rank(args: argparse.Namespace, config: Config, run_dir: Path, ranks, tr
             "or a new --output-dir"
         )
     ranks.barrier()  # every rank has looked at the run directory before rank 0 writes to it
+    # Rank 0 starts the services before the first step: the others wait that long, not a collective's timeout.
+    start_up_s = max(args.collective_timeout, 4 * config.services.start_timeout_s + 30)
     if not ranks.is_writer:
         if not args.dry_run:
             trainer.start()
+            ranks.wait(start_up_s, "rank 0 to start the run's services")
             trainer.train()
         return 0
     if args.dry_run:
@@ -222,6 +224,7 @@ def _run_rank(args: argparse.Namespace, config: Config, run_dir: Path, ranks, tr
               flush=True)
     with services:
         services.attach(trainer)
+        ranks.wait(start_up_s, "rank 0 to start the run's services")
         trainer.train()
         services.finish(trainer)
     print(f"run directory: {run_dir}", flush=True)

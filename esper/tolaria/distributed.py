@@ -118,6 +118,8 @@ class RankGroup:
         self.world_size = world_size
         self.local_rank = local_rank
         self.backend = backend
+        # Where collectives' own tensors live: NCCL reduces CUDA tensors only.
+        self.device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
         self._ddp: nn.Module | None = None
         self._ddp_key: tuple | None = None
         self._broadcast_key: tuple | None = None
@@ -185,6 +187,18 @@ class RankGroup:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+    def wait(self, seconds: float, what: str) -> None:
+        """A barrier that may take longer than a collective's timeout (rank 0 starting services)."""
+        if not self.active:
+            return
+        try:
+            if self.backend == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=seconds))
+            else:
+                dist.barrier()
+        except RuntimeError as exc:
+            raise DistributedError(f"waited {seconds:.0f} s for {what}: {str(exc).splitlines()[0][:200]}") from None
 
     def _device_of(self, model: nn.Module) -> torch.device:
         ref = next(model.parameters(), None)
@@ -260,7 +274,7 @@ class RankGroup:
         """The mean of a scalar over the ranks (the global batch's loss); one collective."""
         if not self.active:
             return float(value.detach())
-        t = value.detach().double().reshape(1)
+        t = value.detach().to(self.device, torch.float64).reshape(1)
         dist.all_reduce(t)
         return float(t) / self.world_size
 
@@ -268,7 +282,7 @@ class RankGroup:
         """Element-wise sums over the ranks of scalars (one collective)."""
         if not self.active:
             return list(values)
-        t = torch.stack([v.detach().double().reshape(()) for v in values])
+        t = torch.stack([v.detach().to(self.device, torch.float64).reshape(()) for v in values])
         dist.all_reduce(t)
         return list(t.unbind(0))
 
@@ -349,7 +363,7 @@ class RankGroup:
         model = trainer.model
         layers = _seed_layers(model)
         states = [float(layer.state_of(i)) for _, layer in layers for i in range(layer.num_seeds)]
-        mine = torch.tensor([1.0 if stop else 0.0, *states], dtype=torch.float64)
+        mine = torch.tensor([1.0 if stop else 0.0, *states], dtype=torch.float64, device=self.device)
         gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine)
         stop = any(bool(g[0]) for g in gathered)

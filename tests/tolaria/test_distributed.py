@@ -119,6 +119,47 @@ def test_frozen_seed_parameters_get_no_gradient_under_ddp(tmp_path):
         assert (tmp_path / f"rank{r}.txt").read_text() == "True True True"
 
 
+def _mirror_worker(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        from esper.lifecycle import SeedLifecycleState as S
+        from esper.tolaria.config import load_config
+        from esper.tolaria.distributed import match_optimizer_groups
+        from esper.tolaria.trainer import Trainer
+
+        config = load_config(DEV, ["services.mode=off", "train.torch_threads=1"])
+        trainer = Trainer(config, Path(out) / "run", progress="none", ranks=RankGroup(rank, 2, rank, "gloo"))
+        trainer.prepare()
+        layer = trainer.morph.driver.site("hidden.1")
+        lines = []
+        if rank == 0:  # what rank 0's remote controller does between steps: a kernel arrives
+            layer.germinate(0, "residual_mlp", await_kernel=True)
+            layer.attach_kernel(0)
+            match_optimizer_groups(trainer, ["host", "seed:hidden.1:0"])
+        stop = trainer.ranks.step_end(trainer, stop=rank == 1)  # rank 1's hooks asked to stop
+        lines.append(f"{stop} {layer.state_of(0).name} {[g['name'] for g in trainer.optimizer.param_groups]}")
+        trainer.ranks.check_replicas(trainer.model, trainer.optimizer, epoch=0)  # raises if they differ
+        if rank == 0:  # then its compile job for another slot fails: the germination is cancelled
+            other = trainer.morph.driver.site("hidden.0")
+            other.germinate(0, "residual_mlp", await_kernel=True)
+        trainer.ranks.step_end(trainer, stop=False)
+        if rank == 0:
+            other.cancel(0, "compile failed")
+        trainer.ranks.step_end(trainer, stop=False)
+        lines.append(trainer.morph.driver.site("hidden.0").state_of(0).name)
+        trainer.ranks.check_replicas(trainer.model, trainer.optimizer, epoch=1)
+        Path(out, f"rank{rank}.txt").write_text("\n".join(lines))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_adopt_the_seeds_rank_0_changed_between_steps(tmp_path):
+    mp.spawn(_mirror_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        assert (tmp_path / f"rank{r}.txt").read_text().splitlines() == [
+            "True TRAINING ['host', 'seed:hidden.1:0']", "DORMANT"]
+
+
 def test_replica_digests_cover_parameters_seed_tables_specs_and_groups():
     torch.manual_seed(0)
     model = wrap(MLP(8, hidden=16, num_classes=3), ["hidden.0"])
