@@ -383,6 +383,8 @@ class RankGroup:
             payload = [{
                 "layers": {layers[i][0]: _layer_state(layers[i][1]) for i in sorted(differing)},
                 "groups": [g.get("name") for g in trainer.optimizer.param_groups],
+                # The governor blames the latest pending adaptation: every rank must know them.
+                "adaptations": trainer.morph.state_dict()["adaptations"],
             }]
         dist.broadcast_object_list(payload, src=0)
         if not self.is_writer:
@@ -390,6 +392,7 @@ class RankGroup:
                 if name in payload[0]["layers"]:
                     _adopt_layer(layer, payload[0]["layers"][name])
             match_optimizer_groups(trainer, payload[0]["groups"])
+            trainer.morph.load_state_dict(dict(trainer.morph.state_dict(), adaptations=payload[0]["adaptations"]))
         self._broadcast_key = self._parameter_key(model)
         return stop
 
@@ -423,9 +426,14 @@ class RankGroup:
 
 
 def replica_digests(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, str]:
-    """Digest per parameter, buffer and seed layer's specs (and the optimizer's group names)."""
-    parts = {f"param:{n}": _digest(p) for n, p in model.named_parameters()}
-    parts.update({f"buffer:{n}": _digest(b) for n, b in model.named_buffers()})
+    """Digest per state-dict tensor (parameters and buffers, seed tables included), per seed layer's
+    specs and of the optimizer's group names.
+
+    State-dict keys, not module attribute names: a seed loaded from a compiled kernel artifact on
+    rank 0 and the same seed built from its blueprint elsewhere name their parameters differently
+    but save them under the same keys.
+    """
+    parts = {n: _digest(t) for n, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
     for name, layer in _seed_layers(model):
         parts[f"seeds:{name}"] = hashlib.sha256(
             json.dumps(layer.get_extra_state(), sort_keys=True).encode()).hexdigest()[:16]

@@ -82,7 +82,7 @@ def test_replica_check_names_the_tensor_that_differs_on_every_rank(tmp_path):
     assert results[0][0] == results[1][0]  # equal digests after the broadcast
     for _, message in results:
         assert "after epoch 2" in message and "rank 1 differs from rank 0" in message
-        assert "param:hidden.0.host.weight" in message and "hidden.1" not in message
+        assert "hidden.0.host.weight" in message and "hidden.1" not in message
 
 
 def _unused_worker(rank: int, port: int, out: str) -> None:
@@ -165,12 +165,12 @@ def test_replica_digests_cover_parameters_seed_tables_specs_and_groups():
     model = wrap(MLP(8, hidden=16, num_classes=3), ["hidden.0"])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = replica_digests(model, opt)
-    assert "buffer:hidden.0.table.state" in before and "seeds:hidden.0" in before
+    assert "hidden.0.table.state" in before and "seeds:hidden.0" in before
     model.hidden[0].germinate(0, "residual_mlp")
     after = replica_digests(model, opt)
     changed = {k for k in before if before[k] != after.get(k)}
-    assert {"buffer:hidden.0.table.state", "seeds:hidden.0"} <= changed
-    assert any(k.startswith("param:hidden.0.seeds.0") for k in after)
+    assert {"hidden.0.table.state", "seeds:hidden.0"} <= changed
+    assert any(k.startswith("hidden.0.seeds.0") for k in after)
 
 
 def test_mixed_precision_is_refused_on_the_cpu(capsys):

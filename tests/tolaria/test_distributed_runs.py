@@ -151,3 +151,24 @@ def test_a_killed_rank_stops_the_job_and_resume_reproduces_the_curve(one_rank, t
     assert "resuming from" in resumed.stdout
     assert_same_curve(step_losses(one_rank), step_losses(out), range(1, STEPS + 1))
     assert lifecycle(out) == lifecycle(one_rank)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_two_ranks_with_local_services_adopt_the_kernels_rank_0_attaches(tmp_path):
+    # Only rank 0 talks to Tamiyo/Tezzeret/Urza/Oona; its kernels arrive between steps at a moment
+    # no other rank can predict, and the others adopt the seed at the same step (the per-epoch
+    # replica check would stop the run otherwise).
+    out = tmp_path / "services"
+    proc = run_ranks(2, "--config", DEV, "--output-dir", str(out), "--progress", "plain", "train.epochs=30",
+                     "services.mode=local", "services.cpus=off", "lifecycle.germination_timeout_epochs=40",
+                     "lifecycle.min_contribution=-1.0", "logging.tensorboard=false", "logging.timeline_plot=false",
+                     timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    attached = [e for e in (json.loads(line) for line in (out / "events.jsonl").read_text().splitlines())
+                if e["to"] == "TRAINING" and "kernel" in e["reason"]]
+    assert attached, "no compiled kernel was attached during the run"
+    checks = summary["ranks"]["replica_digests"]
+    assert len(checks) == 30 and all(c["ranks"][0] == c["ranks"][1] for c in checks)
+    assert summary["services"]["mode"] == "local"
