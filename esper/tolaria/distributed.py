@@ -32,7 +32,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -40,21 +40,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from esper.kasmina import KasminaLayer
 from esper.kasmina.lifecycle import FROZEN_STATES
 from esper.kasmina.ops import TELEMETRY_GRAD_SQ, TELEMETRY_GRAD_STEPS
 from esper.lifecycle import SeedLifecycleState as S
-from esper.v1 import common_pb2
+from esper.tolaria.replicas import (
+    BroadcastDecisions,
+    DistributedError,
+    adopt_layer,
+    layer_state,
+    match_optimizer_groups,
+    mismatch_error,
+    replica_digests,
+    seed_layers,
+)
 
 DEFAULT_TIMEOUT_S = 30.0
-
-
-class DistributedError(RuntimeError):
-    """The ranks of a job cannot go on together (a rank died, or the replicas diverged)."""
-
-
-class ReplicaMismatchError(DistributedError):
-    """The ranks hold different models: a bug, never a user error; the message names what differs."""
 
 
 def launched_by_torchrun() -> bool:
@@ -94,16 +94,6 @@ def describe_rank_failure(exc: BaseException) -> str | None:
                 f"({type(exc).__name__}: {first}); the job stops. Continue from the last checkpoint "
                 "with --resume auto")
     return None
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    flat = tensor.detach().reshape(-1).contiguous().cpu()
-    data = flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-    return hashlib.sha256(f"{tensor.dtype}{list(tensor.shape)}".encode() + data).hexdigest()[:16]
-
-
-def _seed_layers(model: nn.Module) -> list[tuple[str, KasminaLayer]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, KasminaLayer)]
 
 
 def _is_seed_table(name: str) -> bool:
@@ -249,7 +239,7 @@ class RankGroup:
         starts or stops being frozen (frozen seeds get no gradient: DDP must look for unused ones)."""
         if not self.active:
             return model
-        layers = _seed_layers(model)
+        layers = seed_layers(model)
         frozen = any(layer.state_of(i) in FROZEN_STATES for _, layer in layers for i in range(layer.num_seeds))
         key = (self._parameter_key(model), frozen)
         if self._ddp is None or key != self._ddp_key:
@@ -308,7 +298,7 @@ class RankGroup:
         """
         if not self.active or not self._alignment_base:
             return
-        layers = dict(_seed_layers(model))
+        layers = dict(seed_layers(model))
         names = sorted(self._alignment_base)
         deltas = torch.cat([(layers[n].table.alignment - self._alignment_base[n]).reshape(-1) for n in names])
         dist.all_reduce(deltas)
@@ -327,7 +317,7 @@ class RankGroup:
         columns rescaled to the global batch (|dL/dh|^2 / ranks^2, one count per global step)."""
         if not self.active:
             return
-        tables = [layer.table.telemetry for _, layer in _seed_layers(model)]
+        tables = [layer.table.telemetry for _, layer in seed_layers(model)]
         if not tables:
             return
         flat = torch.cat([t.reshape(-1) for t in tables])
@@ -361,7 +351,7 @@ class RankGroup:
 
     def _agree(self, trainer: Any, stop: bool) -> bool:
         model = trainer.model
-        layers = _seed_layers(model)
+        layers = seed_layers(model)
         states = [float(layer.state_of(i)) for _, layer in layers for i in range(layer.num_seeds)]
         mine = torch.tensor([1.0 if stop else 0.0, *states], dtype=torch.float64, device=self.device)
         gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
@@ -381,7 +371,7 @@ class RankGroup:
         payload: list[Any] = [None]
         if self.is_writer:
             payload = [{
-                "layers": {layers[i][0]: _layer_state(layers[i][1]) for i in sorted(differing)},
+                "layers": {layers[i][0]: layer_state(layers[i][1]) for i in sorted(differing)},
                 "groups": [g.get("name") for g in trainer.optimizer.param_groups],
                 # The governor blames the latest pending adaptation: every rank must know them.
                 "adaptations": trainer.morph.state_dict()["adaptations"],
@@ -390,7 +380,7 @@ class RankGroup:
         if not self.is_writer:
             for name, layer in layers:
                 if name in payload[0]["layers"]:
-                    _adopt_layer(layer, payload[0]["layers"][name])
+                    adopt_layer(layer, payload[0]["layers"][name])
             match_optimizer_groups(trainer, payload[0]["groups"])
             trainer.morph.load_state_dict(dict(trainer.morph.state_dict(), adaptations=payload[0]["adaptations"]))
         self._broadcast_key = self._parameter_key(model)
@@ -412,107 +402,7 @@ class RankGroup:
             return whole
         tables: list[Any] = [None] * self.world_size
         dist.all_gather_object(tables, parts)
-        lines = []
-        for r in range(1, self.world_size):
-            diff = sorted(k for k in set(tables[0]) | set(tables[r]) if tables[0].get(k) != tables[r].get(k))
-            if diff:
-                lines.append(f"rank {r} differs from rank 0 in {len(diff)} item(s): {', '.join(diff[:6])}"
-                             + (" ..." if len(diff) > 6 else ""))
-        raise ReplicaMismatchError(
-            f"after epoch {epoch + 1} the ranks no longer hold the same model ({'; '.join(lines)}); expected "
-            "identical seed state tables and parameters on every rank. This is a bug in Esper's rank "
-            "synchronisation; the last checkpoint is intact"
-        )
-
-
-def replica_digests(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, str]:
-    """Digest per state-dict tensor (parameters and buffers, seed tables included), per seed layer's
-    specs and of the optimizer's group names.
-
-    State-dict keys, not module attribute names: a seed loaded from a compiled kernel artifact on
-    rank 0 and the same seed built from its blueprint elsewhere name their parameters differently
-    but save them under the same keys.
-    """
-    parts = {n: _digest(t) for n, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
-    for name, layer in _seed_layers(model):
-        parts[f"seeds:{name}"] = hashlib.sha256(
-            json.dumps(layer.get_extra_state(), sort_keys=True).encode()).hexdigest()[:16]
-    if optimizer is not None:
-        parts["optimizer:groups"] = ",".join(str(g.get("name")) for g in optimizer.param_groups)
-    return parts
-
-
-def _layer_state(layer: KasminaLayer) -> dict[str, Any]:
-    return {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in layer.state_dict().items()}
-
-
-def _adopt_layer(layer: KasminaLayer, state: dict[str, Any]) -> None:
-    """Takes rank 0's layer (seed modules, parameters, state table) but keeps this rank's own
-    telemetry and alignment accumulators: they are reduced over ranks, not copied."""
-    telemetry = layer.table.telemetry.clone()
-    alignment = layer.table.alignment.clone()
-    device = layer.table.state.device
-    layer.load_state_dict({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in state.items()})
-    with torch.no_grad():
-        for i in range(layer.num_seeds):
-            if layer.state_of(i) == S.DORMANT:
-                telemetry[i].zero_()  # rank 0 reset the slot when it went back to DORMANT
-            if layer.state_of(i) != S.TRAINING:
-                alignment[i].zero_()
-        layer.table.telemetry.copy_(telemetry)
-        layer.table.alignment.copy_(alignment)
-
-
-def match_optimizer_groups(trainer: Any, order: Iterable[str]) -> None:
-    """Makes the optimizer's seed groups those of the live seeds, in rank 0's order."""
-    from esper.tolaria.schedule import add_param_group, remove_param_group
-
-    order = list(order)
-    live = dict(trainer.morph.param_groups())
-    for group in list(trainer.optimizer.param_groups[1:]):
-        if group.get("name") not in live or group.get("name") not in order:
-            remove_param_group(trainer.optimizer, group["name"])
-    present = {g.get("name") for g in trainer.optimizer.param_groups}
-    for name in order[1:]:
-        if name in live and name not in present:
-            add_param_group(trainer.optimizer, live[name], name, trainer.config.optim.lr)
-    names = [g.get("name") for g in trainer.optimizer.param_groups]
-    if names != order:
-        raise ReplicaMismatchError(f"optimizer groups {names} cannot follow rank 0's {order}; expected the same live seeds")
-
-
-class BroadcastDecisions:
-    """Stands where the controller stands: rank 0 asks the real controller, every rank gets its
-    decisions together with the global step they apply at."""
-
-    def __init__(self, inner: Any, group: RankGroup) -> None:
-        self.inner = inner
-        self.group = group
-
-    def decide(self, state: common_pb2.ModelGraphState) -> list[common_pb2.AdaptationDecision]:
-        step = int(state.signals.global_step)
-        payload: list[Any] = [None]
-        if self.group.is_writer:
-            decisions = list(self.inner.decide(state))
-            payload = [(step, [d.SerializeToString() for d in decisions])]
-        dist.broadcast_object_list(payload, src=0)
-        at_step, blobs = payload[0]
-        if at_step != step:
-            raise ReplicaMismatchError(
-                f"rank {self.group.rank} is at step {step} but rank 0's decisions apply at step {at_step}; "
-                "expected every rank at the same step")
-        return [common_pb2.AdaptationDecision.FromString(b) for b in blobs]
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        # Only rank 0's controller decides; the others' may even be of another kind (remote).
-        if self.group.is_writer:
-            self.inner.load_state_dict(state)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
+        raise mismatch_error(epoch, tables)
 
 
 class NoMetrics:

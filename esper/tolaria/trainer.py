@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from esper.tolaria import checkpoint as ckpt
 from esper.tolaria.config import Config, ConfigError, architecture_of, from_dict, to_dict, to_yaml
-from esper.tolaria.distributed import NoMetrics, RankGroup
 from esper.tolaria.data import (
     Dataset,
     eval_batches,
@@ -28,6 +27,7 @@ from esper.tolaria.data import (
     num_train_batches,
     train_batches,
 )
+from esper.tolaria.distributed import NoMetrics, RankGroup
 from esper.tolaria.governor import Governor
 from esper.tolaria.hosts import build_host, count_parameters, forward_flops_per_sample, model_input_shape
 from esper.tolaria.metrics import MetricsWriter

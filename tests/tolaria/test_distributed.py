@@ -17,7 +17,8 @@ from esper.models.mlp import MLP
 from esper.tolaria.cli import main
 from esper.tolaria.config import DataConfig
 from esper.tolaria.data import Dataset, Split, load_dataset, train_batches
-from esper.tolaria.distributed import RankGroup, ReplicaMismatchError, replica_digests
+from esper.tolaria.distributed import RankGroup
+from esper.tolaria.replicas import ReplicaMismatchError, replica_digests
 
 REPO = Path(__file__).resolve().parents[2]
 DEV = str(REPO / "configs" / "development.yaml")
@@ -122,9 +123,8 @@ def test_frozen_seed_parameters_get_no_gradient_under_ddp(tmp_path):
 def _mirror_worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        from esper.lifecycle import SeedLifecycleState as S
         from esper.tolaria.config import load_config
-        from esper.tolaria.distributed import match_optimizer_groups
+        from esper.tolaria.replicas import match_optimizer_groups
         from esper.tolaria.trainer import Trainer
 
         config = load_config(DEV, ["services.mode=off", "train.torch_threads=1"])

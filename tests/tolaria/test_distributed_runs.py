@@ -168,7 +168,7 @@ def test_two_ranks_with_local_services_adopt_the_kernels_rank_0_attaches(tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     attached = [e for e in (json.loads(line) for line in (out / "events.jsonl").read_text().splitlines())
                 if e["to"] == "TRAINING" and "kernel" in e["reason"]]
-    assert attached, "no compiled kernel was attached during the run"
+    assert attached, f"no compiled kernel was attached during the run:\n{proc.stdout[-3000:]}"
     checks = summary["ranks"]["replica_digests"]
     assert len(checks) == 30 and all(c["ranks"][0] == c["ranks"][1] for c in checks)
     assert summary["services"]["mode"] == "local"
