@@ -300,14 +300,14 @@ class Trainer:
                         self.stop_requested = True
                     self.stop_requested = self.ranks.epoch_end(self, epoch, self.stop_requested)
                     if epoch + 1 == cfg.train.epochs or (epoch + 1) % cfg.checkpoint.every_epochs == 0:
-                        self.save(best_metric=val_loss if cfg.checkpoint.save_best else None)
+                        self._checkpoint(best_metric=val_loss if cfg.checkpoint.save_best else None)
                     if self.stop_requested:
                         break
                     patience = cfg.train.early_stopping_patience
                     if patience and self.state.epochs_without_improvement >= patience:
                         stopped_early = True
                         if (epoch + 1) % cfg.checkpoint.every_epochs != 0:
-                            self.save(best_metric=val_loss if cfg.checkpoint.save_best else None)
+                            self._checkpoint(best_metric=val_loss if cfg.checkpoint.save_best else None)
                         break
         finally:
             gc.unfreeze()  # what the run leaves behind is collected as usual (tests run many trainers)
@@ -441,13 +441,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, best_metric: float | None) -> Path | None:
-        """Writes an atomic checkpoint of everything an exact resume needs (rank 0, behind a barrier)."""
-        path = self._write_checkpoint(best_metric) if self.ranks.is_writer else None
+    def _checkpoint(self, best_metric: float | None) -> None:
+        """The loop's checkpoint: rank 0 writes it, every rank waits until it is complete."""
+        self.save(best_metric)
         self.ranks.barrier()  # no rank goes on (or exits) before the checkpoint is complete
-        return path
 
-    def _write_checkpoint(self, best_metric: float | None) -> Path:
+    def save(self, best_metric: float | None) -> Path | None:
+        """Writes an atomic checkpoint of everything an exact resume needs; under torchrun only rank 0
+        writes (and may call this alone, e.g. from the Tolaria server's hooks), the others get None."""
+        if not self.ranks.is_writer:
+            return None
         payload = {
             "config": to_dict(self.config),
             "architecture": architecture_of(self.config),

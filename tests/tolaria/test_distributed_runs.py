@@ -172,3 +172,40 @@ def test_two_ranks_with_local_services_adopt_the_kernels_rank_0_attaches(tmp_pat
     checks = summary["ranks"]["replica_digests"]
     assert len(checks) == 30 and all(c["ranks"][0] == c["ranks"][1] for c in checks)
     assert summary["services"]["mode"] == "local"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_checkpoint_and_stop_requests_to_rank_0_stop_every_rank_at_one_step(tmp_path):
+    # The Tolaria server runs on rank 0 only: a checkpoint it writes on request must not wait for
+    # the other ranks, and a Stop must end every rank after the same step.
+    from esper.serving import open_sync_channel
+    from esper.tolaria import checkpoint as ckpt
+    from esper.v1 import tolaria_pb2, tolaria_pb2_grpc
+
+    out = tmp_path / "served"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "esper.tolaria.cli", "--nproc", "2", "--config", DEV, "--output-dir", str(out),
+           "--progress", "none", "train.epochs=400", "services.mode=off", "logging.tensorboard=false",
+           "logging.timeline_plot=false"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        address_file = out / "services" / "tolaria.address"
+        deadline = time.monotonic() + 180
+        while not address_file.exists() or not (out / "checkpoints").exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "no Tolaria server address within 180 s"
+            time.sleep(0.1)
+        with open_sync_channel(address_file.read_text().strip()) as channel:
+            stub = tolaria_pb2_grpc.TolariaServiceStub(channel)
+            reply = stub.RequestCheckpoint(tolaria_pb2.RequestCheckpointRequest(tag="test"), timeout=60)
+            assert ckpt.is_complete(ckpt.resolve_checkpoint(reply.checkpoint_path))
+            stop_step = stub.Stop(tolaria_pb2.StopRequest(reason="test says stop"), timeout=60).global_step
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by_request"] is True and summary["global_step"] == stop_step
+    assert all(c["ranks"][0] == c["ranks"][1] for c in summary["ranks"]["replica_digests"])
