@@ -332,8 +332,9 @@ class RankGroup:
     # ------------------------------------------------------------------ agreement between steps
 
     def step_end(self, trainer: Any, stop: bool) -> bool:
-        """After a step's hooks: agree on a stop request (any rank) and adopt the seed changes that
-        rank 0's hooks made (a kernel attached, a germination cancelled); True means stop."""
+        """After a step's hooks: agree on a stop request (any rank), adopt the seed changes that
+        rank 0's hooks made (a kernel attached, a germination cancelled) and, when any rank's
+        parameters changed (a seed built, a layer widened), take rank 0's; True means stop."""
         if not self.active:
             return stop
         return self._agree(trainer, stop)
@@ -344,8 +345,6 @@ class RankGroup:
         if not self.active:
             return stop
         stop = self._agree(trainer, stop)
-        if self._parameter_key(trainer.model) != self._broadcast_key:
-            self.broadcast_model(trainer.model, buffers=False)
         self.check_replicas(trainer.model, trainer.optimizer, epoch)
         return stop
 
@@ -353,19 +352,31 @@ class RankGroup:
         model = trainer.model
         layers = seed_layers(model)
         states = [float(layer.state_of(i)) for _, layer in layers for i in range(layer.num_seeds)]
-        mine = torch.tensor([1.0 if stop else 0.0, *states], dtype=torch.float64, device=self.device)
+        changed = self._parameter_key(model) != self._broadcast_key
+        mine = torch.tensor([float(stop), float(changed), *states], dtype=torch.float64, device=self.device)
         gathered = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(gathered, mine)
         stop = any(bool(g[0]) for g in gathered)
-        reference = gathered[0][1:]
-        if all(torch.equal(g[1:], reference) for g in gathered):
-            return stop
+        changed = any(bool(g[1]) for g in gathered)
+        gathered = [g[2:] for g in gathered]
+        reference = gathered[0]
+        if not all(torch.equal(g, reference) for g in gathered):
+            self._adopt_rank0_seeds(trainer, layers, gathered)
+            changed = True
+        if changed:
+            # New parameters start from rank 0's values everywhere (seeds built from each rank's
+            # RNG, widened layers initialised from each rank's gradients).
+            self.broadcast_model(model, buffers=False)
+        return stop
+
+    def _adopt_rank0_seeds(self, trainer: Any, layers: list, gathered: list[torch.Tensor]) -> None:
+        reference = gathered[0]
         # Rank 0's hooks changed seeds between steps: the other ranks take rank 0's layers.
         differing: set[int] = set()
         offset = 0
         for index, (_, layer) in enumerate(layers):
             span = slice(offset, offset + layer.num_seeds)
-            if any(not torch.equal(g[1:][span], reference[span]) for g in gathered):
+            if any(not torch.equal(g[span], reference[span]) for g in gathered):
                 differing.add(index)
             offset += layer.num_seeds
         payload: list[Any] = [None]
@@ -383,8 +394,6 @@ class RankGroup:
                     adopt_layer(layer, payload[0]["layers"][name])
             match_optimizer_groups(trainer, payload[0]["groups"])
             trainer.morph.load_state_dict(dict(trainer.morph.state_dict(), adaptations=payload[0]["adaptations"]))
-        self._broadcast_key = self._parameter_key(model)
-        return stop
 
     # ------------------------------------------------------------------ replica check
 
