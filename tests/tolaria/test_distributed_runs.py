@@ -209,3 +209,21 @@ def test_checkpoint_and_stop_requests_to_rank_0_stop_every_rank_at_one_step(tmp_
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_by_request"] is True and summary["global_step"] == stop_step
     assert all(c["ranks"][0] == c["ranks"][1] for c in summary["ranks"]["replica_digests"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_esper_bench_scale_reports_both_arms_with_the_same_curve(tmp_path):
+    from esper.bench.cli import main as bench
+
+    md, js = tmp_path / "scale.md", tmp_path / "scale.json"
+    assert bench(["scale", "--ranks", "1,2", "--markdown", str(md), "--json", str(js), "train.epochs=2",
+                  "optim.momentum=0.0", "data.batch_size=32"]) == 0
+    fig = json.loads(js.read_text())
+    assert [a["ranks"] for a in fig["arms"]] == [1, 2] and fig["cpu_count"] == os.cpu_count()
+    one, two = fig["arms"]
+    assert one["steps"] == two["steps"] == 70 and two["per_rank_batch"] == 16
+    assert two["max_rel_step_loss_diff"] < 1e-4 and two["steps_per_s"] > 0
+    assert abs(two["efficiency"] - two["steps_per_s"] / one["steps_per_s"] / 2) < 1e-9
+    text = md.read_text()
+    assert "esper-bench scale --ranks 1,2" in text and "| 2 | 2 of" in text and "Loss curve" in text
