@@ -151,7 +151,10 @@ class RankGroup:
         return self.rank == 0
 
     def close(self) -> None:
+        """After a run: every rank done (rank 0 writes the summary last), then the group goes."""
         if self.active and dist.is_initialized():
+            # Tearing the group down while a peer still uses its connections can abort the process.
+            self.wait(600, "every rank to finish")
             dist.destroy_process_group()
 
     def place(self, device: torch.device) -> torch.device:

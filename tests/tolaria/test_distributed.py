@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def _free_port() -> int:
 
 
 def _replica_worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
     try:
         torch.manual_seed(0)
         model = wrap(MLP(8, hidden=16, num_classes=3), ["hidden.0", "hidden.1"])
@@ -74,6 +76,7 @@ def _replica_worker(rank: int, port: int, out: str) -> None:
             outcome = str(exc)
         Path(out, f"rank{rank}.txt").write_text(f"{first}\n{outcome}")
     finally:
+        dist.barrier()  # a group torn down while the peer still reads from it aborts the process
         dist.destroy_process_group()
 
 
@@ -87,7 +90,8 @@ def test_replica_check_names_the_tensor_that_differs_on_every_rank(tmp_path):
 
 
 def _unused_worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
     try:
         from esper.lifecycle import SeedLifecycleState as S
 
@@ -109,6 +113,7 @@ def _unused_worker(rank: int, port: int, out: str) -> None:
         Path(out, f"rank{rank}.txt").write_text(f"{all(seed_grads)} {torch.equal(gathered[0], gathered[1])} "
                                                  f"{ddp.find_unused_parameters}")
     finally:
+        dist.barrier()  # a group torn down while the peer still reads from it aborts the process
         dist.destroy_process_group()
 
 
@@ -121,7 +126,8 @@ def test_frozen_seed_parameters_get_no_gradient_under_ddp(tmp_path):
 
 
 def _mirror_worker(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
     try:
         from esper.tolaria.config import load_config
         from esper.tolaria.replicas import match_optimizer_groups
@@ -150,6 +156,7 @@ def _mirror_worker(rank: int, port: int, out: str) -> None:
         trainer.ranks.check_replicas(trainer.model, trainer.optimizer, epoch=1)
         Path(out, f"rank{rank}.txt").write_text("\n".join(lines))
     finally:
+        dist.barrier()  # a group torn down while the peer still reads from it aborts the process
         dist.destroy_process_group()
 
 
