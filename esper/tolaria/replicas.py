@@ -95,18 +95,13 @@ def adopt_layer(layer: KasminaLayer, state: dict[str, Any]) -> None:
 
 
 def match_optimizer_groups(trainer: Any, order: Iterable[str]) -> None:
-    """Makes the optimizer's seed groups those of the live seeds, in rank 0's order."""
-    from esper.tolaria.schedule import add_param_group, remove_param_group
+    """Makes the optimizer's seed groups those of the live seeds, as rank 0's are (`order`)."""
+    from esper.tolaria.seed_groups import sync_seed_groups
 
     order = list(order)
-    live = dict(trainer.morph.param_groups())
-    for group in list(trainer.optimizer.param_groups[1:]):
-        if group.get("name") not in live or group.get("name") not in order:
-            remove_param_group(trainer.optimizer, group["name"])
-    present = {g.get("name") for g in trainer.optimizer.param_groups}
-    for name in order[1:]:
-        if name in live and name not in present:
-            add_param_group(trainer.optimizer, live[name], name, trainer.config.optim.lr)
+    # The incremental sync (not a rebuild in `order`): the groups this rank already has keep their
+    # optimizer state, exactly as rank 0's did when its hooks added the new seed's group.
+    sync_seed_groups(trainer.optimizer, trainer.morph.param_groups(), trainer.config.optim.lr)
     names = [g.get("name") for g in trainer.optimizer.param_groups]
     if names != order:
         raise ReplicaMismatchError(f"optimizer groups {names} cannot follow rank 0's {order}; expected the same live seeds")
