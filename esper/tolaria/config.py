@@ -102,6 +102,8 @@ class TrainConfig:
     device: DeviceName = "auto"
     # Mixed precision (autocast + GradScaler); only ever used when the device is CUDA.
     amp: bool = True
+    # Autocast dtype under amp: float16 (with a grad scaler) or bfloat16 (none needed).
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
     # Stop after this many epochs without a better validation loss (0 disables).
     early_stopping_patience: int = 0
     # Stop after this many optimizer steps (0 = epochs * batches); the schedule spans min of both.

@@ -26,6 +26,7 @@ from esper.tolaria.data import (
     num_train_batches,
     train_batches,
 )
+from esper.tolaria.distributed import NoMetrics, RankGroup
 from esper.tolaria.governor import Governor
 from esper.tolaria.hooks import TrainerHook
 from esper.tolaria.hosts import build_host, count_parameters, forward_flops_per_sample, model_input_shape
@@ -88,8 +89,10 @@ class Trainer:
     """Runs one training job; see `esper.tolaria.cli` for the command line around it."""
 
     def __init__(self, config: Config, run_dir: Path, morphogenetic: bool = True, verbose: bool = False,
-                 progress: str = "auto", resume: str | None = None) -> None:
+                 progress: str = "auto", resume: str | None = None, ranks: RankGroup | None = None) -> None:
         self.config = config
+        # This process's place in a torchrun job (esper.tolaria.distributed); one process by default.
+        self.ranks = ranks if ranks is not None else RankGroup()
         self.run_dir = Path(run_dir)
         self.morphogenetic = morphogenetic and config.morphogenetic
         self.verbose = verbose
@@ -116,7 +119,8 @@ class Trainer:
         self.payload = self._find_resume_payload()
         if self.payload is not None:
             self._check_architecture(self.payload)
-        self.device = resolve_device(cfg.train.device)
+        self.device = self.ranks.place(resolve_device(cfg.train.device))
+        self.ranks.check_global_batch(cfg.data.batch_size)
         if cfg.train.torch_threads > 0:
             torch.set_num_threads(cfg.train.torch_threads)
         seed_everything(cfg.train.seed)
@@ -137,6 +141,7 @@ class Trainer:
         self.model = self.morph.model
         for setup in self.setup_hooks:
             setup(self)
+        self.ranks.attach(self)
         self.steps_per_epoch = num_train_batches(len(self.data.train), cfg.data.batch_size)
         self.morph.steps_per_epoch = self.steps_per_epoch
         total = cfg.train.epochs * self.steps_per_epoch
@@ -146,10 +151,13 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.schedule = LRSchedule(cfg.schedule, self.total_steps, self.steps_per_epoch)
         self.amp = cfg.train.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.amp_dtype = torch.bfloat16 if cfg.train.amp_dtype == "bfloat16" else torch.float16
+        # bfloat16 has float32's range: no loss scaling needed.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.governor = Governor(cfg.governor)
         if self.payload is not None:
             self._restore(self.payload)
+        self.ranks.broadcast_model(self.model)
 
     def _find_resume_payload(self) -> dict[str, Any] | None:
         spec = self.resume_spec
@@ -210,6 +218,9 @@ class Trainer:
 
     def start(self) -> None:
         """Creates the run directory and its writers (the first write of a run)."""
+        if not self.ranks.is_writer:
+            self.metrics = NoMetrics()
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
         resume_step = self.state.global_step if self.payload is not None else None
@@ -256,6 +267,7 @@ class Trainer:
                     else:
                         self.state.epochs_without_improvement += 1
                     self.state.best_val_acc = max(self.state.best_val_acc, val_acc)
+                    self.ranks.reduce_telemetry(self.model)
                     growth = self.morph.epoch_end(
                         epoch=epoch, global_step=self.state.global_step, total_epochs=cfg.train.epochs,
                         train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
@@ -280,15 +292,16 @@ class Trainer:
                     display.epoch_done(record, self.morph.describe())
                     if any([hook.after_epoch(self, epoch, record) for hook in self.hooks]):
                         self.stop_requested = True
+                    self.stop_requested = self.ranks.epoch_end(self, epoch, self.stop_requested)
                     if epoch + 1 == cfg.train.epochs or (epoch + 1) % cfg.checkpoint.every_epochs == 0:
-                        self.save(best_metric=val_loss if cfg.checkpoint.save_best else None)
+                        self._checkpoint(best_metric=val_loss if cfg.checkpoint.save_best else None)
                     if self.stop_requested:
                         break
                     patience = cfg.train.early_stopping_patience
                     if patience and self.state.epochs_without_improvement >= patience:
                         stopped_early = True
                         if (epoch + 1) % cfg.checkpoint.every_epochs != 0:
-                            self.save(best_metric=val_loss if cfg.checkpoint.save_best else None)
+                            self._checkpoint(best_metric=val_loss if cfg.checkpoint.save_best else None)
                         break
         finally:
             gc.unfreeze()  # what the run leaves behind is collected as usual (tests run many trainers)
@@ -296,7 +309,8 @@ class Trainer:
         test_loss, test_acc = self.evaluate(self.data.test)
         self.state.wall_s = time.perf_counter() - wall_start
         summary = self.summary(test_loss, test_acc, stopped_early)
-        write_summary(self.run_dir, summary, self.morph.timeline(), plot=cfg.logging.timeline_plot, echo=display)
+        if self.ranks.is_writer:
+            write_summary(self.run_dir, summary, self.morph.timeline(), plot=cfg.logging.timeline_plot, echo=display)
         return summary
 
     def _train_epoch(self, epoch: int, display) -> tuple[float, float]:
@@ -309,14 +323,17 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         seen = 0
-        for _, x, y in train_batches(self.data, cfg.data.batch_size, cfg.train.seed, epoch, start, cfg.data.augment):
+        for _, x, y in train_batches(self.data, cfg.data.batch_size, cfg.train.seed, epoch, start, cfg.data.augment,
+                                     shard=self.ranks.shard):
             if cfg.train.max_steps and self.state.global_step >= cfg.train.max_steps:
                 break
             lr_factor = self.schedule.apply(self.optimizer)
-            with torch.autocast(self.device.type, enabled=self.amp):
-                logits = self.model(x)
+            model = self.ranks.training_model(self.model)  # DDP under torchrun, rebuilt as the model grows
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
-            loss_value = float(loss.detach())  # one sync per step: the governor needs the value
+            # One sync per step: the governor needs the value (the global batch's, on every rank).
+            loss_value = self.ranks.mean(loss)
             reason = self.governor.anomaly(loss_value)
             if reason is not None:
                 self._rollback(epoch, reason)
@@ -334,7 +351,8 @@ class Trainer:
             self.scaler.update()
             self.schedule.step()
             self.state.global_step += 1
-            self.state.train_flops += step_flops * x.shape[0]
+            self.state.train_flops += step_flops * x.shape[0] * self.ranks.world_size
+            self.ranks.sync_alignment(self.model)  # the TRAINING gate reads it in after_step
             if self.morph.after_step(self.state.global_step, epoch):
                 step_flops = 3.0 * self.morph.train_flops_per_sample()
                 self._sync_param_groups()
@@ -344,25 +362,28 @@ class Trainer:
             self.metrics.write("step", self.state.global_step, epoch + 1,
                                {"loss": loss_value, "lr": self.optimizer.param_groups[0]["initial_lr"] * lr_factor})
             display.step_done(loss_value)
-            if self.hooks and any([hook.after_step(self, epoch, loss_value) for hook in self.hooks]):
+            stop = any([hook.after_step(self, epoch, loss_value) for hook in self.hooks])
+            if self.ranks.step_end(self, stop):  # every rank stops at the same step
                 self.stop_requested = True
                 break
-        if seen == 0:
-            return float("nan"), float("nan")
-        return float(loss_sum) / seen, float(correct) / seen
+        return self.ranks.epoch_means(loss_sum, correct, seen)
 
     @torch.no_grad()
     def evaluate(self, split) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) of the model on a split, in eval mode."""
         was_training = self.model.training
         self.model.eval()
+        self.ranks.sync_buffers(self.model)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        for x, y in eval_batches(self.data, split, self.config.data.eval_batch_size):
-            with torch.autocast(self.device.type, enabled=self.amp):
+        rows = self.ranks.eval_shard(len(split))  # each rank evaluates a slice; sums are all-reduced
+        shard = type(split)(split.x[rows], split.y[rows])
+        for x, y in eval_batches(self.data, shard, self.config.data.eval_batch_size):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 logits = self.model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
+        loss_sum, correct = self.ranks.sum(loss_sum, correct)
         self.model.train(was_training)
         n = max(1, len(split))
         return float(loss_sum) / n, float(correct) / n
@@ -409,8 +430,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, best_metric: float | None) -> Path:
-        """Writes an atomic checkpoint of everything an exact resume needs."""
+    def _checkpoint(self, best_metric: float | None) -> None:
+        """The loop's checkpoint: rank 0 writes it, every rank waits until it is complete."""
+        self.save(best_metric)
+        self.ranks.barrier()  # no rank goes on (or exits) before the checkpoint is complete
+
+    def save(self, best_metric: float | None) -> Path | None:
+        """Writes an atomic checkpoint of everything an exact resume needs; under torchrun only rank 0
+        writes (and may call this alone, e.g. from the Tolaria server's hooks), the others get None."""
+        if not self.ranks.is_writer:
+            return None
         payload = {
             "config": to_dict(self.config),
             "architecture": architecture_of(self.config),
@@ -426,6 +455,7 @@ class Trainer:
             "params_initial": self.params_initial,
             "input_shape": list(self.input_shape),
             "num_classes": self.data.num_classes,
+            "world_size": self.ranks.world_size,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -465,6 +495,7 @@ class Trainer:
             "seeds": self.morph.state_counts(),
             "adaptations": self.morph.adaptations(),
             "rollbacks": self.governor.rollbacks,
+            "ranks": self.ranks.report(),
             "wall_s": self.state.wall_s,
         }
 
