@@ -1,5 +1,6 @@
 """`PolicySettings`: the heuristic and rail knobs of a Tamiyo policy, the one definition shared by
-the Tamiyo server (``esper-tamiyo --policy-config``) and Tolaria's in-process controller.
+the Tamiyo server (``esper-tamiyo --policy-config``), Tolaria's in-process controller and Tolaria's
+``controller`` config section (which is this type: its defaults are defined here only).
 
 `policy_settings_from_mapping` validates a mapping of them with errors naming the key.
 """
@@ -7,28 +8,38 @@ the Tamiyo server (``esper-tamiyo --policy-config``) and Tolaria's in-process co
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from esper.tamiyo.heuristic import HeuristicPolicy
 from esper.tamiyo.policy import HeuristicConfig, RailsConfig
 from esper.tamiyo.rails import Controller, SafetyRails
 
+# Fixed choices are Literal types: the type is the one list of allowed values.
+PolicyName = Literal["heuristic"]
+
 
 @dataclass
 class PolicySettings:
-    """Heuristic and rail knobs; field names match the ``controller`` section of a Tolaria config."""
+    """The Tamiyo policy and the safety rails that apply to every policy (Tolaria's ``controller``)."""
 
+    policy: PolicyName = "heuristic"
+    # No germination before this epoch (the host gets a head start).
     start_epoch: int = 1
+    # Plateau: relative improvement of val loss over `plateau_window` epochs below the threshold.
     plateau_window: int = 2
     plateau_threshold: float = 0.01
+    # Germinate without waiting for a plateau (forces growth, e.g. in tests and demos).
     grow_without_plateau: bool = False
     cooldown_epochs: int = 1
     max_concurrent: int = 1
+    # Growth budgets relative to the host: extra parameters and extra FLOPs per sample.
     parameter_budget: float = 1.0
     compute_budget: float = 1.0
     max_adaptations: int = 8
+    # Blueprints the policy may choose from (empty = every one fitting the site).
     blueprints: list[str] = field(default_factory=list)
 
     def heuristic(self) -> HeuristicConfig:
@@ -48,17 +59,24 @@ class PolicySettings:
         return Controller(HeuristicPolicy(self.heuristic(), rails, host_flops), SafetyRails(rails, host_flops))
 
 
-def policy_settings_from_mapping(values: Mapping[str, Any], *, ignore_unknown: tuple[str, ...] = ("policy",)
+def policy_settings_from_mapping(values: Mapping[str, Any], *, ignore_unknown: tuple[str, ...] = ()
                                  ) -> PolicySettings:
     """A `PolicySettings` from a mapping; ValueError naming an unknown key or a wrongly typed value."""
     settings = PolicySettings()
     types = {f.name: f.type for f in dataclasses.fields(PolicySettings)}
+    hints = typing.get_type_hints(PolicySettings)
     for key, value in values.items():
         if key in ignore_unknown:
             continue
         if key not in types:
             raise ValueError(f"policy config: unknown key {key!r}; expected some of {sorted(types)}")
         expected = types[key]
+        if typing.get_origin(hints[key]) is Literal:
+            choices = typing.get_args(hints[key])
+            if value not in choices:
+                raise ValueError(f"policy config: {key} expected one of {list(choices)}, got {value!r}")
+            setattr(settings, key, value)
+            continue
         ok = {
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, int | float) and not isinstance(value, bool),

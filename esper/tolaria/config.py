@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from esper.kasmina.lifecycle import LifecycleConfig
+from esper.tamiyo.settings import PolicySettings
 from esper.tolaria.config_parsing import (
     ConfigError,
     apply_override,
@@ -32,7 +33,6 @@ ModelName = Literal["mlp", "cnn1d", "cnn2d", "resnet18"]
 OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["constant", "cosine", "step"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-PolicyName = Literal["heuristic"]
 ServicesMode = Literal["local", "remote", "off"]
 SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
 
@@ -121,24 +121,8 @@ class SeedsConfig:
     blueprints: list[str] = field(default_factory=list)
 
 
-@dataclass
-class ControllerConfig:
-    """The Tamiyo policy and the safety rails that apply to every policy."""
-
-    policy: PolicyName = "heuristic"
-    # No germination before this epoch (the host gets a head start).
-    start_epoch: int = 1
-    # Plateau: relative improvement of val loss over `plateau_window` epochs below the threshold.
-    plateau_window: int = 2
-    plateau_threshold: float = 0.01
-    # Germinate without waiting for a plateau (forces growth, e.g. in tests and demos).
-    grow_without_plateau: bool = False
-    cooldown_epochs: int = 1
-    max_concurrent: int = 1
-    # Growth budgets relative to the host: extra parameters and extra FLOPs per sample.
-    parameter_budget: float = 1.0
-    compute_budget: float = 1.0
-    max_adaptations: int = 8
+# The controller section is Tamiyo's own settings type: one definition, one set of defaults.
+ControllerConfig = PolicySettings
 
 
 @dataclass
@@ -208,6 +192,9 @@ class GovernorConfig:
     spike_factor: float = 5.0
     # ... and more than this many running standard deviations above the running loss.
     spike_zscore: float = 6.0
+    # ... and more than this far above the running loss in absolute terms (nats of cross-entropy):
+    # near convergence the ratio and z-score fire on single hard batches.
+    spike_min_delta: float = 0.5
     spike_warmup_steps: int = 20
 
 
@@ -264,13 +251,17 @@ def policy_config(cfg: Config) -> dict[str, Any]:
     """The Tamiyo policy knobs of a run: its controller section plus the allowed blueprints (the
     mapping `esper.tamiyo.settings.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
     section = dataclasses.asdict(cfg.controller)
-    section["blueprints"] = list(cfg.seeds.blueprints)
+    section["blueprints"] = list(cfg.seeds.blueprints or cfg.controller.blueprints)
     return section
 
 
 def validate(config: Config) -> None:
     """Checks closed value sets and ranges that the types alone do not express."""
     check_choices(config, "")
+    seeds_bp, ctl_bp = list(config.seeds.blueprints), list(config.controller.blueprints)
+    if seeds_bp and ctl_bp and seeds_bp != ctl_bp:
+        raise ConfigError(f"seeds.blueprints {seeds_bp} and controller.blueprints {ctl_bp} disagree; "
+                          "expected one of them (or both the same)")
     positive = {
         "data.batch_size": config.data.batch_size,
         "data.eval_batch_size": config.data.eval_batch_size,

@@ -32,6 +32,9 @@ from esper.tolaria.hosts import count_parameters, forward_flops_per_sample
 from esper.v1 import common_pb2
 
 IN_FLIGHT = frozenset({S.GERMINATED, S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
+# In-flight states whose seed changes the host's output (`h + alpha * s`). GERMINATED has no module
+# and TRAINING is straight-through (exactly `h`), so neither can cause a loss anomaly.
+BLENDED = frozenset({S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
 OUTCOMES = {
     S.FOSSILIZED: "fossilized",
     S.CULLED: "culled",
@@ -93,6 +96,9 @@ class Morphogenesis:
             for name, layer in self.driver.sites for i in range(layer.num_seeds)
         ]
         self._event_log = None
+        # Set by every lifecycle event; the trainer re-takes the governor's snapshot and clears it,
+        # so that a rollback restores the seeds as they are (germinations made mid-epoch included).
+        self.lifecycle_changed = False
         # Set by the trainer under --verbose: prints every lifecycle transition as it happens.
         self.echo: Callable[[str], None] | None = None
         # Set by esper.tolaria.adaptation.RemoteController: germinates awaiting a compiled kernel.
@@ -144,6 +150,7 @@ class Morphogenesis:
         return shapes
 
     def _on_event(self, event: LifecycleEvent) -> None:
+        self.lifecycle_changed = True
         epoch_f = event.step / max(1, self.steps_per_epoch)
         self._timeline.append({"slot": f"{event.layer}[{event.seed}]", "epoch": epoch_f, "state": int(event.to_state)})
         if event.to_state in OUTCOMES:
@@ -261,12 +268,13 @@ class Morphogenesis:
     # ---------------------------------------------------------------- governor support
 
     def roll_back_culprit(self, epoch: int, global_step: int, reason: str) -> str | None:
-        """Rolls back the most recent in-flight seed (the likeliest cause of an anomaly); its name."""
+        """Rolls back the most recent in-flight seed that blends into the host's output (the likeliest
+        cause of an anomaly); its name. Seeds that leave the output unchanged are never blamed."""
         for record in reversed(self._adaptations):
             if record["outcome"] != "pending":
                 continue
             layer = self.driver.site(record["layer"])
-            if layer.state_of(record["seed"]) in IN_FLIGHT:
+            if layer.state_of(record["seed"]) in BLENDED:
                 self.driver.set_position(global_step, epoch)
                 layer.rollback(record["seed"], f"governor: {reason}")
                 return f"{record['layer']}[{record['seed']}]"

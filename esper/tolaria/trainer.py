@@ -318,6 +318,7 @@ class Trainer:
         self.model.train()
         start = self.state.global_step - epoch * self.steps_per_epoch
         start = max(0, min(start, self.steps_per_epoch))
+        self.morph.lifecycle_changed = False
         self.governor.take_snapshot(self.model, self.optimizer, self._snapshot_extra())
         step_flops = 3.0 * self.morph.train_flops_per_sample()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -327,6 +328,9 @@ class Trainer:
                                      shard=self.ranks.shard):
             if cfg.train.max_steps and self.state.global_step >= cfg.train.max_steps:
                 break
+            if self.morph.lifecycle_changed:  # a rollback must not undo a seed's transition
+                self.morph.lifecycle_changed = False
+                self.governor.take_snapshot(self.model, self.optimizer, self._snapshot_extra())
             lr_factor = self.schedule.apply(self.optimizer)
             model = self.ranks.training_model(self.model)  # DDP under torchrun, rebuilt as the model grows
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):

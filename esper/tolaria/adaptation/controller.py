@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from esper.kasmina import (
     seed_from_kernel,
 )
 from esper.lifecycle import SeedLifecycleState as S
+from esper.tamiyo.costs import blueprint_costs_at
 from esper.tezzeret.kernel_ids import kernel_id_for
 from esper.tolaria.adaptation.kernels import KernelStore, kernel_target
 from esper.tolaria.adaptation.links import open_links
@@ -190,6 +191,13 @@ class RemoteController(BoundaryHook):
         for a in state.get("adaptations", []):
             record = Adaptation.from_dict(a)
             self._adaptations[record.key] = record
+        # A governor rollback loads this after the model: a slot it reverted to DORMANT waits for
+        # no kernel any more (one arriving later would otherwise find the slot moved on).
+        for key, pending in list(self._pending.items()):
+            if self.morph.driver.site(pending.layer).state_of(pending.seed) != S.GERMINATED:
+                del self._pending[key]
+                self._note(f"{pending.layer}[{pending.seed}] no longer waits for kernel {pending.kernel_id}: "
+                           "the governor's rollback reverted its germination")
 
     def before_restore(self, payload: dict[str, Any]) -> None:
         """Before a checkpoint is loaded: seeds that ran a compiled kernel get that kernel back.
@@ -229,6 +237,42 @@ class RemoteController(BoundaryHook):
         if count:
             self._note(f"resume: {count} germinated seed(s) waiting for their kernels again")
         return count
+
+    def prefetch_first_kernels(self, blueprints: Sequence[str], parameter_budget: float,
+                               compute_budget: float) -> list[str]:
+        """Before training: start obtaining, at each site, the kernel of the blueprint the heuristic
+        policy picks first there (the largest allowed one within the initial budget); their ids.
+
+        A cold compile takes seconds, as long as many epochs of a small model: without this the
+        first seed arrives after the host has converged and has nothing left to contribute. A kernel
+        the policy never asks for costs one compile; one it asks for attaches warm (or joins the
+        fetch under way). Sites with the same chunk shape share one kernel id, so one request.
+        """
+        if self.pipeline is None or not self.morph.enabled:
+            return []
+        state = self.morph.graph_state(0, 0, 1, float("nan"), float("nan"), 0.0, [])
+        params_left = parameter_budget * state.signals.initial_parameter_count
+        flops_left = compute_budget * self.morph.flops_initial
+        requested: list[str] = []
+        for node in state.nodes:
+            if node.seed.state != S.DORMANT:
+                continue
+            fitting = [c for c in blueprint_costs_at(node, tuple(blueprints))
+                       if c.parameters <= params_left and c.flops <= flops_left]
+            if not fitting:
+                continue
+            best = max(fitting, key=lambda c: (c.parameters, -c.order))
+            layer = self.morph.driver.site(node.layer_name)
+            spec = get_blueprint(best.blueprint_id)
+            shape, device, dtype = self._kernel_target(node.layer_name, layer)
+            kernel_id = kernel_id_for(spec, shape, device, dtype)
+            if kernel_id in requested or kernel_id in self._failed_kernels:
+                continue
+            requested.append(kernel_id)
+            self.pipeline.request(kernel_id, spec, shape, device, dtype)
+        if requested:
+            self._note(f"prefetching the likely first kernel(s): {', '.join(requested)}")
+        return requested
 
     # ---------------------------------------------------------------- trainer hooks
 
