@@ -32,6 +32,7 @@ DEVICES = ("auto", "cpu", "cuda")
 POLICIES = ("heuristic",)
 SERVICE_MODES = ("local", "remote", "off")
 SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
+WANDB_MODES = ("auto", "online", "offline")
 
 
 @dataclass
@@ -217,11 +218,24 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Metrics sinks."""
+    """Metrics sinks (esper.tolaria.loggers), the trainer's Prometheus endpoint and the profiler."""
 
     tensorboard: bool = True
     timeline_plot: bool = True
     log_every_steps: int = 10
+    # Weights & Biases (the optional `tracking` extra). auto: online with credentials, else offline.
+    wandb: bool = False
+    wandb_project: str = "esper"
+    wandb_entity: str = ""
+    wandb_mode: str = "auto"
+    # Log the exported model (esper-export) as a W&B artifact at the end of the run.
+    wandb_log_model: bool = True
+    # Prometheus /metrics of the trainer (esper.tolaria.prometheus): -1 off, 0 any free port.
+    prometheus_port: int = -1
+    prometheus_host: str = "127.0.0.1"
+    # torch.profiler over this many steps (0 off) after `profile_warmup_steps` (esper.tolaria.profiling).
+    profile_steps: int = 0
+    profile_warmup_steps: int = 5
 
 
 @dataclass
@@ -253,6 +267,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.device": DEVICES,
     "controller.policy": POLICIES,
     "services.mode": SERVICE_MODES,
+    "logging.wandb_mode": WANDB_MODES,
 }
 
 # Keys that define the model's architecture: a resume must not change them.
@@ -364,6 +379,17 @@ def validate(config: Config) -> None:
     if config.model.width < 1:
         raise ConfigError(f"model.width: expected an int >= 1, got {config.model.width}")
     _validate_services(config.services)
+    _validate_logging(config.logging)
+
+
+def _validate_logging(log: LoggingConfig) -> None:
+    if not -1 <= log.prometheus_port < 65536:
+        raise ConfigError(f"logging.prometheus_port: expected -1 (off), 0 (any free port) or a port, got {log.prometheus_port}")
+    if log.profile_steps < 0 or log.profile_warmup_steps < 0:
+        raise ConfigError("logging.profile_steps and logging.profile_warmup_steps: expected ints >= 0, got "
+                          f"{log.profile_steps} and {log.profile_warmup_steps}")
+    if log.wandb and not log.wandb_project.strip():
+        raise ConfigError("logging.wandb_project: expected a W&B project name, got an empty string")
 
 
 def _validate_services(svc: ServicesConfig) -> None:

@@ -29,7 +29,7 @@ from esper.tolaria.data import (
 )
 from esper.tolaria.governor import Governor
 from esper.tolaria.hosts import build_host, count_parameters, forward_flops_per_sample, model_input_shape
-from esper.tolaria.metrics import MetricsWriter
+from esper.tolaria.loggers import build_loggers
 from esper.tolaria.schedule import LRSchedule, add_param_group, build_optimizer, remove_param_group
 
 
@@ -219,7 +219,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
         resume_step = self.state.global_step if self.payload is not None else None
-        self.metrics = MetricsWriter(self.run_dir, self.config.logging.tensorboard, resume_step)
+        self.metrics = build_loggers(self.config, self.run_dir, resume_step)
+        self.metrics.log_config(to_dict(self.config))
         self.morph.attach_event_log(self.run_dir / "events.jsonl", resume_step)
 
     def train(self) -> dict[str, Any]:
@@ -277,7 +278,7 @@ class Trainer:
                     self.state.history.append(record.__dict__)
                     self.state.epoch = epoch + 1
                     self.state.wall_s = time.perf_counter() - wall_start
-                    self.metrics.write("epoch", self.state.global_step, epoch + 1, {
+                    self.metrics.log_metrics("epoch", self.state.global_step, epoch + 1, {
                         **{k: v for k, v in record.__dict__.items() if k != "epoch"},
                         "active_seeds": self.morph.active_count(),
                         "train_flops": self.state.train_flops, "eval_flops": self.state.eval_flops,
@@ -296,13 +297,17 @@ class Trainer:
                         if (epoch + 1) % cfg.checkpoint.every_epochs != 0:
                             self.save(best_metric=val_loss if cfg.checkpoint.save_best else None)
                         break
+            test_loss, test_acc = self.evaluate(self.data.test)
+            self.state.wall_s = time.perf_counter() - wall_start
+            summary = self.summary(test_loss, test_acc, stopped_early)
+            write_summary(self.run_dir, summary, self.morph.timeline(), plot=cfg.logging.timeline_plot, echo=display)
+            self.metrics.log_run_end(self.run_dir, summary)
+        except BaseException:
+            self.metrics.close(failed=True)
+            raise
         finally:
             gc.unfreeze()  # what the run leaves behind is collected as usual (tests run many trainers)
-            self.metrics.close()
-        test_loss, test_acc = self.evaluate(self.data.test)
-        self.state.wall_s = time.perf_counter() - wall_start
-        summary = self.summary(test_loss, test_acc, stopped_early)
-        write_summary(self.run_dir, summary, self.morph.timeline(), plot=cfg.logging.timeline_plot, echo=display)
+        self.metrics.close()
         return summary
 
     def _train_epoch(self, epoch: int, display) -> tuple[float, float]:
@@ -347,7 +352,7 @@ class Trainer:
             loss_sum += loss.detach().double() * x.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
             seen += x.shape[0]
-            self.metrics.write("step", self.state.global_step, epoch + 1,
+            self.metrics.log_metrics("step", self.state.global_step, epoch + 1,
                                {"loss": loss_value, "lr": self.optimizer.param_groups[0]["initial_lr"] * lr_factor})
             display.step_done(loss_value)
             if self.hooks and any([hook.after_step(self, epoch, loss_value) for hook in self.hooks]):
@@ -410,7 +415,7 @@ class Trainer:
                 self.optimizer.state.clear()
         blamed = self.morph.roll_back_culprit(epoch, self.state.global_step, reason)
         self._sync_param_groups()
-        self.metrics.write("event", self.state.global_step, epoch + 1, {"rollback": reason, "culled": blamed or ""})
+        self.metrics.log_metrics("event", self.state.global_step, epoch + 1, {"rollback": reason, "culled": blamed or ""})
         self.display_line(f"governor: {reason} at step {self.state.global_step}; rolled back"
                           + (f", seed {blamed} rolled back" if blamed else ""))
 
