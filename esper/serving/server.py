@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from esper.serving.interceptors import HEALTH_METHOD_PREFIX, BearerTokenInterceptor, ErrorMappingInterceptor
+from esper.serving.metrics import ServerMetrics
 
 log = logging.getLogger("esper.serving")
 
@@ -42,6 +43,8 @@ class ServerConfig:
     auth_token: str | None = None
     reflection: bool = True
     extra_options: list[tuple[str, Any]] = field(default_factory=list)
+    # Prometheus /metrics over HTTP on `host` (esper.serving.metrics): None = off, 0 = a free port.
+    metrics_port: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting."""
@@ -55,6 +58,8 @@ class ServerConfig:
             raise ValueError("TLS needs both tls_cert_file and tls_key_file, or neither")
         if self.auth_token is not None and not self.auth_token.strip():
             raise ValueError("auth_token must be non-empty when set")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535 (0 picks a free port), got {self.metrics_port}")
 
 
 class GrpcServer:
@@ -71,6 +76,11 @@ class GrpcServer:
         self.config = config or ServerConfig()
         self.config.validate()
         interceptors: list[grpc.aio.ServerInterceptor] = []
+        self.metrics: ServerMetrics | None = None
+        if self.config.metrics_port is not None:
+            # Outermost, so it records the status every other interceptor settled on.
+            self.metrics = ServerMetrics()
+            interceptors.append(self.metrics.interceptor())
         if self.config.auth_token:
             interceptors.append(BearerTokenInterceptor(self.config.auth_token, (HEALTH_METHOD_PREFIX,)))
         interceptors.append(ErrorMappingInterceptor())
@@ -142,6 +152,9 @@ class GrpcServer:
         self._port = port
         await self._server.start()
         log.info("listening on %s (%s)", self.address, ", ".join(self._service_names) or "no services")
+        if self.metrics is not None:
+            endpoint = self.metrics.start(self.config.host, self.config.metrics_port or 0)
+            print(f"metrics: {endpoint.url}", file=sys.stderr, flush=True)  # stdout has only LISTENING
         return self.address
 
     async def set_serving(self) -> None:
@@ -168,6 +181,8 @@ class GrpcServer:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
         finally:
+            if self.metrics is not None:
+                self.metrics.stop()
             for callback in reversed(self._shutdown_callbacks):
                 try:
                     await callback()
@@ -217,6 +232,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--auth-token-file", type=Path,
                        help="file holding the bearer token clients must send (env ESPER_AUTH_TOKEN also works)")
     group.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    group.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus /metrics over HTTP on --host at this port (0: a free one; "
+                            "default off); the URL is printed on stderr at start")
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -232,7 +250,8 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         token = os.environ["ESPER_AUTH_TOKEN"].strip()
     config = ServerConfig(host=args.host, port=args.port, grace_seconds=args.grace,
                           max_message_bytes=int(args.max_message_mb * 2**20),
-                          tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token)
+                          tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token,
+                          metrics_port=getattr(args, "metrics_port", None))
     config.validate()
     return config
 

@@ -19,6 +19,7 @@ from esper.serving import (
     server_config_from_args,
 )
 from esper.v1 import oona_pb2_grpc
+from services.oona.metrics import oona_sampler
 from services.oona.servicer import SERVICE_NAME, OonaServicer
 
 
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         bus = OonaBus(backend)
         server.add_service(SERVICE_NAME, OonaServicer(bus), oona_pb2_grpc.add_OonaServiceServicer_to_server)
         server.add_shutdown_callback(bus.close)
+        if server.metrics is not None:
+            server.metrics.add_sampler(oona_sampler(bus))
 
     return run_server_main(config, setup)
 

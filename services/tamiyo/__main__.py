@@ -25,6 +25,7 @@ from esper.serving import (
 )
 from esper.tamiyo.service import PolicySettings, TamiyoCore, policy_settings_from_mapping
 from esper.v1 import tamiyo_pb2_grpc
+from services.tamiyo.metrics import tamiyo_sampler
 from services.tamiyo.servicer import SERVICE_NAME, TamiyoServicer
 
 log = logging.getLogger("esper.tamiyo")
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         servicer = TamiyoServicer(core)
         server.add_service(SERVICE_NAME, servicer, tamiyo_pb2_grpc.add_TamiyoServiceServicer_to_server)
         server.add_shutdown_callback(servicer.close)
+        if server.metrics is not None:
+            server.metrics.add_sampler(tamiyo_sampler(core))
 
     return run_server_main(config, setup)
 

@@ -26,6 +26,7 @@ from esper.serving import (
 from esper.tezzeret import CompileJobs, WorkerPool, warm_up_compiler
 from esper.v1 import tezzeret_pb2_grpc
 from services.tezzeret.clients import OonaKernelPublisher, UrzaClient
+from services.tezzeret.metrics import tezzeret_sampler
 from services.tezzeret.servicer import SERVICE_NAME, TezzeretServicer
 
 log = logging.getLogger("esper.tezzeret")
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                            max_timeout_s=args.max_timeout, cuda_available=torch.cuda.is_available())
         server.add_service(SERVICE_NAME, TezzeretServicer(jobs), tezzeret_pb2_grpc.add_TezzeretServiceServicer_to_server)
         server.add_shutdown_callback(jobs.close)
+        if server.metrics is not None:
+            server.metrics.add_sampler(tezzeret_sampler(jobs))
 
     return run_server_main(config, setup)
 

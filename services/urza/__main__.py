@@ -20,6 +20,7 @@ from esper.serving import (
 )
 from esper.urza import UrzaLibrary
 from esper.v1 import urza_pb2_grpc
+from services.urza.metrics import urza_sampler
 from services.urza.servicer import SERVICE_NAME, UrzaServicer
 
 log = logging.getLogger("esper.urza")
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         servicer = UrzaServicer(library)
         server.add_service(SERVICE_NAME, servicer, urza_pb2_grpc.add_UrzaServiceServicer_to_server)
         server.add_shutdown_callback(servicer.close)
+        if server.metrics is not None:
+            server.metrics.add_sampler(urza_sampler(library))
 
     return run_server_main(config, setup)
 
