@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.autograd.profiler import record_function
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, schedule
 
 KASMINA_OP_PREFIX = "esper::"
 SEED_RANGE_PREFIX = "kasmina.seed "
@@ -64,8 +65,13 @@ class StepProfiler:
         for name, layer in trainer.morph.driver.sites:
             for key, seed in layer.seeds.items():
                 self._tag(seed, f"{SEED_RANGE_PREFIX}{name}[{key}]")
-        self._prof = profile(activities=activities, record_shapes=False)
-        self._prof.__enter__()
+        # One active phase of exactly `steps` steps gives each step a ProfilerStep#N range in the
+        # trace; torch warns that the schedule has no warm-up, but ours ran before the window.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Profiler won't be using warmup")
+            self._prof = profile(activities=activities, record_shapes=False,
+                                 schedule=schedule(wait=0, warmup=0, active=self.steps, repeat=1))
+            self._prof.__enter__()
         self._t0 = time.perf_counter()
 
     def _tag(self, module: torch.nn.Module, label: str) -> None:

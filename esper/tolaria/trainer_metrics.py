@@ -114,6 +114,10 @@ class TrainerMetrics:
                 counts[name] = counts.get(name, 0) + 1
         for name, n in counts.items():
             self.seeds.labels(name).set(n)
+        self.refresh_kernel_cache()
+
+    def refresh_kernel_cache(self) -> None:
+        """Copies the kernel cache's counters for the next scrape (on the training thread)."""
         stats = self._kernel_stats()
         self._cache = dict(stats) if stats else {}
 
