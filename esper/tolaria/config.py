@@ -228,6 +228,8 @@ class LoggingConfig:
     wandb_project: str = "esper"
     wandb_entity: str = ""
     wandb_mode: str = "auto"
+    # How long an online start may try to reach the W&B server before the run logs offline.
+    wandb_init_timeout_s: float = 30.0
     # Log the exported model (esper-export) as a W&B artifact at the end of the run.
     wandb_log_model: bool = True
     # Prometheus /metrics of the trainer (esper.tolaria.prometheus): -1 off, 0 any free port.
@@ -388,6 +390,8 @@ def _validate_logging(log: LoggingConfig) -> None:
     if log.profile_steps < 0 or log.profile_warmup_steps < 0:
         raise ConfigError("logging.profile_steps and logging.profile_warmup_steps: expected ints >= 0, got "
                           f"{log.profile_steps} and {log.profile_warmup_steps}")
+    if log.wandb_init_timeout_s <= 0:
+        raise ConfigError(f"logging.wandb_init_timeout_s: expected a float > 0, got {log.wandb_init_timeout_s}")
     if log.wandb and not log.wandb_project.strip():
         raise ConfigError("logging.wandb_project: expected a W&B project name, got an empty string")
 

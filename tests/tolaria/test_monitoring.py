@@ -91,6 +91,27 @@ def test_wandb_offline_run_files_hold_config_metrics_events_summary_and_model(tm
     assert (out / "export" / "program.pt2").exists()
 
 
+@pytest.mark.integration
+def test_wandb_online_start_that_cannot_reach_the_server_logs_offline(tmp_path, offline_wandb, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on: the "server" refuses at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    out = tmp_path / "run"
+    assert main(["--quick-start", "digits", "--output-dir", str(out), "--progress", "none", "--wandb", "--epochs", "1",
+                 "logging.wandb_init_timeout_s=2", "logging.wandb_log_model=false", *FAST]) == 0
+    stdout = capsys.readouterr().out
+    assert "W&B: cannot start an online run" in stdout and "logging offline instead" in stdout
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and f"wandb sync {runs[0]}" in stdout
+    rows = history_rows(next(runs[0].glob("run-*.wandb")))
+    assert sum("step/loss" in r for r in rows) == json.loads((out / "summary.json").read_text())["global_step"]
+
+
 def test_wandb_mode_auto_is_offline_without_credentials(tmp_path, monkeypatch):
     for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL"):
         monkeypatch.delenv(name, raising=False)

@@ -88,7 +88,8 @@ class WandbLogger:
             "resume": "allow",
             "dir": str(self.run_dir),
             # console off: wandb would otherwise wrap stdout, which carries the progress display.
-            "settings": wandb.Settings(console="off", silent=True, x_disable_stats=True),
+            "settings": wandb.Settings(console="off", silent=True, x_disable_stats=True,
+                                       init_timeout=settings.wandb_init_timeout_s),
         }
         try:
             self.run = wandb.init(mode=self.mode, **init)
