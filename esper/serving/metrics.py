@@ -63,8 +63,10 @@ class ServerMetrics:
     """The metrics of one server process, in their own registry (several servers may share a
     process in tests, and the default registry would mix them)."""
 
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # A given registry lets a process that already serves /metrics (esper-train) add a server's
+        # series to its own endpoint instead of opening a second one.
+        self.registry = registry if registry is not None else CollectorRegistry()
         labels = ("grpc_service", "grpc_method", "grpc_code")
         self.handled = Counter("esper_grpc_server_handled", "RPCs completed, by method and status code", labels,
                                registry=self.registry)

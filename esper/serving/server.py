@@ -72,14 +72,16 @@ class GrpcServer:
     the shutdown callbacks in reverse order of registration.
     """
 
-    def __init__(self, config: ServerConfig | None = None):
+    def __init__(self, config: ServerConfig | None = None, metrics: ServerMetrics | None = None):
+        """`metrics`: record into these (served by their owner) rather than per `config.metrics_port`."""
         self.config = config or ServerConfig()
         self.config.validate()
         interceptors: list[grpc.aio.ServerInterceptor] = []
-        self.metrics: ServerMetrics | None = None
-        if self.config.metrics_port is not None:
-            # Outermost, so it records the status every other interceptor settled on.
+        self.metrics = metrics
+        if self.metrics is None and self.config.metrics_port is not None:
             self.metrics = ServerMetrics()
+        if self.metrics is not None:
+            # Outermost, so it records the status every other interceptor settled on.
             interceptors.append(self.metrics.interceptor())
         if self.config.auth_token:
             interceptors.append(BearerTokenInterceptor(self.config.auth_token, (HEALTH_METHOD_PREFIX,)))
@@ -152,8 +154,8 @@ class GrpcServer:
         self._port = port
         await self._server.start()
         log.info("listening on %s (%s)", self.address, ", ".join(self._service_names) or "no services")
-        if self.metrics is not None:
-            endpoint = self.metrics.start(self.config.host, self.config.metrics_port or 0)
+        if self.metrics is not None and self.config.metrics_port is not None:
+            endpoint = self.metrics.start(self.config.host, self.config.metrics_port)
             print(f"metrics: {endpoint.url}", file=sys.stderr, flush=True)  # stdout has only LISTENING
         return self.address
 
