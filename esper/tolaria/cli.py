@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
 from esper.tolaria import checkpoint as ckpt
 from esper.tolaria.config import (
-    DATASETS,
-    MODELS,
     Config,
     ConfigError,
+    DatasetName,
+    ModelName,
     apply_override,
     from_dict,
     load_config,
@@ -66,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     quick = p.add_argument_group("quick setup (shorthands for the dotted keys in brackets)")
     quick.add_argument("--quick-start", choices=sorted(PRESETS),
                        help="run a shipped config: " + ", ".join(f"{k} = configs/{v}" for k, v in PRESETS.items()))
-    quick.add_argument("--model", choices=MODELS, help="[model.name] host model")
-    quick.add_argument("--dataset", choices=DATASETS, help="[data.name] dataset")
+    quick.add_argument("--model", choices=typing.get_args(ModelName), help="[model.name] host model")
+    quick.add_argument("--dataset", choices=typing.get_args(DatasetName), help="[data.name] dataset")
     quick.add_argument("--epochs", type=int, help="[train.epochs]")
     quick.add_argument("--batch-size", type=int, help="[data.batch_size]")
     quick.add_argument("--learning-rate", "--lr", type=float, help="[optim.lr]")

@@ -19,12 +19,14 @@ import torch
 from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile, schedule
 
+from esper.tolaria.hooks import BoundaryHook
+
 KASMINA_OP_PREFIX = "esper::"
 SEED_RANGE_PREFIX = "kasmina.seed "
 TOP_OPS = 15
 
 
-class StepProfiler:
+class StepProfiler(BoundaryHook):
     """A trainer hook: profiles `steps` steps that follow `warmup` steps (at least one, so that
     one-time work such as lazy initialisation stays out of the window)."""
 
@@ -53,9 +55,6 @@ class StepProfiler:
                 self.finish()
         elif self.report is None and self._seen == self.warmup:
             self._begin(trainer)
-        return False
-
-    def after_epoch(self, trainer: Any, epoch: int, record: Any) -> bool:
         return False
 
     def _begin(self, trainer: Any) -> None:

@@ -26,11 +26,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from esper.lifecycle import SeedLifecycleState
 from esper.serving.metrics import MetricsEndpoint
+from esper.tolaria.hooks import BoundaryHook
 
 STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-class TrainerMetrics:
+class TrainerMetrics(BoundaryHook):
     """A trainer hook (`after_step`, `after_epoch`) that keeps the series above up to date.
 
     `kernel_stats` returns the Kasmina kernel cache's `stats()` dict, or None when the run has no
