@@ -212,12 +212,14 @@ def install_monitors(trainer, services) -> list[Callable[[], object]]:
         trainer.hooks.append(profiler)
         closers.append(profiler.finish)
     if settings.prometheus_port >= 0:
+        from esper.serving.metrics import ServerMetrics
         from esper.tolaria.trainer_metrics import TrainerMetrics
 
         def kernel_stats():
             return services.remote.kernels.stats() if services.remote is not None else None
 
         metrics = TrainerMetrics(kernel_stats, window_steps=settings.log_every_steps)
+        services.server_metrics = ServerMetrics(registry=metrics.registry)  # TolariaService's RPCs
         endpoint = metrics.serve(settings.prometheus_host, settings.prometheus_port)
         print(f"metrics: {endpoint.url}", flush=True)
         trainer.hooks.append(metrics)

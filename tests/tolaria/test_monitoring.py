@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from test_data import _write_cifar
 from wandb_records import config_values, history_rows, read_records, summary_values
 
+from esper.serving import open_sync_channel
 from esper.tolaria.cli import (
     CONFIG_DIR,
     PRESETS,
@@ -31,6 +32,7 @@ from esper.tolaria.loggers.wandb_logger import choose_mode
 from esper.tolaria.services import RunServices
 from esper.tolaria.trainer import Trainer
 from esper.tolaria.trainer_metrics import TrainerMetrics
+from esper.v1 import tolaria_pb2, tolaria_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 DEV = str(REPO / "configs" / "development.yaml")
@@ -146,17 +148,21 @@ def scrape(url: str) -> dict[tuple[str, tuple], float]:
 
 
 class _ScrapeEachEpoch(BoundaryHook):
-    """A trainer hook that scrapes the trainer's own /metrics while the run is going."""
+    """A trainer hook that calls the run's Tolaria server and scrapes the trainer's /metrics while
+    the run is going."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, services: RunServices) -> None:
         self.url = url
-        self.scrapes: list[tuple[int, dict]] = []
+        self.services = services
+        self.scrapes: list[tuple[int, dict, float, object]] = []
 
     def after_step(self, trainer, epoch, loss) -> bool:
         self.last_loss = loss
         return False
 
     def after_epoch(self, trainer, epoch, record) -> bool:
+        with open_sync_channel(self.services.tolaria.address) as channel:
+            tolaria_pb2_grpc.TolariaServiceStub(channel).GetRunStatus(tolaria_pb2.GetRunStatusRequest(), timeout=10)
         self.scrapes.append((trainer.state.global_step, scrape(self.url), self.last_loss, record))
         return False
 
@@ -165,14 +171,19 @@ class _ScrapeEachEpoch(BoundaryHook):
 def test_trainer_metrics_scraped_during_a_run_follow_the_steps(tmp_path):
     config = load_config(DEV, ["train.epochs=2", "logging.prometheus_port=0", "logging.log_every_steps=5", *FAST])
     trainer = Trainer(config, tmp_path / "run", progress="none")
+    services = RunServices(config, tmp_path / "run")
+    services.install(trainer)
     trainer.prepare()
     trainer.start()
-    closers = install_monitors(trainer, RunServices(config, tmp_path / "run"))
+    closers = install_monitors(trainer, services)
     metrics = next(h for h in trainer.hooks if isinstance(h, TrainerMetrics))
-    probe = _ScrapeEachEpoch(metrics.endpoint.url)
+    probe = _ScrapeEachEpoch(metrics.endpoint.url, services)
     trainer.hooks.append(probe)
     try:
-        trainer.train()
+        with services:
+            services.attach(trainer)
+            trainer.train()
+            services.finish(trainer)
     finally:
         for close in closers:
             close()
@@ -187,8 +198,12 @@ def test_trainer_metrics_scraped_during_a_run_follow_the_steps(tmp_path):
     seeds = {labels[0][1]: v for (name, labels), v in second.items() if name == "esper_seeds"}
     assert sum(seeds.values()) == len(trainer.morph.sites())  # one seed per site in this config
     assert seeds["DORMANT"] < len(trainer.morph.sites())  # the digits preset germinates in epoch 1
+    # The run's Tolaria server records its RPCs on the same endpoint: one GetRunStatus per epoch so far.
+    status = (("grpc_code", "OK"), ("grpc_method", "GetRunStatus"), ("grpc_service", "esper.v1.TolariaService"))
+    assert first[("esper_grpc_server_handled_total", status)] == 1
+    assert second[("esper_grpc_server_handled_total", status)] == 2
     with pytest.raises(OSError):  # closed with the run
-        urllib.request.urlopen(metrics.endpoint.url if metrics.endpoint else probe.url, timeout=2)
+        urllib.request.urlopen(probe.url, timeout=2)
 
 
 def test_trainer_metrics_export_kernel_cache_stats():
