@@ -10,6 +10,7 @@ import os
 import sys
 
 from esper.oona import DEFAULT_RETENTION, OonaBus, open_backend
+from esper.oona.metrics import oona_sampler
 from esper.oona.redis_streams import RedisStreamsBackend
 from esper.serving import (
     GrpcServer,
@@ -19,7 +20,6 @@ from esper.serving import (
     server_config_from_args,
 )
 from esper.v1 import oona_pb2_grpc
-from services.oona.metrics import oona_sampler
 from services.oona.servicer import SERVICE_NAME, OonaServicer
 
 

@@ -23,10 +23,10 @@ from esper.serving import (
     run_server_main,
     server_config_from_args,
 )
+from esper.tamiyo.metrics import tamiyo_sampler
 from esper.tamiyo.service import TamiyoCore
 from esper.tamiyo.settings import PolicySettings, policy_settings_from_mapping
 from esper.v1 import tamiyo_pb2_grpc
-from services.tamiyo.metrics import tamiyo_sampler
 from services.tamiyo.servicer import SERVICE_NAME, TamiyoServicer
 
 log = logging.getLogger("esper.tamiyo")

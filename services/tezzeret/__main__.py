@@ -25,8 +25,8 @@ from esper.serving import (
     wait_for_serving,
 )
 from esper.tezzeret import CompileJobs, WorkerPool, warm_up_compiler
+from esper.tezzeret.metrics import tezzeret_sampler
 from esper.v1 import tezzeret_pb2_grpc
-from services.tezzeret.metrics import tezzeret_sampler
 from services.tezzeret.servicer import SERVICE_NAME, TezzeretServicer
 
 log = logging.getLogger("esper.tezzeret")

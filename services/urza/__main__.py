@@ -19,8 +19,8 @@ from esper.serving import (
     server_config_from_args,
 )
 from esper.urza import UrzaLibrary
+from esper.urza.metrics import urza_sampler
 from esper.v1 import urza_pb2_grpc
-from services.urza.metrics import urza_sampler
 from services.urza.servicer import SERVICE_NAME, UrzaServicer
 
 log = logging.getLogger("esper.urza")

@@ -15,9 +15,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from esper.oona import InMemoryBackend, OonaBus, StartPosition
+from esper.oona.metrics import oona_sampler
 from esper.serving import GrpcServer, ServerConfig, ServerProcess, open_aio_channel, open_sync_channel
 from esper.v1 import common_pb2, oona_pb2, oona_pb2_grpc, urza_pb2, urza_pb2_grpc
-from services.oona.metrics import oona_sampler
 from services.oona.servicer import SERVICE_NAME as OONA
 from services.oona.servicer import OonaServicer
 

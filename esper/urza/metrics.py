@@ -7,7 +7,7 @@ import asyncio
 from prometheus_client.core import GaugeMetricFamily
 
 from esper.serving.metrics import Sampler
-from esper.urza import UrzaLibrary
+from esper.urza.library import UrzaLibrary
 
 
 def urza_sampler(library: UrzaLibrary) -> Sampler:

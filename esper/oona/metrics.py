@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.core import GaugeMetricFamily
 
-from esper.oona import OonaBus
+from esper.oona.bus import OonaBus
 from esper.serving.metrics import Sampler
 
 
