@@ -253,6 +253,8 @@ class InMemoryBackend(OonaBackend):
 
     async def list_topics(self) -> list[TopicInfo]:
         return [TopicInfo(name=t.name, first_offset=t.first_offset, next_offset=t.next_offset,
-                          retained_messages=t.retained, consumer_groups=tuple(sorted(t.groups)))
+                          retained_messages=t.retained, consumer_groups=tuple(sorted(t.groups)),
+                          group_lag={n: max(0, t.next_offset - g.cursor) for n, g in t.groups.items()},
+                          group_pending={n: len(g.pending) for n, g in t.groups.items()})
                 for name, t in sorted(self._topics.items()) if t.next_offset > 0 or t.groups]
 

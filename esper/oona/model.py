@@ -72,6 +72,9 @@ class TopicInfo:
     next_offset: int
     retained_messages: int
     consumer_groups: tuple[str, ...] = ()
+    # Per consumer group: messages not yet delivered to it (lag) and delivered but unacked (pending).
+    group_lag: Mapping[str, int] = field(default_factory=dict)
+    group_pending: Mapping[str, int] = field(default_factory=dict)
 
 
 def validate_name(value: str, what: str, field_name: str, max_length: int) -> str:

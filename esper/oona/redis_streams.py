@@ -317,11 +317,19 @@ class RedisStreamsBackend(OonaBackend):
         for i, name in enumerate(names):
             seq, first, length, groups = replies[4 * i:4 * i + 4]
             next_offset = int(seq or 0)
-            group_names = [] if isinstance(groups, Exception) else sorted(
-                g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups)
+            groups = [] if isinstance(groups, Exception) else groups
+            lag, pending = {}, {}
+            for g in groups:
+                group = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                last = g["last-delivered-id"]
+                last = last.decode() if isinstance(last, bytes) else str(last)
+                # "0-0": nothing delivered yet; else "1-<offset>" of the last entry delivered.
+                cursor = 0 if last.startswith("0-") else _offset_of(last) + 1
+                lag[group] = max(0, next_offset - cursor)
+                pending[group] = int(g["pending"])
             topics.append(TopicInfo(name=name, first_offset=_offset_of(first[0][0]) if first else next_offset,
                                     next_offset=next_offset, retained_messages=int(length),
-                                    consumer_groups=tuple(group_names)))
+                                    consumer_groups=tuple(sorted(lag)), group_lag=lag, group_pending=pending))
         return topics
 
     async def close(self) -> None:

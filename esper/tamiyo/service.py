@@ -42,6 +42,8 @@ class TamiyoCore:
         self._controllers: dict[str, Controller] = {}
         self._saved: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        # Decisions returned since start, by DecisionAction name (for monitoring).
+        self.decisions_by_action: dict[str, int] = {}
 
     @property
     def version(self) -> str:
@@ -105,6 +107,9 @@ class TamiyoCore:
         with self._lock:  # rails state is per run but Decide calls for one run may overlap
             decisions = controller.decide(graph)
             self._save_state(graph.run_id, controller)
+            for d in decisions:
+                name = common_pb2.DecisionAction.Name(d.action)
+                self.decisions_by_action[name] = self.decisions_by_action.get(name, 0) + 1
             return decisions
 
     def report(self, report: common_pb2.FieldReport) -> tuple[str, int]:

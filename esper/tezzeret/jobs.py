@@ -247,6 +247,14 @@ class CompileJobs:
         token = base64.urlsafe_b64encode(str(page[-1].seq).encode()).decode() if more else ""
         return [self._snapshot(e) for e in page], token
 
+    def counts_by_state(self) -> dict[str, int]:
+        """Jobs in the table by state name (every state, zeros included), for monitoring."""
+        counts = {v.name: 0 for v in S.CompileJobState.DESCRIPTOR.values if not v.name.endswith("_UNSPECIFIED")}
+        for entry in list(self._jobs.values()):
+            name = _state_name(entry.job.state)
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
     async def cancel(self, job_id: str) -> tezzeret_pb2.CompileJob:
         """Cancel a queued or running job (its worker is killed and replaced)."""
         entry = self._entry(job_id)

@@ -35,6 +35,7 @@ ScheduleName = Literal["constant", "cosine", "step"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 ServicesMode = Literal["local", "remote", "off"]
 SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
+WandbMode = Literal["auto", "online", "offline"]
 
 
 @dataclass
@@ -209,11 +210,26 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Metrics sinks."""
+    """Metrics sinks (esper.tolaria.loggers), the trainer's Prometheus endpoint and the profiler."""
 
     tensorboard: bool = True
     timeline_plot: bool = True
     log_every_steps: int = 10
+    # Weights & Biases (the optional `tracking` extra). auto: online with credentials, else offline.
+    wandb: bool = False
+    wandb_project: str = "esper"
+    wandb_entity: str = ""
+    wandb_mode: WandbMode = "auto"
+    # How long an online start may try to reach the W&B server before the run logs offline.
+    wandb_init_timeout_s: float = 30.0
+    # Log the exported model (esper-export) as a W&B artifact at the end of the run.
+    wandb_log_model: bool = True
+    # Prometheus /metrics of the trainer (esper.tolaria.prometheus): -1 off, 0 any free port.
+    prometheus_port: int = -1
+    prometheus_host: str = "127.0.0.1"
+    # torch.profiler over this many steps (0 off) after `profile_warmup_steps` (esper.tolaria.profiling).
+    profile_steps: int = 0
+    profile_warmup_steps: int = 5
 
 
 @dataclass
@@ -284,6 +300,19 @@ def validate(config: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"lifecycle: {str(exc).replace('LifecycleConfig.', 'lifecycle.')}") from None
     _validate_services(config.services)
+    _validate_logging(config.logging)
+
+
+def _validate_logging(log: LoggingConfig) -> None:
+    if not -1 <= log.prometheus_port < 65536:
+        raise ConfigError(f"logging.prometheus_port: expected -1 (off), 0 (any free port) or a port, got {log.prometheus_port}")
+    if log.profile_steps < 0 or log.profile_warmup_steps < 0:
+        raise ConfigError("logging.profile_steps and logging.profile_warmup_steps: expected ints >= 0, got "
+                          f"{log.profile_steps} and {log.profile_warmup_steps}")
+    if log.wandb_init_timeout_s <= 0:
+        raise ConfigError(f"logging.wandb_init_timeout_s: expected a float > 0, got {log.wandb_init_timeout_s}")
+    if log.wandb and not log.wandb_project.strip():
+        raise ConfigError("logging.wandb_project: expected a W&B project name, got an empty string")
 
 
 def _validate_services(svc: ServicesConfig) -> None:

@@ -416,16 +416,3 @@ class RankGroup:
         dist.all_gather_object(tables, parts)
         raise mismatch_error(epoch, tables)
 
-
-class NoMetrics:
-    """The metrics sink of ranks other than 0 (rank 0 writes the run's metrics)."""
-
-    def write(self, scope: str, step: int, epoch: int, values: dict[str, Any]) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-

@@ -26,11 +26,11 @@ from esper.tolaria.data import (
     num_train_batches,
     train_batches,
 )
-from esper.tolaria.distributed import NoMetrics, RankGroup
+from esper.tolaria.distributed import RankGroup
 from esper.tolaria.governor import Governor
 from esper.tolaria.hooks import TrainerHook
 from esper.tolaria.hosts import build_host, count_parameters, forward_flops_per_sample, model_input_shape
-from esper.tolaria.metrics import MetricsWriter
+from esper.tolaria.loggers import RunLoggers, build_loggers
 from esper.tolaria.schedule import LRSchedule, build_optimizer
 from esper.tolaria.seed_groups import sync_seed_groups
 
@@ -219,12 +219,13 @@ class Trainer:
     def start(self) -> None:
         """Creates the run directory and its writers (the first write of a run)."""
         if not self.ranks.is_writer:
-            self.metrics = NoMetrics()
+            self.metrics = RunLoggers([])  # rank 0 writes the run's metrics
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
         resume_step = self.state.global_step if self.payload is not None else None
-        self.metrics = MetricsWriter(self.run_dir, self.config.logging.tensorboard, resume_step)
+        self.metrics = build_loggers(self.config, self.run_dir, resume_step)
+        self.metrics.log_config(to_dict(self.config))
         self.morph.attach_event_log(self.run_dir / "events.jsonl", resume_step)
 
     def train(self) -> dict[str, Any]:
@@ -283,7 +284,7 @@ class Trainer:
                     self.state.history.append(record.__dict__)
                     self.state.epoch = epoch + 1
                     self.state.wall_s = time.perf_counter() - wall_start
-                    self.metrics.write("epoch", self.state.global_step, epoch + 1, {
+                    self.metrics.log_metrics("epoch", self.state.global_step, epoch + 1, {
                         **{k: v for k, v in record.__dict__.items() if k != "epoch"},
                         "active_seeds": self.morph.active_count(),
                         "train_flops": self.state.train_flops, "eval_flops": self.state.eval_flops,
@@ -303,14 +304,19 @@ class Trainer:
                         if (epoch + 1) % cfg.checkpoint.every_epochs != 0:
                             self._checkpoint(best_metric=val_loss if cfg.checkpoint.save_best else None)
                         break
+            test_loss, test_acc = self.evaluate(self.data.test)
+            self.state.wall_s = time.perf_counter() - wall_start
+            summary = self.summary(test_loss, test_acc, stopped_early)
+            if self.ranks.is_writer:
+                write_summary(self.run_dir, summary, self.morph.timeline(), plot=cfg.logging.timeline_plot,
+                              echo=display)
+            self.metrics.log_run_end(self.run_dir, summary)
+        except BaseException:
+            self.metrics.close(failed=True)
+            raise
         finally:
             gc.unfreeze()  # what the run leaves behind is collected as usual (tests run many trainers)
-            self.metrics.close()
-        test_loss, test_acc = self.evaluate(self.data.test)
-        self.state.wall_s = time.perf_counter() - wall_start
-        summary = self.summary(test_loss, test_acc, stopped_early)
-        if self.ranks.is_writer:
-            write_summary(self.run_dir, summary, self.morph.timeline(), plot=cfg.logging.timeline_plot, echo=display)
+        self.metrics.close()
         return summary
 
     def _train_epoch(self, epoch: int, display) -> tuple[float, float]:
@@ -363,7 +369,7 @@ class Trainer:
             loss_sum += loss.detach().double() * x.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
             seen += x.shape[0]
-            self.metrics.write("step", self.state.global_step, epoch + 1,
+            self.metrics.log_metrics("step", self.state.global_step, epoch + 1,
                                {"loss": loss_value, "lr": self.optimizer.param_groups[0]["initial_lr"] * lr_factor})
             display.step_done(loss_value)
             stop = any([hook.after_step(self, epoch, loss_value) for hook in self.hooks])
@@ -424,7 +430,7 @@ class Trainer:
                 self.optimizer.state.clear()
         blamed = self.morph.roll_back_culprit(epoch, self.state.global_step, reason)
         self._sync_param_groups()
-        self.metrics.write("event", self.state.global_step, epoch + 1, {"rollback": reason, "culled": blamed or ""})
+        self.metrics.log_metrics("event", self.state.global_step, epoch + 1, {"rollback": reason, "culled": blamed or ""})
         self.display_line(f"governor: {reason} at step {self.state.global_step}; rolled back"
                           + (f", seed {blamed} rolled back" if blamed else ""))
 

@@ -658,3 +658,15 @@ class UrzaLibrary:
         artifacts = artifacts[:fit]
         token = _encode_token(artifacts[-1].kernel_id) if more else ""
         return artifacts, token
+
+    def stats(self) -> dict[str, object]:
+        """Counts for monitoring: blueprints, and artifacts and their bytes by status name."""
+        t = md.artifacts
+        query = sa.select(t.c.status, sa.func.count(), sa.func.coalesce(sa.func.sum(t.c.size_bytes), 0)).group_by(t.c.status)
+        with self.engine.connect() as conn:
+            blueprints = conn.execute(sa.select(sa.func.count()).select_from(md.blueprints)).scalar_one()
+            rows = conn.execute(query).all()
+        names = {status: _enum_name(common_pb2.ArtifactStatus, status) for status, _, _ in rows}
+        return {"blueprints": int(blueprints),
+                "artifacts": {names[status]: int(n) for status, n, _ in rows},
+                "artifact_bytes": {names[status]: int(size) for status, _, size in rows}}

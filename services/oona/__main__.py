@@ -10,6 +10,7 @@ import os
 import sys
 
 from esper.oona import DEFAULT_RETENTION, OonaBus, open_backend
+from esper.oona.metrics import oona_sampler
 from esper.oona.redis_streams import RedisStreamsBackend
 from esper.serving import (
     GrpcServer,
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         servicer = OonaServicer(bus, max_message_bytes=config.max_message_bytes)
         server.add_service(SERVICE_NAME, servicer, oona_pb2_grpc.add_OonaServiceServicer_to_server)
         server.add_shutdown_callback(bus.close)
+        if server.metrics is not None:
+            server.metrics.add_sampler(oona_sampler(bus))
 
     return run_server_main(config, setup)
 

@@ -23,6 +23,7 @@ from esper.serving import (
     run_server_main,
     server_config_from_args,
 )
+from esper.tamiyo.metrics import tamiyo_sampler
 from esper.tamiyo.service import TamiyoCore
 from esper.tamiyo.settings import PolicySettings, policy_settings_from_mapping
 from esper.v1 import tamiyo_pb2_grpc
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         servicer = TamiyoServicer(core)
         server.add_service(SERVICE_NAME, servicer, tamiyo_pb2_grpc.add_TamiyoServiceServicer_to_server)
         server.add_shutdown_callback(servicer.close)
+        if server.metrics is not None:
+            server.metrics.add_sampler(tamiyo_sampler(core))
 
     return run_server_main(config, setup)
 

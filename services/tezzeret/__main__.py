@@ -25,6 +25,7 @@ from esper.serving import (
     wait_for_serving,
 )
 from esper.tezzeret import CompileJobs, CompileLimits, WorkerPool, warm_up_compiler
+from esper.tezzeret.metrics import tezzeret_sampler
 from esper.v1 import tezzeret_pb2_grpc
 from services.tezzeret.servicer import SERVICE_NAME, TezzeretServicer
 
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                            store_retry_s=args.store_retry_seconds)
         server.add_service(SERVICE_NAME, TezzeretServicer(jobs), tezzeret_pb2_grpc.add_TezzeretServiceServicer_to_server)
         server.add_shutdown_callback(jobs.close)
+        if server.metrics is not None:
+            server.metrics.add_sampler(tezzeret_sampler(jobs))
 
     return run_server_main(config, setup)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from esper.tolaria.cli import main
-from esper.tolaria.metrics import read_metrics
+from esper.tolaria.loggers import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 DEV = str(REPO / "configs" / "development.yaml")

@@ -15,7 +15,7 @@ import torch
 
 from esper.tolaria import checkpoint as ckpt
 from esper.tolaria.cli import main
-from esper.tolaria.metrics import read_metrics
+from esper.tolaria.loggers import read_metrics
 from esper.v1 import common_pb2
 
 REPO = Path(__file__).resolve().parents[2]
