@@ -35,6 +35,25 @@ SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
 
 
 @dataclass
+class Mnist1dConfig:
+    """Generation settings of MNIST-1D, those of `mnist1d.data.get_dataset_args()` (its defaults)."""
+
+    num_samples: int = 5000
+    train_split: float = 0.8
+    template_len: int = 12
+    padding: list[int] = field(default_factory=lambda: [36, 60])
+    scale_coeff: float = 0.4
+    max_translation: int = 48
+    corr_noise_scale: float = 0.25
+    iid_noise_scale: float = 0.02
+    shear_scale: float = 0.75
+    # Permute the sequence positions (one fixed permutation): removes spatial structure.
+    shuffle_seq: bool = False
+    final_seq_length: int = 40
+    seed: int = 42
+
+
+@dataclass
 class DataConfig:
     """Which dataset, where it lives and how it is batched."""
 
@@ -52,6 +71,7 @@ class DataConfig:
     synthetic_teacher_hidden: int = 128
     # Subsample the training split (0 = all); keeps benchmarks and tests small.
     train_limit: int = 0
+    mnist1d: Mnist1dConfig = field(default_factory=Mnist1dConfig)
 
 
 @dataclass
@@ -357,6 +377,7 @@ def validate(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: expected an int >= 1, got {value}")
+    _validate_mnist1d(config.data.mnist1d)
     if not 0.0 < config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: expected a float in (0, 1), got {config.data.val_fraction}")
     if config.optim.lr <= 0:
@@ -364,6 +385,21 @@ def validate(config: Config) -> None:
     if config.model.width < 1:
         raise ConfigError(f"model.width: expected an int >= 1, got {config.model.width}")
     _validate_services(config.services)
+
+
+def _validate_mnist1d(m: Mnist1dConfig) -> None:
+    for key in ("num_samples", "template_len", "final_seq_length"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"data.mnist1d.{key}: expected an int >= 1, got {getattr(m, key)}")
+    if not 0.0 < m.train_split < 1.0:
+        raise ConfigError(f"data.mnist1d.train_split: expected a float in (0, 1), got {m.train_split}")
+    if len(m.padding) != 2 or not 0 <= m.padding[0] <= m.padding[1]:
+        raise ConfigError(f"data.mnist1d.padding: expected [low, high] with 0 <= low <= high, got {m.padding}")
+    for key in ("scale_coeff", "corr_noise_scale", "iid_noise_scale", "shear_scale"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"data.mnist1d.{key}: expected a float >= 0, got {getattr(m, key)}")
+    if m.max_translation < 0:
+        raise ConfigError(f"data.mnist1d.max_translation: expected an int >= 0, got {m.max_translation}")
 
 
 def _validate_services(svc: ServicesConfig) -> None:
