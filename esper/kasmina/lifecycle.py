@@ -230,6 +230,20 @@ def contribution_gate(
     return None
 
 
+def min_lifecycle_epochs(cfg: LifecycleConfig, steps_per_epoch: int) -> int:
+    """Fewest epochs from germination (at an epoch boundary) to the FOSSILIZED verdict.
+
+    The step gates take at least training_min_steps + grafting_steps + stabilization_steps steps,
+    which end inside the k-th epoch after germination. Epoch counters advance before the gates
+    look at them, so EVALUATING is measured at the boundary of that epoch when
+    evaluation_epochs <= 1 (max(1, n) - 1 boundaries later in general), and FINE_TUNING reaches its
+    verdict max(1, fine_tuning_epochs) boundaries after it starts.
+    """
+    step_epochs = math.ceil((cfg.training_min_steps + cfg.grafting_steps + cfg.stabilization_steps)
+                            / max(1, steps_per_epoch))
+    return step_epochs + max(1, cfg.evaluation_epochs) - 1 + max(1, cfg.fine_tuning_epochs)
+
+
 def needs_contribution(state: S, epochs_in_state: int, cfg: LifecycleConfig) -> bool:
     """Whether the epoch-end gate of this seed needs a counterfactual measurement now."""
     if state == S.EVALUATING:
