@@ -157,6 +157,12 @@ class LifecycleConfig:
     min_contribution_per_site: dict[str, float] = field(default_factory=dict)
     embargo_epochs: int = 2
     germination_timeout_epochs: int = 3
+    # Counterfactual measurement (esper.kasmina.counterfactual): on the first N validation samples
+    # (a fixed subset; 0 = the whole split), each side after `refit_steps` host training steps at
+    # the base learning rate, so that co-adaptation of the host is not credited to the seed
+    # (0 = the plain alpha=0 counterfactual). Its compute counts as growth overhead.
+    counterfactual_samples: int = 512
+    refit_steps: int = 10
 
 
 @dataclass
@@ -378,6 +384,9 @@ def validate(config: Config) -> None:
         if value < 1:
             raise ConfigError(f"{key}: expected an int >= 1, got {value}")
     _validate_mnist1d(config.data.mnist1d)
+    for key in ("counterfactual_samples", "refit_steps"):
+        if getattr(config.lifecycle, key) < 0:
+            raise ConfigError(f"lifecycle.{key}: expected an int >= 0, got {getattr(config.lifecycle, key)}")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: expected a float in (0, 1), got {config.data.val_fraction}")
     if config.optim.lr <= 0:

@@ -105,6 +105,10 @@ class Morphogenesis:
         # The same policy and rails Tamiyo builds from this run's policy config.
         self.controller = policy_settings_from_mapping(policy_config(cfg)).controller(flops_initial)
         self.steps_per_epoch = 1
+        # Steps of the whole run (set by the trainer; 0 = unknown): germinations whose lifecycle
+        # cannot reach a verdict in the steps left are refused (see LifecycleDriver.can_finish).
+        self.total_steps = 0
+        self.refused: list[dict[str, Any]] = []
         self._adaptations: list[dict[str, Any]] = []
         self._timeline: list[dict[str, Any]] = [
             {"slot": f"{name}[{i}]", "epoch": 0.0, "state": int(S.DORMANT)}
@@ -217,6 +221,11 @@ class Morphogenesis:
             return
         layer = self.driver.site(d.layer_name)
         if action == common_pb2.DECISION_ACTION_GERMINATE:
+            steps_left = self.total_steps - self.driver.global_step
+            if self.total_steps and not self.driver.can_finish(steps_left, self.steps_per_epoch):
+                self.refused.append({"epoch": epoch, "layer": d.layer_name, "seed": d.seed_index,
+                                     "blueprint": d.blueprint_id, "steps_left": steps_left})
+                return
             self._adaptations.append({
                 "epoch": epoch, "layer": d.layer_name, "seed": d.seed_index, "blueprint": d.blueprint_id,
                 "outcome": "pending", "contribution": None, "decision": d.reason, "reason": "",

@@ -148,6 +148,10 @@ class Trainer:
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.governor = Governor(cfg.governor)
+        from esper.tolaria.counterfactual import build_counterfactual
+
+        self.morph.total_steps = self.total_steps
+        self.morph.driver.counterfactual = build_counterfactual(self)
         if self.payload is not None:
             self._restore(self.payload)
 
