@@ -339,9 +339,16 @@ def execute(plan: ParetoPlan, base: dict[str, Any], jobs: int, echo=print) -> di
     """Runs every ready job until the plan is complete; returns all results."""
     workdir = Path(base["workdir"])
     results = load_results(workdir)
+    tuning = set(plan.tuning)
+
+    def order(job: Job) -> tuple:
+        # Tuning runs first (they unlock the rest), then seed by seed, so that a protocol stopped
+        # early holds complete seeds across arms rather than complete arms over some seeds.
+        return (job.seed not in tuning, job.seed, job.arm)
+
     if jobs <= 1:
         while ready := plan.ready(results):
-            job = ready[0]
+            job = min(ready, key=order)
             results[job.key] = run_job(job, base)
             echo(_progress(job, results[job.key], results, plan))
         return results
@@ -349,7 +356,7 @@ def execute(plan: ParetoPlan, base: dict[str, Any], jobs: int, echo=print) -> di
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         while True:
             busy = {j.key for j in in_flight.values()}
-            for job in plan.ready(results):
+            for job in sorted(plan.ready(results), key=order):
                 if job.key not in busy and len(in_flight) < 2 * jobs:
                     in_flight[pool.submit(run_job, job, base)] = job
                     busy.add(job.key)

@@ -42,7 +42,10 @@ def paired(a: list[float], b: list[float]) -> dict[str, float]:
     if len(diffs) > 1:
         from scipy import stats
 
-        p = 1.0 if all(d == diffs[0] for d in diffs) and diffs[0] == 0 else float(stats.ttest_rel(a, b).pvalue)
+        if all(d == diffs[0] for d in diffs):  # no spread: the t statistic is undefined
+            p = 1.0 if diffs[0] == 0 else 0.0
+        else:
+            p = float(stats.ttest_rel(a, b).pvalue)
     out["p_value"] = p
     return out
 
