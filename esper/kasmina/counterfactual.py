@@ -64,7 +64,7 @@ class RefitCounterfactual:
             return
         tensors = [t for _, t in self.model.named_parameters()] + [b for _, b in self.model.named_buffers()]
         saved = [t.detach().clone() for t in tensors]
-        opt_state = copy.deepcopy(self.optimizer.state_dict()) if self.optimizer is not None else None
+        opt_saved = self._optimizer_snapshot()
         was_training = self.model.training
         try:
             for k in range(self.refit_steps):
@@ -74,9 +74,36 @@ class RefitCounterfactual:
             with torch.no_grad():
                 for t, s in zip(tensors, saved, strict=True):
                     t.copy_(s)
-            if self.optimizer is not None:
-                self.optimizer.load_state_dict(opt_state)
+            self._optimizer_restore(opt_saved)
             self.model.train(was_training)
+
+    def _optimizer_snapshot(self):
+        """Clones of the optimizer's per-parameter state and group settings (a deepcopy of
+        `state_dict()` costs several times more: it copies every key and rebuilds the index map)."""
+        if self.optimizer is None:
+            return None
+        state = {p: {k: v.clone() if torch.is_tensor(v) else copy.copy(v) for k, v in st.items()}
+                 for p, st in self.optimizer.state.items()}
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        return state, groups
+
+    def _optimizer_restore(self, saved) -> None:
+        if saved is None:
+            return
+        state, groups = saved
+        opt = self.optimizer
+        for p in list(opt.state):
+            if p not in state:
+                del opt.state[p]  # a slot the refit created (a parameter's first step)
+        for p, st in state.items():
+            current = opt.state[p]
+            for k, v in st.items():
+                if torch.is_tensor(v) and torch.is_tensor(current.get(k)):
+                    current[k].copy_(v)
+                else:
+                    current[k] = v
+        for group, settings in zip(opt.param_groups, groups, strict=True):
+            group.update(settings)
 
     def score_with(self) -> float:
         """Score of the model as it is (every seed on), after the refit."""

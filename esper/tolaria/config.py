@@ -161,8 +161,8 @@ class LifecycleConfig:
     # (a fixed subset; 0 = the whole split), each side after `refit_steps` host training steps at
     # the base learning rate, so that co-adaptation of the host is not credited to the seed
     # (0 = the plain alpha=0 counterfactual). Its compute counts as growth overhead.
-    counterfactual_samples: int = 512
-    refit_steps: int = 10
+    counterfactual_samples: int = 256
+    refit_steps: int = 5
 
 
 @dataclass
