@@ -47,3 +47,10 @@ class MLP(nn.Module):
     def seed_site_names(self) -> list[str]:
         """Names of the layers a trainer would normally wrap with seeds."""
         return [f"hidden.{i}" for i in range(len(self.hidden))]
+
+    def width_pairs(self) -> list:
+        """Where width growth can add units: each hidden layer and the layer that reads it."""
+        from esper.kasmina.growth.pair import WidthPair
+
+        n = len(self.hidden)
+        return [WidthPair(f"hidden.{i}", f"hidden.{i + 1}" if i + 1 < n else "head") for i in range(n)]

@@ -81,6 +81,13 @@ class ResNetCifar(nn.Module):
         ]
 
 
+    def width_pairs(self) -> list:
+        """Where width growth can add channels: the inner width of every block (conv1 -> bn1 -> conv2)."""
+        from esper.kasmina.growth.pair import WidthPair
+
+        return [WidthPair(f"{name}.conv1", f"{name}.conv2", norm=f"{name}.bn1") for name in self.seed_site_names()]
+
+
 def resnet18_cifar(num_classes: int = 10, width: int = 64, in_channels: int = 3) -> ResNetCifar:
     """CIFAR ResNet-18 (11.2M parameters at width 64, num_classes 10)."""
     return ResNetCifar((2, 2, 2, 2), num_classes=num_classes, width=width, in_channels=in_channels)
