@@ -410,7 +410,10 @@ class KasminaLayer(nn.Module):
         if self._states[index] != S.FOSSILIZED or not getattr(module, "blends_elsewhere", False):
             raise RuntimeError(f"{self._where(index)}: only a FOSSILIZED width seed can be released after a "
                                f"merge (state {self._states[index].name}, module {type(module).__name__})")
-        return self._enter(index, S.DORMANT, reason)
+        telemetry = self.table.telemetry[index].clone()  # still describes the (now wider) host site
+        event = self._enter(index, S.DORMANT, reason)
+        self.table.telemetry[index].copy_(telemetry)
+        return event
 
     def set_host(self, module: nn.Module) -> None:
         """Replace the host module by a resized one (width growth merged into it)."""
