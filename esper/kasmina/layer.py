@@ -197,8 +197,9 @@ class KasminaLayer(nn.Module):
         self._kernel_ids: dict[int, str] = {}
         self._blueprint_ids: list[str] = []
         self._probe = False
-        # Seed modules built by something other than a blueprint (e.g. width seeds), by spec family.
-        self.seed_builders: dict[str, Callable[[BlueprintSpec], nn.Module]] = {}
+        # Seed modules built by something other than a blueprint (e.g. width seeds), by spec family:
+        # builder(spec, slot index) -> module.
+        self.seed_builders: dict[str, Callable[[BlueprintSpec, int], nn.Module]] = {}
         self._sync_mirrors()
         self._register_load_state_dict_pre_hook(self._before_load)
         self.register_load_state_dict_post_hook(KasminaLayer._after_load)
@@ -366,7 +367,7 @@ class KasminaLayer(nn.Module):
         check_transition(self._states[index], S.TRAINING, self._where(index))
         spec = self._specs[index]
         if module is None:
-            module = self._build(spec)
+            module = self._build(spec, index)
         else:
             module = module.to(device=self.table.state.device, dtype=self._dtype())
         if kernel_id:
@@ -583,9 +584,9 @@ class KasminaLayer(nn.Module):
         reference = next(self.host.parameters(), None)
         return reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
 
-    def _build(self, spec: BlueprintSpec) -> nn.Module:
+    def _build(self, spec: BlueprintSpec, index: int) -> nn.Module:
         if spec.family in self.seed_builders:
-            return self.seed_builders[spec.family](spec)
+            return self.seed_builders[spec.family](spec, index)
         shape = (-1, self.chunk_size) + (1,) * self.spatial_dims
         return build_seed_module(spec, self.chunk_size, shape, self._dtype(), self.table.state.device)
 
@@ -627,7 +628,7 @@ class KasminaLayer(nn.Module):
             if current is None or getattr(current, "blueprint_id", None) != specs[i].blueprint_id:
                 if current is not None:
                     self._drop_module(str(i))
-                self.seeds[str(i)] = self._build(specs[i])
+                self.seeds[str(i)] = self._build(specs[i], i)
 
     @staticmethod
     def _after_load(module: KasminaLayer, incompatible_keys) -> None:

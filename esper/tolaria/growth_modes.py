@@ -67,7 +67,7 @@ class RunGrowth:
                                     unit_flops=flops, available=not self.width.blocked(site))
 
     def germinate(self, decision: common_pb2.AdaptationDecision) -> int:
-        """Plants the width seed a decision asks for; returns the samples its statistics pass used."""
+        """Plants the width seed a decision asks for; returns its statistics pass's cost in forward passes."""
         site = decision.layer_name
         units = int(decision.growth_units) or units_to_add(self.cfg, self.width.width_at(site))
         init = decision.growth_init or self.cfg.init

@@ -243,8 +243,7 @@ class Morphogenesis:
                 if self.growth is None:
                     raise ConfigError(f"growth.modes: the controller asked for width growth at {d.layer_name}, "
                                       "but width is not an allowed mode or the model has no width pairs")
-                samples = self.growth.germinate(d)
-                flops = 3.0 * self.eval_flops_per_sample() * samples
+                flops = self.eval_flops_per_sample() * self.growth.germinate(d)
             elif self.germinate_hook is not None:
                 self.germinate_hook(layer, d)
             else:

@@ -133,20 +133,13 @@ class WidthGrowth:
 
     # ------------------------------------------------------------ lifecycle
 
-    def _build(self, site: str, layer: KasminaLayer, spec: BlueprintSpec) -> WidthSeed:
+    def _build(self, site: str, layer: KasminaLayer, spec: BlueprintSpec, index: int) -> WidthSeed:
         pair = self.pairs[site]
         if _tag(spec, "pair") != pair.key:
             raise ValueError(f"width seed at {site} was grown for pair {_tag(spec, 'pair')}, expected {pair.key}")
         seed = WidthSeed(pair, pair_modules(self.model, pair), int(_tag(spec, "units")))
-        self._attach(site, layer, self._slot_of(layer, spec), seed)
+        self._attach(site, layer, index, seed)
         return seed
-
-    @staticmethod
-    def _slot_of(layer: KasminaLayer, spec: BlueprintSpec) -> int:
-        for i in range(layer.num_seeds):
-            if layer.blueprint_of(i) is spec or layer.blueprint_of(i) == spec:
-                return i
-        return 0
 
     def _attach(self, site: str, layer: KasminaLayer, index: int, seed: WidthSeed) -> None:
         hooks = WidthHooks(self.model, seed.pair, seed, _lifecycle_blend(layer, index))
@@ -164,8 +157,8 @@ class WidthGrowth:
                   generator: torch.Generator | None = None) -> int:
         """Plants an initialised width seed of `units` units in slot `index` of `site` (-> TRAINING).
 
-        The statistics pass (GradMax, TINY) runs on `batches()`; returns the number of samples it
-        forwarded and back-propagated, for FLOP accounting. With `optimizer`, the seed parameters'
+        The statistics pass (GradMax, TINY) runs on `batches()`; returns its cost in single-sample
+        forward passes of the model (a forward+backward counts 3), for FLOP accounting. With `optimizer`, the seed parameters'
         state is prepared per `fill` (they join the optimizer as a new group afterwards).
         """
         if init not in INITS:
@@ -179,17 +172,17 @@ class WidthGrowth:
         layer = self._layer(site)
         mods = pair_modules(self.model, pair)
         seed = WidthSeed(pair, mods, units)
-        samples = 0
+        passes = 0
         if init == "random":
             random_init(seed, mods, generator)
         else:
             data = list(batches())
             stats = capture_statistics(self.model, pair, data, loss_fn)
-            samples = stats.samples
+            passes = 3 * stats.samples  # forward + backward ~ 3 forward passes
             if init == "gradmax":
                 gradmax_init(seed, mods, stats, generator)
             else:
-                samples += stats.samples * len(TINY_SCALES)  # forward-only line search
+                passes += stats.samples * len(TINY_SCALES)  # the line search: forward only
                 tiny_init(seed, mods, stats, functools.partial(self._loss_with, pair, data, loss_fn), generator)
         layer.germinate(index, width_spec(pair, units, init), module=seed, reason=reason)
         self._attach(site, layer, index, seed)
@@ -201,7 +194,7 @@ class WidthGrowth:
             for name, p in seed.named_parameters():
                 if host.get(name) is not None:
                     fill_new_parameter(optimizer, p, host[name], fill)
-        return samples
+        return passes
 
     def _loss_with(self, pair: WidthPair, data: list, loss_fn: LossFn, seed: WidthSeed) -> float:
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
