@@ -70,6 +70,8 @@ class RunGrowth:
         """Plants the width seed a decision asks for; returns its statistics pass's cost in forward passes."""
         site = decision.layer_name
         units = int(decision.growth_units) or units_to_add(self.cfg, self.width.width_at(site))
+        step = self.width.unit_step(site)
+        units = max(step, units - units % step)
         init = decision.growth_init or self.cfg.init
         batches = self.batches
         limit = self.cfg.statistics_batches

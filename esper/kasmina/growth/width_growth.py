@@ -170,6 +170,10 @@ class WidthGrowth:
             raise RuntimeError(f"cannot grow width at {site}: {why}")
         pair = self.pairs[site]
         layer = self._layer(site)
+        step = self.unit_step(site)
+        if units % step:
+            raise ValueError(f"width growth at {site}: {units} units; expected a multiple of {step} "
+                             f"(the site's {layer.num_seeds} seed slots split its units evenly)")
         mods = pair_modules(self.model, pair)
         seed = WidthSeed(pair, mods, units)
         passes = 0
@@ -212,13 +216,20 @@ class WidthGrowth:
         return total / max(1, count)
 
     def merge_fossilized(self, optimizer: torch.optim.Optimizer | None = None, fill: str = "zero") -> list[tuple[str, int, int]]:
-        """Merges every FOSSILIZED width seed into its host; returns (site, slot, units) merged."""
+        """Merges every FOSSILIZED width seed into its host; returns (site, slot, units) merged.
+
+        A merge that would change a site's width while a residual seed of that site is running
+        (built for the old width) waits: the width seed keeps working as a seed until then.
+        """
         done = []
         for (site, index), hooks in list(self._hooks.items()):
             layer = self._layer(site)
             if layer.state_of(index) != S.FOSSILIZED:
                 continue
             seed = hooks.seed
+            if self._resizes_site(layer, seed.pair) and any(
+                    i != index and layer.state_of(i) in ACTIVE_STATES for i in range(layer.num_seeds)):
+                continue  # a residual seed there was built for the current width: stay a seed for now
             merge_width_seed(self.model, seed.pair, seed, optimizer, fill)
             self.merged.append((seed.pair.key, seed.units))
             layer.release_merged(index, f"merged into the host: {seed.pair.key} is now "
@@ -227,6 +238,14 @@ class WidthGrowth:
         for hooks in self._hooks.values():
             hooks.install()  # a merge may have replaced a module another seed hooks into
         return done
+
+    def unit_step(self, site: str) -> int:
+        """Units must come in multiples of this at `site` (its slots split the producer's units)."""
+        layer = self._layer(site)
+        return layer.num_seeds if self._resizes_site(layer, self.pairs[site]) else 1
+
+    def _resizes_site(self, layer: KasminaLayer, pair: WidthPair) -> bool:
+        return pair_modules(self.model, pair).producer is layer.host
 
     def restore(self, merged: list) -> None:
         """Re-applies recorded merges to a freshly built host (zero weights; the checkpoint fills them)."""

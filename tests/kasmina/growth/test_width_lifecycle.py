@@ -139,3 +139,22 @@ def test_conv_width_seed_inserts_exactly_in_a_wrapped_cnn():
     growth.merge_fossilized()
     assert model.convs[1].host.out_channels == 6 and model.norms[1].num_features == 6
     assert (model(x) - grown).abs().max() <= 1e-5
+
+
+def test_merge_waits_while_a_residual_seed_runs_at_the_site():
+    torch.manual_seed(0)
+    model = wrap(MLP(16, hidden=4, num_classes=6, depth=1), ["hidden.0"], seeds_per_layer=2)
+    growth = WidthGrowth(model, model.width_pairs(), seed_sites(model), (16,))
+    layer = dict(seed_sites(model))["hidden.0"]
+    data = _batches()
+    growth.germinate("hidden.0", 0, 2, "gradmax", lambda: data, F.cross_entropy)
+    assert growth.blocked("hidden.0")  # no second width seed at a site with one in flight
+    layer.germinate(1, "residual_mlp")
+    _walk_to(layer, 0, S.FOSSILIZED)
+    x, _ = data[0]
+    grown = model(x).detach()
+    assert growth.merge_fossilized() == []
+    assert layer.state_of(0) == S.FOSSILIZED and torch.equal(model(x), grown)
+    layer.cull(1, "test")
+    assert growth.merge_fossilized() == [("hidden.0", 0, 2)]
+    assert layer.channels == 6 and (model(x) - grown).abs().max() <= 1e-6
