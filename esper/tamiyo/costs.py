@@ -71,8 +71,18 @@ def units_that_fit(node: common_pb2.GraphNode, wanted: int, params_left: float, 
     return max(0, min(limits))
 
 
+def depth_cost(node: common_pb2.GraphNode) -> SiteCost | None:
+    """Cost of one more block after the node (None: no depth growth possible there)."""
+    d = node.deepen
+    if not node.HasField("deepen") or not d.available:
+        return None
+    return SiteCost("depth", int(d.block_parameters), int(d.block_flops), -2)
+
+
 def decision_cost(node: common_pb2.GraphNode, decision: common_pb2.AdaptationDecision) -> SiteCost | None:
     """What a germination decision costs at its node, whatever its growth mode."""
     if decision.growth_mode == common_pb2.GROWTH_MODE_WIDTH:
         return width_cost(node, int(decision.growth_units))
+    if decision.growth_mode == common_pb2.GROWTH_MODE_DEPTH:
+        return depth_cost(node)
     return cost_of(node, decision.blueprint_id)

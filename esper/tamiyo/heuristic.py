@@ -6,8 +6,8 @@
    need = gradient norm relative to the mean over candidate sites (the loss is most sensitive
    there) + dead fraction (capacity the host has lost there). Ties go to the shallower site.
 3. How (growth mode) and what: every option allowed by `growth_modes` that fits the budget left --
-   each blueprint ("branch"), and `width_units` (or `width_factor` x the current units, shrunk to
-   fit the budget) new units ("width") -- is scored by expected gain per FLOP, with the prior
+   each blueprint ("branch"), `width_units` (or `width_factor` x the current units, shrunk to
+   fit the budget) new units ("width"), one identity block after the site ("depth") -- is scored by expected gain per FLOP, with the prior
    gain = need x sqrt(added parameters) (returns diminish with size; it is a prior, not a
    measurement). Width is chosen outright where the telemetry shows the layer is a bottleneck
    that no branch on its output can fix: *narrow* (fewer units than both the features each unit
@@ -23,7 +23,7 @@ from esper.lifecycle import SeedLifecycleState as S
 import math
 
 from esper.kasmina.growth.config import GrowthConfig, units_to_add
-from esper.tamiyo.costs import SiteCost, blueprint_costs_at, budget_left, units_that_fit, width_cost
+from esper.tamiyo.costs import SiteCost, blueprint_costs_at, budget_left, depth_cost, units_that_fit, width_cost
 from esper.tamiyo.policy import (
     Action,
     AdaptationDecision,
@@ -36,6 +36,8 @@ from esper.tamiyo.policy import (
 from esper.v1 import common_pb2
 
 VERSION = "heuristic/2"
+MODE_ENUM = {"branch": common_pb2.GROWTH_MODE_BRANCH, "width": common_pb2.GROWTH_MODE_WIDTH,
+             "depth": common_pb2.GROWTH_MODE_DEPTH}
 SATURATED_DEAD_FRACTION = 0.5
 
 
@@ -89,7 +91,7 @@ class HeuristicPolicy:
             mode, cost, units, because = choice
             self.decisions_made += 1
             t = node.seed.telemetry
-            what = f"{units} new units" if mode == "width" else cost.blueprint_id
+            what = {"width": f"{units} new units", "depth": "a new block"}.get(mode, cost.blueprint_id)
             return [make_decision(
                 Action.DECISION_ACTION_GERMINATE,
                 f"{why}; site {node.layer_name}[{node.seed.seed_index}] has the worst health "
@@ -99,7 +101,7 @@ class HeuristicPolicy:
                 VERSION, layer=node.layer_name, seed=node.seed.seed_index,
                 blueprint=cost.blueprint_id if mode == "branch" else "",
                 confidence=min(1.0, 0.5 + 0.5 * need(node) / max(1.0, len(candidates))),
-                growth_mode=common_pb2.GROWTH_MODE_WIDTH if mode == "width" else common_pb2.GROWTH_MODE_BRANCH,
+                growth_mode=MODE_ENUM[mode],
                 growth_units=units,
             )]
         return [wait(f"{why}, but no growth option fits the budget left "
@@ -122,6 +124,10 @@ class HeuristicPolicy:
             if cost is not None and cost.flops > 0:
                 width_option = (need * math.sqrt(cost.parameters) / cost.flops, "width", cost, units)
                 options.append(width_option)
+        if "depth" in modes:
+            cost = depth_cost(node)
+            if cost is not None and 0 < cost.flops <= flops_left and cost.parameters <= params_left:
+                options.append((need * math.sqrt(cost.parameters) / cost.flops, "depth", cost, 0))
         if not options:
             return None
         if width_option is not None:

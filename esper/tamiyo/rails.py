@@ -55,7 +55,8 @@ class SafetyRails:
                 continue
             cost = decision_cost(node, d)
             if cost is None:
-                what = "width growth" if d.growth_mode == common_pb2.GROWTH_MODE_WIDTH else f"blueprint {d.blueprint_id!r}"
+                what = {common_pb2.GROWTH_MODE_WIDTH: "width growth", common_pb2.GROWTH_MODE_DEPTH: "depth growth"}.get(
+                    d.growth_mode, f"blueprint {d.blueprint_id!r}")
                 out.append(wait(f"rail: {what} does not fit {d.layer_name}", version))
                 continue
             if cost.parameters > params_left or cost.flops > flops_left:

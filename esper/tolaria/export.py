@@ -125,6 +125,8 @@ def export_run(run_dir: Path, output_dir: Path | None = None, which: str = "last
         # True when no seed runs any more: the program is a plain network (merged width included).
         "plain": plain,
         "width_growth": [{"pair": key, "units": units} for key, units in growth],
+        "depth_growth": [{"stack": stack, "init": mode}
+                         for stack, mode in (payload["morph"].get("growth") or {}).get("deepened", [])],
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "verification": {"max_abs_diff": diff, "atol": atol, "batch_sizes": [4, 7]},
         "torch": torch.__version__,

@@ -232,17 +232,18 @@ class Morphogenesis:
             return flops
         layer = self.driver.site(d.layer_name)
         if action == common_pb2.DECISION_ACTION_GERMINATE:
-            width = d.growth_mode == common_pb2.GROWTH_MODE_WIDTH
+            mode = {common_pb2.GROWTH_MODE_WIDTH: "width", common_pb2.GROWTH_MODE_DEPTH: "depth"}.get(
+                d.growth_mode, "branch")
             self._adaptations.append({
                 "epoch": epoch, "layer": d.layer_name, "seed": d.seed_index,
-                "blueprint": "width" if width else d.blueprint_id, "mode": "width" if width else "branch",
+                "blueprint": mode if mode != "branch" else d.blueprint_id, "mode": mode,
                 "outcome": "pending", "contribution": None, "decision": d.reason, "reason": "",
                 "parameters": 0,
             })
-            if width:
+            if mode != "branch":
                 if self.growth is None:
-                    raise ConfigError(f"growth.modes: the controller asked for width growth at {d.layer_name}, "
-                                      "but width is not an allowed mode or the model has no width pairs")
+                    raise ConfigError(f"growth.modes: the controller asked for {mode} growth at {d.layer_name}, "
+                                      f"but {mode} is not an allowed mode or the model cannot grow that way")
                 flops = self.eval_flops_per_sample() * self.growth.germinate(d)
             elif self.germinate_hook is not None:
                 self.germinate_hook(layer, d)
@@ -273,6 +274,9 @@ class Morphogenesis:
                 width = self.growth.width_site(name) if self.growth is not None else None
                 if width is not None:
                     node.width.CopyFrom(width)
+                deepen = self.growth.depth_site(name) if self.growth is not None else None
+                if deepen is not None:
+                    node.deepen.CopyFrom(deepen)
                 current.append(node_id)
             for src in previous:
                 for dst in current:
@@ -345,7 +349,7 @@ class Morphogenesis:
         """Forward FLOPs per sample of the model as it is now (cached per seed configuration)."""
         active = tuple((name, i, layer.state_of(i)) for name, layer in self.driver.sites
                        for i in range(layer.num_seeds) if layer.state_of(i) in ACTIVE_STATES)
-        merged = tuple(self.growth.width.merged) if self.growth is not None else ()
+        merged = self.growth.merged() if self.growth is not None else ()
         key = (active, merged)
         if self._flops_cache is None or self._flops_cache[0] != key:
             grown = active or merged
@@ -404,11 +408,14 @@ class Morphogenesis:
     def restore_structure(self, state: dict[str, Any]) -> None:
         """Rebuilds a checkpoint's grown host structure (merged width) before its weights load."""
         recorded = state.get("growth")
-        if recorded and recorded.get("merged") and self.growth is None:
-            raise ConfigError("growth.modes: the checkpoint's model grew in width; expected 'width' in growth.modes "
-                              "to resume it")
+        if recorded and (recorded.get("merged") or recorded.get("deepened")) and self.growth is None:
+            raise ConfigError("growth.modes: the checkpoint's model grew in width or depth; expected the same "
+                              "growth.modes as the run that wrote it")
         if self.growth is not None:
-            self.growth.restore_structure(recorded)
+            try:
+                self.growth.restore_structure(recorded)
+            except ValueError as exc:
+                raise ConfigError(f"growth.modes: {exc}") from None
             self.output_shapes = self._probe_output_shapes()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -632,6 +632,7 @@ class GraphNode(_message.Message):
     OUTPUT_SHAPE_FIELD_NUMBER: _builtins.int
     DEPTH_FIELD_NUMBER: _builtins.int
     WIDTH_FIELD_NUMBER: _builtins.int
+    DEEPEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     layer_name: _builtins.str
     layer_kind: _builtins.str
@@ -648,6 +649,10 @@ class GraphNode(_message.Message):
     def width(self) -> Global___WidthSite:
         """Width growth at this site (absent or units == 0: the site has no width pair)."""
 
+    @_builtins.property
+    def deepen(self) -> Global___DepthSite:
+        """Depth growth after this site (absent: no block can be added there)."""
+
     def __init__(
         self,
         *,
@@ -658,14 +663,48 @@ class GraphNode(_message.Message):
         output_shape: Global___TensorShape | None = ...,
         depth: _builtins.int = ...,
         width: Global___WidthSite | None = ...,
+        deepen: Global___DepthSite | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["output_shape", b"output_shape", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deepen", b"deepen", "output_shape", b"output_shape", "seed", b"seed", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "layer_kind", b"layer_kind", "layer_name", b"layer_name", "node_id", b"node_id", "output_shape", b"output_shape", "seed", b"seed", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepen", b"deepen", "depth", b"depth", "layer_kind", b"layer_kind", "layer_name", b"layer_name", "node_id", b"node_id", "output_shape", b"output_shape", "seed", b"seed", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GraphNode: _TypeAlias = GraphNode  # noqa: Y015
+
+@_typing.final
+class DepthSite(_message.Message):
+    """A new block after a site: what a depth seed there would add."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    BLOCK_PARAMETERS_FIELD_NUMBER: _builtins.int
+    BLOCK_FLOPS_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    blocks: _builtins.int
+    """Blocks already added after the site."""
+    block_parameters: _builtins.int
+    """Cost of one more block: parameters and forward FLOPs per sample."""
+    block_flops: _builtins.int
+    available: _builtins.bool
+    """False while a seed of the site is in flight or fossilized."""
+    def __init__(
+        self,
+        *,
+        blocks: _builtins.int = ...,
+        block_parameters: _builtins.int = ...,
+        block_flops: _builtins.int = ...,
+        available: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "block_flops", b"block_flops", "block_parameters", b"block_parameters", "blocks", b"blocks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DepthSite: _TypeAlias = DepthSite  # noqa: Y015
 
 @_typing.final
 class WidthSite(_message.Message):

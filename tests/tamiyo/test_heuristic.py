@@ -178,3 +178,16 @@ def test_compute_budget_limits_the_blueprint():
     (d,) = HeuristicPolicy(HeuristicConfig(), RailsConfig(compute_budget=cap / 1000.0), 1000.0).decide(msg)
     chosen = next(c for c in costs if c.blueprint_id == d.blueprint_id)
     assert chosen.flops <= cap
+
+
+def test_depth_growth_is_an_option_costed_by_the_rails():
+    msg = graph([1.0, 1.0, 1.0])
+    for node in msg.nodes:
+        node.deepen.CopyFrom(common_pb2.DepthSite(blocks=0, block_parameters=1056, block_flops=2048, available=True))
+    (d,) = policy(growth_modes=("depth",)).decide(msg)
+    assert d.action == GERMINATE and d.growth_mode == common_pb2.GROWTH_MODE_DEPTH and "new block" in d.reason
+    rails = SafetyRails(RailsConfig(parameter_budget=0.05), HOST_FLOPS)   # 500 params left
+    (out,) = rails.filter(msg, [d])
+    assert out.action == WAIT and "exceeds the budget" in out.reason
+    (d,) = policy(growth_modes=("depth",)).decide(graph([1.0, 1.0, 1.0]))   # no DepthSite: nothing to do
+    assert d.action == WAIT

@@ -72,3 +72,24 @@ def test_width_seed_fossilizes_merges_resumes_and_exports_plain(tmp_path):
 def test_width_mode_names_the_config_key(tmp_path):
     code = main(["--output-dir", str(tmp_path / "bad"), "--progress", "none", *NARROW, "growth.modes=[sideways]"])
     assert code == 2
+
+
+@pytest.mark.integration
+def test_depth_seed_merges_and_resumes(tmp_path):
+    depth = [o for o in NARROW if not o.startswith(("growth.", "model.width"))] + [
+        "model.width=8", "growth.modes=[depth]"]
+    out = tmp_path / "deep"
+    assert main(["--output-dir", str(out), "--progress", "none", *depth]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    merges = [e for e in events if e["to"] == "DORMANT" and "merged into the host" in e["reason"]]
+    assert len(merges) == 1 and "deepen.0 now has 1 block" in merges[0]["reason"]
+    # One more 8 -> 8 hidden layer: the parameters of a static MLP of depth 2.
+    assert summary["params_final"] == count_parameters(MLP(32, hidden=8, num_classes=10, depth=2))
+    merged_epoch = int(merges[0]["epoch"]) + 1
+    resumed = tmp_path / "deep_resumed"
+    checkpoint = out / "checkpoints" / f"epoch_{merged_epoch:04d}"
+    assert main(["--output-dir", str(resumed), "--progress", "none", "--resume", str(checkpoint), *depth]) == 0
+    assert json.loads((resumed / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]
+    manifest = export_run(out)
+    assert manifest["plain"] is True and manifest["depth_growth"] == [{"stack": "deepen.0", "init": "identity"}]
