@@ -23,28 +23,15 @@ from torch import nn
 from esper.kasmina.growth.pair import NORMS, PairModules, WidthPair
 
 
-class _ReluOpenAtZero(torch.autograd.Function):
-    """ReLU whose subgradient at exactly 0 is 1 instead of PyTorch's 0.
+def relu_open_at_zero(x: torch.Tensor) -> torch.Tensor:
+    """ReLU whose subgradient at exactly 0 is 1 instead of `torch.relu`'s 0.
 
     Both are valid subgradients; 1 lets a unit whose fan-in is all zero (GradMax insertion, where
-    the forward is exactly preserved) receive a fan-in gradient. Only the seed uses it; once
-    merged, the host's own ReLU applies (pre-activations are then no longer exactly 0).
+    the forward is exactly preserved) receive a fan-in gradient. `clamp_min`'s backward passes the
+    gradient where x >= 0, so this is one native op. Only the seed uses it; once merged, the host's
+    own ReLU applies (pre-activations are then no longer exactly 0).
     """
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp_min(0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (x >= 0).to(grad.dtype)
-
-
-def relu_open_at_zero(x: torch.Tensor) -> torch.Tensor:
-    """ReLU with subgradient 1 at 0 (see `_ReluOpenAtZero`)."""
-    return _ReluOpenAtZero.apply(x)
+    return x.clamp_min(0)
 
 
 def apply_post(z: torch.Tensor, post: str) -> torch.Tensor:
