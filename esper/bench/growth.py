@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_CONFIGS = {"digits": "configs/development.yaml", "mnist1d": "configs/mnist1d.yaml",
-                   "teacher_student": "configs/teacher_student.yaml", "cifar10": "configs/cifar10.yaml",
+                   "teacher_student": "configs/teacher_student_narrow.yaml", "cifar10": "configs/cifar10.yaml",
                    "cifar100": "configs/cifar100.yaml"}
 ARMS = ("host", "esper", "target", "target@matched")
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -197,6 +197,9 @@ class KasminaLayer(nn.Module):
         self._kernel_ids: dict[int, str] = {}
         self._blueprint_ids: list[str] = []
         self._probe = False
+        # Seed modules built by something other than a blueprint (e.g. width seeds), by spec family:
+        # builder(spec, slot index) -> module.
+        self.seed_builders: dict[str, Callable[[BlueprintSpec, int], nn.Module]] = {}
         self._sync_mirrors()
         self._register_load_state_dict_pre_hook(self._before_load)
         self.register_load_state_dict_post_hook(KasminaLayer._after_load)
@@ -223,8 +226,12 @@ class KasminaLayer(nn.Module):
                 if state not in ACTIVE_STATES:
                     pieces.append(None)
                     continue
-                x = h[:, i * c : (i + 1) * c]
                 seed = self.seeds[str(i)]
+                if getattr(seed, "blends_elsewhere", False):
+                    # A width seed adds to the consumer of this layer, not to this output.
+                    pieces.append(None)
+                    continue
+                x = h[:, i * c : (i + 1) * c]
                 if state in FROZEN_STATES:
                     with torch.no_grad():
                         s = seed(x.detach())
@@ -235,10 +242,11 @@ class KasminaLayer(nn.Module):
                 else:
                     s = seed(x)
                 pieces.append(s)
-            template = next(p for p in pieces if p is not None)
-            filled = [p if p is not None else template.new_zeros(template.shape) for p in pieces]
-            seed_out = filled[0] if len(filled) == 1 else torch.cat(filled, dim=1)
-            out = ops.seed_blend(h, seed_out.to(h.dtype), self.table.state, self.table.alpha)
+            template = next((p for p in pieces if p is not None), None)
+            if template is not None:
+                filled = [p if p is not None else template.new_zeros(template.shape) for p in pieces]
+                seed_out = filled[0] if len(filled) == 1 else torch.cat(filled, dim=1)
+                out = ops.seed_blend(h, seed_out.to(h.dtype), self.table.state, self.table.alpha)
         if self.training:
             with torch.no_grad():
                 ops.telemetry_accumulate_(h.detach(), self.table.telemetry, self.dead_threshold)
@@ -342,7 +350,8 @@ class KasminaLayer(nn.Module):
         index = self._check_index(seed_index)
         spec = get_blueprint(spec_or_id) if isinstance(spec_or_id, str) else spec_or_id
         check_transition(self._states[index], S.GERMINATED, self._where(index))
-        validate_blueprint(spec, self.chunk_size, self.input_kind)
+        if spec.family not in self.seed_builders:
+            validate_blueprint(spec, self.chunk_size, self.input_kind)
         self._specs[index] = spec
         self._kernel_ids[index] = kernel_id
         if spec.blueprint_id not in self._blueprint_ids:
@@ -358,7 +367,7 @@ class KasminaLayer(nn.Module):
         check_transition(self._states[index], S.TRAINING, self._where(index))
         spec = self._specs[index]
         if module is None:
-            module = self._build(spec)
+            module = self._build(spec, index)
         else:
             module = module.to(device=self.table.state.device, dtype=self._dtype())
         if kernel_id:
@@ -389,6 +398,46 @@ class KasminaLayer(nn.Module):
         check_transition(from_state, to_state, self._where(index))
         if to_state == S.TRAINING and str(index) not in self.seeds:
             raise RuntimeError(f"{self._where(index)}: cannot enter TRAINING without a seed module (attach_kernel)")
+        return self._enter(index, to_state, reason)
+
+    def release_merged(self, seed_index: int, reason: str) -> LifecycleEvent:
+        """FOSSILIZED -> DORMANT for a seed whose units were merged into the host (width growth).
+
+        The only way out of FOSSILIZED: the seed no longer exists as a seed (its capacity is now
+        plain host weights), so the slot is free for the next growth. Raises for any other seed.
+        """
+        index = self._check_index(seed_index)
+        module = self._module_of(index)
+        if self._states[index] != S.FOSSILIZED or not getattr(module, "blends_elsewhere", False):
+            raise RuntimeError(f"{self._where(index)}: only a FOSSILIZED width seed can be released after a "
+                               f"merge (state {self._states[index].name}, module {type(module).__name__})")
+        telemetry = self.table.telemetry[index].clone()  # still describes the (now wider) host site
+        event = self._enter(index, S.DORMANT, reason)
+        self.table.telemetry[index].copy_(telemetry)
+        return event
+
+    def set_host(self, module: nn.Module) -> None:
+        """Replace the host module by a resized one (width growth merged into it)."""
+        channels = infer_channels(module)
+        if channels is None or channels % self.num_seeds:
+            raise ValueError(f"layer {self.layer_name!r}: new host must have output channels divisible by "
+                             f"{self.num_seeds} seeds, got {channels}")
+        if channels != self.channels and any(s in ACTIVE_STATES and not getattr(self._module_of(i), "blends_elsewhere", False)
+                                             for i, s in enumerate(self._states)):
+            raise RuntimeError(f"layer {self.layer_name!r}: cannot resize the host from {self.channels} to {channels} "
+                               "channels while a residual seed is active on it")
+        self.host = module
+        self.channels = channels
+        self.chunk_size = channels // self.num_seeds
+
+    def _drop_module(self, key: str) -> None:
+        release = getattr(self.seeds[key], "release", None)
+        if release is not None:
+            release()
+        del self.seeds[key]
+
+    def _enter(self, index: int, to_state: S, reason: str) -> LifecycleEvent:
+        from_state = self._states[index]
         table = self.table
         if to_state == S.GRAFTING:
             table.alpha[index] = 0.0
@@ -397,7 +446,7 @@ class KasminaLayer(nn.Module):
         elif to_state in (S.CULLED, S.CANCELLED, S.ROLLED_BACK, S.DORMANT):
             table.alpha[index] = 0.0
             if str(index) in self.seeds:
-                del self.seeds[str(index)]
+                self._drop_module(str(index))
         if to_state == S.TRAINING:
             table.alignment[index] = 0.0
         if to_state == S.CULLED:
@@ -535,7 +584,9 @@ class KasminaLayer(nn.Module):
         reference = next(self.host.parameters(), None)
         return reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
 
-    def _build(self, spec: BlueprintSpec) -> nn.Module:
+    def _build(self, spec: BlueprintSpec, index: int) -> nn.Module:
+        if spec.family in self.seed_builders:
+            return self.seed_builders[spec.family](spec, index)
         shape = (-1, self.chunk_size) + (1,) * self.spatial_dims
         return build_seed_module(spec, self.chunk_size, shape, self._dtype(), self.table.state.device)
 
@@ -571,11 +622,13 @@ class KasminaLayer(nn.Module):
         }
         for key in list(self.seeds.keys()):
             if int(key) not in wanted:
-                del self.seeds[key]
+                self._drop_module(key)
         for i in sorted(wanted):
             current = self._module_of(i)
             if current is None or getattr(current, "blueprint_id", None) != specs[i].blueprint_id:
-                self.seeds[str(i)] = self._build(specs[i])
+                if current is not None:
+                    self._drop_module(str(i))
+                self.seeds[str(i)] = self._build(specs[i], i)
 
     @staticmethod
     def _after_load(module: KasminaLayer, incompatible_keys) -> None:

@@ -1,4 +1,5 @@
-"""Blueprint costs at a graph node and the growth budget left, shared by policies and rails."""
+"""Costs of growth options at a graph node (blueprints, width units) and the budget left, shared
+by policies and rails."""
 
 from __future__ import annotations
 
@@ -49,3 +50,39 @@ def budget_left(signals: common_pb2.TrainingSignals, rails: RailsConfig, host_fl
     params = signals.parameter_budget_left * rails.parameter_budget * signals.initial_parameter_count
     flops = signals.compute_budget_left * rails.compute_budget * host_flops
     return params, flops
+
+
+def width_cost(node: common_pb2.GraphNode, units: int) -> SiteCost | None:
+    """Cost of adding `units` units at the node's width pair (None: no width growth possible there)."""
+    w = node.width
+    if not node.HasField("width") or w.units <= 0 or not w.available or units < 1:
+        return None
+    return SiteCost("width", int(units * w.unit_parameters), int(units * w.unit_flops), -1)
+
+
+def units_that_fit(node: common_pb2.GraphNode, wanted: int, params_left: float, flops_left: float) -> int:
+    """The largest number of units <= `wanted` whose cost fits the budget left (0 if none)."""
+    w = node.width
+    limits = [wanted]
+    if w.unit_parameters > 0:
+        limits.append(int(params_left // w.unit_parameters))
+    if w.unit_flops > 0:
+        limits.append(int(flops_left // w.unit_flops))
+    return max(0, min(limits))
+
+
+def depth_cost(node: common_pb2.GraphNode) -> SiteCost | None:
+    """Cost of one more block after the node (None: no depth growth possible there)."""
+    d = node.deepen
+    if not node.HasField("deepen") or not d.available:
+        return None
+    return SiteCost("depth", int(d.block_parameters), int(d.block_flops), -2)
+
+
+def decision_cost(node: common_pb2.GraphNode, decision: common_pb2.AdaptationDecision) -> SiteCost | None:
+    """What a germination decision costs at its node, whatever its growth mode."""
+    if decision.growth_mode == common_pb2.GROWTH_MODE_WIDTH:
+        return width_cost(node, int(decision.growth_units))
+    if decision.growth_mode == common_pb2.GROWTH_MODE_DEPTH:
+        return depth_cost(node)
+    return cost_of(node, decision.blueprint_id)

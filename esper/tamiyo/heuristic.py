@@ -1,12 +1,17 @@
-"""The heuristic Tamiyo policy: grow on a plateau, at the least healthy site, within budget.
+"""The heuristic Tamiyo policy: grow on a plateau, at the least healthy site, by gain per FLOP.
 
 1. Wait until `start_epoch`, and (unless `grow_without_plateau`) until validation loss plateaus:
    its relative improvement over the last `plateau_window` epochs is below `plateau_threshold`.
 2. Where: among DORMANT, non-embargoed seed slots, the one with the worst health from telemetry:
    need = gradient norm relative to the mean over candidate sites (the loss is most sensitive
    there) + dead fraction (capacity the host has lost there). Ties go to the shallower site.
-3. What: among the allowed blueprints that fit the site's input kind and chunk size, the one with
-   the most parameters whose parameter count and FLOPs fit the budget left.
+3. How (growth mode) and what: every option allowed by `growth_modes` that fits the budget left --
+   each blueprint ("branch"), `width_units` (or `width_factor` x the current units, shrunk to
+   fit the budget) new units ("width"), one identity block after the site ("depth") -- is scored by expected gain per FLOP, with the prior
+   gain = need x sqrt(added parameters) (returns diminish with size; it is a prior, not a
+   measurement). Width is chosen outright where the telemetry shows the layer is a bottleneck
+   that no branch on its output can fix: *narrow* (fewer units than both the features each unit
+   reads and writes) or *saturated* (at least half its units dead).
 The safety rails (`esper.tamiyo.rails`) then apply cooldown, concurrency and budget limits.
 """
 
@@ -15,7 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 from esper.lifecycle import SeedLifecycleState as S
-from esper.tamiyo.costs import SiteCost, blueprint_costs_at, budget_left
+import math
+
+from esper.kasmina.growth.config import GrowthConfig, units_to_add
+from esper.tamiyo.costs import SiteCost, blueprint_costs_at, budget_left, depth_cost, units_that_fit, width_cost
 from esper.tamiyo.policy import (
     Action,
     AdaptationDecision,
@@ -25,8 +33,12 @@ from esper.tamiyo.policy import (
     make_decision,
     wait,
 )
+from esper.v1 import common_pb2
 
-VERSION = "heuristic/1"
+VERSION = "heuristic/2"
+MODE_ENUM = {"branch": common_pb2.GROWTH_MODE_BRANCH, "width": common_pb2.GROWTH_MODE_WIDTH,
+             "depth": common_pb2.GROWTH_MODE_DEPTH}
+SATURATED_DEAD_FRACTION = 0.5
 
 
 def plateau(history: list[float], window: int, threshold: float) -> tuple[bool, float]:
@@ -73,24 +85,61 @@ class HeuristicPolicy:
         params_left, flops_left = budget_left(sig, self.rails, self.host_flops)
         why = "plateau" if is_plateau else "growth forced by config"
         for node in sorted(candidates, key=lambda n: (-need(n), n.depth, n.seed.seed_index)):
-            costs = blueprint_costs_at(node, self.cfg.blueprints)
-            fitting = [c for c in costs if c.parameters <= params_left and c.flops <= flops_left]
-            if not fitting:
+            choice = self._choose(node, need(node), params_left, flops_left)
+            if choice is None:
                 continue
-            best: SiteCost = max(fitting, key=lambda c: (c.parameters, -c.order))
+            mode, cost, units, because = choice
             self.decisions_made += 1
             t = node.seed.telemetry
+            what = {"width": f"{units} new units", "depth": "a new block"}.get(mode, cost.blueprint_id)
             return [make_decision(
                 Action.DECISION_ACTION_GERMINATE,
                 f"{why}; site {node.layer_name}[{node.seed.seed_index}] has the worst health "
-                f"(grad norm {t.gradient_norm:.3g}, dead {t.dead_fraction:.1%}); {best.blueprint_id} "
-                f"adds {best.parameters} params, {best.flops} FLOPs/sample "
+                f"(grad norm {t.gradient_norm:.3g}, dead {t.dead_fraction:.1%}); {mode}: {what} "
+                f"({because}) adds {cost.parameters} params, {cost.flops} FLOPs/sample "
                 f"(budget left {params_left:.0f} params, {flops_left:.0f} FLOPs)",
-                VERSION, layer=node.layer_name, seed=node.seed.seed_index, blueprint=best.blueprint_id,
+                VERSION, layer=node.layer_name, seed=node.seed.seed_index,
+                blueprint=cost.blueprint_id if mode == "branch" else "",
                 confidence=min(1.0, 0.5 + 0.5 * need(node) / max(1.0, len(candidates))),
+                growth_mode=MODE_ENUM[mode],
+                growth_units=units,
             )]
-        return [wait(f"{why}, but no blueprint fits the budget left "
+        return [wait(f"{why}, but no growth option fits the budget left "
                      f"({params_left:.0f} params, {flops_left:.0f} FLOPs/sample)", VERSION)]
+
+    def _choose(self, node, need: float, params_left: float, flops_left: float
+                ) -> tuple[str, SiteCost, int, str] | None:
+        """(mode, cost, units, why) of the best option at `node`, or None if nothing fits."""
+        modes = self.cfg.growth_modes
+        options: list[tuple[float, str, SiteCost, int]] = []
+        if "branch" in modes:
+            for c in blueprint_costs_at(node, self.cfg.blueprints):
+                if c.parameters <= params_left and c.flops <= flops_left and c.flops > 0:
+                    options.append((need * math.sqrt(c.parameters) / c.flops, "branch", c, 0))
+        width_option = None
+        if "width" in modes and node.HasField("width") and node.width.available and node.width.units > 0:
+            growth = GrowthConfig(width_units=self.cfg.width_units, width_factor=self.cfg.width_factor)
+            units = units_that_fit(node, units_to_add(growth, int(node.width.units)), params_left, flops_left)
+            cost = width_cost(node, units)
+            if cost is not None and cost.flops > 0:
+                width_option = (need * math.sqrt(cost.parameters) / cost.flops, "width", cost, units)
+                options.append(width_option)
+        if "depth" in modes:
+            cost = depth_cost(node)
+            if cost is not None and 0 < cost.flops <= flops_left and cost.parameters <= params_left:
+                options.append((need * math.sqrt(cost.parameters) / cost.flops, "depth", cost, 0))
+        if not options:
+            return None
+        if width_option is not None:
+            w = node.width
+            if w.units < min(w.input_dim, w.output_dim):
+                return ("width", width_option[2], width_option[3],
+                        f"narrow: {w.units} units < min({w.input_dim} in, {w.output_dim} out)")
+            if node.seed.telemetry.dead_fraction >= SATURATED_DEAD_FRACTION:
+                return ("width", width_option[2], width_option[3],
+                        f"saturated: {node.seed.telemetry.dead_fraction:.0%} of its units dead")
+        score, mode, cost, units = max(options, key=lambda o: (o[0], o[1] == "width", -o[2].order))
+        return mode, cost, units, f"best expected gain per FLOP ({score:.3g})"
 
     def state_dict(self) -> dict[str, Any]:
         return {"decisions_made": self.decisions_made}

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from esper.kasmina.growth.config import GrowthConfig, check_growth_config
+
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
@@ -268,6 +270,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     services: ServicesConfig = field(default_factory=ServicesConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
 
 
 # Keys whose values must be one of a closed set; checked after the types.
@@ -361,11 +364,18 @@ def policy_config(cfg: Config) -> dict[str, Any]:
     mapping `esper.tamiyo.service.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
     section = dataclasses.asdict(cfg.controller)
     section["blueprints"] = list(cfg.seeds.blueprints)
+    section["growth_modes"] = list(cfg.growth.modes)
+    section["width_units"] = cfg.growth.width_units
+    section["width_factor"] = cfg.growth.width_factor
     return section
 
 
 def validate(config: Config) -> None:
     """Checks closed value sets and ranges that the types alone do not express."""
+    try:
+        check_growth_config(config.growth)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     flat = to_dict(config)
     for key, choices in _CHOICES.items():
         section, name = key.split(".")

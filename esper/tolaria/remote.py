@@ -588,7 +588,8 @@ class RemoteController:
                     self._note(f"decision {d.decision_id[:8]}: {d.layer_name}[{d.seed_index}] is "
                                f"{layer.state_of(d.seed_index).name} by now; dropped")
                     continue
-                failed = self._failed_kernel_for(layer, d.blueprint_id)
+                width = d.growth_mode == common_pb2.GROWTH_MODE_WIDTH  # built in-process, nothing to compile
+                failed = "" if width else self._failed_kernel_for(layer, d.blueprint_id)
                 if failed:
                     self._note(f"decision {d.decision_id[:8]}: {d.blueprint_id} at {d.layer_name} failed to "
                                f"compile earlier in this run ({failed}); dropped")

@@ -135,6 +135,8 @@ class Trainer:
             params_initial=self.params_initial, flops_initial=self.host_flops, enabled=self.morphogenetic,
         )
         self.model = self.morph.model
+        if self.payload is not None:
+            self.morph.restore_structure(self.payload["morph"])  # merged width, before the optimizer
         for setup in self.setup_hooks:
             setup(self)
         self.steps_per_epoch = num_train_batches(len(self.data.train), cfg.data.batch_size)
@@ -144,6 +146,9 @@ class Trainer:
             total = min(total, cfg.train.max_steps)
         self.total_steps = total
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        if self.morph.growth is not None:
+            self.morph.growth.optimizer = self.optimizer
+            self.morph.growth.batches = self._growth_batches
         self.schedule = LRSchedule(cfg.schedule, self.total_steps, self.steps_per_epoch)
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
@@ -386,7 +391,14 @@ class Trainer:
     def _account_eval(self, n: int) -> None:
         self.state.eval_flops += self.morph.eval_flops_per_sample() * n
 
+    def _growth_batches(self):
+        """Training batches for a width seed's statistics pass (its own order, no augmentation)."""
+        cfg = self.config
+        for _, x, y in train_batches(self.data, cfg.data.batch_size, cfg.train.seed + 7919, self.state.epoch):
+            yield x, y
+
     def _apply_growth(self, growth) -> None:
+        self.state.growth_flops += growth.flops
         for name in growth.removed_groups:
             remove_param_group(self.optimizer, name)
         for name, params in growth.added_groups:

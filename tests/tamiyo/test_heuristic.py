@@ -61,12 +61,16 @@ def test_grows_at_worst_health_site_on_plateau():
     assert d.layer_name == "hidden.2"  # dead units dominate when gradients are even
 
 
-def test_blueprint_is_the_largest_within_budget():
+def test_blueprint_is_the_best_gain_per_flop_within_budget():
+    import math
+
     msg = graph([1.0, 1.0, 1.0])
     costs = {c.blueprint_id: c for c in blueprint_costs_at(msg.nodes[0])}
-    biggest = max(costs.values(), key=lambda c: c.parameters)
+    best = max(costs.values(), key=lambda c: math.sqrt(c.parameters) / c.flops)
     (d,) = policy().decide(msg)
-    assert d.blueprint_id == biggest.blueprint_id
+    assert d.blueprint_id == best.blueprint_id and d.growth_mode == common_pb2.GROWTH_MODE_BRANCH
+    # Not simply the largest blueprint (the old rule, which bought parameters regardless of cost).
+    assert best.parameters < max(c.parameters for c in costs.values())
     # Budget for only the cheapest blueprint: 10_000 params * fraction left.
     cheapest = min(costs.values(), key=lambda c: c.parameters)
     frac = (cheapest.parameters + 1) / 10_000
@@ -74,6 +78,49 @@ def test_blueprint_is_the_largest_within_budget():
     assert costs[d.blueprint_id].parameters <= cheapest.parameters + 1
     (d,) = policy().decide(graph([1.0, 1.0, 1.0], params_left=0.0))
     assert d.action == WAIT and "budget" in d.reason
+
+
+def _with_width(msg, units=4, input_dim=40, output_dim=10, unit_params=51, unit_flops=100, available=True):
+    for node in msg.nodes:
+        node.width.CopyFrom(common_pb2.WidthSite(units=units, input_dim=input_dim, output_dim=output_dim,
+                                                 unit_parameters=unit_params, unit_flops=unit_flops,
+                                                 available=available))
+    return msg
+
+
+def test_width_growth_is_chosen_at_a_narrow_site():
+    (d,) = policy(growth_modes=("branch", "width")).decide(_with_width(graph([1.0, 1.0, 1.0])))
+    assert d.action == GERMINATE and d.growth_mode == common_pb2.GROWTH_MODE_WIDTH
+    assert d.growth_units == 4 and not d.blueprint_id and "narrow" in d.reason
+    (d,) = policy(growth_modes=("branch", "width"), width_units=3).decide(_with_width(graph([1.0, 1.0, 1.0])))
+    assert d.growth_units == 3
+
+
+def test_width_growth_at_a_saturated_site_and_only_when_allowed():
+    wide = dict(units=64, input_dim=40, output_dim=10)
+    msg = _with_width(graph([1.0, 1.0, 1.0], grads=(0.1, 0.1, 0.1), dead=(0.0, 0.0, 0.8)), **wide)
+    (d,) = policy(growth_modes=("branch", "width")).decide(msg)
+    assert d.layer_name == "hidden.2" and d.growth_mode == common_pb2.GROWTH_MODE_WIDTH and "saturated" in d.reason
+    (d,) = policy().decide(msg)  # default modes: branch only
+    assert d.growth_mode == common_pb2.GROWTH_MODE_BRANCH and d.blueprint_id
+    unavailable = _with_width(graph([1.0, 1.0, 1.0]), available=False)
+    (d,) = policy(growth_modes=("width",)).decide(unavailable)
+    assert d.action == WAIT
+
+
+def test_width_units_shrink_to_the_budget_and_rails_cost_them():
+    # 10_000 params * 0.01 = 100 params left: at 51 params per unit only 1 of the 4 units fits.
+    msg = _with_width(graph([1.0, 1.0, 1.0], params_left=0.01))
+    (d,) = policy(growth_modes=("width",)).decide(msg)
+    assert d.growth_mode == common_pb2.GROWTH_MODE_WIDTH and d.growth_units == 1
+    rails = SafetyRails(RailsConfig(parameter_budget=1.0), HOST_FLOPS)
+    too_big = common_pb2.AdaptationDecision(action=GERMINATE, layer_name="hidden.0", seed_index=0,
+                                            growth_mode=common_pb2.GROWTH_MODE_WIDTH, growth_units=3)
+    (out,) = rails.filter(msg, [too_big])
+    assert out.action == WAIT and "exceeds the budget" in out.reason
+    no_pair = graph([1.0, 1.0, 1.0])
+    (out,) = SafetyRails(RailsConfig(), HOST_FLOPS).filter(no_pair, [too_big])
+    assert out.action == WAIT and "width growth does not fit" in out.reason
 
 
 def test_allow_list_restricts_blueprints():
@@ -131,3 +178,16 @@ def test_compute_budget_limits_the_blueprint():
     (d,) = HeuristicPolicy(HeuristicConfig(), RailsConfig(compute_budget=cap / 1000.0), 1000.0).decide(msg)
     chosen = next(c for c in costs if c.blueprint_id == d.blueprint_id)
     assert chosen.flops <= cap
+
+
+def test_depth_growth_is_an_option_costed_by_the_rails():
+    msg = graph([1.0, 1.0, 1.0])
+    for node in msg.nodes:
+        node.deepen.CopyFrom(common_pb2.DepthSite(blocks=0, block_parameters=1056, block_flops=2048, available=True))
+    (d,) = policy(growth_modes=("depth",)).decide(msg)
+    assert d.action == GERMINATE and d.growth_mode == common_pb2.GROWTH_MODE_DEPTH and "new block" in d.reason
+    rails = SafetyRails(RailsConfig(parameter_budget=0.05), HOST_FLOPS)   # 500 params left
+    (out,) = rails.filter(msg, [d])
+    assert out.action == WAIT and "exceeds the budget" in out.reason
+    (d,) = policy(growth_modes=("depth",)).decide(graph([1.0, 1.0, 1.0]))   # no DepthSite: nothing to do
+    assert d.action == WAIT
