@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import shutil
 import sys
@@ -86,7 +87,8 @@ def run_job(job: Job, base: dict[str, Any]) -> dict[str, Any]:
     from esper.tolaria.trainer import Trainer
 
     torch.set_num_threads(1)
-    config = load_config(base["config"], [*base["overrides"], *job_overrides(job, base)])
+    esper_only = base.get("esper_overrides", []) if job.kind == ESPER else []
+    config = load_config(base["config"], [*base["overrides"], *esper_only, *job_overrides(job, base)])
     scratch = Path(base["workdir"]) / "scratch" / job.key.replace("/", "_")
     if scratch.exists():
         shutil.rmtree(scratch)
@@ -223,26 +225,26 @@ def aggregate(results: dict[str, dict[str, Any]], plan: ParetoPlan) -> dict[str,
     static = {a: s for a, s in arms.items() if s["kind"] == STATIC}
     out: dict[str, Any] = {"arms": arms, "frontier": {}, "final_width": plan.final_width(results)}
     for b in plan.budgets:
-        esper = arms.get(arm_id(ESPER, budget=b))
+        esper = arms.get(arm_id(ESPER, budget=b, label=plan.esper_label))
         if esper is None:
             continue
         best = frontier_arm(static, esper["flops"])
         same_budget = max(((s["val_acc"], a) for a, s in static.items() if s["budget"] == b), default=(None, None))[1]
         out["frontier"][f"{b:g}"] = {
-            "esper": arm_id(ESPER, budget=b),
+            "esper": arm_id(ESPER, budget=b, label=plan.esper_label),
             "frontier_arm": best,
             "vs_frontier": paired_against(esper, static[best]) if best else None,
             "same_budget_arm": same_budget,
             "vs_same_budget": paired_against(esper, static[same_budget]) if same_budget else None,
         }
     width = out["final_width"]
-    esper1 = arm_id(ESPER, budget=1.0)
+    esper1 = arm_id(ESPER, budget=1.0, label=plan.esper_label)
     target = arm_id(STATIC, width, 1.0) if width is not None else None
-    matched = arm_id(MATCHED, width) if width is not None else None
+    matched = arm_id(MATCHED, width, label=plan.esper_label) if width is not None else None
     if esper1 in arms and target in arms:
         out["target"] = {"arm": target, "vs_esper": paired_against(arms[esper1], arms[target])}
-        curve = [(arms[arm_id(ESPER, budget=b)]["flops"], arms[arm_id(ESPER, budget=b)]["test_acc"]["mean"])
-                 for b in plan.budgets if arm_id(ESPER, budget=b) in arms]
+        curve = [(arms[arm_id(ESPER, budget=b, label=plan.esper_label)]["flops"], arms[arm_id(ESPER, budget=b, label=plan.esper_label)]["test_acc"]["mean"])
+                 for b in plan.budgets if arm_id(ESPER, budget=b, label=plan.esper_label) in arms]
         reach, how = flops_to_reach(curve, arms[target]["test_acc"]["mean"])
         out["flops_to_reach"] = {
             "reference_arm": target, "reference_acc": arms[target]["test_acc"]["mean"],
@@ -315,15 +317,18 @@ def build_plan(args, config, geometry: HostGeometry) -> ParetoPlan:
     if any(lr <= 0 for lr in lr_grid) or len(set(lr_grid)) != len(lr_grid):
         raise ProtocolError(f"--lr-grid: expected distinct positive rates, got {lr_grid}")
     seeds = list(range(args.first_seed, args.first_seed + (args.seeds or 20)))
-    kinds = frozenset({STATIC, ESPER, MATCHED}) if args.only == "all" else frozenset({args.only})
+    kinds = frozenset({STATIC, ESPER, MATCHED}) if "all" in args.only else frozenset(args.only)
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", args.esper_label):
+        raise ProtocolError(f"--esper-label: expected letters, digits and _, starting with a letter; got {args.esper_label!r}")
     return ParetoPlan(widths=widths, budgets=budgets, lr_grid=lr_grid, seeds=seeds,
                       tune_seeds=args.tune_seeds or len(seeds), width_for_params=geometry.width_for_params,
-                      static_costs=geometry.costs, kinds=kinds)
+                      static_costs=geometry.costs, kinds=kinds, esper_label=args.esper_label)
 
 
-def _check_workdir(workdir: Path, fingerprint: dict[str, Any]) -> None:
-    """A workdir belongs to one protocol (config, overrides, dataset); refuse to mix runs."""
-    path = workdir / "protocol.json"
+def _check_workdir(workdir: Path, fingerprint: dict[str, Any], name: str = "protocol") -> None:
+    """A workdir belongs to one protocol (config, overrides, dataset), and an Esper label to one set
+    of Esper overrides; refuse to mix runs."""
+    path = workdir / f"{name}.json"
     if path.exists():
         stored = json.loads(path.read_text())
         if stored != fingerprint:
@@ -391,11 +396,15 @@ def run(args) -> int:
     base = {"config": config_path, "overrides": overrides, "workdir": str(workdir), "epochs": config.train.epochs,
             "warmup_epochs": config.schedule.warmup_epochs, "steps_per_epoch": geometry.steps_per_epoch}
     _check_workdir(workdir, {"config": config_path, "overrides": overrides})
+    _check_workdir(workdir, {"esper_overrides": list(args.esper_override)}, f"esper_{args.esper_label}")
+    base["esper_overrides"] = list(args.esper_override)
     start = time.perf_counter()
     results = execute(plan, base, args.jobs)
+    plan = replace(plan, kinds=frozenset({STATIC, ESPER, MATCHED}))  # report every arm that has runs
     agg = aggregate(results, plan)
     report = {
         "dataset": dataset_label(config), "config": config_path, "overrides": overrides,
+        "esper_label": plan.esper_label, "esper_overrides": list(args.esper_override),
         "model": config.model.name, "host_width": config.model.width, "widths": plan.widths,
         "budgets": plan.budgets, "lr_grid": plan.lr_grid, "seeds": plan.seeds, "tuning_seeds": plan.tuning,
         "shipped_epochs": config.train.epochs, "only": args.only, "wall_s_this_invocation": time.perf_counter() - start,
@@ -424,7 +433,11 @@ def add_arguments(p) -> None:
     g.add_argument("--lr-grid", type=float, nargs="+", help="learning rates every arm tries (default: shipped "
                    "rate, half, double; the shipped one wins ties)")
     g.add_argument("--tune-seeds", type=int, default=0, help="seed indices the rate is chosen on (default: all)")
-    g.add_argument("--only", choices=("all", STATIC, ESPER, MATCHED), default="all",
-                   help="run only these arms now (a later run with the same --workdir adds the rest)")
+    g.add_argument("--only", choices=("all", STATIC, ESPER, MATCHED), nargs="+", default=["all"],
+                   help="run only these kinds of arms now (a later run with the same --workdir adds the rest)")
+    g.add_argument("--esper-override", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for the Esper arms only (e.g. growth.modes=[width]; repeatable)")
+    g.add_argument("--esper-label", default="esper", help="name of this Esper variant's arms (an ablation "
+                   "next to the same static arms in one --workdir)")
     g.add_argument("--output", help="write <OUTPUT>.md, <OUTPUT>.png and <OUTPUT>.json")
     g.add_argument("--note", action="append", default=[], help="a line for the results file (repeatable)")

@@ -22,14 +22,17 @@ STATIC = "static"
 MATCHED = "matched"
 
 
-def arm_id(kind: str, width: int | None = None, budget: float | None = None) -> str:
-    """Stable name of an arm, used in result file names: static-w8-b0.25, esper-b1, matched-w13."""
+def arm_id(kind: str, width: int | None = None, budget: float | None = None, label: str = "esper") -> str:
+    """Stable name of an arm, used in result file names: static-w8-b0.25, esper-b1, matched-w13.
+
+    `label` names the Esper variant (its own overrides, e.g. an ablation): its arms are
+    `<label>-b1` and `matched-<label>-w13`, next to the same static arms."""
     if kind == STATIC:
         return f"static-w{width}-b{budget:g}"
     if kind == ESPER:
-        return f"esper-b{budget:g}"
+        return f"{label}-b{budget:g}"
     if kind == MATCHED:
-        return f"matched-w{width}"
+        return f"matched-w{width}" if label == "esper" else f"matched-{label}-w{width}"
     raise ValueError(f"unknown arm kind {kind!r}; expected static, esper or matched")
 
 
@@ -105,6 +108,7 @@ class ParetoPlan:
     static_costs: Any
     # Which arm kinds to plan: a subset of {static, esper, matched}.
     kinds: frozenset[str] = field(default_factory=lambda: frozenset({STATIC, ESPER, MATCHED}))
+    esper_label: str = "esper"
 
     @property
     def tuning(self) -> list[int]:
@@ -114,7 +118,7 @@ class ParetoPlan:
         """Static width of Esper's final size: closest parameter count to the mean final parameter
         count of Esper at budget 1x, at its chosen rate, over the tuning seeds (all seeds without a
         grid). Fixed once those runs exist, so later runs never move it."""
-        arm = arm_id(ESPER, budget=1.0)
+        arm = arm_id(ESPER, budget=1.0, label=self.esper_label)
         lr = self.chosen_lr(results, arm)
         if lr is None:
             return None
@@ -154,7 +158,7 @@ class ParetoPlan:
                 jobs += self._arm_jobs(results, arm, lambda lr, s, arm=arm, w=w, b=b: Job(arm, STATIC, lr, s, w, b))
         if ESPER in self.kinds:
             for b in self.budgets:
-                arm = arm_id(ESPER, budget=b)
+                arm = arm_id(ESPER, budget=b, label=self.esper_label)
                 jobs += self._arm_jobs(results, arm, lambda lr, s, arm=arm, b=b: Job(arm, ESPER, lr, s, None, b))
         if MATCHED in self.kinds:
             jobs += self._matched_jobs(results)
@@ -163,12 +167,12 @@ class ParetoPlan:
     def _matched_jobs(self, results: dict[str, dict[str, Any]]) -> list[Job]:
         """The static model of Esper's final size, stopped at each seed's Esper 1x compute."""
         width = self.final_width(results)
-        esper = arm_id(ESPER, budget=1.0)
+        esper = arm_id(ESPER, budget=1.0, label=self.esper_label)
         esper_lr = self.chosen_lr(results, esper)
         if width is None or esper_lr is None:
             return []
         fwd, batch, val, spe = self.static_costs(width)
-        arm = arm_id(MATCHED, width)
+        arm = arm_id(MATCHED, width, label=self.esper_label)
 
         def make(lr: float, s: int) -> Job | None:
             r = results.get(Job(esper, "", esper_lr, s).key)

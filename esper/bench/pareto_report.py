@@ -27,7 +27,10 @@ def to_markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"Config `{report['config']}` with overrides `{' '.join(report['overrides'])}`. "
+        f"Config `{report['config']}` with overrides `{' '.join(report['overrides'])}`"
+        + (f"; Esper arms (`{report['esper_label']}`) also `{' '.join(report['esper_overrides'])}`"
+           if report.get("esper_overrides") else "") + ". "
+        f"Static arms never grow (seed sites planted, never germinated). "
         f"{len(report['seeds'])} paired seed indices {report['seeds'][0]}..{report['seeds'][-1]}; static widths "
         f"{report['widths']}; budgets {report['budgets']} x the shipped {report['shipped_epochs']} epochs, each with "
         f"its own full schedule; learning-rate grid {report['lr_grid']} for every arm, chosen per arm on the "
@@ -106,15 +109,16 @@ def plot(report: dict[str, Any], path: Path) -> str:
     for name, a in agg["arms"].items():
         t = a["test_acc"]
         err = 0.0 if math.isnan(t["ci_high"]) else t["ci_high"] - t["mean"]
-        label = {"static": f"static width {a['width']}", "esper": "esper"}.get(a["kind"])
+        label = {"static": f"static width {a['width']}", "esper": report.get("esper_label", "esper")}.get(a["kind"])
         if label is None:
             ax.errorbar([a["flops"]], [t["mean"]], yerr=[err], fmt="s", color="black", capsize=3,
                         label=f"target@matched (width {a['width']})")
             continue
         lines.setdefault(label, []).append((a["flops"], t["mean"], err))
-    for label, pts in sorted(lines.items(), key=lambda kv: (kv[0] == "esper", kv[0])):
+    esper = report.get("esper_label", "esper")
+    for label, pts in sorted(lines.items(), key=lambda kv: (kv[0] == esper, kv[0])):
         pts.sort()
-        style = {"color": "tab:red", "linewidth": 2.2, "marker": "o"} if label == "esper" else {"marker": "."}
+        style = {"color": "tab:red", "linewidth": 2.2, "marker": "o"} if label == esper else {"marker": "."}
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3, label=label,
                     **style)
     ax.set_xscale("log")
