@@ -255,6 +255,26 @@ def aggregate(results: dict[str, dict[str, Any]], plan: ParetoPlan) -> dict[str,
         out["wall_per_flop"] = wall_per_flop_ratio(runs_of[esper1], runs_of[target])
     if esper1 in arms and matched in arms:
         out["target_matched"] = {"arm": matched, "vs_esper": paired_against(arms[esper1], arms[matched])}
+    if plan.esper_label != "esper":
+        out["ablation"] = _ablation(results, plan, arms)
+    return out
+
+
+def _ablation(results, plan: ParetoPlan, arms: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """An Esper variant (its own label) minus the default `esper` arms at each budget, paired by
+    seed, both at the variant's rate (run the variant with the default arm's chosen rate)."""
+    out = {}
+    for b in plan.budgets:
+        variant = arms.get(arm_id(ESPER, budget=b, label=plan.esper_label))
+        if variant is None:
+            continue
+        base_arm = arm_id(ESPER, budget=b)
+        runs = {s: results[k] for s in plan.seeds for k in (Job(base_arm, "", variant["lr"], s).key,) if k in results}
+        if runs:
+            base = arm_summary(runs)
+            out[f"{b:g}"] = {"variant": arm_id(ESPER, budget=b, label=plan.esper_label), "base": base_arm,
+                             "lr": variant["lr"], "base_test_acc": base["test_acc"],
+                             "variant_minus_base": paired_against(variant, base)}
     return out
 
 

@@ -87,6 +87,13 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines += ["", f"Wall time per FLOP, Esper 1x / static model of its final size 1x, per seed: geometric "
                       f"mean **{wall['geomean']:.2f}x** (range {wall['min']:.2f}..{wall['max']:.2f}, {wall['n']} "
                       "seeds; runs share a loaded machine, so single ratios are noisy)."]
+    if agg.get("ablation"):
+        lines += ["", f"## Ablation: `{report['esper_label']}` minus the default Esper arms", "",
+                  f"Esper overrides of this variant: `{' '.join(report.get('esper_overrides', []))}`; both at "
+                  "the same learning rate, paired by seed.", "",
+                  "| budget | lr | variant - esper | 95% CI | wins | p |", "|---|---|---|---|---|---|"]
+        for b, a in agg["ablation"].items():
+            lines.append(f"| {b}x | {a['lr']:g} | {_diff_cells(a['variant_minus_base'])} |")
     lines += ["", "## Targets of issue 11", "", "| target | measured | met |", "|---|---|---|"]
     for c in report["targets"]:
         lines.append(f"| {c['target']} | {c['value']} | {'yes' if c['met'] else '**no**'} |")
