@@ -162,3 +162,18 @@ def test_tiny_pareto_run_writes_markdown_plot_and_json(tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "w" / "runs").rglob("*.json")}
     assert main(argv) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+
+
+def test_a_labelled_variant_is_compared_with_the_default_esper_arms():
+    plan = _plan(lr_grid=[0.1], budgets=[1.0], widths=[4], esper_label="fill_stats", tune_seeds=3)
+    results = {}
+    for s in plan.seeds:
+        results[Job(arm_id(STATIC, 4, 1.0), "", 0.1, s).key] = _run(0.80, 0.8, 4000.0, 40, job={"width": 4, "budget": 1.0})
+        results[Job("esper-b1", "", 0.1, s).key] = _run(0.85 + 0.01 * s, 0.85, 5000.0, 60, job={"budget": 1.0})
+        results[Job("fill_stats-b1", "", 0.1, s).key] = _run(0.84 + 0.01 * s + 0.001 * s * s, 0.84, 5000.0, 60,
+                                                             job={"budget": 1.0})
+    agg = aggregate(results, plan)
+    ab = agg["ablation"]["1"]
+    assert ab["base"] == "esper-b1" and ab["variant"] == "fill_stats-b1"
+    assert ab["variant_minus_base"]["mean"] == pytest.approx(-1.0 + 0.1 * (0 + 1 + 4) / 3)
+    assert "esper-b1" not in agg["arms"]  # the default arms are the baseline here, not an arm of the plan
