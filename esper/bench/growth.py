@@ -180,7 +180,14 @@ def run(args: argparse.Namespace) -> int:
         if not args.workdir:
             raise SystemExit("esper-bench growth --protocol pareto: --workdir is required "
                              "(it holds one result file per run, so a stopped protocol can resume)")
-        return pareto.run(args)
+        from esper.tolaria.config import ConfigError
+        from esper.tolaria.data import DataError
+
+        try:
+            return pareto.run(args)
+        except (pareto.ProtocolError, ConfigError, DataError) as exc:
+            print(f"esper-bench growth: {exc}", file=sys.stderr)
+            return 2
     if args.seeds is None:
         args.seeds = 10
     return _run_target(args)

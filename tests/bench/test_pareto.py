@@ -177,3 +177,17 @@ def test_a_labelled_variant_is_compared_with_the_default_esper_arms():
     assert ab["base"] == "esper-b1" and ab["variant"] == "fill_stats-b1"
     assert ab["variant_minus_base"]["mean"] == pytest.approx(-1.0 + 0.1 * (0 + 1 + 4) / 3)
     assert "esper-b1" not in agg["arms"]  # the default arms are the baseline here, not an arm of the plan
+
+
+def test_bad_arguments_and_missing_data_are_one_line_errors(tmp_path, capsys):
+    from esper.bench.growth import main
+
+    base = ["--protocol", "pareto", "--workdir", str(tmp_path / "w")]
+    assert main([*base, "--dataset", "cifar10", "--override", f"data.data_dir={tmp_path}"]) == 2
+    assert "CIFAR-10: missing file" in capsys.readouterr().err
+    assert main([*base, "--dataset", "digits", "--budgets", "1", "1"]) == 2
+    assert "--budgets: expected distinct positive multipliers" in capsys.readouterr().err
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "protocol.json").write_text('{"config": "configs/mnist1d.yaml", "overrides": []}')
+    assert main([*base, "--dataset", "digits", "--override", "data.train_limit=100"]) == 2
+    assert "holds runs of another protocol (differs in ['config', 'overrides'])" in capsys.readouterr().err
