@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -110,6 +111,41 @@ def run_job(job: Job, base: dict[str, Any]) -> dict[str, Any]:
 
 def result_path(workdir: Path, job: Job) -> Path:
     return workdir / "runs" / f"{job.key}.json"
+
+
+def claim(workdir: Path, job: Job) -> bool:
+    """Claims a job for this process (a lock file holding our PID), so that several invocations on
+    one workdir share its jobs instead of duplicating them. A lock whose process is gone is taken over."""
+    lock = result_path(workdir, job).with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text() or "0")
+            except (OSError, ValueError):
+                owner = 0
+            if owner == os.getpid():
+                return True
+            if owner and _alive(owner):
+                return False
+            lock.unlink(missing_ok=True)  # its process died: take the job over
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def load_results(workdir: Path) -> dict[str, dict[str, Any]]:
@@ -372,17 +408,26 @@ def execute(plan: ParetoPlan, base: dict[str, Any], jobs: int, echo=print) -> di
         return (job.seed not in tuning, job.seed, job.arm)
 
     if jobs <= 1:
-        while ready := plan.ready(results):
-            job = min(ready, key=order)
+        while True:
+            results.update(load_results(workdir))  # what other invocations finished meanwhile
+            ready = [j for j in sorted(plan.ready(results), key=order) if claim(workdir, j)]
+            if not ready:
+                return results
+            job = ready[0]
+            for other in ready[1:]:
+                result_path(workdir, other).with_suffix(".lock").unlink(missing_ok=True)
             results[job.key] = run_job(job, base)
+            result_path(workdir, job).with_suffix(".lock").unlink(missing_ok=True)
             echo(_progress(job, results[job.key], results, plan))
-        return results
     in_flight: dict[Future, Job] = {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         while True:
+            results.update(load_results(workdir))  # what other invocations finished meanwhile
             busy = {j.key for j in in_flight.values()}
             for job in sorted(plan.ready(results), key=order):
-                if job.key not in busy and len(in_flight) < 2 * jobs:
+                if len(in_flight) >= jobs:
+                    break
+                if job.key not in busy and claim(workdir, job):
                     in_flight[pool.submit(run_job, job, base)] = job
                     busy.add(job.key)
             if not in_flight:
@@ -391,6 +436,7 @@ def execute(plan: ParetoPlan, base: dict[str, Any], jobs: int, echo=print) -> di
             for future in done:
                 job = in_flight.pop(future)
                 results[job.key] = future.result()
+                result_path(workdir, job).with_suffix(".lock").unlink(missing_ok=True)
                 echo(_progress(job, results[job.key], results, plan))
 
 

@@ -191,3 +191,21 @@ def test_bad_arguments_and_missing_data_are_one_line_errors(tmp_path, capsys):
     (tmp_path / "w" / "protocol.json").write_text('{"config": "configs/mnist1d.yaml", "overrides": []}')
     assert main([*base, "--dataset", "digits", "--override", "data.train_limit=100"]) == 2
     assert "holds runs of another protocol (differs in ['config', 'overrides'])" in capsys.readouterr().err
+
+
+def test_jobs_are_claimed_once_across_invocations(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from esper.bench.pareto import claim, result_path
+
+    job = Job("static-w8-b1", STATIC, 0.1, 0, 8, 1.0)
+    assert claim(tmp_path, job) and claim(tmp_path, job)  # ours, and still ours
+    lock = result_path(tmp_path, job).with_suffix(".lock")
+    assert lock.read_text() == str(os.getpid())
+    lock.write_text(str(os.getppid()))  # held by a live process
+    assert not claim(tmp_path, job)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout.strip())  # held by a process that is gone: taken over
+    assert claim(tmp_path, job) and lock.read_text() == str(os.getpid())
