@@ -465,7 +465,7 @@ def run(args) -> int:
     _check_workdir(workdir, {"esper_overrides": list(args.esper_override)}, f"esper_{args.esper_label}")
     base["esper_overrides"] = list(args.esper_override)
     start = time.perf_counter()
-    results = execute(plan, base, args.jobs)
+    results = load_results(workdir) if args.report_only else execute(plan, base, args.jobs)
     plan = replace(plan, kinds=frozenset({STATIC, ESPER, MATCHED}))  # report every arm that has runs
     agg = aggregate(results, plan)
     report = {
@@ -505,5 +505,6 @@ def add_arguments(p) -> None:
                    help="config override for the Esper arms only (e.g. growth.modes=[width]; repeatable)")
     g.add_argument("--esper-label", default="esper", help="name of this Esper variant's arms (an ablation "
                    "next to the same static arms in one --workdir)")
+    g.add_argument("--report-only", action="store_true", help="train nothing: report the runs the workdir holds")
     g.add_argument("--output", help="write <OUTPUT>.md, <OUTPUT>.png and <OUTPUT>.json")
     g.add_argument("--note", action="append", default=[], help="a line for the results file (repeatable)")
