@@ -17,13 +17,19 @@ The safety rails (`esper.tamiyo.rails`) then apply cooldown, concurrency and bud
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from esper.lifecycle import SeedLifecycleState as S
-import math
-
 from esper.kasmina.growth.config import GrowthConfig, units_to_add
-from esper.tamiyo.costs import SiteCost, blueprint_costs_at, budget_left, depth_cost, units_that_fit, width_cost
+from esper.lifecycle import SeedLifecycleState as S
+from esper.tamiyo.costs import (
+    SiteCost,
+    blueprint_costs_at,
+    budget_left,
+    depth_cost,
+    units_that_fit,
+    width_cost,
+)
 from esper.tamiyo.policy import (
     Action,
     AdaptationDecision,

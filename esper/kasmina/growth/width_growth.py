@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from esper.kasmina import ops
 from esper.kasmina.blueprints import BlueprintSpec
 from esper.kasmina.growth.attach import WidthHooks, attached
+from esper.kasmina.growth.blend import lifecycle_blend, spec_tag
 from esper.kasmina.growth.init import INITS, TINY_SCALES, gradmax_init, random_init, tiny_init
 from esper.kasmina.growth.merge import merge_width_seed, regrow
 from esper.kasmina.growth.optim_state import FILLS, fill_new_parameter
@@ -28,7 +28,7 @@ from esper.kasmina.growth.pair import WidthPair, pair_modules
 from esper.kasmina.growth.seed import WidthSeed
 from esper.kasmina.growth.statistics import capture_statistics
 from esper.kasmina.layer import KasminaLayer
-from esper.kasmina.lifecycle import ACTIVE_STATES, FROZEN_STATES
+from esper.kasmina.lifecycle import ACTIVE_STATES
 from esper.lifecycle import SeedLifecycleState as S
 
 FAMILY = "width"
@@ -41,33 +41,6 @@ def width_spec(pair: WidthPair, units: int, init: str) -> BlueprintSpec:
     return BlueprintSpec(blueprint_id=FAMILY, family=FAMILY, version=1,
                          description=f"{units} new units between {pair.producer} and {pair.consumer}",
                          tags=[f"units={units}", f"pair={pair.key}", f"init={init}"])
-
-
-def _tag(spec: BlueprintSpec, name: str) -> str:
-    for tag in spec.tags:
-        key, _, value = tag.partition("=")
-        if key == name:
-            return value
-    raise ValueError(f"width seed spec has no {name!r} tag; expected tags units=, pair=, init=")
-
-
-def _lifecycle_blend(layer: KasminaLayer, index: int) -> Callable:
-    def blend(out: torch.Tensor, x: torch.Tensor, seed: WidthSeed) -> torch.Tensor:
-        state = layer.state_of(index)
-        if state not in ACTIVE_STATES:
-            return out
-        if state in FROZEN_STATES:
-            with torch.no_grad():
-                s = seed(x.detach())
-        elif state == S.TRAINING:
-            s = seed(x.detach())
-            if s.requires_grad and torch.is_grad_enabled():
-                s.register_hook(functools.partial(layer._alignment_hook, index, s.detach()))
-        else:
-            s = seed(x)
-        t = layer.table
-        return ops.seed_blend(out, s.to(out.dtype), t.state[index : index + 1], t.alpha[index : index + 1])
-    return blend
 
 
 class WidthGrowth:
@@ -93,9 +66,9 @@ class WidthGrowth:
     def _site_of(self, pair: WidthPair) -> str | None:
         best = None
         for name, _ in self.sites:
-            if pair.producer == name or pair.producer.startswith(name + "."):
-                if best is None or len(name) > len(best):
-                    best = name
+            inside = pair.producer == name or pair.producer.startswith(name + ".")
+            if inside and (best is None or len(name) > len(best)):
+                best = name
         return best
 
     def _layer(self, site: str) -> KasminaLayer:
@@ -135,14 +108,14 @@ class WidthGrowth:
 
     def _build(self, site: str, layer: KasminaLayer, spec: BlueprintSpec, index: int) -> WidthSeed:
         pair = self.pairs[site]
-        if _tag(spec, "pair") != pair.key:
-            raise ValueError(f"width seed at {site} was grown for pair {_tag(spec, 'pair')}, expected {pair.key}")
-        seed = WidthSeed(pair, pair_modules(self.model, pair), int(_tag(spec, "units")))
+        if spec_tag(spec, "pair") != pair.key:
+            raise ValueError(f"width seed at {site} was grown for pair {spec_tag(spec, 'pair')}, expected {pair.key}")
+        seed = WidthSeed(pair, pair_modules(self.model, pair), int(spec_tag(spec, "units")))
         self._attach(site, layer, index, seed)
         return seed
 
     def _attach(self, site: str, layer: KasminaLayer, index: int, seed: WidthSeed) -> None:
-        hooks = WidthHooks(self.model, seed.pair, seed, _lifecycle_blend(layer, index))
+        hooks = WidthHooks(self.model, seed.pair, seed, lifecycle_blend(layer, index))
         hooks.install()
         key = (site, index)
         self._hooks[key] = hooks
