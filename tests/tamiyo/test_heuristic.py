@@ -191,3 +191,20 @@ def test_depth_growth_is_an_option_costed_by_the_rails():
     assert out.action == WAIT and "exceeds the budget" in out.reason
     (d,) = policy(growth_modes=("depth",)).decide(graph([1.0, 1.0, 1.0]))   # no DepthSite: nothing to do
     assert d.action == WAIT
+
+
+def test_growth_options_enumerate_mode_x_blueprint_within_budget():
+    from esper.tamiyo.costs import growth_options
+
+    msg = _with_width(graph([1.0, 1.0, 1.0]))
+    node = msg.nodes[0]
+    node.deepen.CopyFrom(common_pb2.DepthSite(block_parameters=1056, block_flops=2048, available=True))
+    options = growth_options(node, ("branch", "width", "depth"), (), 8, 1e9, 1e9)
+    modes = [o.mode for o in options]
+    assert modes.count("width") == 1 and modes.count("depth") == 1
+    assert modes.count("branch") == len(blueprint_costs_at(node))
+    width = next(o for o in options if o.mode == "width")
+    assert width.units == 8 and width.decision_fields() == {
+        "blueprint": "", "growth_mode": common_pb2.GROWTH_MODE_WIDTH, "growth_units": 8}
+    tight = growth_options(node, ("width", "depth"), (), 8, params_left=200, flops_left=1e9)
+    assert [(o.mode, o.units) for o in tight] == [("width", 3)]   # 3 x 51 params fit, a block does not
