@@ -11,6 +11,7 @@ branches are untouched: they stay the "branch" mode, handled by Kasmina's bluepr
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -40,8 +41,11 @@ class RunGrowth:
     """Width and depth growth of one run (each present when allowed and the host supports it)."""
 
     def __init__(self, model: nn.Module, cfg: GrowthConfig, sites: list[tuple[str, KasminaLayer]],
-                 input_shape: tuple[int, ...]) -> None:
+                 input_shape: tuple[int, ...], seed: int = 0) -> None:
         self.cfg = cfg
+        # Initialisations draw from their own generator (seeded by the run's seed and the slot), so
+        # every rank of a distributed run builds the same seed and the run's RNG stream is untouched.
+        self.seed = int(seed)
         self.model = model
         self.input_shape = tuple(input_shape)
         self.width: WidthGrowth | None = None
@@ -124,8 +128,12 @@ class RunGrowth:
                     break
             return out
 
+        merged = len(self.width.merged)
+        # crc32, not hash(): str hashes differ between processes (and so between ranks).
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{site}:{decision.seed_index}:{merged}".encode()))
         return self.width.germinate(site, decision.seed_index, units, init, few, F.cross_entropy,
-                                    optimizer=self.optimizer, fill=self.cfg.optimizer_fill, reason=decision.reason)
+                                    optimizer=self.optimizer, fill=self.cfg.optimizer_fill, reason=decision.reason,
+                                    generator=generator)
 
     def merge_fossilized(self) -> bool:
         """Merges fossilized width and depth seeds into the host; True if the structure changed."""

@@ -125,7 +125,7 @@ class Morphogenesis:
         # Width seeds (growth.modes has "width"); the trainer sets .batches and .optimizer.
         self.growth: RunGrowth | None = None
         if RunGrowth.enabled_for(self.model, cfg.growth):
-            self.growth = RunGrowth(self.model, cfg.growth, self.driver.sites, input_shape)
+            self.growth = RunGrowth(self.model, cfg.growth, self.driver.sites, input_shape, seed=cfg.train.seed)
 
     # ---------------------------------------------------------------- wiring
 
