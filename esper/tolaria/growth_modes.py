@@ -23,6 +23,7 @@ from esper.kasmina import KasminaLayer
 from esper.kasmina.growth import WidthGrowth, pair_modules
 from esper.kasmina.growth.config import GrowthConfig, units_to_add
 from esper.kasmina.growth.depth_growth import DepthGrowth
+from esper.kasmina.growth.errors import GrowthError
 from esper.v1 import common_pb2
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -105,14 +106,14 @@ class RunGrowth:
         site = decision.layer_name
         if decision.growth_mode == common_pb2.GROWTH_MODE_DEPTH:
             if self.depth is None:
-                raise ValueError("depth growth is not allowed in this run (growth.modes) or the host has no depth sites")
+                raise GrowthError("depth growth is not allowed in this run (growth.modes) or the host has no depth sites")
             self.depth.germinate(site, decision.seed_index, self.cfg.depth_init, reason=decision.reason)
             return 0
         if self.width is None:
-            raise ValueError("width growth is not allowed in this run (growth.modes) or the host has no width pairs")
+            raise GrowthError("width growth is not allowed in this run (growth.modes) or the host has no width pairs")
         why = self.width_blocked(site)
         if why:
-            raise RuntimeError(f"cannot grow width at {site}: {why}")
+            raise GrowthError(f"cannot grow width at {site}: {why}")
         units = int(decision.growth_units) or units_to_add(self.cfg, self.width.width_at(site))
         step = self.width.unit_step(site)
         units = max(step, units - units % step)

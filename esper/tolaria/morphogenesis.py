@@ -124,6 +124,7 @@ class Morphogenesis:
                 layer.set_telemetry_probe(True)  # the controller needs health of dormant sites too
         # Width seeds (growth.modes has "width"); the trainer sets .batches and .optimizer.
         self.growth: RunGrowth | None = None
+        self._growth_flops = 0.0  # spent by decisions since the last epoch_end
         if RunGrowth.enabled_for(self.model, cfg.growth):
             self.growth = RunGrowth(self.model, cfg.growth, self.driver.sites, input_shape, seed=cfg.train.seed)
 
@@ -206,13 +207,12 @@ class Morphogenesis:
         self._evaluate_acc = lambda: evaluate()[1]
         self.driver.set_position(global_step, epoch)
         self.driver.end_epoch(baseline=val_acc)
-        growth_flops = 0.0
         if self.growth is not None and self.growth.merge_fossilized():
             self.output_shapes = self._probe_output_shapes()
         if self.enabled:
             state = self.graph_state(epoch + 1, global_step, total_epochs, train_loss, val_loss, val_acc, history)
             for decision in self.controller.decide(state):
-                growth_flops += self._apply(decision, epoch + 1)
+                self._apply(decision, epoch + 1)
         for _, layer in self.driver.sites:
             layer.reset_telemetry()
         after = dict(self.param_groups())
@@ -221,11 +221,17 @@ class Morphogenesis:
         return Growth(
             added_groups=[(n, p) for n, p in after.items() if n not in before or n in changed],
             removed_groups=[n for n in before if n not in after or n in changed],
-            flops=growth_flops,
+            flops=self._take_growth_flops(),
         )
 
+    def _take_growth_flops(self) -> float:
+        flops, self._growth_flops = self._growth_flops, 0.0
+        return flops
+
     def _apply(self, d: common_pb2.AdaptationDecision, epoch: int) -> float:
-        """Applies one decision; returns the FLOPs it spent (a width seed's statistics pass)."""
+        """Applies one decision; returns the FLOPs it spent (a width seed's statistics pass), which are
+        also added to the growth FLOPs the next `epoch_end` reports (decisions applied between epoch
+        boundaries by the remote controller included)."""
         action = d.action
         flops = 0.0
         if action == common_pb2.DECISION_ACTION_WAIT:
@@ -245,6 +251,7 @@ class Morphogenesis:
                     raise ConfigError(f"growth.modes: the controller asked for {mode} growth at {d.layer_name}, "
                                       f"but {mode} is not an allowed mode or the model cannot grow that way")
                 flops = self.eval_flops_per_sample() * self.growth.germinate(d)
+                self._growth_flops += flops
             elif self.germinate_hook is not None:
                 self.germinate_hook(layer, d)
             else:

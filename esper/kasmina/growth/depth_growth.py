@@ -20,6 +20,7 @@ from torch import nn
 from esper.kasmina.blueprints import BlueprintSpec
 from esper.kasmina.growth.blend import lifecycle_blend, spec_tag
 from esper.kasmina.growth.depth import DEPTH_MODES, identity_block, identity_linear
+from esper.kasmina.growth.errors import GrowthError
 from esper.kasmina.growth.pair import resolve
 from esper.kasmina.layer import KasminaLayer
 from esper.kasmina.lifecycle import ACTIVE_STATES
@@ -147,7 +148,7 @@ class DepthGrowth:
             raise ValueError(f"depth mode {mode!r}; expected one of {DEPTH_MODES}")
         why = self.blocked(site)
         if why:
-            raise RuntimeError(f"cannot grow depth at {site}: {why}")
+            raise GrowthError(f"cannot grow depth at {site}: {why}")
         block, relu = self._new_block(site, mode)
         seed = DepthSeed(block, relu)
         self.sites[site].germinate(index, depth_spec(self.stacks[site], mode), module=seed, reason=reason)

@@ -21,6 +21,7 @@ from torch import nn
 from esper.kasmina.blueprints import BlueprintSpec
 from esper.kasmina.growth.attach import WidthHooks, attached
 from esper.kasmina.growth.blend import lifecycle_blend, spec_tag
+from esper.kasmina.growth.errors import GrowthError
 from esper.kasmina.growth.init import INITS, TINY_SCALES, gradmax_init, random_init, tiny_init
 from esper.kasmina.growth.merge import merge_width_seed, regrow
 from esper.kasmina.growth.optim_state import FILLS, fill_new_parameter
@@ -140,7 +141,7 @@ class WidthGrowth:
             raise ValueError(f"optimizer fill {fill!r}; expected one of {FILLS}")
         why = self.blocked(site)
         if why:
-            raise RuntimeError(f"cannot grow width at {site}: {why}")
+            raise GrowthError(f"cannot grow width at {site}: {why}")
         pair = self.pairs[site]
         layer = self._layer(site)
         step = self.unit_step(site)
