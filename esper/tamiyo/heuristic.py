@@ -5,9 +5,10 @@
 2. Where: among DORMANT, non-embargoed seed slots, the one with the worst health from telemetry:
    need = gradient norm relative to the mean over candidate sites (the loss is most sensitive
    there) + dead fraction (capacity the host has lost there). Ties go to the shallower site.
-3. How (growth mode) and what: every option allowed by `growth_modes` that fits the budget left --
-   each blueprint ("branch"), `width_units` (or `width_factor` x the current units, shrunk to
-   fit the budget) new units ("width"), one identity block after the site ("depth") -- is scored by expected gain per FLOP, with the prior
+3. How (growth mode) and what: the options allowed by `growth_modes` that fit the budget left --
+   the largest blueprint ("branch", the rule from before growth modes), `width_units` (or
+   `width_factor` x the current units, shrunk to fit the budget) new units ("width"), one identity
+   block after the site ("depth") -- are scored by expected gain per FLOP, with the prior
    gain = need x sqrt(added parameters) (returns diminish with size; it is a prior, not a
    measurement). Width is chosen outright where the telemetry shows the layer is a bottleneck
    that no branch on its output can fix: *narrow* (fewer units than both the features each unit
@@ -115,6 +116,12 @@ class HeuristicPolicy:
             wanted = units_to_add(growth, int(node.width.units))
         options = [o for o in growth_options(node, self.cfg.growth_modes, self.cfg.blueprints, wanted,
                                              params_left, flops_left) if o.cost.flops > 0]
+        branches = [o for o in options if o.mode == "branch"]
+        if branches:
+            # Among branches, the largest that fits (heuristic/1's rule, which the MNIST-1D benchmark
+            # measured; a gain-per-FLOP prior picked squeeze-excitation there and did worse).
+            largest = max(branches, key=lambda o: (o.cost.parameters, -o.cost.order))
+            options = [o for o in options if o.mode != "branch"] + [largest]
         if not options:
             return None
         width = next((o for o in options if o.mode == "width"), None)
