@@ -132,9 +132,17 @@ class RunGrowth:
         merged = len(self.width.merged)
         # crc32, not hash(): str hashes differ between processes (and so between ranks).
         generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{site}:{decision.seed_index}:{merged}".encode()))
+        if self.direct_width:
+            return self.width.grow_now(site, units, init, few, F.cross_entropy, optimizer=self.optimizer,
+                                       fill=self.cfg.optimizer_fill, generator=generator)
         return self.width.germinate(site, decision.seed_index, units, init, few, F.cross_entropy,
                                     optimizer=self.optimizer, fill=self.cfg.optimizer_fill, reason=decision.reason,
                                     generator=generator)
+
+    @property
+    def direct_width(self) -> bool:
+        """Width growth merges at once (growth.width_lifecycle: direct), without a seed lifecycle."""
+        return self.cfg.width_lifecycle == "direct"
 
     def merge_fossilized(self) -> bool:
         """Merges fossilized width and depth seeds into the host; True if the structure changed."""

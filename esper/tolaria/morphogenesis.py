@@ -250,8 +250,12 @@ class Morphogenesis:
                 if self.growth is None:
                     raise ConfigError(f"growth.modes: the controller asked for {mode} growth at {d.layer_name}, "
                                       f"but {mode} is not an allowed mode or the model cannot grow that way")
+                params_before = count_parameters(self.model)
                 flops = self.eval_flops_per_sample() * self.growth.germinate(d)
                 self._growth_flops += flops
+                if mode == "width" and self.growth.direct_width:
+                    self._record_direct_growth(epoch, count_parameters(self.model) - params_before)
+                    return flops
             elif self.germinate_hook is not None:
                 self.germinate_hook(layer, d)
             else:
@@ -264,6 +268,19 @@ class Morphogenesis:
         elif action == common_pb2.DECISION_ACTION_FOSSILIZE:
             layer.transition(d.seed_index, S.FOSSILIZED, f"controller: {d.reason}")
         return flops
+
+    def _record_direct_growth(self, epoch: int, parameters: int) -> None:
+        """A width growth merged at once (no seed lifecycle): resolved as it is made."""
+        record = self._adaptations[-1]
+        record.update(outcome="fossilized", resolved_epoch=float(epoch), parameters=parameters,
+                      reason="merged at once (growth.width_lifecycle: direct)")
+        self.output_shapes = self._probe_output_shapes()
+        if self._event_log is not None:
+            self._event_log.write(json.dumps({
+                "step": self.driver.global_step, "epoch": float(epoch), "layer": record["layer"], "seed": -1,
+                "from": "DORMANT", "to": "MERGED", "reason": record["reason"],
+            }) + "\n")
+            self._event_log.flush()
 
     def graph_state(self, epoch: int, global_step: int, total_epochs: int, train_loss: float, val_loss: float,
                     val_acc: float, history: list[float]) -> common_pb2.ModelGraphState:

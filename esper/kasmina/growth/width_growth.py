@@ -23,8 +23,8 @@ from esper.kasmina.growth.attach import WidthHooks, attached
 from esper.kasmina.growth.blend import lifecycle_blend, spec_tag
 from esper.kasmina.growth.errors import GrowthError
 from esper.kasmina.growth.init import INITS, TINY_SCALES, gradmax_init, random_init, tiny_init
-from esper.kasmina.growth.merge import merge_width_seed, regrow
-from esper.kasmina.growth.optim_state import FILLS, fill_new_parameter
+from esper.kasmina.growth.merge import merge_width_seed, regrow, widen_pair
+from esper.kasmina.growth.optim_state import fill_new_parameter
 from esper.kasmina.growth.pair import WidthPair, pair_modules
 from esper.kasmina.growth.seed import WidthSeed
 from esper.kasmina.growth.statistics import capture_statistics
@@ -132,13 +132,42 @@ class WidthGrowth:
         """Plants an initialised width seed of `units` units in slot `index` of `site` (-> TRAINING).
 
         The statistics pass (GradMax, TINY) runs on `batches()`; returns its cost in single-sample
-        forward passes of the model (a forward+backward counts 3), for FLOP accounting. With `optimizer`, the seed parameters'
-        state is prepared per `fill` (they join the optimizer as a new group afterwards).
+        forward passes of the model (a forward+backward counts 3), for FLOP accounting. With
+        `optimizer`, the seed parameters' state is prepared per `fill` (they join the optimizer as a
+        new group afterwards).
         """
+        pair, layer, mods, seed, passes = self._new_seed(site, units, init, batches, loss_fn, generator)
+        layer.germinate(index, width_spec(pair, units, init), module=seed, reason=reason)
+        self._attach(site, layer, index, seed)
+        if optimizer is not None:
+            host = {"fan_in.weight": mods.producer.weight, "fan_in.bias": mods.producer.bias,
+                    "fan_out.weight": mods.consumer.weight}
+            if mods.norm is not None:
+                host |= {"norm.weight": mods.norm.weight, "norm.bias": mods.norm.bias}
+            for name, p in seed.named_parameters():
+                if host.get(name) is not None:
+                    fill_new_parameter(optimizer, p, host[name], fill)
+        return passes
+
+    def grow_now(self, site: str, units: int, init: str, batches: Batches, loss_fn: LossFn,
+                 optimizer: torch.optim.Optimizer | None = None, fill: str = "zero",
+                 generator: torch.Generator | None = None) -> int:
+        """Direct growth (no lifecycle): initialise `units` units and merge them into the host at once.
+
+        The host's optimizer state is kept and the new entries get zero / `fill` state. Returns the
+        statistics pass's cost in single-sample forward passes.
+        """
+        pair, _, _, seed, passes = self._new_seed(site, units, init, batches, loss_fn, generator)
+        widen_pair(self.model, pair, seed, optimizer, fill)
+        self.merged.append((pair.key, units))
+        for hooks in self._hooks.values():
+            hooks.install()
+        return passes
+
+    def _new_seed(self, site: str, units: int, init: str, batches: Batches, loss_fn: LossFn,
+                  generator: torch.Generator | None):
         if init not in INITS:
             raise ValueError(f"width init {init!r}; expected one of {INITS}")
-        if fill not in FILLS:
-            raise ValueError(f"optimizer fill {fill!r}; expected one of {FILLS}")
         why = self.blocked(site)
         if why:
             raise GrowthError(f"cannot grow width at {site}: {why}")
@@ -162,17 +191,7 @@ class WidthGrowth:
             else:
                 passes += stats.samples * len(TINY_SCALES)  # the line search: forward only
                 tiny_init(seed, mods, stats, functools.partial(self._loss_with, pair, data, loss_fn), generator)
-        layer.germinate(index, width_spec(pair, units, init), module=seed, reason=reason)
-        self._attach(site, layer, index, seed)
-        if optimizer is not None:
-            host = {"fan_in.weight": mods.producer.weight, "fan_in.bias": mods.producer.bias,
-                    "fan_out.weight": mods.consumer.weight}
-            if mods.norm is not None:
-                host |= {"norm.weight": mods.norm.weight, "norm.bias": mods.norm.bias}
-            for name, p in seed.named_parameters():
-                if host.get(name) is not None:
-                    fill_new_parameter(optimizer, p, host[name], fill)
-        return passes
+        return pair, layer, mods, seed, passes
 
     def _loss_with(self, pair: WidthPair, data: list, loss_fn: LossFn, seed: WidthSeed) -> float:
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
