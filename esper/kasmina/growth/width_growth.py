@@ -157,7 +157,9 @@ class WidthGrowth:
         The host's optimizer state is kept and the new entries get zero / `fill` state. Returns the
         statistics pass's cost in single-sample forward passes.
         """
-        pair, _, _, seed, passes = self._new_seed(site, units, init, batches, loss_fn, generator)
+        # Merged at once, the units meet the host's own ReLU (derivative 0 at 0): GradMax zeroes
+        # the fan-out instead of the fan-in so that they are live.
+        pair, _, _, seed, passes = self._new_seed(site, units, init, batches, loss_fn, generator, zero="fan_out")
         widen_pair(self.model, pair, seed, optimizer, fill)
         self.merged.append((pair.key, units))
         for hooks in self._hooks.values():
@@ -165,7 +167,7 @@ class WidthGrowth:
         return passes
 
     def _new_seed(self, site: str, units: int, init: str, batches: Batches, loss_fn: LossFn,
-                  generator: torch.Generator | None):
+                  generator: torch.Generator | None, zero: str = "fan_in"):
         if init not in INITS:
             raise ValueError(f"width init {init!r}; expected one of {INITS}")
         why = self.blocked(site)
@@ -187,7 +189,7 @@ class WidthGrowth:
             stats = capture_statistics(self.model, pair, data, loss_fn)
             passes = 3 * stats.samples  # forward + backward ~ 3 forward passes
             if init == "gradmax":
-                gradmax_init(seed, mods, stats, generator)
+                gradmax_init(seed, mods, stats, generator, zero=zero)
             else:
                 passes += stats.samples * len(TINY_SCALES)  # the line search: forward only
                 tiny_init(seed, mods, stats, functools.partial(self._loss_with, pair, data, loss_fn), generator)
