@@ -24,6 +24,13 @@ Trainer-facing API (stable): `germinate`, `attach_kernel`, `cull`, `cancel`, `ro
 evaluation), `seed_parameters`, `add_listener`, `state_of`. Use `esper.kasmina.wrap` to build
 layers and `esper.kasmina.LifecycleDriver` to run the gates.
 
+Growth modes (`esper.kasmina.growth`): a seed module with `blends_elsewhere = True` (a width or
+depth seed) occupies a slot -- its state, alpha, gates and checkpoint -- but adds its output to
+another module through hooks, so this layer skips it in its own blend. `seed_builders[family]`
+rebuilds such seeds from their spec on a checkpoint load, `release_merged` frees the slot of a
+fossilized seed once it is merged into the host (FOSSILIZED -> DORMANT), and `set_host` swaps in
+a wider host module.
+
 Checkpoints: `state_dict()` holds the state table (buffers under `table.`), the seed modules'
 parameters (under `seeds.<i>.`) and, as extra state, the germinated blueprint specs; loading it into
 a freshly wrapped model rebuilds the grown seeds before their parameters are loaded.

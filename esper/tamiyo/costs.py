@@ -86,3 +86,47 @@ def decision_cost(node: common_pb2.GraphNode, decision: common_pb2.AdaptationDec
     if decision.growth_mode == common_pb2.GROWTH_MODE_DEPTH:
         return depth_cost(node)
     return cost_of(node, decision.blueprint_id)
+
+
+@dataclass(frozen=True)
+class GrowthOption:
+    """One germination a policy may choose at a node: growth mode x blueprint (branch) or units
+    (width), with its cost. The action space of every Tamiyo policy."""
+
+    mode: str  # "branch", "width" or "depth"
+    cost: SiteCost
+    units: int = 0  # width: units to add
+
+    @property
+    def growth_mode(self) -> int:
+        return {"branch": common_pb2.GROWTH_MODE_BRANCH, "width": common_pb2.GROWTH_MODE_WIDTH,
+                "depth": common_pb2.GROWTH_MODE_DEPTH}[self.mode]
+
+    def decision_fields(self) -> dict:
+        """Keyword arguments of `esper.tamiyo.policy.make_decision` for this option."""
+        return {"blueprint": self.cost.blueprint_id if self.mode == "branch" else "",
+                "growth_mode": self.growth_mode, "growth_units": self.units}
+
+
+def growth_options(node: common_pb2.GraphNode, modes: Sequence[str], blueprints: Sequence[str],
+                   width_units: int, params_left: float, flops_left: float) -> list[GrowthOption]:
+    """Every option of the allowed `modes` that fits the budget left at `node`.
+
+    branch: each allowed blueprint that fits the site; width: `width_units` new units shrunk to the
+    largest count that fits (absent when the site has no available width pair); depth: one block.
+    """
+    out: list[GrowthOption] = []
+    if "branch" in modes:
+        for c in blueprint_costs_at(node, blueprints):
+            if c.parameters <= params_left and c.flops <= flops_left:
+                out.append(GrowthOption("branch", c))
+    if "width" in modes:
+        units = units_that_fit(node, width_units, params_left, flops_left) if node.HasField("width") else 0
+        cost = width_cost(node, units)
+        if cost is not None:
+            out.append(GrowthOption("width", cost, units))
+    if "depth" in modes:
+        cost = depth_cost(node)
+        if cost is not None and cost.parameters <= params_left and cost.flops <= flops_left:
+            out.append(GrowthOption("depth", cost))
+    return out

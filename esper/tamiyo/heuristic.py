@@ -5,9 +5,10 @@
 2. Where: among DORMANT, non-embargoed seed slots, the one with the worst health from telemetry:
    need = gradient norm relative to the mean over candidate sites (the loss is most sensitive
    there) + dead fraction (capacity the host has lost there). Ties go to the shallower site.
-3. How (growth mode) and what: every option allowed by `growth_modes` that fits the budget left --
-   each blueprint ("branch"), `width_units` (or `width_factor` x the current units, shrunk to
-   fit the budget) new units ("width"), one identity block after the site ("depth") -- is scored by expected gain per FLOP, with the prior
+3. How (growth mode) and what: the options allowed by `growth_modes` that fit the budget left --
+   the largest blueprint ("branch", the rule from before growth modes), `width_units` (or
+   `width_factor` x the current units, shrunk to fit the budget) new units ("width"), one identity
+   block after the site ("depth") -- are scored by expected gain per FLOP, with the prior
    gain = need x sqrt(added parameters) (returns diminish with size; it is a prior, not a
    measurement). Width is chosen outright where the telemetry shows the layer is a bottleneck
    that no branch on its output can fix: *narrow* (fewer units than both the features each unit
@@ -17,13 +18,12 @@ The safety rails (`esper.tamiyo.rails`) then apply cooldown, concurrency and bud
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from esper.lifecycle import SeedLifecycleState as S
-import math
-
 from esper.kasmina.growth.config import GrowthConfig, units_to_add
-from esper.tamiyo.costs import SiteCost, blueprint_costs_at, budget_left, depth_cost, units_that_fit, width_cost
+from esper.lifecycle import SeedLifecycleState as S
+from esper.tamiyo.costs import SiteCost, budget_left, growth_options
 from esper.tamiyo.policy import (
     Action,
     AdaptationDecision,
@@ -110,36 +110,34 @@ class HeuristicPolicy:
     def _choose(self, node, need: float, params_left: float, flops_left: float
                 ) -> tuple[str, SiteCost, int, str] | None:
         """(mode, cost, units, why) of the best option at `node`, or None if nothing fits."""
-        modes = self.cfg.growth_modes
-        options: list[tuple[float, str, SiteCost, int]] = []
-        if "branch" in modes:
-            for c in blueprint_costs_at(node, self.cfg.blueprints):
-                if c.parameters <= params_left and c.flops <= flops_left and c.flops > 0:
-                    options.append((need * math.sqrt(c.parameters) / c.flops, "branch", c, 0))
-        width_option = None
-        if "width" in modes and node.HasField("width") and node.width.available and node.width.units > 0:
+        wanted = 0
+        if node.HasField("width") and node.width.units > 0:
             growth = GrowthConfig(width_units=self.cfg.width_units, width_factor=self.cfg.width_factor)
-            units = units_that_fit(node, units_to_add(growth, int(node.width.units)), params_left, flops_left)
-            cost = width_cost(node, units)
-            if cost is not None and cost.flops > 0:
-                width_option = (need * math.sqrt(cost.parameters) / cost.flops, "width", cost, units)
-                options.append(width_option)
-        if "depth" in modes:
-            cost = depth_cost(node)
-            if cost is not None and 0 < cost.flops <= flops_left and cost.parameters <= params_left:
-                options.append((need * math.sqrt(cost.parameters) / cost.flops, "depth", cost, 0))
+            wanted = units_to_add(growth, int(node.width.units))
+        options = [o for o in growth_options(node, self.cfg.growth_modes, self.cfg.blueprints, wanted,
+                                             params_left, flops_left) if o.cost.flops > 0]
+        branches = [o for o in options if o.mode == "branch"]
+        if branches:
+            # Among branches, the largest that fits (heuristic/1's rule, which the MNIST-1D benchmark
+            # measured; a gain-per-FLOP prior picked squeeze-excitation there and did worse).
+            largest = max(branches, key=lambda o: (o.cost.parameters, -o.cost.order))
+            options = [o for o in options if o.mode != "branch"] + [largest]
         if not options:
             return None
-        if width_option is not None:
+        width = next((o for o in options if o.mode == "width"), None)
+        if width is not None:
             w = node.width
             if w.units < min(w.input_dim, w.output_dim):
-                return ("width", width_option[2], width_option[3],
-                        f"narrow: {w.units} units < min({w.input_dim} in, {w.output_dim} out)")
+                return "width", width.cost, width.units, f"narrow: {w.units} units < min({w.input_dim} in, {w.output_dim} out)"
             if node.seed.telemetry.dead_fraction >= SATURATED_DEAD_FRACTION:
-                return ("width", width_option[2], width_option[3],
+                return ("width", width.cost, width.units,
                         f"saturated: {node.seed.telemetry.dead_fraction:.0%} of its units dead")
-        score, mode, cost, units = max(options, key=lambda o: (o[0], o[1] == "width", -o[2].order))
-        return mode, cost, units, f"best expected gain per FLOP ({score:.3g})"
+
+        def score(o) -> float:
+            return need * math.sqrt(o.cost.parameters) / o.cost.flops
+
+        best = max(options, key=lambda o: (score(o), o.mode == "width", -o.cost.order))
+        return best.mode, best.cost, best.units, f"best expected gain per FLOP ({score(best):.3g})"
 
     def state_dict(self) -> dict[str, Any]:
         return {"decisions_made": self.decisions_made}

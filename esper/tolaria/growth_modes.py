@@ -11,6 +11,7 @@ branches are untouched: they stay the "branch" mode, handled by Kasmina's bluepr
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,6 +23,7 @@ from esper.kasmina import KasminaLayer
 from esper.kasmina.growth import WidthGrowth, pair_modules
 from esper.kasmina.growth.config import GrowthConfig, units_to_add
 from esper.kasmina.growth.depth_growth import DepthGrowth
+from esper.kasmina.growth.errors import GrowthError
 from esper.v1 import common_pb2
 
 Batches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -40,8 +42,11 @@ class RunGrowth:
     """Width and depth growth of one run (each present when allowed and the host supports it)."""
 
     def __init__(self, model: nn.Module, cfg: GrowthConfig, sites: list[tuple[str, KasminaLayer]],
-                 input_shape: tuple[int, ...]) -> None:
+                 input_shape: tuple[int, ...], seed: int = 0) -> None:
         self.cfg = cfg
+        # Initialisations draw from their own generator (seeded by the run's seed and the slot), so
+        # every rank of a distributed run builds the same seed and the run's RNG stream is untouched.
+        self.seed = int(seed)
         self.model = model
         self.input_shape = tuple(input_shape)
         self.width: WidthGrowth | None = None
@@ -101,14 +106,14 @@ class RunGrowth:
         site = decision.layer_name
         if decision.growth_mode == common_pb2.GROWTH_MODE_DEPTH:
             if self.depth is None:
-                raise ValueError("depth growth is not allowed in this run (growth.modes) or the host has no depth sites")
+                raise GrowthError("depth growth is not allowed in this run (growth.modes) or the host has no depth sites")
             self.depth.germinate(site, decision.seed_index, self.cfg.depth_init, reason=decision.reason)
             return 0
         if self.width is None:
-            raise ValueError("width growth is not allowed in this run (growth.modes) or the host has no width pairs")
+            raise GrowthError("width growth is not allowed in this run (growth.modes) or the host has no width pairs")
         why = self.width_blocked(site)
         if why:
-            raise RuntimeError(f"cannot grow width at {site}: {why}")
+            raise GrowthError(f"cannot grow width at {site}: {why}")
         units = int(decision.growth_units) or units_to_add(self.cfg, self.width.width_at(site))
         step = self.width.unit_step(site)
         units = max(step, units - units % step)
@@ -124,8 +129,20 @@ class RunGrowth:
                     break
             return out
 
+        merged = len(self.width.merged)
+        # crc32, not hash(): str hashes differ between processes (and so between ranks).
+        generator = torch.Generator().manual_seed(zlib.crc32(f"{self.seed}:{site}:{decision.seed_index}:{merged}".encode()))
+        if self.direct_width:
+            return self.width.grow_now(site, units, init, few, F.cross_entropy, optimizer=self.optimizer,
+                                       fill=self.cfg.optimizer_fill, generator=generator)
         return self.width.germinate(site, decision.seed_index, units, init, few, F.cross_entropy,
-                                    optimizer=self.optimizer, fill=self.cfg.optimizer_fill, reason=decision.reason)
+                                    optimizer=self.optimizer, fill=self.cfg.optimizer_fill, reason=decision.reason,
+                                    generator=generator)
+
+    @property
+    def direct_width(self) -> bool:
+        """Width growth merges at once (growth.width_lifecycle: direct), without a seed lifecycle."""
+        return self.cfg.width_lifecycle == "direct"
 
     def merge_fossilized(self) -> bool:
         """Merges fossilized width and depth seeds into the host; True if the structure changed."""

@@ -128,8 +128,9 @@ class Morphogenesis:
                 layer.set_telemetry_probe(True)  # the controller needs health of dormant sites too
         # Width seeds (growth.modes has "width"); the trainer sets .batches and .optimizer.
         self.growth: RunGrowth | None = None
+        self._growth_flops = 0.0  # spent by decisions since the last epoch_end
         if RunGrowth.enabled_for(self.model, cfg.growth):
-            self.growth = RunGrowth(self.model, cfg.growth, self.driver.sites, input_shape)
+            self.growth = RunGrowth(self.model, cfg.growth, self.driver.sites, input_shape, seed=cfg.train.seed)
 
     # ---------------------------------------------------------------- wiring
 
@@ -210,13 +211,12 @@ class Morphogenesis:
         self._evaluate_acc = lambda: evaluate()[1]
         self.driver.set_position(global_step, epoch)
         self.driver.end_epoch(baseline=val_acc)
-        growth_flops = 0.0
         if self.growth is not None and self.growth.merge_fossilized():
             self.output_shapes = self._probe_output_shapes()
         if self.enabled:
             state = self.graph_state(epoch + 1, global_step, total_epochs, train_loss, val_loss, val_acc, history)
             for decision in self.controller.decide(state):
-                growth_flops += self._apply(decision, epoch + 1)
+                self._apply(decision, epoch + 1)
         for _, layer in self.driver.sites:
             layer.reset_telemetry()
         after = dict(self.param_groups())
@@ -225,11 +225,17 @@ class Morphogenesis:
         return Growth(
             added_groups=[(n, p) for n, p in after.items() if n not in before or n in changed],
             removed_groups=[n for n in before if n not in after or n in changed],
-            flops=growth_flops,
+            flops=self._take_growth_flops(),
         )
 
+    def _take_growth_flops(self) -> float:
+        flops, self._growth_flops = self._growth_flops, 0.0
+        return flops
+
     def _apply(self, d: common_pb2.AdaptationDecision, epoch: int) -> float:
-        """Applies one decision; returns the FLOPs it spent (a width seed's statistics pass)."""
+        """Applies one decision; returns the FLOPs it spent (a width seed's statistics pass), which are
+        also added to the growth FLOPs the next `epoch_end` reports (decisions applied between epoch
+        boundaries by the remote controller included)."""
         action = d.action
         flops = 0.0
         if action == common_pb2.DECISION_ACTION_WAIT:
@@ -253,7 +259,12 @@ class Morphogenesis:
                 if self.growth is None:
                     raise ConfigError(f"growth.modes: the controller asked for {mode} growth at {d.layer_name}, "
                                       f"but {mode} is not an allowed mode or the model cannot grow that way")
+                params_before = count_parameters(self.model)
                 flops = self.eval_flops_per_sample() * self.growth.germinate(d)
+                self._growth_flops += flops
+                if mode == "width" and self.growth.direct_width:
+                    self._record_direct_growth(epoch, count_parameters(self.model) - params_before)
+                    return flops
             elif self.germinate_hook is not None:
                 self.germinate_hook(layer, d)
             else:
@@ -266,6 +277,19 @@ class Morphogenesis:
         elif action == common_pb2.DECISION_ACTION_FOSSILIZE:
             layer.transition(d.seed_index, S.FOSSILIZED, f"controller: {d.reason}")
         return flops
+
+    def _record_direct_growth(self, epoch: int, parameters: int) -> None:
+        """A width growth merged at once (no seed lifecycle): resolved as it is made."""
+        record = self._adaptations[-1]
+        record.update(outcome="fossilized", resolved_epoch=float(epoch), parameters=parameters,
+                      reason="merged at once (growth.width_lifecycle: direct)")
+        self.output_shapes = self._probe_output_shapes()
+        if self._event_log is not None:
+            self._event_log.write(json.dumps({
+                "step": self.driver.global_step, "epoch": float(epoch), "layer": record["layer"], "seed": -1,
+                "from": "DORMANT", "to": "MERGED", "reason": record["reason"],
+            }) + "\n")
+            self._event_log.flush()
 
     def graph_state(self, epoch: int, global_step: int, total_epochs: int, train_loss: float, val_loss: float,
                     val_acc: float, history: list[float]) -> common_pb2.ModelGraphState:

@@ -61,16 +61,12 @@ def test_grows_at_worst_health_site_on_plateau():
     assert d.layer_name == "hidden.2"  # dead units dominate when gradients are even
 
 
-def test_blueprint_is_the_best_gain_per_flop_within_budget():
-    import math
-
+def test_blueprint_is_the_largest_within_budget():
     msg = graph([1.0, 1.0, 1.0])
     costs = {c.blueprint_id: c for c in blueprint_costs_at(msg.nodes[0])}
-    best = max(costs.values(), key=lambda c: math.sqrt(c.parameters) / c.flops)
+    biggest = max(costs.values(), key=lambda c: c.parameters)
     (d,) = policy().decide(msg)
-    assert d.blueprint_id == best.blueprint_id and d.growth_mode == common_pb2.GROWTH_MODE_BRANCH
-    # Not simply the largest blueprint (the old rule, which bought parameters regardless of cost).
-    assert best.parameters < max(c.parameters for c in costs.values())
+    assert d.blueprint_id == biggest.blueprint_id and d.growth_mode == common_pb2.GROWTH_MODE_BRANCH
     # Budget for only the cheapest blueprint: 10_000 params * fraction left.
     cheapest = min(costs.values(), key=lambda c: c.parameters)
     frac = (cheapest.parameters + 1) / 10_000
@@ -78,6 +74,23 @@ def test_blueprint_is_the_best_gain_per_flop_within_budget():
     assert costs[d.blueprint_id].parameters <= cheapest.parameters + 1
     (d,) = policy().decide(graph([1.0, 1.0, 1.0], params_left=0.0))
     assert d.action == WAIT and "budget" in d.reason
+
+
+def test_modes_compete_by_gain_per_flop_where_width_is_not_forced():
+    import math
+
+    wide = dict(units=64, input_dim=40, output_dim=10)   # not narrow, nothing dead
+    msg = _with_width(graph([1.0, 1.0, 1.0]), unit_params=51, unit_flops=100, **wide)
+    biggest = max(blueprint_costs_at(msg.nodes[0]), key=lambda c: c.parameters)
+    (d,) = policy(growth_modes=("branch", "width"), width_units=8).decide(msg)
+    width_score = math.sqrt(8 * 51) / (8 * 100)
+    branch_score = math.sqrt(biggest.parameters) / biggest.flops
+    expected = common_pb2.GROWTH_MODE_WIDTH if width_score > branch_score else common_pb2.GROWTH_MODE_BRANCH
+    assert d.growth_mode == expected and "gain per FLOP" in d.reason
+    # Width too dear to fit the compute budget: the largest branch.
+    msg = _with_width(graph([1.0, 1.0, 1.0]), unit_params=51, unit_flops=10**9, **wide)
+    (d,) = policy(growth_modes=("branch", "width"), width_units=1).decide(msg)
+    assert d.growth_mode == common_pb2.GROWTH_MODE_BRANCH and d.blueprint_id == biggest.blueprint_id
 
 
 def _with_width(msg, units=4, input_dim=40, output_dim=10, unit_params=51, unit_flops=100, available=True):
@@ -191,3 +204,20 @@ def test_depth_growth_is_an_option_costed_by_the_rails():
     assert out.action == WAIT and "exceeds the budget" in out.reason
     (d,) = policy(growth_modes=("depth",)).decide(graph([1.0, 1.0, 1.0]))   # no DepthSite: nothing to do
     assert d.action == WAIT
+
+
+def test_growth_options_enumerate_mode_x_blueprint_within_budget():
+    from esper.tamiyo.costs import growth_options
+
+    msg = _with_width(graph([1.0, 1.0, 1.0]))
+    node = msg.nodes[0]
+    node.deepen.CopyFrom(common_pb2.DepthSite(block_parameters=1056, block_flops=2048, available=True))
+    options = growth_options(node, ("branch", "width", "depth"), (), 8, 1e9, 1e9)
+    modes = [o.mode for o in options]
+    assert modes.count("width") == 1 and modes.count("depth") == 1
+    assert modes.count("branch") == len(blueprint_costs_at(node))
+    width = next(o for o in options if o.mode == "width")
+    assert width.units == 8 and width.decision_fields() == {
+        "blueprint": "", "growth_mode": common_pb2.GROWTH_MODE_WIDTH, "growth_units": 8}
+    tight = growth_options(node, ("width", "depth"), (), 8, params_left=200, flops_left=1e9)
+    assert [(o.mode, o.units) for o in tight] == [("width", 3)]   # 3 x 51 params fit, a block does not

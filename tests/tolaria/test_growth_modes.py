@@ -93,3 +93,20 @@ def test_depth_seed_merges_and_resumes(tmp_path):
     assert json.loads((resumed / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]
     manifest = export_run(out)
     assert manifest["plain"] is True and manifest["depth_growth"] == [{"stack": "deepen.0", "init": "identity"}]
+
+
+@pytest.mark.integration
+def test_direct_width_growth_merges_at_once_and_resumes(tmp_path):
+    direct = [*NARROW, "growth.width_lifecycle=direct", "controller.max_adaptations=2", "train.epochs=4",
+              "controller.parameter_budget=3.0", "controller.compute_budget=3.0"]
+    out = tmp_path / "direct"
+    assert main(["--output-dir", str(out), "--progress", "none", *direct]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [(a["mode"], a["outcome"]) for a in summary["adaptations"]] == [("width", "fossilized")] * 2
+    assert summary["params_final"] == count_parameters(MLP(32, hidden=12, num_classes=10, depth=1))  # 4+4+4
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["to"] for e in events] == ["MERGED", "MERGED"]   # no seed lifecycle
+    resumed = tmp_path / "direct_resumed"
+    assert main(["--output-dir", str(resumed), "--progress", "none", "--resume",
+                 str(out / "checkpoints" / "epoch_0003"), *direct]) == 0
+    assert json.loads((resumed / "summary.json").read_text())["final_val_loss"] == summary["final_val_loss"]

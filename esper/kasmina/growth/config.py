@@ -10,6 +10,7 @@ from esper.kasmina.growth.optim_state import FILLS
 
 MODES = ("branch", "width", "depth")
 """Growth modes a run may allow."""
+WIDTH_LIFECYCLES = ("full", "direct")
 
 
 @dataclass
@@ -24,6 +25,10 @@ class GrowthConfig:
     width_factor: float = 1.0
     # Initialisation of width seeds: gradmax, tiny or random.
     init: str = "gradmax"
+    # full: a width seed goes through the seed lifecycle (trial, counterfactual, cull or merge);
+    # direct: GradMax/TINY-style growth, the units are merged into the host at once (insertion is
+    # function-preserving for gradmax and random; TINY takes its line-searched step), no trial.
+    width_lifecycle: str = "full"
     # Optimizer state of new entries: zero (zero-padded) or stats (second moments from the host's).
     optimizer_fill: str = "zero"
     # Depth seeds of ResNet hosts: "identity" (fresh block, last norm zero) or "copy" (the
@@ -40,6 +45,9 @@ def check_growth_config(cfg: GrowthConfig, prefix: str = "growth.") -> None:
         raise ValueError(f"{prefix}modes: {cfg.modes!r}; expected a non-empty list of {', '.join(MODES)}")
     if cfg.init not in INITS:
         raise ValueError(f"{prefix}init: unknown value {cfg.init!r}; expected one of {', '.join(INITS)}")
+    if cfg.width_lifecycle not in WIDTH_LIFECYCLES:
+        raise ValueError(f"{prefix}width_lifecycle: unknown value {cfg.width_lifecycle!r}; expected one of "
+                         f"{', '.join(WIDTH_LIFECYCLES)}")
     if cfg.optimizer_fill not in FILLS:
         raise ValueError(f"{prefix}optimizer_fill: unknown value {cfg.optimizer_fill!r}; expected one of {', '.join(FILLS)}")
     if cfg.depth_init not in DEPTH_MODES:

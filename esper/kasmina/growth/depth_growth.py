@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from esper.kasmina.blueprints import BlueprintSpec
+from esper.kasmina.growth.blend import lifecycle_blend, spec_tag
 from esper.kasmina.growth.depth import DEPTH_MODES, identity_block, identity_linear
+from esper.kasmina.growth.errors import GrowthError
 from esper.kasmina.growth.pair import resolve
-from esper.kasmina.growth.width_growth import _lifecycle_blend, _tag
 from esper.kasmina.layer import KasminaLayer
 from esper.kasmina.lifecycle import ACTIVE_STATES
 from esper.lifecycle import SeedLifecycleState as S
@@ -121,7 +122,7 @@ class DepthGrowth:
 
     def _attach(self, site: str, index: int, seed: DepthSeed) -> None:
         layer = self.sites[site]
-        blend = _lifecycle_blend(layer, index)
+        blend = lifecycle_blend(layer, index)
 
         def hook(module, args, out):
             seed.train(module.training)
@@ -147,7 +148,7 @@ class DepthGrowth:
             raise ValueError(f"depth mode {mode!r}; expected one of {DEPTH_MODES}")
         why = self.blocked(site)
         if why:
-            raise RuntimeError(f"cannot grow depth at {site}: {why}")
+            raise GrowthError(f"cannot grow depth at {site}: {why}")
         block, relu = self._new_block(site, mode)
         seed = DepthSeed(block, relu)
         self.sites[site].germinate(index, depth_spec(self.stacks[site], mode), module=seed, reason=reason)
@@ -163,7 +164,7 @@ class DepthGrowth:
             block = seed.block
             self.stack(site).blocks.append(block)
             spec = layer.blueprint_of(index)
-            self.merged.append((self.stacks[site], _tag(spec, "mode") if spec is not None else "identity"))
+            self.merged.append((self.stacks[site], spec_tag(spec, "mode") if spec is not None else "identity"))
             layer.release_merged(index, f"merged into the host: {self.stacks[site]} now has "
                                         f"{len(self.stack(site).blocks)} block(s)")
             if optimizer is not None:  # after the release: the block is then only the stack's

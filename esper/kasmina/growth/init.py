@@ -12,7 +12,9 @@ the two layers" (see tests).
 - **GradMax** (Evci et al., 2022): fan-in zero, so the function is unchanged; the fan-in gradient
   of unit j is then `M b_j`, and its norm (summed over units, at fixed fan-out norm) is largest for
   the top-k right singular vectors of M. Fan-out columns are those vectors, each scaled to the mean
-  norm of the consumer's existing fan-out columns.
+  norm of the consumer's existing fan-out columns. For units merged straight into a plain host
+  (whose ReLU has derivative 0 at 0) the dual is used: fan-out zero, fan-in from the top-k left
+  singular vectors.
 - **TINY** (Verbockhaven et al., 2024): the new units should best realise the part of the desired
   update `V = -delta` that the existing consumer weights cannot (V projected off the consumer
   input span, for a Linear consumer): minimise `||V_proj - sum_j b_j (a_j . phi)||^2` where phi are
@@ -138,19 +140,33 @@ def _mean_row_norm(rows: torch.Tensor) -> float:
 
 
 def gradmax_init(seed: WidthSeed, host: PairModules, stats: PairStatistics, generator: torch.Generator | None = None,
-                 iterations: int = 4) -> torch.Tensor:
-    """GradMax: fan-in zero, fan-out = top-k right singular vectors of M scaled to the host's fan-out norm.
+                 iterations: int = 4, zero: str = "fan_in") -> torch.Tensor:
+    """GradMax; returns the singular values found (largest first).
 
-    Returns the singular values found (largest first).
+    zero="fan_in" (the paper's choice): fan-in zero, fan-out = the top-k right singular vectors of
+    M scaled to the host's fan-out norm, which maximises the fan-in gradient. It needs an activation
+    whose derivative at 0 is non-zero: the seed's ReLU has subgradient 1 there, a plain host ReLU
+    does not. zero="fan_out" (for units merged into a plain host at once): fan-out zero, fan-in = the
+    top-k left singular vectors scaled to the producer's row norm, which maximises the (linearised)
+    fan-out gradient `M^T a`; the units are live from the first step.
     """
+    if zero not in ("fan_in", "fan_out"):
+        raise ValueError(f"gradmax zero={zero!r}; expected 'fan_in' or 'fan_out'")
     op = _Bilinear(seed, stats.x.to(seed.fan_in.weight.dtype), stats.delta.to(seed.fan_in.weight.dtype))
     w = seed.fan_in.weight
-    _, s, v = top_singular(op.matvec, op.rmatvec, op.dim_b, seed.units, generator, w.dtype, w.device, iterations)
-    scale = _mean_row_norm(_per_unit_fan_out(host.consumer.weight.detach()))
-    rows = torch.zeros(seed.units, op.dim_b, dtype=w.dtype, device=w.device)
-    rows[: v.shape[0]] = v * scale
-    _set_fan_out(seed, rows)
-    _set_fan_in(seed, torch.zeros_like(w).reshape(seed.units, -1))
+    u, s, v = top_singular(op.matvec, op.rmatvec, op.dim_b, seed.units, generator, w.dtype, w.device, iterations)
+    if zero == "fan_in":
+        scale = _mean_row_norm(_per_unit_fan_out(host.consumer.weight.detach()))
+        rows = torch.zeros(seed.units, op.dim_b, dtype=w.dtype, device=w.device)
+        rows[: v.shape[0]] = v * scale
+        _set_fan_out(seed, rows)
+        _set_fan_in(seed, torch.zeros_like(w).reshape(seed.units, -1))
+    else:
+        scale = _mean_row_norm(host.producer.weight.detach().reshape(host.units, -1))
+        rows = torch.zeros(seed.units, op.dim_a, dtype=w.dtype, device=w.device)
+        rows[: u.shape[0]] = u * scale
+        _set_fan_in(seed, rows)
+        _set_fan_out(seed, torch.zeros(seed.units, op.dim_b, dtype=w.dtype, device=w.device))
     return s
 
 

@@ -99,7 +99,6 @@ def pair_modules(model: nn.Module, pair: WidthPair) -> PairModules:
     if units != fan:
         raise ValueError(f"width pair {pair.key}: producer gives {units} units but consumer reads {fan}; "
                          "expected the consumer to read exactly the producer's units")
-    if norm is not None:
-        if not isinstance(norm, NORMS) or norm.num_features != units:
-            raise ValueError(f"width pair {pair.key}: norm must be a BatchNorm over {units} channels, got {norm}")
+    if norm is not None and (not isinstance(norm, NORMS) or norm.num_features != units):
+        raise ValueError(f"width pair {pair.key}: norm must be a BatchNorm over {units} channels, got {norm}")
     return PairModules(producer, consumer, norm)

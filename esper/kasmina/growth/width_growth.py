@@ -18,17 +18,18 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from esper.kasmina import ops
 from esper.kasmina.blueprints import BlueprintSpec
 from esper.kasmina.growth.attach import WidthHooks, attached
+from esper.kasmina.growth.blend import lifecycle_blend, spec_tag
+from esper.kasmina.growth.errors import GrowthError
 from esper.kasmina.growth.init import INITS, TINY_SCALES, gradmax_init, random_init, tiny_init
-from esper.kasmina.growth.merge import merge_width_seed, regrow
-from esper.kasmina.growth.optim_state import FILLS, fill_new_parameter
+from esper.kasmina.growth.merge import merge_width_seed, regrow, widen_pair
+from esper.kasmina.growth.optim_state import fill_new_parameter
 from esper.kasmina.growth.pair import WidthPair, pair_modules
 from esper.kasmina.growth.seed import WidthSeed
 from esper.kasmina.growth.statistics import capture_statistics
 from esper.kasmina.layer import KasminaLayer
-from esper.kasmina.lifecycle import ACTIVE_STATES, FROZEN_STATES
+from esper.kasmina.lifecycle import ACTIVE_STATES
 from esper.lifecycle import SeedLifecycleState as S
 
 FAMILY = "width"
@@ -41,33 +42,6 @@ def width_spec(pair: WidthPair, units: int, init: str) -> BlueprintSpec:
     return BlueprintSpec(blueprint_id=FAMILY, family=FAMILY, version=1,
                          description=f"{units} new units between {pair.producer} and {pair.consumer}",
                          tags=[f"units={units}", f"pair={pair.key}", f"init={init}"])
-
-
-def _tag(spec: BlueprintSpec, name: str) -> str:
-    for tag in spec.tags:
-        key, _, value = tag.partition("=")
-        if key == name:
-            return value
-    raise ValueError(f"width seed spec has no {name!r} tag; expected tags units=, pair=, init=")
-
-
-def _lifecycle_blend(layer: KasminaLayer, index: int) -> Callable:
-    def blend(out: torch.Tensor, x: torch.Tensor, seed: WidthSeed) -> torch.Tensor:
-        state = layer.state_of(index)
-        if state not in ACTIVE_STATES:
-            return out
-        if state in FROZEN_STATES:
-            with torch.no_grad():
-                s = seed(x.detach())
-        elif state == S.TRAINING:
-            s = seed(x.detach())
-            if s.requires_grad and torch.is_grad_enabled():
-                s.register_hook(functools.partial(layer._alignment_hook, index, s.detach()))
-        else:
-            s = seed(x)
-        t = layer.table
-        return ops.seed_blend(out, s.to(out.dtype), t.state[index : index + 1], t.alpha[index : index + 1])
-    return blend
 
 
 class WidthGrowth:
@@ -93,9 +67,9 @@ class WidthGrowth:
     def _site_of(self, pair: WidthPair) -> str | None:
         best = None
         for name, _ in self.sites:
-            if pair.producer == name or pair.producer.startswith(name + "."):
-                if best is None or len(name) > len(best):
-                    best = name
+            inside = pair.producer == name or pair.producer.startswith(name + ".")
+            if inside and (best is None or len(name) > len(best)):
+                best = name
         return best
 
     def _layer(self, site: str) -> KasminaLayer:
@@ -135,14 +109,14 @@ class WidthGrowth:
 
     def _build(self, site: str, layer: KasminaLayer, spec: BlueprintSpec, index: int) -> WidthSeed:
         pair = self.pairs[site]
-        if _tag(spec, "pair") != pair.key:
-            raise ValueError(f"width seed at {site} was grown for pair {_tag(spec, 'pair')}, expected {pair.key}")
-        seed = WidthSeed(pair, pair_modules(self.model, pair), int(_tag(spec, "units")))
+        if spec_tag(spec, "pair") != pair.key:
+            raise ValueError(f"width seed at {site} was grown for pair {spec_tag(spec, 'pair')}, expected {pair.key}")
+        seed = WidthSeed(pair, pair_modules(self.model, pair), int(spec_tag(spec, "units")))
         self._attach(site, layer, index, seed)
         return seed
 
     def _attach(self, site: str, layer: KasminaLayer, index: int, seed: WidthSeed) -> None:
-        hooks = WidthHooks(self.model, seed.pair, seed, _lifecycle_blend(layer, index))
+        hooks = WidthHooks(self.model, seed.pair, seed, lifecycle_blend(layer, index))
         hooks.install()
         key = (site, index)
         self._hooks[key] = hooks
@@ -158,16 +132,47 @@ class WidthGrowth:
         """Plants an initialised width seed of `units` units in slot `index` of `site` (-> TRAINING).
 
         The statistics pass (GradMax, TINY) runs on `batches()`; returns its cost in single-sample
-        forward passes of the model (a forward+backward counts 3), for FLOP accounting. With `optimizer`, the seed parameters'
-        state is prepared per `fill` (they join the optimizer as a new group afterwards).
+        forward passes of the model (a forward+backward counts 3), for FLOP accounting. With
+        `optimizer`, the seed parameters' state is prepared per `fill` (they join the optimizer as a
+        new group afterwards).
         """
+        pair, layer, mods, seed, passes = self._new_seed(site, units, init, batches, loss_fn, generator)
+        layer.germinate(index, width_spec(pair, units, init), module=seed, reason=reason)
+        self._attach(site, layer, index, seed)
+        if optimizer is not None:
+            host = {"fan_in.weight": mods.producer.weight, "fan_in.bias": mods.producer.bias,
+                    "fan_out.weight": mods.consumer.weight}
+            if mods.norm is not None:
+                host |= {"norm.weight": mods.norm.weight, "norm.bias": mods.norm.bias}
+            for name, p in seed.named_parameters():
+                if host.get(name) is not None:
+                    fill_new_parameter(optimizer, p, host[name], fill)
+        return passes
+
+    def grow_now(self, site: str, units: int, init: str, batches: Batches, loss_fn: LossFn,
+                 optimizer: torch.optim.Optimizer | None = None, fill: str = "zero",
+                 generator: torch.Generator | None = None) -> int:
+        """Direct growth (no lifecycle): initialise `units` units and merge them into the host at once.
+
+        The host's optimizer state is kept and the new entries get zero / `fill` state. Returns the
+        statistics pass's cost in single-sample forward passes.
+        """
+        # Merged at once, the units meet the host's own ReLU (derivative 0 at 0): GradMax zeroes
+        # the fan-out instead of the fan-in so that they are live.
+        pair, _, _, seed, passes = self._new_seed(site, units, init, batches, loss_fn, generator, zero="fan_out")
+        widen_pair(self.model, pair, seed, optimizer, fill)
+        self.merged.append((pair.key, units))
+        for hooks in self._hooks.values():
+            hooks.install()
+        return passes
+
+    def _new_seed(self, site: str, units: int, init: str, batches: Batches, loss_fn: LossFn,
+                  generator: torch.Generator | None, zero: str = "fan_in"):
         if init not in INITS:
             raise ValueError(f"width init {init!r}; expected one of {INITS}")
-        if fill not in FILLS:
-            raise ValueError(f"optimizer fill {fill!r}; expected one of {FILLS}")
         why = self.blocked(site)
         if why:
-            raise RuntimeError(f"cannot grow width at {site}: {why}")
+            raise GrowthError(f"cannot grow width at {site}: {why}")
         pair = self.pairs[site]
         layer = self._layer(site)
         step = self.unit_step(site)
@@ -184,21 +189,11 @@ class WidthGrowth:
             stats = capture_statistics(self.model, pair, data, loss_fn)
             passes = 3 * stats.samples  # forward + backward ~ 3 forward passes
             if init == "gradmax":
-                gradmax_init(seed, mods, stats, generator)
+                gradmax_init(seed, mods, stats, generator, zero=zero)
             else:
                 passes += stats.samples * len(TINY_SCALES)  # the line search: forward only
                 tiny_init(seed, mods, stats, functools.partial(self._loss_with, pair, data, loss_fn), generator)
-        layer.germinate(index, width_spec(pair, units, init), module=seed, reason=reason)
-        self._attach(site, layer, index, seed)
-        if optimizer is not None:
-            host = {"fan_in.weight": mods.producer.weight, "fan_in.bias": mods.producer.bias,
-                    "fan_out.weight": mods.consumer.weight}
-            if mods.norm is not None:
-                host |= {"norm.weight": mods.norm.weight, "norm.bias": mods.norm.bias}
-            for name, p in seed.named_parameters():
-                if host.get(name) is not None:
-                    fill_new_parameter(optimizer, p, host[name], fill)
-        return passes
+        return pair, layer, mods, seed, passes
 
     def _loss_with(self, pair: WidthPair, data: list, loss_fn: LossFn, seed: WidthSeed) -> float:
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}

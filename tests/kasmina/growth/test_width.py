@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from esper.kasmina.growth import (
     WidthPair,
@@ -206,3 +205,25 @@ def test_bad_pair_names_what_is_wrong():
         pair_modules(model, WidthPair("hidden.0", "hidden.0"))
     with pytest.raises(ValueError, match="activation"):
         WidthPair("hidden.0", "hidden.1", activation="gelu")
+
+
+def test_gradmax_dual_keeps_units_merged_into_a_plain_relu_host_alive():
+    # Merged at once, new units meet torch.relu (derivative 0 at 0): with a zero fan-in they would
+    # never train. The dual GradMax (fan-out zero, fan-in from the top singular vectors) is
+    # function-preserving and its units learn from the first step.
+    torch.manual_seed(0)
+    model = MLP(30, hidden=4, num_classes=10, depth=1)
+    x, y = _data((30,), n=128)
+    before = model(x).detach()
+    pair = model.width_pairs()[0]
+    mods = pair_modules(model, pair)
+    seed = WidthSeed(pair, mods, 3)
+    gradmax_init(seed, mods, capture_statistics(model, pair, [(x, y)], F.cross_entropy),
+                 torch.Generator().manual_seed(0), zero="fan_out")
+    assert torch.count_nonzero(seed.fan_out.weight) == 0 and torch.count_nonzero(seed.fan_in.weight) > 0
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    widen_pair(model, pair, seed, optimizer=opt)
+    assert (model(x) - before).abs().max() <= 1e-6
+    for _ in range(3):
+        _step(model, opt, x, y)
+    assert torch.count_nonzero(model.head.weight[:, 4:]) > 0      # the new units' fan-out trains
