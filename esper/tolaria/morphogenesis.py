@@ -242,13 +242,14 @@ class Morphogenesis:
             return flops
         layer = self.driver.site(d.layer_name)
         if action == common_pb2.DECISION_ACTION_GERMINATE:
+            mode = {common_pb2.GROWTH_MODE_WIDTH: "width", common_pb2.GROWTH_MODE_DEPTH: "depth"}.get(
+                d.growth_mode, "branch")
             steps_left = self.total_steps - self.driver.global_step
-            if self.total_steps and not self.driver.can_finish(steps_left, self.steps_per_epoch):
+            direct = mode == "width" and self.growth is not None and self.growth.direct_width  # no lifecycle
+            if self.total_steps and not direct and not self.driver.can_finish(steps_left, self.steps_per_epoch):
                 self.refused.append({"epoch": epoch, "layer": d.layer_name, "seed": d.seed_index,
                                      "blueprint": d.blueprint_id, "steps_left": steps_left})
                 return flops
-            mode = {common_pb2.GROWTH_MODE_WIDTH: "width", common_pb2.GROWTH_MODE_DEPTH: "depth"}.get(
-                d.growth_mode, "branch")
             self._adaptations.append({
                 "epoch": epoch, "layer": d.layer_name, "seed": d.seed_index,
                 "blueprint": mode if mode != "branch" else d.blueprint_id, "mode": mode,
