@@ -113,7 +113,7 @@ def plot(report: dict[str, Any], path: Path) -> str:
     agg = report["aggregate"]
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     lines: dict[str, list[tuple[float, float, float]]] = {}
-    for name, a in agg["arms"].items():
+    for a in agg["arms"].values():
         t = a["test_acc"]
         err = 0.0 if math.isnan(t["ci_high"]) else t["ci_high"] - t["mean"]
         label = {"static": f"static width {a['width']}", "esper": report.get("esper_label", "esper")}.get(a["kind"])

@@ -97,7 +97,7 @@ def flops_to_reach(curve: list[tuple[float, float]], accuracy: float) -> tuple[f
         return None, "no points"
     if points[0][1] >= accuracy:
         return points[0][0], "at or below the smallest budget"
-    for (f0, a0), (f1, a1) in zip(points, points[1:]):
+    for (f0, a0), (f1, a1) in zip(points, points[1:], strict=False):
         if a1 >= accuracy:
             t = (accuracy - a0) / (a1 - a0) if a1 != a0 else 1.0
             return math.exp(math.log(f0) + t * (math.log(f1) - math.log(f0))), "interpolated"

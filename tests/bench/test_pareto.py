@@ -10,7 +10,6 @@ import pytest
 from esper.bench.pareto import aggregate, budget_overrides, check_targets
 from esper.bench.pareto_plan import ESPER, MATCHED, STATIC, Job, ParetoPlan, arm_id, choose_lr, matched_steps
 from esper.bench.pareto_stats import (
-    arm_summary,
     flops_to_reach,
     frontier_arm,
     mean_ci,

@@ -33,7 +33,7 @@ def test_a_seed_on_the_fastest_path_reaches_its_verdict_exactly_in_the_bound():
     layer.germinate(0, "residual_mlp")
     layer.read_alignment = lambda i: AlignmentWindow(-1.0, 1.0, 1.0)  # always aligned: the fastest gate
     x = torch.randn(2, 3)
-    for epoch in range(epochs):
+    for _epoch in range(epochs):
         assert layer.state_of(0) != S.FOSSILIZED
         for _ in range(spe):
             model(x).sum().backward()
