@@ -477,6 +477,10 @@ def run(args) -> int:
         "complete": plan.complete(results), "deviations": deviations(plan), "notes": list(args.note),
         "aggregate": agg, "targets": check_targets(agg), "runs": len(results),
     }
+    if args.report_only:
+        report["notes"].insert(0, "Written with --report-only from the runs in --workdir; the same command without "
+                                  "--report-only trains whatever run the workdir lacks first (all of them in an "
+                                  "empty workdir), then writes the same files.")
     command = "esper-bench growth " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[2:]))
     report["command"] = command
     text = to_markdown(report)
