@@ -123,7 +123,10 @@ def plot(report: dict[str, Any], path: Path) -> str:
             continue
         lines.setdefault(label, []).append((a["flops"], t["mean"], err))
     esper = report.get("esper_label", "esper")
-    for label, pts in sorted(lines.items(), key=lambda kv: (kv[0] == esper, kv[0])):
+    def order(label: str) -> tuple:
+        return (label == esper, int(label.rsplit(" ", 1)[1]) if label.startswith("static width ") else 0, label)
+
+    for label, pts in sorted(lines.items(), key=lambda kv: order(kv[0])):
         pts.sort()
         style = {"color": "tab:red", "linewidth": 2.2, "marker": "o"} if label == esper else {"marker": "."}
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], capsize=3, label=label,
