@@ -481,8 +481,10 @@ def run(args) -> int:
         report["notes"].insert(0, "Written with --report-only from the runs in --workdir; the same command without "
                                   "--report-only trains whatever run the workdir lacks first (all of them in an "
                                   "empty workdir), then writes the same files.")
-    command = "esper-bench growth " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[2:]))
-    report["command"] = command
+    argv = list(getattr(args, "argv", sys.argv[2:]))
+    shown = [a for i, a in enumerate(argv) if a != "--note" and (i == 0 or argv[i - 1] != "--note")]
+    command = "esper-bench growth " + " ".join(shlex.quote(a) for a in shown)
+    report["command"] = command + (" (plus the --note lines printed below)" if len(shown) < len(argv) else "")
     text = to_markdown(report)
     print(text)
     stem = Path(args.output) if args.output else None
