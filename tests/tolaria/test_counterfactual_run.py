@@ -9,7 +9,6 @@ import torch
 from esper.kasmina.lifecycle import min_lifecycle_epochs
 from esper.tolaria.config import load_config
 from esper.tolaria.counterfactual import counterfactual_split
-from esper.tolaria.morphogenesis import kasmina_lifecycle_config
 from esper.tolaria.trainer import Trainer
 
 DEV = str(Path(__file__).resolve().parents[2] / "configs" / "development.yaml")
@@ -44,7 +43,7 @@ def test_no_germination_that_cannot_finish_before_the_run_ends(tmp_path):
     trainer.start()
     summary = trainer.train()
     spe = trainer.steps_per_epoch
-    need = min_lifecycle_epochs(kasmina_lifecycle_config(trainer.config), spe)
+    need = min_lifecycle_epochs(trainer.config.lifecycle, spe)
     assert 1 < need < epochs  # the test needs both allowed and refused germinations
     assert summary["adaptations"], "the controller germinated nothing at all"
     for a in summary["adaptations"]:
