@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from esper.lifecycle import SeedLifecycleState as S
-from esper.tamiyo.costs import budget_left, cost_of
+from esper.tamiyo.costs import budget_left, decision_cost
 from esper.tamiyo.policy import Action, AdaptationDecision, ModelGraphState, Policy, RailsConfig, wait
+from esper.v1 import common_pb2
 
 
 class SafetyRails:
@@ -54,9 +55,11 @@ class SafetyRails:
             if self.adaptations >= self.cfg.max_adaptations:
                 out.append(wait(f"rail: max_adaptations {self.cfg.max_adaptations} reached", version))
                 continue
-            cost = cost_of(node, d.blueprint_id)
+            cost = decision_cost(node, d)
             if cost is None:
-                out.append(wait(f"rail: blueprint {d.blueprint_id!r} does not fit {d.layer_name}", version))
+                what = {common_pb2.GROWTH_MODE_WIDTH: "width growth", common_pb2.GROWTH_MODE_DEPTH: "depth growth"}.get(
+                    d.growth_mode, f"blueprint {d.blueprint_id!r}")
+                out.append(wait(f"rail: {what} does not fit {d.layer_name}", version))
                 continue
             if cost.parameters > params_left or cost.flops > flops_left:
                 out.append(wait(f"rail: {d.blueprint_id} ({cost.parameters} params, {cost.flops} FLOPs) "

@@ -41,11 +41,17 @@ class PolicySettings:
     max_adaptations: int = 8
     # Blueprints the policy may choose from (empty = every one fitting the site).
     blueprints: list[str] = field(default_factory=list)
+    # Growth modes the policy may choose ("branch", "width", "depth") and the size of a width seed.
+    growth_modes: list[str] = field(default_factory=lambda: ["branch"])
+    width_units: int = 0
+    width_factor: float = 1.0
 
     def heuristic(self) -> HeuristicConfig:
         return HeuristicConfig(start_epoch=self.start_epoch, plateau_window=self.plateau_window,
                                plateau_threshold=self.plateau_threshold,
-                               grow_without_plateau=self.grow_without_plateau, blueprints=tuple(self.blueprints))
+                               grow_without_plateau=self.grow_without_plateau, blueprints=tuple(self.blueprints),
+                               growth_modes=tuple(self.growth_modes), width_units=self.width_units,
+                               width_factor=self.width_factor)
 
     def rails(self) -> RailsConfig:
         return RailsConfig(cooldown_epochs=self.cooldown_epochs, max_concurrent=self.max_concurrent,

@@ -139,6 +139,8 @@ class Trainer:
             params_initial=self.params_initial, flops_initial=self.host_flops, enabled=self.morphogenetic,
         )
         self.model = self.morph.model
+        if self.payload is not None:
+            self.morph.restore_structure(self.payload["morph"])  # merged width, before the optimizer
         for setup in self.setup_hooks:
             setup(self)
         self.ranks.attach(self)
@@ -149,12 +151,19 @@ class Trainer:
             total = min(total, cfg.train.max_steps)
         self.total_steps = total
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        if self.morph.growth is not None:
+            self.morph.growth.optimizer = self.optimizer
+            self.morph.growth.batches = self._growth_batches
         self.schedule = LRSchedule(cfg.schedule, self.total_steps, self.steps_per_epoch)
         self.amp = cfg.train.amp and self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if cfg.train.amp_dtype == "bfloat16" else torch.float16
         # bfloat16 has float32's range: no loss scaling needed.
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.governor = Governor(cfg.governor)
+        from esper.tolaria.counterfactual import build_counterfactual
+
+        self.morph.total_steps = self.total_steps
+        self.morph.driver.counterfactual = build_counterfactual(self)
         if self.payload is not None:
             self._restore(self.payload)
         self.ranks.broadcast_model(self.model)
@@ -407,8 +416,15 @@ class Trainer:
     def _account_eval(self, n: int) -> None:
         self.state.eval_flops += self.morph.eval_flops_per_sample() * n
 
+    def _growth_batches(self):
+        """Training batches for a width seed's statistics pass (its own order, no augmentation)."""
+        cfg = self.config
+        for _, x, y in train_batches(self.data, cfg.data.batch_size, cfg.train.seed + 7919, self.state.epoch):
+            yield x, y
+
     def _apply_growth(self, growth) -> None:
         """After an epoch boundary (`growth` says what changed): the optimizer follows the seeds."""
+        self.state.growth_flops += growth.flops
         self._sync_param_groups()
 
     def _sync_param_groups(self) -> None:

@@ -254,6 +254,34 @@ ARTIFACT_STATUS_INVALID: ArtifactStatus.ValueType  # 3
 """Rejected by the compiler; status_reason says why. Downloading it is FAILED_PRECONDITION."""
 Global___ArtifactStatus: _TypeAlias = ArtifactStatus  # noqa: Y015
 
+class _GrowthMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GrowthModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GrowthMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GROWTH_MODE_UNSPECIFIED: _GrowthMode.ValueType  # 0
+    """Decisions from before growth modes: a residual branch."""
+    GROWTH_MODE_BRANCH: _GrowthMode.ValueType  # 1
+    """A residual side-branch h + alpha * s(h) from a blueprint."""
+    GROWTH_MODE_WIDTH: _GrowthMode.ValueType  # 2
+    """New units between two host layers, merged into them when fossilized."""
+    GROWTH_MODE_DEPTH: _GrowthMode.ValueType  # 3
+    """A new block that starts as the identity."""
+
+class GrowthMode(_GrowthMode, metaclass=_GrowthModeEnumTypeWrapper):
+    """How a germination adds capacity."""
+
+GROWTH_MODE_UNSPECIFIED: GrowthMode.ValueType  # 0
+"""Decisions from before growth modes: a residual branch."""
+GROWTH_MODE_BRANCH: GrowthMode.ValueType  # 1
+"""A residual side-branch h + alpha * s(h) from a blueprint."""
+GROWTH_MODE_WIDTH: GrowthMode.ValueType  # 2
+"""New units between two host layers, merged into them when fossilized."""
+GROWTH_MODE_DEPTH: GrowthMode.ValueType  # 3
+"""A new block that starts as the identity."""
+Global___GrowthMode: _TypeAlias = GrowthMode  # noqa: Y015
+
 class _DecisionAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -896,6 +924,8 @@ class GraphNode(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     OUTPUT_SHAPE_FIELD_NUMBER: _builtins.int
     DEPTH_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    DEEPEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Unique within the graph; edges refer to it."""
     layer_name: _builtins.str
@@ -912,6 +942,14 @@ class GraphNode(_message.Message):
     def output_shape(self) -> Global___TensorShape:
         """Shape of the host output at this site, batch dimension -1."""
 
+    @_builtins.property
+    def width(self) -> Global___WidthSite:
+        """Width growth at this site (absent or units == 0: the site has no width pair)."""
+
+    @_builtins.property
+    def deepen(self) -> Global___DepthSite:
+        """Depth growth after this site (absent: no block can be added there)."""
+
     def __init__(
         self,
         *,
@@ -921,14 +959,89 @@ class GraphNode(_message.Message):
         seed: Global___SeedSlot | None = ...,
         output_shape: Global___TensorShape | None = ...,
         depth: _builtins.int = ...,
+        width: Global___WidthSite | None = ...,
+        deepen: Global___DepthSite | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["output_shape", b"output_shape", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deepen", b"deepen", "output_shape", b"output_shape", "seed", b"seed", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["depth", b"depth", "layer_kind", b"layer_kind", "layer_name", b"layer_name", "node_id", b"node_id", "output_shape", b"output_shape", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deepen", b"deepen", "depth", b"depth", "layer_kind", b"layer_kind", "layer_name", b"layer_name", "node_id", b"node_id", "output_shape", b"output_shape", "seed", b"seed", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GraphNode: _TypeAlias = GraphNode  # noqa: Y015
+
+@_typing.final
+class DepthSite(_message.Message):
+    """A new block after a site: what a depth seed there would add."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BLOCKS_FIELD_NUMBER: _builtins.int
+    BLOCK_PARAMETERS_FIELD_NUMBER: _builtins.int
+    BLOCK_FLOPS_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    blocks: _builtins.int
+    """Blocks already added after the site."""
+    block_parameters: _builtins.int
+    """Cost of one more block: parameters and forward FLOPs per sample."""
+    block_flops: _builtins.int
+    available: _builtins.bool
+    """False while a seed of the site is in flight or fossilized."""
+    def __init__(
+        self,
+        *,
+        blocks: _builtins.int = ...,
+        block_parameters: _builtins.int = ...,
+        block_flops: _builtins.int = ...,
+        available: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "block_flops", b"block_flops", "block_parameters", b"block_parameters", "blocks", b"blocks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DepthSite: _TypeAlias = DepthSite  # noqa: Y015
+
+@_typing.final
+class WidthSite(_message.Message):
+    """The width pair whose producer is a site: what a width seed there would widen."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNITS_FIELD_NUMBER: _builtins.int
+    INPUT_DIM_FIELD_NUMBER: _builtins.int
+    OUTPUT_DIM_FIELD_NUMBER: _builtins.int
+    UNIT_PARAMETERS_FIELD_NUMBER: _builtins.int
+    UNIT_FLOPS_FIELD_NUMBER: _builtins.int
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    units: _builtins.int
+    """Current units (hidden features / channels) between producer and consumer."""
+    input_dim: _builtins.int
+    """Features (or channels) the producer reads and the consumer writes."""
+    output_dim: _builtins.int
+    unit_parameters: _builtins.int
+    """Cost of one more unit: parameters and forward FLOPs per sample."""
+    unit_flops: _builtins.int
+    available: _builtins.bool
+    """False while a seed of the site is in flight or fossilized (width cannot grow there now)."""
+    def __init__(
+        self,
+        *,
+        units: _builtins.int = ...,
+        input_dim: _builtins.int = ...,
+        output_dim: _builtins.int = ...,
+        unit_parameters: _builtins.int = ...,
+        unit_flops: _builtins.int = ...,
+        available: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "input_dim", b"input_dim", "output_dim", b"output_dim", "unit_flops", b"unit_flops", "unit_parameters", b"unit_parameters", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WidthSite: _TypeAlias = WidthSite  # noqa: Y015
 
 @_typing.final
 class GraphEdge(_message.Message):
@@ -1092,6 +1205,9 @@ class AdaptationDecision(_message.Message):
     CONFIDENCE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    GROWTH_MODE_FIELD_NUMBER: _builtins.int
+    GROWTH_UNITS_FIELD_NUMBER: _builtins.int
+    GROWTH_INIT_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
     """Unique id, echoed in the FieldReport about it."""
     action: Global___DecisionAction.ValueType
@@ -1108,6 +1224,12 @@ class AdaptationDecision(_message.Message):
     """Why, for people and logs."""
     policy_version: _builtins.str
     """Version of the policy that decided."""
+    growth_mode: Global___GrowthMode.ValueType
+    growth_units: _builtins.int
+    """Width growth: units to add (0: the trainer's default) and the initialisation
+    ("gradmax", "tiny", "random"; empty: the trainer's default).
+    """
+    growth_init: _builtins.str
     def __init__(
         self,
         *,
@@ -1119,10 +1241,13 @@ class AdaptationDecision(_message.Message):
         confidence: _builtins.float = ...,
         reason: _builtins.str = ...,
         policy_version: _builtins.str = ...,
+        growth_mode: Global___GrowthMode.ValueType = ...,
+        growth_units: _builtins.int = ...,
+        growth_init: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "blueprint_id", b"blueprint_id", "confidence", b"confidence", "decision_id", b"decision_id", "layer_name", b"layer_name", "policy_version", b"policy_version", "reason", b"reason", "seed_index", b"seed_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "blueprint_id", b"blueprint_id", "confidence", b"confidence", "decision_id", b"decision_id", "growth_init", b"growth_init", "growth_mode", b"growth_mode", "growth_units", b"growth_units", "layer_name", b"layer_name", "policy_version", b"policy_version", "reason", b"reason", "seed_index", b"seed_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

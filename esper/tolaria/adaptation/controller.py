@@ -23,6 +23,7 @@ from esper.kasmina import (
     get_blueprint,
     seed_from_kernel,
 )
+from esper.kasmina.growth.errors import GrowthError
 from esper.lifecycle import SeedLifecycleState as S
 from esper.tamiyo.costs import blueprint_costs_at
 from esper.tezzeret.kernel_ids import kernel_id_for
@@ -350,14 +351,16 @@ class RemoteController(BoundaryHook):
                     self._note(f"decision {d.decision_id[:8]}: {d.layer_name}[{d.seed_index}] is "
                                f"{layer.state_of(d.seed_index).name} by now; dropped")
                     continue
-                failed = self._failed_kernel_for(layer, d.blueprint_id)
+                # Width and depth seeds are built in-process: no blueprint, nothing to compile.
+                structural = d.growth_mode in (common_pb2.GROWTH_MODE_WIDTH, common_pb2.GROWTH_MODE_DEPTH)
+                failed = "" if structural else self._failed_kernel_for(layer, d.blueprint_id)
                 if failed:
                     self._note(f"decision {d.decision_id[:8]}: {d.blueprint_id} at {d.layer_name} failed to "
                                f"compile earlier in this run ({failed}); dropped")
                     continue
             try:
                 self.morph.apply_decision(d, epoch + 1)
-            except (IllegalTransitionError, BlueprintError) as exc:  # the slot moved on since the graph
+            except (IllegalTransitionError, BlueprintError, GrowthError) as exc:  # the slot moved on since the graph
                 self._note(f"decision {d.decision_id[:8]} on {d.layer_name}[{d.seed_index}] dropped: {exc}")
         return len(self.morph.param_group_names()) != before
 
