@@ -116,6 +116,8 @@ class Morphogenesis:
         # Set by esper.tolaria.remote.RemoteController: germinates awaiting a compiled kernel.
         self.germinate_hook: Callable[[KasminaLayer, common_pb2.AdaptationDecision], None] | None = None
         self._flops_cache: tuple[tuple, float] | None = None
+        # Validation accuracy per epoch, for the accuracy trend learned policies read.
+        self._accuracy_history: list[float] = []
         if enabled:
             for _, layer in self.driver.sites:
                 layer.set_telemetry_probe(True)  # the controller needs health of dormant sites too
@@ -199,6 +201,7 @@ class Morphogenesis:
         self._evaluate_acc = lambda: evaluate()[1]
         self.driver.set_position(global_step, epoch)
         self.driver.end_epoch(baseline=val_acc)
+        self._accuracy_history.append(val_acc)
         if self.enabled:
             state = self.graph_state(epoch + 1, global_step, total_epochs, train_loss, val_loss, val_acc, history)
             for decision in self.controller.decide(state):
@@ -267,6 +270,8 @@ class Morphogenesis:
         sig.val_loss_history.extend(history)
         sig.parameter_count = params
         sig.initial_parameter_count = self.params_initial
+        sig.initial_flops_per_sample = float(self.flops_initial)
+        sig.val_accuracy_history.extend(self._accuracy_history)
         sig.parameter_budget_left = min(1.0, max(0.0, 1.0 - param_frac))
         sig.compute_budget_left = min(1.0, max(0.0, 1.0 - flop_frac))
         sig.active_adaptations = sum(1 for _, layer in self.driver.sites for i in range(layer.num_seeds)
@@ -369,6 +374,7 @@ class Morphogenesis:
             "adaptations": [dict(r) for r in self._adaptations],
             "timeline": [dict(r) for r in self._timeline],
             "clock": {"global_step": self.driver.global_step, "epoch": self.driver.epoch},
+            "accuracy_history": list(self._accuracy_history),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -376,6 +382,7 @@ class Morphogenesis:
         self._adaptations = [dict(r) for r in state["adaptations"]]
         self._timeline = [dict(r) for r in state["timeline"]]
         self.driver.set_position(state["clock"]["global_step"], state["clock"]["epoch"])
+        self._accuracy_history = list(state.get("accuracy_history", []))  # absent in older checkpoints
         self._flops_cache = None
 
 
