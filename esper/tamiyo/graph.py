@@ -130,7 +130,10 @@ def _site_costs(chunk: int, shape: tuple[int, ...], blueprints: tuple[str, ...])
 
 def budget_fractions(signals: common_pb2.TrainingSignals, parameter_budget: float,
                      compute_budget: float) -> tuple[float, float]:
-    """(parameters, forward FLOPs per sample) still allowed by the budgets (as in the rails)."""
+    """(parameters, forward FLOPs per sample) still allowed by the budgets (as in the rails). The
+    budgets the graph carries win over the arguments, so a stored graph is read as it was seen."""
+    parameter_budget = signals.parameter_budget or parameter_budget
+    compute_budget = signals.compute_budget or compute_budget
     params = signals.parameter_budget_left * parameter_budget * signals.initial_parameter_count
     flops = signals.compute_budget_left * compute_budget * signals.initial_flops_per_sample
     return params, flops
@@ -146,7 +149,7 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
     """The policy input for `state` (see the module docstring).
 
     `parameter_budget`/`compute_budget` are the rails' budgets (multiples of the host), used to
-    mark candidates that fit what is left; `allowed_blueprints` (empty: all) restricts growth as
+    mark candidates that fit what is left when the graph does not carry its own; `allowed_blueprints` (empty: all) restricts growth as
     the run's config does. Extra attributes: `u` [1, G] global features, `mask` [N, A] legal
     actions, `edge_index_reverse`, and `node_keys` (layer name, seed index) per node.
     """

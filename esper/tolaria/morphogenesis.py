@@ -274,6 +274,8 @@ class Morphogenesis:
         sig.val_accuracy_history.extend(self._accuracy_history)
         sig.parameter_budget_left = min(1.0, max(0.0, 1.0 - param_frac))
         sig.compute_budget_left = min(1.0, max(0.0, 1.0 - flop_frac))
+        sig.parameter_budget = ctl.parameter_budget
+        sig.compute_budget = ctl.compute_budget
         sig.active_adaptations = sum(1 for _, layer in self.driver.sites for i in range(layer.num_seeds)
                                      if layer.state_of(i) in IN_FLIGHT)
         msg.create_time.GetCurrentTime()

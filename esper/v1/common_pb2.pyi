@@ -675,6 +675,8 @@ class TrainingSignals(_message.Message):
     ACTIVE_ADAPTATIONS_FIELD_NUMBER: _builtins.int
     INITIAL_FLOPS_PER_SAMPLE_FIELD_NUMBER: _builtins.int
     VAL_ACCURACY_HISTORY_FIELD_NUMBER: _builtins.int
+    PARAMETER_BUDGET_FIELD_NUMBER: _builtins.int
+    COMPUTE_BUDGET_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     total_epochs: _builtins.int
     global_step: _builtins.int
@@ -689,6 +691,11 @@ class TrainingSignals(_message.Message):
     active_adaptations: _builtins.int
     initial_flops_per_sample: _builtins.float
     """Forward FLOPs per sample of the host before any growth (the unit of the compute budget)."""
+    parameter_budget: _builtins.float
+    """The growth budgets the fractions above are of, as multiples of the host (0 when not sent):
+    extra parameters, extra forward FLOPs per sample.
+    """
+    compute_budget: _builtins.float
     @_builtins.property
     def val_loss_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Recent validation losses, oldest first."""
@@ -714,10 +721,12 @@ class TrainingSignals(_message.Message):
         active_adaptations: _builtins.int = ...,
         initial_flops_per_sample: _builtins.float = ...,
         val_accuracy_history: _abc.Iterable[_builtins.float] | None = ...,
+        parameter_budget: _builtins.float = ...,
+        compute_budget: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adaptations", b"active_adaptations", "compute_budget_left", b"compute_budget_left", "epoch", b"epoch", "global_step", b"global_step", "initial_flops_per_sample", b"initial_flops_per_sample", "initial_parameter_count", b"initial_parameter_count", "parameter_budget_left", b"parameter_budget_left", "parameter_count", b"parameter_count", "total_epochs", b"total_epochs", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_accuracy_history", b"val_accuracy_history", "val_loss", b"val_loss", "val_loss_history", b"val_loss_history"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adaptations", b"active_adaptations", "compute_budget", b"compute_budget", "compute_budget_left", b"compute_budget_left", "epoch", b"epoch", "global_step", b"global_step", "initial_flops_per_sample", b"initial_flops_per_sample", "initial_parameter_count", b"initial_parameter_count", "parameter_budget", b"parameter_budget", "parameter_budget_left", b"parameter_budget_left", "parameter_count", b"parameter_count", "total_epochs", b"total_epochs", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_accuracy_history", b"val_accuracy_history", "val_loss", b"val_loss", "val_loss_history", b"val_loss_history"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
