@@ -47,7 +47,8 @@ GROWTH_MODES: tuple[str, ...] = ("branch",)
 
 LIFECYCLE_STATES: tuple[S, ...] = tuple(s for s in S if s != S.UNSPECIFIED)
 # A seed that is live in the host can be culled by the policy.
-CULLABLE = frozenset({S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
+_STATE_VALUES = tuple(int(s) for s in LIFECYCLE_STATES)
+CULLABLE = frozenset(int(s) for s in (S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING))
 LAYER_KINDS: tuple[str, ...] = ("linear", "conv1d", "conv2d")
 
 WAIT, CULL, FIRST_GROW = 0, 1, 2
@@ -171,8 +172,11 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
     num_actions = FIRST_GROW + len(GROWTH_MODES) * len(bps)
 
     rows: list[list[float]] = []
-    mask = torch.zeros((len(nodes), num_actions), dtype=torch.bool)
-    mask[:, WAIT] = True
+    mask_rows: list[list[bool]] = []
+    # Candidate features and growth legality depend on the site's shape only: computed once per
+    # distinct shape in the graph (a deep graph repeats a handful of shapes).
+    by_shape: dict[tuple[int, tuple[int, ...]], tuple[list[float], list[bool]]] = {}
+    dormant = int(S.DORMANT)
     for i, n in enumerate(nodes):
         seed, t = n.seed, n.seed.telemetry
         if seed.chunk_size <= 0:
@@ -180,12 +184,12 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
         dims = list(n.output_shape.dims)
         width = dims[1] if len(dims) >= 2 else seed.chunk_size
         spatial = math.prod(dims[2:]) if len(dims) > 2 else 1
-        state_id = S(seed.state) if seed.state in S._value2member_map_ else S.UNSPECIFIED
+        state_value = seed.state
         row = [
             _slog(_finite(t.activation_mean)), math.log1p(max(0.0, _finite(t.activation_variance))),
             _finite(t.dead_fraction), math.log1p(grads[i]), grads[i] / mean_grad if mean_grad > 0 else 0.0,
         ]
-        row += [1.0 if state_id == s else 0.0 for s in LIFECYCLE_STATES]
+        row += [1.0 if state_value == s else 0.0 for s in _STATE_VALUES]
         row += [_finite(seed.alpha), min(seed.epochs_in_state, 20) / 10.0, min(seed.embargo_epochs_left, 10) / 5.0,
                 max(-1.0, min(1.0, 10.0 * _finite(seed.last_contribution))), 1.0 if seed.has_contribution else 0.0]
         kind = n.layer_kind.lower()
@@ -193,22 +197,29 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
                 per_layer[n.layer_name] / 8.0, math.log2(max(1, spatial)) / 10.0,
                 *(1.0 if kind == k else 0.0 for k in LAYER_KINDS), 0.0 if kind in LAYER_KINDS else 1.0,
                 seed.parameter_count / host_params]
-        free = state_id == S.DORMANT and seed.embargo_epochs_left == 0
-        costs = _site_costs(int(seed.chunk_size), tuple(int(d) for d in dims[2:]), bps)
-        for m_index, _mode in enumerate(GROWTH_MODES):
-            for b_index, bid in enumerate(bps):
-                cost = costs[b_index]
-                if cost is None:
-                    row += [0.0, 0.0, 0.0, 0.0]
-                    continue
-                p, f = cost
-                in_budget = p <= params_left and f <= flops_left
-                row += [1.0, p / host_params, f / host_flops, 1.0 if in_budget else 0.0]
-                if free and in_budget and (not allowed or bid in allowed):
-                    mask[i, FIRST_GROW + m_index * len(bps) + b_index] = True
-        if state_id in CULLABLE:
-            mask[i, CULL] = True
+        key = (int(seed.chunk_size), tuple(int(d) for d in dims[2:]))
+        cached = by_shape.get(key)
+        if cached is None:
+            feats: list[float] = []
+            grow: list[bool] = []
+            costs = _site_costs(key[0], key[1], bps)
+            for _mode in GROWTH_MODES:
+                for b_index, bid in enumerate(bps):
+                    cost = costs[b_index]
+                    if cost is None:
+                        feats += [0.0, 0.0, 0.0, 0.0]
+                        grow.append(False)
+                        continue
+                    p, f = cost
+                    in_budget = p <= params_left and f <= flops_left
+                    feats += [1.0, p / host_params, f / host_flops, 1.0 if in_budget else 0.0]
+                    grow.append(in_budget and (not allowed or bid in allowed))
+            cached = by_shape[key] = (feats, grow)
+        row += cached[0]
+        free = state_value == dormant and seed.embargo_epochs_left == 0
+        mask_rows.append([True, state_value in CULLABLE, *(cached[1] if free else [False] * len(cached[1]))])
         rows.append(row)
+    mask = torch.tensor(mask_rows, dtype=torch.bool).reshape(len(nodes), num_actions)
 
     index = {n.node_id: i for i, n in enumerate(nodes)}
     edges = []
