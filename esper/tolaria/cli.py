@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "PATH: a run directory or checkpoints/epoch_NNNN")
     p.add_argument("--data-dir", help="dataset directory (sets data.data_dir)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="sets train.device")
+    p.add_argument("--tamiyo-policy", metavar="PATH",
+                   help="let the learned Tamiyo policy in PATH decide (sets controller.policy=gnn and policy_path)")
     p.add_argument("--no-morphogenetic", action="store_true", help="same run, seeds never germinate (the baseline)")
     p.add_argument("--dry-run", action="store_true", help="validate config, data and environment, print the config, exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_config(args: argparse.Namespace) -> Config:
     """Defaults < --config file (or the resumed checkpoint's config) < overrides < flags."""
     overrides = list(args.overrides)
+    if args.tamiyo_policy:
+        # First, so an explicit controller.policy=... on the command line still wins.
+        overrides[:0] = ["controller.policy=gnn", f"controller.policy_path={Path(args.tamiyo_policy).resolve()}"]
     if args.device:
         overrides.append(f"train.device={args.device}")
     if args.data_dir:

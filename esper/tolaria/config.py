@@ -29,7 +29,7 @@ MODELS = ("mlp", "cnn1d", "cnn2d", "resnet18")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
 DEVICES = ("auto", "cpu", "cuda")
-POLICIES = ("heuristic",)
+POLICIES = ("heuristic", "random", "gnn")
 SERVICE_MODES = ("local", "remote", "off")
 SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
 
@@ -143,7 +143,11 @@ class LifecycleConfig:
 class ControllerConfig:
     """The Tamiyo policy and the safety rails that apply to every policy."""
 
+    # heuristic, random, or gnn: a learned policy from policy_path (esper-train --tamiyo-policy PATH).
     policy: str = "heuristic"
+    policy_path: str = ""
+    # Seed of the random policy's choices.
+    random_seed: int = 0
     # No germination before this epoch (the host gets a head start).
     start_epoch: int = 1
     # Plateau: relative improvement of val loss over `plateau_window` epochs below the threshold.

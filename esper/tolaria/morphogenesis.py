@@ -103,7 +103,10 @@ class Morphogenesis:
         self.driver.add_listener(self._on_event)
         self.output_shapes = self._probe_output_shapes()
         # The same policy and rails Tamiyo builds from this run's policy config.
-        self.controller = policy_settings_from_mapping(policy_config(cfg)).controller(flops_initial)
+        try:
+            self.controller = policy_settings_from_mapping(policy_config(cfg)).controller(flops_initial)
+        except ValueError as exc:  # e.g. a learned policy that cannot be loaded
+            raise ConfigError(f"controller: {exc}") from None
         self.steps_per_epoch = 1
         self._adaptations: list[dict[str, Any]] = []
         self._timeline: list[dict[str, Any]] = [
