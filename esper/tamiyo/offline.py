@@ -19,6 +19,7 @@ contributes to both. The checkpoint with the lowest validation policy loss is ke
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 from collections.abc import Callable, Iterable
@@ -30,7 +31,14 @@ import torch
 from torch_geometric.data import Batch, Data
 
 from esper.tamiyo.exploration import locate_action
-from esper.tamiyo.graph import WAIT, GraphError, action_names, global_feature_names, graph_to_data, node_feature_names
+from esper.tamiyo.graph import (
+    WAIT,
+    GraphError,
+    action_names,
+    global_feature_names,
+    graph_to_data,
+    node_feature_names,
+)
 from esper.tamiyo.replay import FILE_NAME, ReplayFileError, read_replay_file
 from esper.tamiyo.reward import REWARD_DEFINITION
 from esper.v1 import common_pb2
@@ -46,6 +54,9 @@ class ReplayData:
     files: list[str]
     data_sha256: str
     skipped: dict[str, int] = field(default_factory=dict)
+    # Tasks, seeds and behaviours of the collection episodes (from their done.json), so a benchmark
+    # can tell held-out tasks and seeds from training ones.
+    provenance: dict[str, list] = field(default_factory=dict)
 
     @property
     def runs(self) -> list[str]:
@@ -91,7 +102,21 @@ def load_replay(paths: Iterable[Path | str], echo: Callable[[str], None] = lambd
     digest = hashlib.sha256()
     samples: list[Data] = []
     skipped = {"no_graph": 0, "no_reward": 0, "unusable_graph": 0}
+    tasks: set[str] = set()
+    seeds: set[int] = set()
+    behaviours: set[str] = set()
     for path in files:
+        done = path.parent / "done.json"
+        if done.is_file():
+            try:
+                record = json.loads(done.read_text())
+                tasks.add(str(record["task"]))
+                seeds.add(int(record["seed"]))
+                behaviours.add(str(record["behaviour"]))
+            except (OSError, ValueError, KeyError):
+                tasks.add("unknown")
+        else:
+            tasks.add("unknown")
         try:
             reports, tail = read_replay_file(path)
         except ReplayFileError as exc:
@@ -119,7 +144,8 @@ def load_replay(paths: Iterable[Path | str], echo: Callable[[str], None] = lambd
         raise ReplayDataError(
             f"no usable field report in {len(files)} file(s) (skipped: {skipped}); expected reports that carry a "
             f"graph and a {REWARD_DEFINITION!r} reward, as written by esper-tamiyo collect")
-    return ReplayData(samples, [str(f) for f in files], digest.hexdigest(), skipped)
+    provenance = {"tasks": sorted(tasks), "seeds": sorted(seeds), "behaviours": sorted(behaviours)}
+    return ReplayData(samples, [str(f) for f in files], digest.hexdigest(), skipped, provenance)
 
 
 def split_by_run(runs: list[str], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
@@ -259,6 +285,7 @@ def train(data: ReplayData, settings: TrainSettings, *, on_epoch: Callable[[int,
         "data": {"files": len(data.files), "samples": len(data.samples), "runs": len(data.runs),
                  "train_runs": len(train_runs), "val_runs": len(val_runs), "train_samples": len(train_set),
                  "val_samples": len(val_set), "skipped": data.skipped, "sha256": data.data_sha256,
+                 **data.provenance,
                  "val_run_ids": sorted(val_runs)},
     }
     return model, report
