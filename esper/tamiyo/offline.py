@@ -200,20 +200,24 @@ def batch_losses(model, batch: Batch, settings: TrainSettings) -> dict[str, torc
             "greedy_wait": greedy_wait.float(), "behavior_probability": batch.behavior_probability}
 
 
-def evaluate(model, samples: list[Data], settings: TrainSettings) -> dict[str, float]:
+def evaluate(model, batches: list[Batch], settings: TrainSettings) -> dict[str, float]:
     """Validation metrics: AWR losses, agreement with the logged action, and off-policy estimates
     of the greedy policy's mean reward (matched-action mean, and inverse propensity where known)."""
-    if not samples:
+    if not batches:
         return {}
     model.eval()
     totals = {"policy_loss": 0.0, "value_loss": 0.0}
     matched_reward, matched, ips_sum, ips_n, greedy_wait = 0.0, 0, 0.0, 0, 0.0
+    rewards = 0.0
+    n = 0
     with torch.no_grad():
-        for start in range(0, len(samples), 256):
-            chunk = samples[start:start + 256]
-            out = batch_losses(model, Batch.from_data_list(chunk), settings)
+        for batch in batches:
+            out = batch_losses(model, batch, settings)
+            size = batch.num_graphs
+            n += size
+            rewards += float(out["reward"].sum())
             for k in totals:
-                totals[k] += float(out[k]) * len(chunk)
+                totals[k] += float(out[k]) * size
             hit = out["logged_is_greedy"]
             matched_reward += float((hit * out["reward"]).sum())
             matched += int(hit.sum())
@@ -222,12 +226,10 @@ def evaluate(model, samples: list[Data], settings: TrainSettings) -> dict[str, f
             ips_sum += float((hit * out["reward"] / pb.clamp(min=1e-6))[known].sum())
             ips_n += int(known.sum())
             greedy_wait += float(out["greedy_wait"].sum())
-    n = len(samples)
     return {"policy_loss": totals["policy_loss"] / n, "value_loss": totals["value_loss"] / n,
             "agreement": matched / n, "greedy_wait_rate": greedy_wait / n,
             "matched_mean_reward": matched_reward / matched if matched else 0.0,
-            "ips_mean_reward": ips_sum / ips_n if ips_n else 0.0, "logged_mean_reward":
-            float(sum(float(s.reward) for s in samples) / n)}
+            "ips_mean_reward": ips_sum / ips_n if ips_n else 0.0, "logged_mean_reward": rewards / n}
 
 
 def train(data: ReplayData, settings: TrainSettings, *, on_epoch: Callable[[int, dict[str, float]], None] | None = None
@@ -248,16 +250,20 @@ def train(data: ReplayData, settings: TrainSettings, *, on_epoch: Callable[[int,
     model = TamiyoGNN(arch)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     rng = random.Random(settings.seed)
+    # Collating graphs into a Batch is the slow part of a step (Python per graph): the training set
+    # is cut into fixed random mini-batches once, and only their order is shuffled per epoch.
+    order = list(range(len(train_set)))
+    rng.shuffle(order)
+    batches = [Batch.from_data_list([train_set[i] for i in order[start:start + settings.batch_size]])
+               for start in range(0, len(order), settings.batch_size)]
+    val_batches = [Batch.from_data_list(val_set[start:start + 256]) for start in range(0, len(val_set), 256)]
     best: tuple[float, int, dict[str, Any], dict[str, float]] | None = None
     history = []
     for epoch in range(1, settings.epochs + 1):
         model.train()
-        order = list(range(len(train_set)))
-        rng.shuffle(order)
+        rng.shuffle(batches)
         sums = {"policy_loss": 0.0, "value_loss": 0.0, "weight_mean": 0.0}
-        batches = 0
-        for start in range(0, len(order), settings.batch_size):
-            batch = Batch.from_data_list([train_set[i] for i in order[start:start + settings.batch_size]])
+        for batch in batches:
             out = batch_losses(model, batch, settings)
             opt.zero_grad()
             out["loss"].backward()
@@ -265,9 +271,8 @@ def train(data: ReplayData, settings: TrainSettings, *, on_epoch: Callable[[int,
             opt.step()
             for k in sums:
                 sums[k] += out[k].item()
-            batches += 1
-        metrics = {f"train/{k}": v / max(1, batches) for k, v in sums.items()}
-        val = evaluate(model, val_set, settings)
+        metrics = {f"train/{k}": v / max(1, len(batches)) for k, v in sums.items()}
+        val = evaluate(model, val_batches, settings)
         metrics.update({f"val/{k}": v for k, v in val.items()})
         history.append({"epoch": epoch, **metrics})
         score = val.get("policy_loss", metrics["train/policy_loss"])

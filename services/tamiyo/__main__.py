@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             from esper.tamiyo.policy_store import load_policy
 
             load_policy(settings.policy_path)  # refuse a bad policy before listening
+            import torch
+
+            # One small graph per decision: intra-op threads would only contend with the trainer's CPUs.
+            torch.set_num_threads(1)
     except ValueError as exc:
         print(f"esper-tamiyo: {exc}", file=sys.stderr)
         return 2
