@@ -12,7 +12,15 @@ import random
 from typing import Any
 
 from esper.tamiyo.graph import CULL, FIRST_GROW, GROWTH_MODES, WAIT, catalog_blueprints, graph_to_data
-from esper.tamiyo.policy import Action, AdaptationDecision, ModelGraphState, Policy, RailsConfig, make_decision, wait
+from esper.tamiyo.policy import (
+    Action,
+    AdaptationDecision,
+    ModelGraphState,
+    Policy,
+    RailsConfig,
+    make_decision,
+    wait,
+)
 
 RANDOM_VERSION = "random/1"
 

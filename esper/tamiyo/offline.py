@@ -13,7 +13,9 @@ so logged actions that did better than the state's average are imitated, and wor
 are. beta is in reward units (accuracy points).
 
 Reports are split into training and validation **by run** (`run_id`), never by report, so no run
-contributes to both. The checkpoint with the lowest validation policy loss is kept.
+contributes to both. The checkpoint kept is the one whose greedy policy has the best estimated mean
+reward on the validation runs (self-normalised inverse propensity weighting with the logging
+policy's recorded probabilities); when the reports carry none, the lowest validation AWR loss.
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ def evaluate(model, batches: list[Batch], settings: TrainSettings) -> dict[str, 
         return {}
     model.eval()
     totals = {"policy_loss": 0.0, "value_loss": 0.0}
-    matched_reward, matched, ips_sum, ips_n, greedy_wait = 0.0, 0, 0.0, 0, 0.0
+    matched_reward, matched, ips_sum, ips_n, ips_weights, greedy_wait = 0.0, 0, 0.0, 0, 0.0, 0.0
     rewards = 0.0
     n = 0
     with torch.no_grad():
@@ -223,18 +225,21 @@ def evaluate(model, batches: list[Batch], settings: TrainSettings) -> dict[str, 
             matched += int(hit.sum())
             pb = out["behavior_probability"]
             known = pb > 0
-            ips_sum += float((hit * out["reward"] / pb.clamp(min=1e-6))[known].sum())
+            w = (hit / pb.clamp(min=1e-6))[known]
+            ips_sum += float((w * out["reward"][known]).sum())
+            ips_weights += float(w.sum())
             ips_n += int(known.sum())
             greedy_wait += float(out["greedy_wait"].sum())
     return {"policy_loss": totals["policy_loss"] / n, "value_loss": totals["value_loss"] / n,
             "agreement": matched / n, "greedy_wait_rate": greedy_wait / n,
             "matched_mean_reward": matched_reward / matched if matched else 0.0,
-            "ips_mean_reward": ips_sum / ips_n if ips_n else 0.0, "logged_mean_reward": rewards / n}
+            "ips_mean_reward": ips_sum / ips_n if ips_n else 0.0,
+            "snips_mean_reward": ips_sum / ips_weights if ips_weights else 0.0, "logged_mean_reward": rewards / n}
 
 
 def train(data: ReplayData, settings: TrainSettings, *, on_epoch: Callable[[int, dict[str, float]], None] | None = None
           ) -> tuple[Any, dict[str, Any]]:
-    """Fits a TamiyoGNN by AWR; returns (best model by validation policy loss, report)."""
+    """Fits a TamiyoGNN by AWR; returns (the best model on the validation runs, report)."""
     import copy
 
     from esper.tamiyo.gnn import Architecture, TamiyoGNN
@@ -275,7 +280,11 @@ def train(data: ReplayData, settings: TrainSettings, *, on_epoch: Callable[[int,
         val = evaluate(model, val_batches, settings)
         metrics.update({f"val/{k}": v for k, v in val.items()})
         history.append({"epoch": epoch, **metrics})
-        score = val.get("policy_loss", metrics["train/policy_loss"])
+        # Model selection by the self-normalised importance-sampling estimate of the greedy policy's
+        # mean reward on the validation runs (what the policy is for); the AWR loss is no criterion,
+        # its weights move with the value estimate. Without behaviour probabilities: lowest loss.
+        score = -val["snips_mean_reward"] if val.get("snips_mean_reward") else val.get(
+            "policy_loss", metrics["train/policy_loss"])
         if best is None or score < best[0]:
             best = (score, epoch, copy.deepcopy(model.state_dict()), metrics)
         if on_epoch is not None:

@@ -3,7 +3,7 @@
     esper-tamiyo-train --replay replay/ --out policies/gnn --epochs 30 --tensorboard runs/tamiyo-train
 
 Reads every field report under ``--replay`` (files or directories), splits them by run into
-training and validation, trains, keeps the epoch with the best validation policy loss, and
+training and validation, trains, keeps the epoch whose greedy policy scores best on the validation runs, and
 writes the policy directory (safetensors + manifest, `esper.tamiyo.policy_store`) and
 ``train_report.json`` next to it. Progress: a rich bar on a terminal, one line per epoch
 otherwise; TensorBoard scalars with ``--tensorboard``. Bad or foreign replay files exit with
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default=None, help="version string of the policy (default: time + weights hash)")
     p.add_argument("--tensorboard", type=Path, default=None, help="TensorBoard log directory")
     p.add_argument("--progress", choices=["auto", "rich", "plain", "none"], default="auto")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (the graphs are tiny: more threads mostly add contention)")
     return p
 
 
@@ -56,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     from esper.tamiyo.policy_store import save_policy
 
     settings = _settings(args)
+    import torch
+
+    torch.set_num_threads(max(1, args.threads))
     mode = args.progress
     if mode == "auto":
         mode = "rich" if sys.stdout.isatty() else "plain"
@@ -81,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     def on_epoch(epoch: int, m: dict[str, float]) -> None:
         line = (f"epoch {epoch}/{settings.epochs} train pi {m['train/policy_loss']:.4f} v {m['train/value_loss']:.3f} "
                 f"| val pi {m.get('val/policy_loss', float('nan')):.4f} v {m.get('val/value_loss', float('nan')):.3f} "
-                f"agree {m.get('val/agreement', float('nan')):.2f}")
+                f"agree {m.get('val/agreement', float('nan')):.2f} snips {m.get('val/snips_mean_reward', float('nan')):+.3f}")
         if writer is not None:
             for k, v in m.items():
                 writer.add_scalar(k, v, epoch)

@@ -27,8 +27,8 @@ def test_collect_train_serve_and_grow(tmp_path):
     assert collect(plan(["digits-mlp"], [0, 1], ["eps0.0"], ["w16"]), tmp_path / "replay", jobs=1,
                    echo=lambda s: None)["episode_wall_s_sum"] == totals["episode_wall_s_sum"]
     # 2. Train.
-    assert train_main(["--replay", str(tmp_path / "replay"), "--out", str(tmp_path / "policy"), "--epochs", "8",
-                       "--hidden", "16", "--layers", "2", "--val-fraction", "0.5", "--progress", "none",
+    assert train_main(["--replay", str(tmp_path / "replay"), "--out", str(tmp_path / "policy"), "--epochs", "40",
+                       "--lr", "0.01", "--hidden", "16", "--layers", "2", "--val-fraction", "0.5", "--progress", "none",
                        "--version", "gnn-e2e"]) == 0
     manifest = load_policy(tmp_path / "policy").manifest
     assert manifest["training"]["data"]["tasks"] == ["digits-mlp"] and manifest["training"]["data"]["runs"] == 2
@@ -45,9 +45,12 @@ def test_collect_train_serve_and_grow(tmp_path):
     finally:
         assert proc.stop() == 0
     # 4. esper-train with the learned policy (controller.policy=gnn via --tamiyo-policy) grows and fossilizes.
+    # The lifecycle gates are opened (any alignment, any contribution) so that what is tested is the path
+    # from a learned decision to a fossilized seed, not how good a policy from two episodes is.
     run_dir = tmp_path / "run"
     assert train_run_main(["--config", "configs/development.yaml", "--tamiyo-policy", str(tmp_path / "policy"),
                            "model.width=16", "train.seed=5", "services.mode=off", "train.torch_threads=1",
+                           "lifecycle.min_alignment=-1.0", "lifecycle.min_contribution=-1.0",
                            "logging.timeline_plot=false", "logging.tensorboard=false", "--output-dir", str(run_dir),
                            "--progress", "none"]) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
