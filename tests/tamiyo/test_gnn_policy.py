@@ -118,3 +118,26 @@ def test_rails_bound_a_policy_that_always_wants_to_grow(tmp_path):
     assert [r.split(" (")[0].split(":")[0] for r in held[:2]] == ["rail", "rail"]
     assert "cooldown" in held[0] and "adaptations in flight" in held[1]
     assert all("max_adaptations 2 reached" in r for r in held[4:])
+
+
+def test_flat_distribution_sums_to_one_per_graph_and_respects_the_mask():
+    from torch_geometric.data import Batch
+
+    from esper.tamiyo.gnn import flat_log_probs
+    from esper.tamiyo.graph import graph_to_data
+
+    model = untrained_gnn(seed=2)
+    graphs = [graph_to_data(chain_graph(states=(S.DORMANT, S.TRAINING))), graph_to_data(chain_graph())]
+    for g in graphs:
+        del g.node_keys
+    batch = Batch.from_data_list(graphs)
+    scores, value = model(batch.x, batch.edge_index, batch.edge_index_reverse, batch.u, batch.batch, 2)
+    node_logp, wait_logp = flat_log_probs(scores, batch.mask, batch.batch, 2)
+    assert value.shape == (2,)
+    for g in range(2):
+        rows = batch.batch == g
+        total = node_logp[rows].exp().sum() + wait_logp[g].exp()
+        assert total.item() == pytest.approx(1.0, abs=1e-5)
+    illegal = ~batch.mask
+    illegal[:, 0] = True  # the wait column is carried by wait_logp
+    assert torch.all(node_logp[illegal] == float("-inf"))
