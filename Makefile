@@ -100,11 +100,11 @@ test-slow: build
 # The main job on the bundled default config (digits, no download), on the full system: esper-train
 # starts Urza, Tezzeret, Oona and Tamiyo, Tamiyo decides, Tezzeret compiles the seed's kernel, the
 # kernel-ready event on Oona brings it into the run, and a seed goes DORMANT -> ... -> FOSSILIZED.
-# A digits epoch takes ~0.1 s here and the first compile a few: seeds wait up to 20 epochs for it.
+# Seeds wait for their kernel in wall-clock seconds (services.germination_timeout_s), not epochs.
 demo: build
 	rm -rf runs/demo
 	$(VENV)/bin/esper-train --config configs/development.yaml --output-dir runs/demo --verbose --progress plain \
-	  services.mode=local train.epochs=20 lifecycle.germination_timeout_epochs=20
+	  services.mode=local
 	$(VENV)/bin/esper-export runs/demo
 
 proto: $(STAMPS)/deps

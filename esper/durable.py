@@ -26,12 +26,17 @@ def write_file_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def write_json_atomic(path: Path, value: Any) -> None:
-    """Replace `path` with `value` as JSON atomically: an fsynced temporary file, then a rename.
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically: an fsynced temporary file, then a rename.
 
     A reader sees the old content or the new, never a torn file.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write_file_synced(tmp, json.dumps(value).encode())
+    write_file_synced(tmp, data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, value: Any, *, indent: int | None = None) -> None:
+    """Replace `path` with `value` as JSON atomically (see `write_bytes_atomic`)."""
+    write_bytes_atomic(path, json.dumps(value, indent=indent).encode())

@@ -274,14 +274,16 @@ def check_one(name: str, address: str, grpc_service: str = "", *, timeout: float
     return HealthStatus(name, address, status, "", latency)
 
 
-def check_health(addresses: Mapping[str, str], *, timeout: float = 3.0,
-                 auth_token: str | None = None) -> list[HealthStatus]:
+def check_health(addresses: Mapping[str, str], *, timeout: float = 3.0, auth_token: str | None = None,
+                 tls_root_cert: Path | None = None, tls_server_name: str | None = None) -> list[HealthStatus]:
     """Health of each ``name -> host:port``; known names are checked on their own gRPC service."""
     out = []
     for name, address in addresses.items():
         spec = SERVICES.get(name)
+        config = ChannelConfig(address, auth_token=auth_token, tls_root_cert=tls_root_cert,
+                               tls_server_name=tls_server_name)
         out.append(check_one(name, address, spec.grpc_service if spec else "", timeout=timeout,
-                             channel_config=ChannelConfig(address, auth_token=auth_token)))
+                             channel_config=config))
     return out
 
 

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from esper.durable import write_bytes_atomic
 from esper.local_stack import SERVICES, LocalStack, StackError, check_health, load_addresses, validate_address
 
 
@@ -34,9 +35,7 @@ def _parse_only(text: str | None) -> list[str] | None:
 def _write_config(path: Path, addresses: dict[str, str]) -> None:
     lines = ["# written by esper-services up; read by esper-services check --config", "services:"]
     lines += [f"  {name}: {address}" for name, address in addresses.items()]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    write_bytes_atomic(path, ("\n".join(lines) + "\n").encode())
 
 
 def cmd_up(args: argparse.Namespace) -> int:

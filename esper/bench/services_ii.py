@@ -61,7 +61,8 @@ def bench_decisions(work_dir: Path, calls: int, warmup: int) -> dict[str, Any]:
     import yaml
 
     from esper.serving import ServerProcess, open_sync_channel
-    from esper.tolaria.remote import RemoteController, RemoteSettings
+    from esper.tolaria.adaptation import RemoteController
+    from esper.tolaria.config import ServicesConfig
     from esper.v1 import tamiyo_pb2, tamiyo_pb2_grpc
 
     trainer, graph = real_graph_and_trainer(work_dir)
@@ -89,7 +90,7 @@ def bench_decisions(work_dir: Path, calls: int, warmup: int) -> dict[str, Any]:
         request = tamiyo_pb2.DecideRequest(graph=graph)
         results["decide_rpc"] = _summary_ms(timed(lambda: stub.Decide(request, timeout=5)))
         # Tolaria's own path: training thread -> worker thread -> Tamiyo -> queue read by the trainer.
-        controller = RemoteController(trainer.morph, RemoteSettings(addresses={}), work_dir / "rc-run")
+        controller = RemoteController(trainer.morph, ServicesConfig(mode="remote"), work_dir / "rc-run")
         controller.connect({"tamiyo": server.address})
         try:
             samples = []
@@ -100,13 +101,12 @@ def bench_decisions(work_dir: Path, calls: int, warmup: int) -> dict[str, Any]:
                 # step boundary). A blocking get releases the GIL like a training thread inside its
                 # torch ops; spinning on the queue would take the GIL from the worker thread.
                 try:
-                    controller._outbox.get(timeout=10.0)
+                    controller.outbox.wait(timeout=10.0)
                 except queue.Empty:
                     raise RuntimeError(f"no decision came back within 10 s: {controller.paused()[1]}") from None
                 if i >= warmup:
                     samples.append((time.perf_counter() - t0) * 1000)
-                while not controller._outbox.empty():
-                    controller._outbox.get_nowait()
+                controller.outbox.drain()
                 controller._decide_future.result(timeout=10)  # the worker finished that call
             results["round_trip_tolaria"] = _summary_ms(samples)
         finally:

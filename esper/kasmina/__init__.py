@@ -5,7 +5,9 @@ Public API for trainers (stable):
 - `wrap(model, target_layers, seeds_per_layer=1, channels=None, spatial_dims=None)` -> model
 - `seed_sites(model)` -> [(name, KasminaLayer)]
 - `KasminaLayer`: `germinate`, `attach_kernel`, `cull`, `cancel`, `rollback`, `transition`,
-  `seed_table`, `seed_disabled`, `seed_parameters`, `add_listener`, `state_of`
+  `seed_table`, `seed_disabled`, `seed_parameters`, `add_listener`, `state_of`, `seed_dtype`,
+  `checkpointed_kernels`, `preload_seed`
+- `seed_from_kernel(kernel, spec)`, `adopt_kernel(module, blueprint_id)`: seeds from compiled kernels
 - `LifecycleDriver(model, LifecycleConfig, evaluate)`: `step()`, `end_epoch()`, `events`
 - `new_parameters(model, optimizer)`, `drop_stale_parameters(model, optimizer)`, `telemetry_probe(model)`,
   `seed_table(model)`, `all_seeds_disabled(model)`
@@ -26,6 +28,7 @@ from esper.kasmina.blueprints import (
 )
 from esper.kasmina.driver import LifecycleDriver
 from esper.kasmina.kernel_cache import KernelCache, cache_key
+from esper.kasmina.kernel_seeds import adopt_kernel, seed_from_kernel
 from esper.kasmina.layer import KasminaLayer, LifecycleClock, SeedRow
 from esper.kasmina.lifecycle import IllegalTransitionError, LifecycleConfig, LifecycleEvent
 from esper.kasmina.ops import (
@@ -71,6 +74,7 @@ __all__ = [
     "LifecycleEvent",
     "SeedRow",
     "SeedStateTable",
+    "adopt_kernel",
     "all_seeds_disabled",
     "blueprint_cost",
     "build_seed_module",
@@ -81,6 +85,7 @@ __all__ = [
     "lifecycle_advance_",
     "new_parameters",
     "seed_blend",
+    "seed_from_kernel",
     "seed_sites",
     "seed_table",
     "telemetry_accumulate_",

@@ -48,8 +48,10 @@ class LifecycleDriver:
         self.model = model
         self.config = config or LifecycleConfig()
         self.evaluate = evaluate
-        # Sites that must clear a different contribution threshold than config.min_contribution.
-        self.min_contribution_per_site = dict(min_contribution_per_site or {})
+        # Sites that must clear a different contribution threshold than config.min_contribution
+        # (the argument, when given, replaces config.min_contribution_per_site).
+        self.min_contribution_per_site = dict(self.config.min_contribution_per_site if min_contribution_per_site is None
+                                              else min_contribution_per_site)
         self.clock = LifecycleClock()
         self.events: list[LifecycleEvent] = []
         self._listeners = list(listeners)
@@ -143,7 +145,8 @@ class LifecycleDriver:
         for _, layer in self.sites:
             layer.end_epoch()
             for i in range(layer.num_seeds):
-                if layer.state_of(i) == S.GERMINATED and layer.epochs_in_state(i) >= cfg.germination_timeout_epochs:
+                if (cfg.germination_timeout_epochs and layer.state_of(i) == S.GERMINATED
+                        and layer.epochs_in_state(i) >= cfg.germination_timeout_epochs):
                     layer.cancel(i, f"no kernel arrived within {cfg.germination_timeout_epochs} epoch(s)")
         pending = [
             (layer, i, site_cfg)

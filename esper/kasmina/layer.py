@@ -21,7 +21,8 @@ is active, or on every layer inside `telemetry_probe(model)`, and read once per 
 
 Trainer-facing API (stable): `germinate`, `attach_kernel`, `cull`, `cancel`, `rollback`,
 `transition`, `seed_table`, `seed_disabled` (context manager forcing alpha = 0 for counterfactual
-evaluation), `seed_parameters`, `add_listener`, `state_of`. Use `esper.kasmina.wrap` to build
+evaluation), `seed_parameters`, `add_listener`, `state_of`, `seed_dtype`, and for a resume with
+compiled kernels `checkpointed_kernels` / `preload_seed`. Use `esper.kasmina.wrap` to build
 layers and `esper.kasmina.LifecycleDriver` to run the gates.
 
 Checkpoints: `state_dict()` holds the state table (buffers under `table.`), the seed modules'
@@ -360,7 +361,7 @@ class KasminaLayer(nn.Module):
         if module is None:
             module = self._build(spec)
         else:
-            module = module.to(device=self.table.state.device, dtype=self._dtype())
+            module = module.to(device=self.table.state.device, dtype=self.seed_dtype())
         if kernel_id:
             self._kernel_ids[index] = kernel_id
         self.seeds[str(index)] = module
@@ -531,13 +532,31 @@ class KasminaLayer(nn.Module):
 
     # ---------------------------------------------------------------- building and checkpoints
 
-    def _dtype(self) -> torch.dtype:
+    def seed_dtype(self) -> torch.dtype:
+        """The dtype seeds of this layer run in: the host's floating-point dtype (float32 otherwise)."""
         reference = next(self.host.parameters(), None)
         return reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
 
+    def checkpointed_kernels(self, state_dict: dict, prefix: str = "") -> dict[int, tuple[str, BlueprintSpec]]:
+        """Seed index -> (kernel id, blueprint spec) of the seeds that ran a compiled kernel and are
+        active in a checkpoint's `state_dict` of this layer (keys under `prefix`)."""
+        extra = state_dict.get(prefix + "_extra_state") or {}
+        states = state_dict.get(prefix + "table.state")
+        found = {}
+        for index, kernel_id in (extra.get("kernel_ids") or {}).items():
+            if states is None or not kernel_id or S(int(states[int(index)])) not in ACTIVE_STATES:
+                continue
+            found[int(index)] = (kernel_id, json_format.Parse(extra["specs"][index], BlueprintSpec()))
+        return found
+
+    def preload_seed(self, seed_index: int, module: nn.Module) -> None:
+        """Before a checkpoint loads: use `module` (e.g. the compiled kernel the seed ran) as slot
+        `seed_index`'s seed; loading keeps a module whose `blueprint_id` matches the checkpoint's."""
+        self.seeds[str(self._check_index(seed_index))] = module
+
     def _build(self, spec: BlueprintSpec) -> nn.Module:
         shape = (-1, self.chunk_size) + (1,) * self.spatial_dims
-        return build_seed_module(spec, self.chunk_size, shape, self._dtype(), self.table.state.device)
+        return build_seed_module(spec, self.chunk_size, shape, self.seed_dtype(), self.table.state.device)
 
     def _where(self, index: int) -> str:
         return f"layer {self.layer_name!r} seed {index}"

@@ -24,14 +24,15 @@ the signals and calls them at step and epoch boundaries:
   nothing is culled, not kept: it would cost parameters and compute for no gain.
 - FINE_TUNING -> FOSSILIZED / CULLED: the contribution is re-measured every epoch; it must stay
   above `min_contribution` for `fine_tuning_epochs` epochs.
-- GERMINATED -> CANCELLED: no kernel arrived within `germination_timeout_epochs` epochs.
+- GERMINATED -> CANCELLED: no kernel arrived within `germination_timeout_epochs` epochs (0, the
+  default: no limit in epochs; whoever awaits the kernel cancels, e.g. on a wall-clock timeout).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from esper.lifecycle import SeedLifecycleState as S
 from esper.v1 import common_pb2
@@ -86,22 +87,38 @@ def check_transition(from_state: S, to_state: S, where: str = "") -> None:
 
 @dataclass
 class LifecycleConfig:
-    """Gate thresholds and durations (steps are optimizer steps, epochs are epoch boundaries)."""
+    """Gate thresholds and durations (steps are optimizer steps, epochs are epoch boundaries).
 
-    training_min_steps: int = 100
-    training_max_steps: int = 1000
-    gate_interval_steps: int = 25
+    The one definition: Tolaria's ``lifecycle`` config section is this type.
+    """
+
+    # TRAINING -> GRAFTING after at least this many steps once the seed's output aligns with the
+    # descent direction (cosine >= min_alignment); CULLED if still unaligned after the max.
+    training_min_steps: int = 50
+    training_max_steps: int = 400
+    gate_interval_steps: int = 10
     min_alignment: float = 0.02
-    grafting_steps: int = 100
-    stabilization_steps: int = 50
+    grafting_steps: int = 50
+    stabilization_steps: int = 20
     evaluation_epochs: int = 1
-    fine_tuning_epochs: int = 2
+    fine_tuning_epochs: int = 1
+    # Counterfactual contribution (validation score with the seed minus with alpha=0) a seed must
+    # exceed to be fossilized; 0 means it must be positive.
     min_contribution: float = 0.0
+    # Per-site thresholds that replace min_contribution at that site, e.g. {hidden.1: 0.01}.
+    min_contribution_per_site: dict[str, float] = field(default_factory=dict)
     embargo_epochs: int = 2
-    germination_timeout_epochs: int = 3
+    # Cancel a seed still waiting for its kernel after this many epochs; 0: no limit in epochs
+    # (whoever awaits the kernel cancels it, e.g. Tolaria after services.germination_timeout_s
+    # seconds: epochs of a small model can be far shorter than a compile).
+    germination_timeout_epochs: int = 0
     dead_threshold: float = 0.0
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """ValueError naming the field (``LifecycleConfig.<field>``) when a value is out of range."""
         positive = ("training_min_steps", "gate_interval_steps", "grafting_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -115,9 +132,10 @@ class LifecycleConfig:
                 f"LifecycleConfig.training_max_steps ({self.training_max_steps}) must be >= "
                 f"training_min_steps ({self.training_min_steps})"
             )
-        if self.germination_timeout_epochs < 1:
+        if self.germination_timeout_epochs < 0:
             raise ValueError(
-                f"LifecycleConfig.germination_timeout_epochs must be >= 1, got {self.germination_timeout_epochs}"
+                f"LifecycleConfig.germination_timeout_epochs must be >= 0 (0: no limit), got "
+                f"{self.germination_timeout_epochs}"
             )
         if not -1.0 <= self.min_alignment <= 1.0:
             raise ValueError(f"LifecycleConfig.min_alignment is a cosine in [-1, 1], got {self.min_alignment}")

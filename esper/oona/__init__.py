@@ -7,7 +7,8 @@ restart) and ``redis://host:port/db`` (Redis Streams). Both pass one contract te
 docstring states the slow-subscriber policy. No grpc here: services/oona is the thin servicer.
 """
 
-from esper.oona.backend import DEFAULT_RETENTION, OonaBackend, open_backend
+from esper.oona.backend import DEFAULT_RETENTION, OonaBackend
+from esper.oona.backend_url import open_backend
 from esper.oona.bus import GroupOptions, GroupSubscription, OffsetSubscription, OonaBus
 from esper.oona.memory import InMemoryBackend
 from esper.oona.model import Message, OutgoingMessage, PublishResult, StartPosition, TopicInfo

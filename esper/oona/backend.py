@@ -1,4 +1,4 @@
-"""The storage interface every Oona backend implements, and backend selection by URL.
+"""The storage interface every Oona backend implements (selection by URL: `esper.oona.backend_url`).
 
 A backend stores per-topic append-only logs with dense offsets (0, 1, 2, ... in publish order),
 trims each topic to a bounded retention, and keeps consumer-group state: a group cursor, and the
@@ -12,9 +12,7 @@ Backends are asyncio objects used from one event loop (the server's).
 from __future__ import annotations
 
 import abc
-import urllib.parse
 
-from esper.errors import InvalidArgumentError
 from esper.oona.model import Message, OutgoingMessage, PublishResult, TopicInfo
 
 DEFAULT_RETENTION = 100_000
@@ -96,49 +94,3 @@ class OonaBackend(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook, most backends hold nothing
         """Release connections."""
-
-
-def open_backend(url: str | None, *, retention: int = DEFAULT_RETENTION) -> OonaBackend:
-    """Backend for a URL: ``memory://`` (default, also for None/empty) or ``redis://host:port/db``.
-
-    Query parameters: ``retention=N`` (messages kept per topic) on both; ``namespace=NAME``
-    (key prefix, default ``esper:oona``) on Redis; ``retention_bytes=N`` on memory.
-    """
-    from esper.oona.memory import InMemoryBackend
-
-    url = url or "memory://"
-    parsed = urllib.parse.urlsplit(url)
-    query = dict(urllib.parse.parse_qsl(parsed.query, keep_blank_values=True))
-    if "retention" in query:
-        retention = _positive_int(query.pop("retention"), "retention", url)
-    if parsed.scheme == "memory":
-        kwargs = {}
-        if "retention_bytes" in query:
-            kwargs["retention_bytes"] = _positive_int(query.pop("retention_bytes"), "retention_bytes", url)
-        _reject_unknown(query, url)
-        return InMemoryBackend(retention=retention, **kwargs)
-    if parsed.scheme in ("redis", "rediss"):
-        from esper.oona.redis_streams import DEFAULT_NAMESPACE, RedisStreamsBackend
-
-        namespace = query.pop("namespace", DEFAULT_NAMESPACE)
-        _reject_unknown(query, url)
-        redis_url = urllib.parse.urlunsplit(parsed._replace(query=""))
-        return RedisStreamsBackend(redis_url, retention=retention, namespace=namespace)
-    raise InvalidArgumentError(f"Oona backend URL {url!r} has an unknown scheme {parsed.scheme!r}; expected "
-                               "'memory://' or 'redis://host:port/db'", field="backend_url")
-
-
-def _positive_int(text: str, name: str, url: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise InvalidArgumentError(f"{name}={text!r} in {url!r} must be a positive integer", field="backend_url")
-    return value
-
-
-def _reject_unknown(query: dict[str, str], url: str) -> None:
-    if query:
-        raise InvalidArgumentError(f"unknown option(s) {sorted(query)} in Oona backend URL {url!r}",
-                                   field="backend_url")

@@ -80,8 +80,15 @@ def error_info_from(rpc_error: grpc.RpcError) -> error_details_pb2.ErrorInfo | N
     return None
 
 
-_UNAVAILABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                                grpc.StatusCode.CANCELLED})
+# The one set of codes that mean "the server did not answer" (it is down, unreachable or too
+# slow), as opposed to an answer such as NOT_FOUND; clients turn them into UnavailableError.
+DOWN_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                        grpc.StatusCode.CANCELLED})
+
+
+def is_down(rpc_error: BaseException) -> bool:
+    """Whether a failed call means the server did not answer (see `DOWN_CODES`)."""
+    return isinstance(rpc_error, grpc.RpcError) and hasattr(rpc_error, "code") and rpc_error.code() in DOWN_CODES
 
 
 def domain_error_from_rpc_error(rpc_error: grpc.RpcError, *, upstream: str) -> errors.EsperError:
@@ -93,7 +100,7 @@ def domain_error_from_rpc_error(rpc_error: grpc.RpcError, *, upstream: str) -> e
     info = error_info_from(rpc_error)
     metadata = dict(info.metadata) if info is not None else {}
     reason = info.reason if info is not None else None
-    if code in _UNAVAILABLE_CODES:
+    if code in DOWN_CODES:
         return errors.UnavailableError(f"{upstream} did not answer ({code.name}): {details}",
                                        reason="UPSTREAM_UNAVAILABLE", metadata={"upstream": upstream})
     if code == grpc.StatusCode.INVALID_ARGUMENT:

@@ -2,7 +2,7 @@
 
     from esper.tamiyo import Controller, HeuristicPolicy, SafetyRails
     controller = Controller(HeuristicPolicy(cfg, rails_cfg, host_flops), SafetyRails(rails_cfg, host_flops))
-    # or, from a policy config mapping: esper.tamiyo.service.PolicySettings(...).controller(host_flops)
+    # or, from a policy config mapping: esper.tamiyo.settings.PolicySettings(...).controller(host_flops)
     decisions = controller.decide(model_graph_state)          # esper.v1 protobuf messages
 """
 

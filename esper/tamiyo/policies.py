@@ -15,7 +15,7 @@ POLICY_KINDS = ("heuristic", "random", "gnn")
 
 
 def build_policy(settings: Any, rails: RailsConfig, host_flops: float, loaded: Any = None) -> Policy:
-    """The policy `settings.policy` names (see `esper.tamiyo.service.PolicySettings`)."""
+    """The policy `settings.policy` names (see `esper.tamiyo.settings.PolicySettings`)."""
     kind = settings.policy
     blueprints = tuple(settings.blueprints)
     if kind == "heuristic":

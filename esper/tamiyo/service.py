@@ -8,9 +8,7 @@ it: when a germination passes the rails), so a restarted Tamiyo keeps a run's co
 adaptation count. The policy knobs come from a `PolicySettings` (the
 ``controller`` section of a Tolaria config, passed to ``esper-tamiyo --policy-config``); the host's
 FLOPs, which the compute budget is measured in, come with every graph
-(`TrainingSignals.initial_flops_per_sample`).
-
-`policy_settings_from_mapping` validates such a mapping with errors naming the key.
+(`TrainingSignals.initial_flops_per_sample`). `PolicySettings` is defined in `esper.tamiyo.settings`.
 """
 
 from __future__ import annotations
@@ -21,91 +19,17 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from esper.errors import InvalidArgumentError
 from esper.tamiyo.heuristic import VERSION
-from esper.tamiyo.policy import HeuristicConfig, RailsConfig
-from esper.tamiyo.rails import Controller, SafetyRails
+from esper.tamiyo.rails import Controller
 from esper.tamiyo.replay import ReplayBuffer
+from esper.tamiyo.settings import PolicySettings
 from esper.v1 import common_pb2
 
 log = logging.getLogger("esper.tamiyo")
-
-
-@dataclass
-class PolicySettings:
-    """Heuristic and rail knobs; field names match the ``controller`` section of a Tolaria config."""
-
-    start_epoch: int = 1
-    plateau_window: int = 2
-    plateau_threshold: float = 0.01
-    grow_without_plateau: bool = False
-    cooldown_epochs: int = 1
-    max_concurrent: int = 1
-    parameter_budget: float = 1.0
-    compute_budget: float = 1.0
-    max_adaptations: int = 8
-    blueprints: list[str] = field(default_factory=list)
-    # heuristic, random (seeded by random_seed) or gnn (a learned policy loaded from policy_path).
-    policy: str = "heuristic"
-    policy_path: str = ""
-    random_seed: int = 0
-
-    def heuristic(self) -> HeuristicConfig:
-        return HeuristicConfig(start_epoch=self.start_epoch, plateau_window=self.plateau_window,
-                               plateau_threshold=self.plateau_threshold,
-                               grow_without_plateau=self.grow_without_plateau, blueprints=tuple(self.blueprints))
-
-    def rails(self) -> RailsConfig:
-        return RailsConfig(cooldown_epochs=self.cooldown_epochs, max_concurrent=self.max_concurrent,
-                           max_adaptations=self.max_adaptations, parameter_budget=self.parameter_budget,
-                           compute_budget=self.compute_budget)
-
-    def controller(self, host_flops: float, loaded: Any = None) -> Controller:
-        """The configured policy behind the safety rails, for a host of `host_flops` forward FLOPs
-        per sample: what Tamiyo runs per run id, and Tolaria in-process (``services.mode: off``).
-        `loaded` is an already loaded GNN (`esper.tamiyo.policy_store.LoadedPolicy`), so per-run
-        controllers share one copy of the weights; without it a gnn policy is loaded from
-        `policy_path` (PolicyLoadError, a ValueError, when it cannot be)."""
-        from esper.tamiyo.policies import build_policy
-
-        rails = self.rails()
-        return Controller(build_policy(self, rails, host_flops, loaded), SafetyRails(rails, host_flops))
-
-
-def policy_settings_from_mapping(values: Mapping[str, Any], *, ignore_unknown: tuple[str, ...] = ()
-                                 ) -> PolicySettings:
-    """A `PolicySettings` from a mapping; ValueError naming an unknown key or a wrongly typed value."""
-    settings = PolicySettings()
-    types = {f.name: f.type for f in dataclasses.fields(PolicySettings)}
-    for key, value in values.items():
-        if key in ignore_unknown:
-            continue
-        if key not in types:
-            raise ValueError(f"policy config: unknown key {key!r}; expected some of {sorted(types)}")
-        expected = types[key]
-        ok = {
-            "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, int | float) and not isinstance(value, bool),
-            "bool": isinstance(value, bool),
-            "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
-            "str": isinstance(value, str),
-        }[expected]
-        if not ok:
-            raise ValueError(f"policy config: {key} expected {expected}, got {type(value).__name__} {value!r}")
-        setattr(settings, key, float(value) if expected == "float" else value)
-    from esper.tamiyo.policies import POLICY_KINDS
-
-    if settings.policy not in POLICY_KINDS:
-        raise ValueError(f"policy config: policy {settings.policy!r} is unknown; expected one of {list(POLICY_KINDS)}")
-    if settings.policy == "gnn" and not settings.policy_path:
-        raise ValueError("policy config: policy is gnn but policy_path is empty; expected the directory of a policy "
-                         "written by esper-tamiyo-train")
-    return settings
 
 
 class TamiyoCore:

@@ -5,7 +5,7 @@
     seed = load_kernel_artifact(outcome.artifact)        # nn.Module: chunk [N, 32] -> delta [N, 32]
 
     # the trainer, with an artifact compiled by the Tezzeret server and stored in Urza:
-    artifact, data = services.urza.client.UrzaClient(urza_address).download_artifact(kernel_id)
+    artifact, data = esper.clients.UrzaClient(urza_address).download_artifact(kernel_id)
     seed = load_kernel_artifact(data, expected_sha256=artifact.sha256)
 
 `WorkerPool` runs compiles in spawn-started processes with per-job timeouts (a stuck worker is

@@ -9,28 +9,31 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-_FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+from esper.kasmina.lifecycle import LifecycleConfig
+from esper.tolaria.config_parsing import (
+    ConfigError,
+    apply_override,
+    check_choices,
+    flatten,
+    load_yaml,
+    merge,
+    parse_override,
+)
 
-
-class ConfigError(ValueError):
-    """A config file or override is malformed; the message names the key and what was expected."""
-
-
-DATASETS = ("digits", "mnist1d", "cifar10", "cifar100", "teacher_student")
-MODELS = ("mlp", "cnn1d", "cnn2d", "resnet18")
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("constant", "cosine", "step")
-DEVICES = ("auto", "cpu", "cuda")
-POLICIES = ("heuristic", "random", "gnn")
-SERVICE_MODES = ("local", "remote", "off")
+# Fixed choices are Literal types: the type is the one list of allowed values.
+DatasetName = Literal["digits", "mnist1d", "cifar10", "cifar100", "teacher_student"]
+ModelName = Literal["mlp", "cnn1d", "cnn2d", "resnet18"]
+OptimizerName = Literal["sgd", "adamw"]
+ScheduleName = Literal["constant", "cosine", "step"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+PolicyName = Literal["heuristic", "random", "gnn"]
+ServicesMode = Literal["local", "remote", "off"]
 SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
 
 
@@ -38,7 +41,7 @@ SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
 class DataConfig:
     """Which dataset, where it lives and how it is batched."""
 
-    name: str = "digits"
+    name: DatasetName = "digits"
     data_dir: str = "data"
     batch_size: int = 64
     eval_batch_size: int = 512
@@ -59,7 +62,7 @@ class ModelConfig:
     """The host model. `width` is the base width: MLP hidden units, the first CNN stage's channels
     (later stages are `width * stage_multipliers[i]`), the ResNet stem width."""
 
-    name: str = "mlp"
+    name: ModelName = "mlp"
     width: int = 64
     # MLP hidden layers / number of CNN stages is len(stage_multipliers).
     depth: int = 2
@@ -70,7 +73,7 @@ class ModelConfig:
 class OptimConfig:
     """Optimizer and gradient clipping (0 disables clipping)."""
 
-    name: str = "sgd"
+    name: OptimizerName = "sgd"
     lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
@@ -83,7 +86,7 @@ class OptimConfig:
 class ScheduleConfig:
     """Learning-rate schedule, stepped once per optimizer step; warmup is linear from 0."""
 
-    name: str = "cosine"
+    name: ScheduleName = "cosine"
     warmup_epochs: float = 0.0
     step_epochs: int = 10
     gamma: float = 0.1
@@ -96,7 +99,7 @@ class TrainConfig:
 
     epochs: int = 10
     seed: int = 0
-    device: str = "auto"
+    device: DeviceName = "auto"
     # Mixed precision (autocast + GradScaler); only ever used when the device is CUDA.
     amp: bool = True
     # Stop after this many epochs without a better validation loss (0 disables).
@@ -117,34 +120,11 @@ class SeedsConfig:
 
 
 @dataclass
-class LifecycleConfig:
-    """Gates of the seed lifecycle (steps are optimizer steps); mirrors esper.kasmina.lifecycle."""
-
-    # TRAINING -> GRAFTING after at least this many steps once the seed's output aligns with the
-    # descent direction (cosine >= min_alignment); CULLED if still unaligned after the max.
-    training_min_steps: int = 50
-    training_max_steps: int = 400
-    gate_interval_steps: int = 10
-    min_alignment: float = 0.02
-    grafting_steps: int = 50
-    stabilization_steps: int = 20
-    evaluation_epochs: int = 1
-    fine_tuning_epochs: int = 1
-    # Counterfactual contribution (validation accuracy with the seed minus with alpha=0, as a
-    # fraction) a seed must exceed to be fossilized; 0 means it must be positive.
-    min_contribution: float = 0.0
-    # Per-site thresholds that replace min_contribution at that site, e.g. {hidden.1: 0.01}.
-    min_contribution_per_site: dict[str, float] = field(default_factory=dict)
-    embargo_epochs: int = 2
-    germination_timeout_epochs: int = 3
-
-
-@dataclass
 class ControllerConfig:
     """The Tamiyo policy and the safety rails that apply to every policy."""
 
     # heuristic, random, or gnn: a learned policy from policy_path (esper-train --tamiyo-policy PATH).
-    policy: str = "heuristic"
+    policy: PolicyName = "heuristic"
     policy_path: str = ""
     # Seed of the random policy's choices.
     random_seed: int = 0
@@ -172,7 +152,7 @@ class ServicesConfig:
     remote: connect to `addresses`; off: the in-process controller, no services.
     """
 
-    mode: str = field(default_factory=lambda: os.environ.get("ESPER_SERVICES_MODE", "local"))
+    mode: ServicesMode = field(default_factory=lambda: os.environ.get("ESPER_SERVICES_MODE", "local"))
     # name -> host:port for mode remote (urza, tezzeret, oona, tamiyo).
     addresses: dict[str, str] = field(default_factory=dict)
     # The in-process Tolaria gRPC server (run status, metrics, seeds, checkpoint, stop); -1 disables it.
@@ -182,9 +162,32 @@ class ServicesConfig:
     # Deadline of other unary calls (Urza lookups, compile requests, reports, publishes).
     call_timeout_s: float = 5.0
     compile_timeout_s: float = 120.0
+    # A germinated seed whose kernel has not arrived this many seconds after the decision is
+    # cancelled; 0 waits until the compile job fails (Tezzeret ends it after compile_timeout_s).
+    germination_timeout_s: float = 180.0
+    # While a compile runs: how often its job is polled (covers a missed kernel-ready event).
+    poll_s: float = 2.0
     # Backoff between attempts to reach a service that is down: initial, doubled up to the max.
     retry_initial_s: float = 0.5
     retry_max_s: float = 8.0
+    # Bearer token: sent on every call to the services and required by the Tolaria server (and,
+    # in local mode, by the services esper-train starts). auth_token_file holds it instead (its
+    # first line); set at most one of the two. Empty: no auth.
+    auth_token: str = ""
+    auth_token_file: str = ""
+    # TLS towards the services: the PEM root certificate that signed their certificates (empty:
+    # plaintext), and the name their certificates carry when it is not the host of the address.
+    tls_root_cert: str = ""
+    tls_server_name: str = ""
+    # TLS of the Tolaria server esper-train starts: PEM certificate chain and private key (both or neither).
+    tolaria_tls_cert: str = ""
+    tolaria_tls_key: str = ""
+
+    def token(self) -> str | None:
+        """The run's bearer token (auth_token, or the first line of auth_token_file), or None."""
+        if self.auth_token_file:
+            return Path(self.auth_token_file).read_text().strip().splitlines()[0].strip()
+        return self.auth_token or None
     # Local mode: how long each service may take to become healthy, compile workers, Oona backend.
     start_timeout_s: float = 120.0
     tezzeret_workers: int = 1
@@ -248,17 +251,6 @@ class Config:
     services: ServicesConfig = field(default_factory=ServicesConfig)
 
 
-# Keys whose values must be one of a closed set; checked after the types.
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": DATASETS,
-    "model.name": MODELS,
-    "optim.name": OPTIMIZERS,
-    "schedule.name": SCHEDULES,
-    "train.device": DEVICES,
-    "controller.policy": POLICIES,
-    "services.mode": SERVICE_MODES,
-}
-
 # Keys that define the model's architecture: a resume must not change them.
 ARCHITECTURE_KEYS = (
     "data.name",
@@ -270,73 +262,9 @@ ARCHITECTURE_KEYS = (
 )
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        return f"list of {_type_name(inner)}"
-    if origin is dict:
-        _, inner = typing.get_args(tp)
-        return f"mapping of string to {_type_name(inner)}"
-    return {bool: "bool", int: "int", float: "float", str: "string"}.get(tp, str(tp))
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Checks `value` against the annotation `tp`; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-        return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
-    if origin is dict:
-        _, inner = typing.get_args(tp)
-        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-        return {k: _coerce(f"{key}.{k}", v, inner) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-            return float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)  # e.g. services.cpus=3
-    else:  # pragma: no cover - the schema only uses the types above
-        raise TypeError(f"unsupported config type {tp!r} for {key}")
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-
-
-def _merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
-    """Writes `values` (a nested dict) into the dataclass `obj`, checking names and types."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(values).__name__}")
-    hints = typing.get_type_hints(type(obj))
-    names = {f.name for f in dataclasses.fields(obj)}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name not in names:
-            raise ConfigError(
-                f"unknown config key '{key}'; expected one of: {', '.join(sorted(names))}"
-            )
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            _merge(getattr(obj, name), value, f"{key}.")
-        else:
-            setattr(obj, name, _coerce(key, value, tp))
-
-
 def policy_config(cfg: Config) -> dict[str, Any]:
     """The Tamiyo policy knobs of a run: its controller section plus the allowed blueprints (the
-    mapping `esper.tamiyo.service.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
+    mapping `esper.tamiyo.settings.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
     section = dataclasses.asdict(cfg.controller)
     section["blueprints"] = list(cfg.seeds.blueprints)
     return section
@@ -344,12 +272,7 @@ def policy_config(cfg: Config) -> dict[str, Any]:
 
 def validate(config: Config) -> None:
     """Checks closed value sets and ranges that the types alone do not express."""
-    flat = to_dict(config)
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = flat[section][name]
-        if value not in choices:
-            raise ConfigError(f"{key}: unknown value '{value}'; expected one of: {', '.join(choices)}")
+    check_choices(config, "")
     positive = {
         "data.batch_size": config.data.batch_size,
         "data.eval_batch_size": config.data.eval_batch_size,
@@ -367,6 +290,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"optim.lr: expected a float > 0, got {config.optim.lr}")
     if config.model.width < 1:
         raise ConfigError(f"model.width: expected an int >= 1, got {config.model.width}")
+    try:
+        config.lifecycle.validate()
+    except ValueError as exc:
+        raise ConfigError(f"lifecycle: {str(exc).replace('LifecycleConfig.', 'lifecycle.')}") from None
     _validate_services(config.services)
 
 
@@ -384,9 +311,28 @@ def _validate_services(svc: ServicesConfig) -> None:
             raise ConfigError(f"services.mode remote needs services.addresses for {missing}; "
                               "expected host:port for each of urza, tezzeret, oona, tamiyo")
     for key in ("decision_timeout_s", "call_timeout_s", "compile_timeout_s", "retry_initial_s", "retry_max_s",
-                "start_timeout_s"):
+                "start_timeout_s", "poll_s"):
         if getattr(svc, key) <= 0:
             raise ConfigError(f"services.{key}: expected a float > 0, got {getattr(svc, key)}")
+    if svc.germination_timeout_s < 0:
+        raise ConfigError(f"services.germination_timeout_s: expected a float >= 0 (0: until the compile job fails), "
+                          f"got {svc.germination_timeout_s}")
+    if svc.auth_token and svc.auth_token_file:
+        raise ConfigError("services.auth_token_file: set either services.auth_token or services.auth_token_file, not both")
+    if svc.auth_token_file:
+        try:
+            token = Path(svc.auth_token_file).read_text().strip().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"services.auth_token_file: cannot read {svc.auth_token_file!r} ({exc.strerror}); "
+                              "expected a file holding the token") from None
+        if not token or not token[0].strip():
+            raise ConfigError(f"services.auth_token_file: {svc.auth_token_file!r} is empty; expected the token")
+    if bool(svc.tolaria_tls_cert) != bool(svc.tolaria_tls_key):
+        raise ConfigError("services.tolaria_tls_cert / services.tolaria_tls_key: expected both (TLS) or neither")
+    for key in ("tls_root_cert", "tolaria_tls_cert", "tolaria_tls_key"):
+        value = getattr(svc, key)
+        if value and not Path(value).is_file():
+            raise ConfigError(f"services.{key}: {value!r} is not a file; expected a PEM file")
     if svc.tezzeret_workers < 1:
         raise ConfigError(f"services.tezzeret_workers: expected an int >= 1, got {svc.tezzeret_workers}")
     if svc.cpus.strip().lower() not in ("auto", "off"):
@@ -400,71 +346,11 @@ def _validate_services(svc: ServicesConfig) -> None:
         raise ConfigError(f"services.tolaria_port: expected -1 (off), 0 (any free port) or a port, got {svc.tolaria_port}")
 
 
-class _ConfigLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 booleans: only true/false are bools, so `mode: off` stays "off"."""
-
-
-_ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_ConfigLoader)
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parses `a.b.c=value`; the value is read as YAML so `0.01`, `true`, `[1, 2]` get their types."""
-    if "=" not in text:
-        raise ConfigError(f"override '{text}': expected KEY=VALUE with a dotted key, e.g. optim.lr=0.01")
-    key, raw = text.split("=", 1)
-    key = key.strip()
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override '{text}': expected a dotted key such as optim.lr")
-    try:
-        value = _load_yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc.__class__.__name__})") from None
-    return key, value
-
-
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    cursor = out
-    parts = key.split(".")
-    for part in parts[:-1]:
-        cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = value
-    return out
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML config file into a dict, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; expected a YAML file such as configs/development.yaml")
-    try:
-        data = _load_yaml(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}; expected a mapping of sections") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}': expected a mapping of sections at the top level, got {type(data).__name__}")
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Builds the resolved config: defaults, then the YAML file, then the dotted overrides."""
     config = Config()
     if path is not None:
-        _merge(config, load_yaml(path), "")
+        merge(config, load_yaml(path), "")
     for text in overrides or []:
         key, value = parse_override(text)
         apply_override(config, key, value)
@@ -472,31 +358,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config
 
 
-def apply_override(config: Config, key: str, value: Any) -> None:
-    """Sets one dotted key; inside a mapping-typed field the rest of the key is one mapping key
-    (so `lifecycle.min_contribution_per_site.hidden.1=0.02` names the site `hidden.1`)."""
-    parts = key.split(".")
-    obj: Any = config
-    for i, part in enumerate(parts):
-        if not dataclasses.is_dataclass(obj):
-            break
-        hints = typing.get_type_hints(type(obj))
-        if part in hints and typing.get_origin(hints[part]) is dict and i + 1 < len(parts):
-            rest = ".".join(parts[i + 1 :])
-            _, inner = typing.get_args(hints[part])
-            getattr(obj, part)[rest] = _coerce(key, value, inner)
-            return
-        if part in hints and dataclasses.is_dataclass(hints[part]):
-            obj = getattr(obj, part)
-            continue
-        break
-    _merge(config, _nest(key, value), "")
-
-
 def from_dict(values: dict[str, Any]) -> Config:
     """Rebuilds a config from `to_dict` output (e.g. the copy stored in a checkpoint)."""
     config = Config()
-    _merge(config, values, "")
+    merge(config, values, "")
     validate(config)
     return config
 
@@ -520,15 +385,4 @@ def architecture_of(config: Config | dict[str, Any]) -> dict[str, Any]:
             out[key] = value
     return out
 
-
-def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {dotted.key: value}."""
-    out: dict[str, Any] = {}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if isinstance(value, dict):
-            out.update(flatten(value, key + "."))
-        else:
-            out[key] = value
-    return out
 

@@ -12,14 +12,13 @@ written; loading it needs the `esper` package (the Kasmina ops it calls) importe
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from esper.durable import write_json_atomic
 from esper.tolaria import checkpoint as ckpt
 from esper.tolaria.config import ConfigError, from_dict
 from esper.tolaria.hosts import build_host, count_parameters
@@ -107,9 +106,7 @@ def export_run(run_dir: Path, output_dir: Path | None = None, which: str = "last
         "torch": torch.__version__,
         "requires": "import esper.kasmina before torch.export.load (the program calls torch.ops.esper.*)",
     }
-    tmp = out / f".manifest.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    tmp.replace(out / "manifest.json")
+    write_json_atomic(out / "manifest.json", manifest, indent=2)
     return manifest
 
 

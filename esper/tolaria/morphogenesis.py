@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from esper.kasmina import KasminaLayer, LifecycleDriver, seed_sites, wrap
-from esper.kasmina import LifecycleConfig as KasminaLifecycleConfig
 from esper.kasmina.lifecycle import ACTIVE_STATES, LifecycleEvent
 from esper.lifecycle import SeedLifecycleState as S
-from esper.tamiyo.service import policy_settings_from_mapping
+from esper.tamiyo.settings import policy_settings_from_mapping
 from esper.tolaria.config import Config, ConfigError, policy_config
 from esper.tolaria.hosts import count_parameters, forward_flops_per_sample
 from esper.v1 import common_pb2
@@ -52,22 +51,6 @@ class Growth:
 
     added_groups: list[tuple[str, list[nn.Parameter]]] = field(default_factory=list)
     removed_groups: list[str] = field(default_factory=list)
-
-
-def kasmina_lifecycle_config(cfg: Config) -> KasminaLifecycleConfig:
-    """Tolaria's lifecycle section as Kasmina's LifecycleConfig (errors name the config key)."""
-    lc = cfg.lifecycle
-    try:
-        return KasminaLifecycleConfig(
-            training_min_steps=lc.training_min_steps, training_max_steps=lc.training_max_steps,
-            gate_interval_steps=lc.gate_interval_steps, min_alignment=lc.min_alignment,
-            grafting_steps=lc.grafting_steps, stabilization_steps=lc.stabilization_steps,
-            evaluation_epochs=lc.evaluation_epochs, fine_tuning_epochs=lc.fine_tuning_epochs,
-            min_contribution=lc.min_contribution, embargo_epochs=lc.embargo_epochs,
-            germination_timeout_epochs=lc.germination_timeout_epochs,
-        )
-    except ValueError as exc:
-        raise ConfigError(f"lifecycle: {str(exc).replace('LifecycleConfig.', 'lifecycle.')}") from None
 
 
 class Morphogenesis:
@@ -98,8 +81,7 @@ class Morphogenesis:
         if per_site_unknown:
             raise ConfigError(f"lifecycle.min_contribution_per_site: {per_site_unknown} are not seed sites; expected some of {sites}")
         self._evaluate_acc: Callable[[], float] = lambda: 0.0
-        self.driver = LifecycleDriver(self.model, kasmina_lifecycle_config(cfg), evaluate=lambda: self._evaluate_acc(),
-                                      min_contribution_per_site=cfg.lifecycle.min_contribution_per_site)
+        self.driver = LifecycleDriver(self.model, cfg.lifecycle, evaluate=lambda: self._evaluate_acc())
         self.driver.add_listener(self._on_event)
         self.output_shapes = self._probe_output_shapes()
         # The same policy and rails Tamiyo builds from this run's policy config.
@@ -116,7 +98,7 @@ class Morphogenesis:
         self._event_log = None
         # Set by the trainer under --verbose: prints every lifecycle transition as it happens.
         self.echo: Callable[[str], None] | None = None
-        # Set by esper.tolaria.remote.RemoteController: germinates awaiting a compiled kernel.
+        # Set by esper.tolaria.adaptation.RemoteController: germinates awaiting a compiled kernel.
         self.germinate_hook: Callable[[KasminaLayer, common_pb2.AdaptationDecision], None] | None = None
         self._flops_cache: tuple[tuple, float] | None = None
         # Validation accuracy per epoch, for the accuracy trend learned policies read.
@@ -208,7 +190,7 @@ class Morphogenesis:
         if self.enabled:
             state = self.graph_state(epoch + 1, global_step, total_epochs, train_loss, val_loss, val_acc, history)
             for decision in self.controller.decide(state):
-                self._apply(decision, epoch + 1)
+                self.apply_decision(decision, epoch + 1)
         for _, layer in self.driver.sites:
             layer.reset_telemetry()
         after = dict(self.param_groups())
@@ -217,7 +199,9 @@ class Morphogenesis:
             removed_groups=[n for n in before if n not in after],
         )
 
-    def _apply(self, d: common_pb2.AdaptationDecision, epoch: int) -> None:
+    def apply_decision(self, d: common_pb2.AdaptationDecision, epoch: int) -> None:
+        """Carry out one controller decision (germinate through `germinate_hook` when one is set).
+        Raises IllegalTransitionError / BlueprintError when the slot cannot take it."""
         action = d.action
         if action == common_pb2.DECISION_ACTION_WAIT:
             return

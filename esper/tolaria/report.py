@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from esper.durable import write_json_atomic
 from esper.lifecycle import SeedLifecycleState as S
 
 STATE_COLORS = {
@@ -101,9 +101,7 @@ def write_summary(run_dir: Path, summary: dict[str, Any], timeline: list[dict[st
                   echo: ProgressDisplay | None = None) -> None:
     """Writes summary.json (and timeline.png) and prints the summary table."""
     run_dir = Path(run_dir)
-    tmp = run_dir / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(run_dir / "summary.json")
+    write_json_atomic(run_dir / "summary.json", summary, indent=2)
     if plot:
         plot_timeline(timeline, summary["epochs"], run_dir / "timeline.png")
     text = summary_table(summary)

@@ -28,17 +28,10 @@ from typing import Any
 
 import yaml
 
+from esper.durable import write_json_atomic
 from esper.tolaria.config import SERVICE_NAMES, Config, policy_config
 
 log = logging.getLogger("esper.tolaria.services")
-
-GRPC_SERVICES = {
-    "urza": "esper.v1.UrzaService",
-    "tezzeret": "esper.v1.TezzeretService",
-    "oona": "esper.v1.OonaService",
-    "tamiyo": "esper.v1.TamiyoService",
-}
-
 
 # Compiles run at a lower CPU priority than training: on a small machine they share its cores, and
 # the training step must not wait for them.
@@ -138,9 +131,18 @@ class RunServices:
         state_dir.mkdir(parents=True, exist_ok=True)
         policy_path = state_dir / "tamiyo-policy.yaml"
         policy_path.write_text(yaml.safe_dump(policy_config(self.cfg), sort_keys=False))
+        extra_args: dict[str, list[str]] = {name: [] for name in SERVICE_NAMES}
+        extra_args["tamiyo"] += ["--policy-config", str(policy_path)]
+        token = svc.token()
+        if token:  # the services this run starts require the run's token too
+            token_path = state_dir / "auth-token"
+            token_path.touch(mode=0o600)
+            token_path.write_text(token + "\n")
+            for args in extra_args.values():
+                args += ["--auth-token-file", str(token_path)]
         self.stack = LocalStack(list(SERVICE_NAMES), state_dir=state_dir, oona_backend=svc.oona_backend,
                                 tezzeret_workers=svc.tezzeret_workers, start_timeout=svc.start_timeout_s,
-                                extra_args={"tamiyo": ["--policy-config", str(policy_path)]},
+                                extra_args=extra_args,
                                 die_with_parent=True, niceness={"tezzeret": TEZZERET_NICENESS})
         started = time.perf_counter()
         try:
@@ -163,7 +165,10 @@ class RunServices:
         """Health of every service of this run (SERVING, NOT_SERVING or UNREACHABLE)."""
         from esper.local_stack import check_health
 
-        return check_health(self.addresses, timeout=3.0)
+        svc = self.cfg.services
+        return check_health(self.addresses, timeout=3.0, auth_token=svc.token(),
+                            tls_root_cert=Path(svc.tls_root_cert) if svc.tls_root_cert and self.mode == "remote" else None,
+                            tls_server_name=svc.tls_server_name or None)
 
     def _watch(self) -> None:
         """Restart local services that died, on their old port, with backoff (see module doc).
@@ -193,13 +198,8 @@ class RunServices:
                 self.echo(f"service {name} restarted at {stack.running[name].address}")
 
     def _write_pids(self) -> None:
-        import json
-
-        path = self.run_dir / "services" / "pids.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pids": self.pids(), "addresses": dict(self.addresses),
-                                   "restarts": dict(self.restarts)}))
-        tmp.replace(path)
+        write_json_atomic(self.run_dir / "services" / "pids.json",
+                          {"pids": self.pids(), "addresses": dict(self.addresses), "restarts": dict(self.restarts)})
 
     def pids(self) -> dict[str, int]:
         """Process ids of local services (tests kill them to check degradation)."""
@@ -235,7 +235,9 @@ class RunServices:
                 self.remote.resume_pending(trainer.state.global_step)
         if svc.tolaria_port >= 0:
             self.control = RunControl(self.cfg.run_name, str(self.run_dir), self.cfg.train.epochs)
-            self.tolaria = TolariaServer(self.control, port=svc.tolaria_port)
+            self.tolaria = TolariaServer(self.control, port=svc.tolaria_port, auth_token=svc.token(),
+                                         tls_cert_file=svc.tolaria_tls_cert or None,
+                                         tls_key_file=svc.tolaria_tls_key or None)
             address = self.tolaria.start()
             (self.run_dir / "services").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "services" / "tolaria.address").write_text(address + "\n")
@@ -247,13 +249,9 @@ class RunServices:
                                                                       paused_reason=reason))
 
     def _install_remote(self, trainer: Any) -> None:
-        from esper.tolaria.remote import RemoteController, RemoteSettings
+        from esper.tolaria.adaptation import RemoteController
 
-        svc = self.cfg.services
-        settings = RemoteSettings(addresses=dict(self.addresses), decision_timeout_s=svc.decision_timeout_s,
-                                  call_timeout_s=svc.call_timeout_s, compile_timeout_s=svc.compile_timeout_s,
-                                  retry_initial_s=svc.retry_initial_s, retry_max_s=svc.retry_max_s)
-        self.remote = RemoteController(trainer.morph, settings, self.run_dir, echo=trainer.display_line)
+        self.remote = RemoteController(trainer.morph, self.cfg.services, self.run_dir, echo=trainer.display_line)
         trainer.morph.controller = self.remote
         trainer.hooks.insert(0, self.remote)
 
@@ -272,7 +270,7 @@ class RunServices:
             out["kernel_cache"] = r.kernels.stats()
             out["notes"] = [e["note"] for e in r.events][-200:]
             out["step_times"] = step_time_stats(r.step_times)
-            waits = sorted(r._slices.waited_s)
+            waits = sorted(r.load_slice_waits())
             if waits:  # kernel loads ran in slices between steps (esper.tolaria.slices)
                 out["load_slices"] = {"n": len(waits), "median_ms": waits[len(waits) // 2] * 1000,
                                       "max_ms": waits[-1] * 1000}
@@ -302,9 +300,7 @@ class RunServices:
             self.echo(f"seed {g['layer']}[{g['seed']}] ran kernel {g['kernel_id']} ({source}, loaded via {g['via']}, "
                       f"active {g['latency_s']:.2f} s after the decision, {g['steps_meanwhile']} steps meanwhile): "
                       f"{outcome.upper()}")
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(path)
+        write_json_atomic(path, summary, indent=2)
 
     # ------------------------------------------------------------------ shutdown
 

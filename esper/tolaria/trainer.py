@@ -8,7 +8,6 @@ the run directory, so a rejected command leaves an existing run untouched.
 from __future__ import annotations
 
 import gc
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,9 +27,11 @@ from esper.tolaria.data import (
     train_batches,
 )
 from esper.tolaria.governor import Governor
+from esper.tolaria.hooks import TrainerHook
 from esper.tolaria.hosts import build_host, count_parameters, forward_flops_per_sample, model_input_shape
 from esper.tolaria.metrics import MetricsWriter
-from esper.tolaria.schedule import LRSchedule, add_param_group, build_optimizer, remove_param_group
+from esper.tolaria.schedule import LRSchedule, build_optimizer
+from esper.tolaria.seed_groups import sync_seed_groups
 
 
 class ResumeError(ValueError):
@@ -98,10 +99,9 @@ class Trainer:
         self.payload: dict[str, Any] | None = None
         self.morph = None
         self._display = None
-        # Boundary hooks (esper.tolaria.server.ServedRunHooks, esper.tolaria.remote.RemoteController):
-        # called on the training thread between steps and after each epoch; they never wait on
-        # the network. `after_step`/`after_epoch` returning True ends the run (graceful Stop).
-        self.hooks: list[Any] = []
+        # Extension points (esper.tolaria.hooks.TrainerHook: esper.tolaria.server.ServedRunHooks,
+        # esper.tolaria.adaptation.RemoteController), called on the training thread.
+        self.hooks: list[TrainerHook] = []
         self.stop_requested = False
         # Called in prepare() once the model is wrapped, before a checkpoint is restored (the
         # services wiring installs the remote controller there); hooks with `before_restore`
@@ -175,8 +175,7 @@ class Trainer:
 
     def _restore(self, payload: dict[str, Any]) -> None:
         for hook in self.hooks:
-            if hasattr(hook, "before_restore"):
-                hook.before_restore(payload)
+            hook.before_restore(payload)
         try:
             # The Kasmina layers rebuild their grown seeds from the state dict's extra state.
             self.model.load_state_dict(payload["model"])
@@ -202,15 +201,10 @@ class Trainer:
         if torch.cuda.is_available() and rng.get("cuda"):
             torch.cuda.set_rng_state_all(rng["cuda"])
 
-    def _rebuild_seed_groups(self, order: list[str] | None = None) -> None:
+    def _rebuild_seed_groups(self, order: list[str]) -> None:
         """One optimizer group per live seed module (after a load or rollback), in `order` first
         (the order the groups had when saved: optimizer state is matched by position)."""
-        for group in list(self.optimizer.param_groups[1:]):
-            remove_param_group(self.optimizer, group["name"])
-        live = dict(self.morph.param_groups())
-        names = [n for n in (order or []) if n in live] + [n for n in live if n not in (order or [])]
-        for name in names:
-            add_param_group(self.optimizer, live[name], name, self.config.optim.lr)
+        sync_seed_groups(self.optimizer, self.morph.param_groups(), self.config.optim.lr, order=order)
 
     # ------------------------------------------------------------------ run
 
@@ -383,17 +377,12 @@ class Trainer:
         self.state.eval_flops += self.morph.eval_flops_per_sample() * n
 
     def _apply_growth(self, growth) -> None:
-        for name in growth.removed_groups:
-            remove_param_group(self.optimizer, name)
-        for name, params in growth.added_groups:
-            add_param_group(self.optimizer, params, name, self.config.optim.lr)
+        """After an epoch boundary (`growth` says what changed): the optimizer follows the seeds."""
+        self._sync_param_groups()
 
     def _sync_param_groups(self) -> None:
-        """Makes the optimizer's seed groups match the live seeds (after a step-level cull)."""
-        live = dict(self.morph.param_groups())
-        for group in list(self.optimizer.param_groups[1:]):
-            if group.get("name") not in live:
-                remove_param_group(self.optimizer, group["name"])
+        """Makes the optimizer's seed groups match the live seeds (host and kept seeds keep their state)."""
+        sync_seed_groups(self.optimizer, self.morph.param_groups(), self.config.optim.lr)
 
     def _snapshot_extra(self) -> dict[str, Any]:
         return {"morph": self.morph.state_dict(), "scaler": self.scaler.state_dict()}
@@ -494,9 +483,3 @@ def _reshape_dataset(ds: Dataset, shape: tuple[int, ...]) -> Dataset:
 def config_from_checkpoint(payload: dict[str, Any]) -> Config:
     """The config a checkpoint was written with."""
     return from_dict(payload["config"])
-
-
-def dump_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=False))
-    tmp.replace(path)

@@ -7,7 +7,7 @@
     artifact, created = library.upload_bytes(metadata, data)           # immutable, content-addressed
     meta, chunks = library.open_download(kernel_id)                    # verified (DataLossError)
 
-The gRPC face is `services.urza` (console script ``esper-urza``); `services.urza.client.UrzaClient`
+The gRPC face is `services.urza` (console script ``esper-urza``); `esper.clients.UrzaClient`
 is a blocking client of it (verified downloads) for the trainer and scripts.
 """
 

@@ -27,7 +27,8 @@ from esper.serving import (
     run_server_main,
     server_config_from_args,
 )
-from esper.tamiyo.service import PolicySettings, TamiyoCore, policy_settings_from_mapping
+from esper.tamiyo.service import TamiyoCore
+from esper.tamiyo.settings import PolicySettings, policy_settings_from_mapping
 from esper.v1 import tamiyo_pb2_grpc
 from services.tamiyo.servicer import SERVICE_NAME, TamiyoServicer
 

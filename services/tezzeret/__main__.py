@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from esper.clients import AsyncUrzaClient, KernelReadyPublisher
 from esper.serving import (
     ChannelConfig,
     GrpcServer,
@@ -25,7 +26,6 @@ from esper.serving import (
 )
 from esper.tezzeret import CompileJobs, WorkerPool, warm_up_compiler
 from esper.v1 import tezzeret_pb2_grpc
-from services.tezzeret.clients import OonaKernelPublisher, UrzaClient
 from services.tezzeret.servicer import SERVICE_NAME, TezzeretServicer
 
 log = logging.getLogger("esper.tezzeret")
@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         # Outgoing calls use the same deployment token as incoming ones (if any).
-        urza = UrzaClient(ChannelConfig(args.urza, auth_token=config.auth_token,
+        urza = AsyncUrzaClient(ChannelConfig(args.urza, auth_token=config.auth_token,
                                         tls_root_cert=args.upstream_tls_root_cert))
         server.add_shutdown_callback(urza.close)
         await wait_for_serving(urza.channel, timeout=args.urza_wait)
         publisher = None
         if args.oona:
-            publisher = OonaKernelPublisher(ChannelConfig(args.oona, auth_token=config.auth_token,
+            publisher = KernelReadyPublisher(ChannelConfig(args.oona, auth_token=config.auth_token,
                                                           tls_root_cert=args.upstream_tls_root_cert))
             server.add_shutdown_callback(publisher.close)
         pool = WorkerPool(args.workers, initializer=warm_up_compiler)

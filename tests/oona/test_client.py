@@ -1,4 +1,4 @@
-"""`services.oona.client.OonaClient` against a real Oona server process."""
+"""`esper.clients.OonaClient` against a real Oona server process."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import socket
 
 import pytest
 
+from esper.clients import OonaClient
 from esper.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from esper.oona import StartPosition
 from esper.serving import ServerProcess
-from services.oona.client import OonaClient
 
 pytestmark = pytest.mark.integration
 

@@ -49,7 +49,7 @@ def test_collect_train_serve_and_grow(tmp_path):
     # from a learned decision to a fossilized seed, not how good a policy from two episodes is.
     run_dir = tmp_path / "run"
     assert train_run_main(["--config", "configs/development.yaml", "--tamiyo-policy", str(tmp_path / "policy"),
-                           "model.width=16", "train.seed=5", "services.mode=off", "train.torch_threads=1",
+                           "model.width=16", "train.seed=5", "train.epochs=12", "services.mode=off", "train.torch_threads=1",
                            "lifecycle.min_alignment=-1.0", "lifecycle.min_contribution=-1.0",
                            "logging.timeline_plot=false", "logging.tensorboard=false", "--output-dir", str(run_dir),
                            "--progress", "none"]) == 0

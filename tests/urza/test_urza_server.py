@@ -281,8 +281,8 @@ def test_server_with_bearer_token(tmp_path):
 
 
 def test_blocking_client(urza):
+    from esper.clients import UrzaClient
     from esper.errors import DataLossError, InvalidArgumentError, NotFoundError
-    from services.urza.client import UrzaClient
 
     proc, _stub, data_dir = urza
     data = os.urandom(2 * MiB + 3)

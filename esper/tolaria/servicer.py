@@ -1,4 +1,4 @@
-"""Thin TolariaService servicer over `esper.tolaria.server.RunControl`.
+"""Thin TolariaService servicer over `esper.tolaria.control.RunControl`.
 
 Requests that need the training thread (seed table, checkpoint, stop) are queued on the
 `RunControl` and awaited here without blocking the event loop; the trainer serves them at its
@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from esper.errors import FailedPreconditionError
-from esper.tolaria.server import RunControl
+from esper.tolaria.control import RunControl
 from esper.v1 import tolaria_pb2, tolaria_pb2_grpc
 
 SERVICE_NAME = "esper.v1.TolariaService"

@@ -1,9 +1,8 @@
-"""`OonaClient`: an asyncio client of the Oona server for other Esper processes.
+"""`OonaClient`: an asyncio client of the Oona message bus for other Esper processes.
 
-Built on the shared client helpers: every call has a deadline; only idempotent calls (Ack,
-ListTopics) are retried; Publish is not (a retry could publish twice). Failures come back as
-domain errors (`esper.errors`, via `domain_error_from_rpc_error`), e.g. InvalidArgumentError with
-the field the server named, or UnavailableError when Oona does not answer.
+Only idempotent calls (Ack, ListTopics) are retried; Publish is not (a retry could publish
+twice). Failures come back as domain errors, e.g. InvalidArgumentError with the field the server
+named, or UnavailableError when Oona does not answer.
 
     client = OonaClient("127.0.0.1:50051")
     await client.publish("esper.metrics", payload, content_type="application/json")
@@ -18,10 +17,11 @@ from collections.abc import AsyncIterator, Mapping
 
 import grpc
 
+from esper.clients.base import AioClient
+from esper.clients.topics import KERNEL_READY_CONTENT_TYPE, KERNEL_READY_TOPIC
 from esper.oona.model import StartPosition
-from esper.serving import ChannelConfig, open_aio_channel, stream_call, unary_call
-from esper.serving.errors import domain_error_from_rpc_error
-from esper.v1 import oona_pb2, oona_pb2_grpc
+from esper.serving.client import ChannelConfig, stream_call
+from esper.v1 import common_pb2, oona_pb2, oona_pb2_grpc
 
 _START = {
     StartPosition.LATEST: oona_pb2.SUBSCRIBE_START_LATEST,
@@ -30,29 +30,14 @@ _START = {
 }
 
 
-class OonaClient:
+class OonaClient(AioClient):
     """Publish, subscribe (offset or consumer group), ack and list topics on one Oona server."""
 
-    def __init__(self, config: ChannelConfig | str, *, timeout_s: float = 10.0):
-        self.config = ChannelConfig(config) if isinstance(config, str) else config
-        self._channel = open_aio_channel(self.config)
+    service = "Oona"
+
+    def __init__(self, config: ChannelConfig | str, *, timeout_s: float = 10.0, retry=None):
+        super().__init__(config, timeout_s=timeout_s, retry=retry)
         self._stub = oona_pb2_grpc.OonaServiceStub(self._channel)
-        self._timeout = timeout_s
-
-    async def close(self) -> None:
-        await self._channel.close()
-
-    async def __aenter__(self) -> OonaClient:
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        await self.close()
-
-    async def _unary(self, method, request, *, idempotent: bool, timeout: float | None):
-        try:
-            return await unary_call(method, request, timeout=timeout or self._timeout, idempotent=idempotent)
-        except grpc.RpcError as err:
-            raise domain_error_from_rpc_error(err, upstream=f"Oona at {self.config.address}") from err
 
     async def publish(self, topic: str, payload: bytes, *, key: str = "", content_type: str = "",
                       headers: Mapping[str, str] | None = None, source: str = "",
@@ -60,6 +45,11 @@ class OonaClient:
         """Publish one message; returns its message id and offset. Never retried."""
         request = oona_pb2.PublishRequest(topic=topic, payload=payload, key=key, content_type=content_type,
                                           headers=dict(headers or {}), source=source)
+        return await self.publish_request(request, timeout=timeout)
+
+    async def publish_request(self, request: oona_pb2.PublishRequest, *,
+                              timeout: float | None = None) -> oona_pb2.PublishResponse:
+        """Publish a prepared `PublishRequest` (e.g. one that waited in a backlog). Never retried."""
         return await self._unary(self._stub.Publish, request, idempotent=False, timeout=timeout)
 
     async def publish_batch(self, messages: list[oona_pb2.PublishRequest], *,
@@ -91,7 +81,7 @@ class OonaClient:
         except grpc.RpcError as err:
             if err.code() == grpc.StatusCode.CANCELLED:
                 return
-            raise domain_error_from_rpc_error(err, upstream=f"Oona at {self.config.address}") from err
+            raise self._error(err) from err
         finally:
             call.cancel()
 
@@ -107,3 +97,20 @@ class OonaClient:
         reply = await self._unary(self._stub.ListTopics, oona_pb2.ListTopicsRequest(), idempotent=True,
                                   timeout=timeout)
         return list(reply.topics)
+
+
+class KernelReadyPublisher:
+    """`esper.tezzeret.jobs.KernelEventPublisher` over Oona: `KernelReadyEvent`s on the
+    kernel-ready topic, keyed by kernel id (never retried: a retry could duplicate the event)."""
+
+    def __init__(self, config: ChannelConfig | str, *, timeout_s: float = 5.0, topic: str = KERNEL_READY_TOPIC):
+        self.client = OonaClient(config, timeout_s=timeout_s)
+        self.address = self.client.address
+        self.topic = topic
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def publish_kernel_ready(self, event: common_pb2.KernelReadyEvent) -> None:
+        await self.client.publish(self.topic, event.SerializeToString(), key=event.artifact.kernel_id,
+                                  content_type=KERNEL_READY_CONTENT_TYPE, source="tezzeret")

@@ -1,0 +1,399 @@
+"""`RemoteController`: adaptation through Tamiyo, Urza, Tezzeret and Oona, as the morphogenesis
+controller (``morph.controller``: `decide` / `state_dict` / `load_state_dict`) and a trainer hook
+(`after_step` / `after_epoch` / `before_restore`). It decides (asks Tamiyo), applies (at step
+boundaries, the only place the model changes) and keeps the state of in-flight adaptations; the
+network work is the worker's (`AdaptationWorker`), kernels are the pipeline's (`KernelPipeline`),
+publishes and outcome reports the reporter's (`Reporter`). See `esper.tolaria.adaptation`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from esper.clients import ServiceLink, is_outage
+from esper.errors import EsperError
+from esper.kasmina import (
+    BlueprintError,
+    IllegalTransitionError,
+    adopt_kernel,
+    get_blueprint,
+    seed_from_kernel,
+)
+from esper.lifecycle import SeedLifecycleState as S
+from esper.tezzeret.kernel_ids import kernel_id_for
+from esper.tolaria.adaptation.kernels import KernelStore, kernel_target
+from esper.tolaria.adaptation.links import open_links
+from esper.tolaria.adaptation.outbox import DecisionsArrived, KernelFailed, KernelLoaded, Note, Outbox
+from esper.tolaria.adaptation.pipeline import KernelPipeline
+from esper.tolaria.adaptation.records import Adaptation
+from esper.tolaria.adaptation.reporting import Reporter, field_report
+from esper.tolaria.adaptation.timing import StepTimer
+from esper.tolaria.adaptation.worker import AdaptationWorker
+from esper.tolaria.config import ServicesConfig
+from esper.tolaria.hooks import BoundaryHook
+from esper.tolaria.seed_groups import sync_seed_groups
+from esper.v1 import common_pb2
+
+log = logging.getLogger("esper.tolaria.adaptation")
+
+OUTCOMES = {
+    S.FOSSILIZED: common_pb2.ADAPTATION_OUTCOME_FOSSILIZED,
+    S.CULLED: common_pb2.ADAPTATION_OUTCOME_CULLED,
+    S.ROLLED_BACK: common_pb2.ADAPTATION_OUTCOME_ROLLED_BACK,
+}
+
+class RemoteController(BoundaryHook):
+    """Adaptation through the services; see the module docstring."""
+
+    def __init__(self, morph: Any, settings: ServicesConfig, run_dir: Path, *,
+                 echo: Callable[[str], None] | None = None):
+        self.morph = morph
+        self.settings = settings
+        self.run_id = morph.run_id
+        self.echo = echo or (lambda line: log.info(line))
+        self.worker = AdaptationWorker()
+        self.outbox = Outbox()
+        self.kernels = KernelStore(Path(run_dir) / "kernels")
+        self.reporter = Reporter(self.run_id, self.worker, settings.call_timeout_s)
+        self.pipeline: KernelPipeline | None = None
+        self.links: dict[str, ServiceLink] = {}
+        self.timer = StepTimer(self._phase)
+        self._pending: dict[tuple[str, int], Adaptation] = {}
+        self._adaptations: dict[tuple[str, int], Adaptation] = {}
+        self._failed_kernels: dict[str, str] = {}
+        self.germinations: list[dict[str, Any]] = []
+        self.decision_latencies_ms: list[float] = []
+        self.events: list[dict[str, Any]] = []
+        self._decide_future = None
+        self._last_graph_nodes: dict[tuple[str, int], common_pb2.GraphNode] = {}
+        self._last_signals = common_pb2.TrainingSignals()
+        self._step = 0
+        self._status_listener: Callable[[bool, str], None] | None = None
+        for _, layer in morph.driver.sites:
+            layer.add_listener(self._on_lifecycle)
+        morph.germinate_hook = self._germinate
+
+    # ---------------------------------------------------------------- lifecycle of the controller
+
+    def connect(self, addresses: dict[str, str]) -> None:
+        """Start the worker thread with links to the services at `addresses` (no call waits here).
+
+        First the kernel loader is warmed up (`esper.tezzeret.warm_up_loader`, about a second,
+        before training starts), so that loading a kernel later holds the GIL for milliseconds.
+        """
+        from esper.tezzeret.compiler import warm_up_loader
+
+        started = time.perf_counter()
+        full = warm_up_loader()
+        self._note(f"kernel loader warmed up in {time.perf_counter() - started:.2f} s"
+                   + ("" if full else " (imports only: esper/tezzeret/warmup.pt2 is missing; run make build)"))
+        s = self.settings
+        self.links = open_links(s, addresses, self._links_changed)
+        self.pipeline = KernelPipeline(s, self.kernels, self.morph.device, self.outbox, urza=self.links.get("urza"),
+                                       tezzeret=self.links.get("tezzeret"), oona=self.links.get("oona"),
+                                       submit=self.worker.submit, stopping=self.worker.stopping.is_set)
+        self.reporter.connect(self.links.get("oona"), self.links.get("tamiyo"))
+        self.worker.start()
+        self.worker.submit(self.pipeline.listen_kernel_ready())
+        self.worker.submit(self.reporter.drain_forever())
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Flush what can be flushed within `timeout`, then stop the worker thread."""
+        if self.pipeline is not None:
+            self.pipeline.slices.release()  # no more steps will grant slices
+
+        async def close_links() -> None:
+            for link in self.links.values():
+                await link.close()
+
+        self.worker.stop(lambda: self.reporter.flush(timeout), close_links, timeout)
+
+    def outages(self) -> dict[str, int]:
+        """Times each service went down during the run."""
+        return {name: link.outages for name, link in self.links.items()}
+
+    def on_status_change(self, listener: Callable[[bool, str], None]) -> None:
+        self._status_listener = listener
+
+    def _links_changed(self) -> None:
+        if self._status_listener is not None:
+            self._status_listener(*self.paused())
+
+    def paused(self) -> tuple[bool, str]:
+        """(adaptation paused, why): a service the cycle needs is down."""
+        down = [link.down_reason for link in self.links.values() if not link.up]
+        return bool(down), "; ".join(down)
+
+    @property
+    def step_times(self) -> list[tuple[float, str, int]]:
+        return self.timer.samples
+
+    def load_slice_waits(self) -> list[float]:
+        """Seconds each kernel-load slice took (empty before `connect`)."""
+        return list(self.pipeline.slices.waited_s) if self.pipeline is not None else []
+
+    # ---------------------------------------------------------------- decide
+
+    def decide(self, state: common_pb2.ModelGraphState) -> list[common_pb2.AdaptationDecision]:
+        """Send the graph to Tamiyo in the background; decisions are applied at the next step boundary."""
+        state.signals.initial_flops_per_sample = float(self.morph.flops_initial)
+        if not self.worker.running:
+            return []
+        if self._decide_future is not None and not self._decide_future.done():
+            self._note("decision skipped: the previous Decide call has not returned yet")
+            return []
+        graph = common_pb2.ModelGraphState()
+        graph.CopyFrom(state)
+        self._decide_future = self.worker.submit(self._decide(graph, time.perf_counter()))
+        return []
+
+    async def _decide(self, graph: common_pb2.ModelGraphState, submitted: float) -> None:
+        link = self.links.get("tamiyo")
+        self._last_graph_nodes = {(n.layer_name, n.seed.seed_index): n for n in graph.nodes}
+        self._last_signals = graph.signals
+        if link is None or not link.may_call():
+            return
+        try:
+            decisions = await link.client().decide(graph, timeout=self.settings.decision_timeout_s)
+        except EsperError as exc:
+            if is_outage(exc):
+                await link.failed(exc)
+            else:
+                log.warning("Tamiyo rejected the graph: %s", exc)
+            return
+        link.ok()
+        self.decision_latencies_ms.append((time.perf_counter() - submitted) * 1000)
+        self.reporter.publish_decisions_now(decisions)
+        self.outbox.put(DecisionsArrived(decisions))
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resume needs: failed kernels and the decisions behind in-flight adaptations."""
+        return {"failed_kernels": dict(self._failed_kernels),
+                "adaptations": [a.to_dict() for a in self._adaptations.values()]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._failed_kernels = dict(state.get("failed_kernels", {}))
+        self._adaptations = {}
+        for a in state.get("adaptations", []):
+            record = Adaptation.from_dict(a)
+            self._adaptations[record.key] = record
+
+    def before_restore(self, payload: dict[str, Any]) -> None:
+        """Before a checkpoint is loaded: seeds that ran a compiled kernel get that kernel back.
+
+        The module comes from this run's verified copy of the artifact (``kernels/``); without the
+        copy Kasmina builds the seed from its blueprint, which loads the same weights.
+        """
+        model_state = payload["model"]
+        for name, layer in self.morph.driver.sites:
+            for index, (kernel_id, spec) in layer.checkpointed_kernels(model_state, f"{name}.").items():
+                loaded = self.kernels.load_local(kernel_id)
+                if loaded is not None:
+                    layer.preload_seed(index, adopt_kernel(loaded.to(self.morph.device), spec.blueprint_id))
+
+    def resume_pending(self, global_step: int) -> int:
+        """After a resume: fetch (or compile) the kernels of slots still GERMINATED; their count."""
+        self._step = global_step
+        count = 0
+        for name, layer in self.morph.driver.sites:
+            for i in range(layer.num_seeds):
+                spec = layer.blueprint_of(i)
+                if layer.state_of(i) != S.GERMINATED or spec is None:
+                    continue
+                record = self._adaptations.get((name, i))
+                shape, device, dtype = self._kernel_target(name, layer)
+                kernel_id = layer.seed_table()[i].kernel_id or kernel_id_for(spec, shape, device, dtype)
+                decision = record.decision if record else common_pb2.AdaptationDecision(
+                    layer_name=name, seed_index=i, blueprint_id=spec.blueprint_id,
+                    action=common_pb2.DECISION_ACTION_GERMINATE)
+                pending = Adaptation(name, i, kernel_id, spec.blueprint_id, decision, time.perf_counter(), self._step,
+                                     record.telemetry_before if record else common_pb2.SeedTelemetry(),
+                                     record.signals_before if record else common_pb2.TrainingSignals())
+                self._pending[pending.key] = pending
+                self._adaptations[pending.key] = pending
+                self.pipeline.request(kernel_id, spec, shape, device, dtype)
+                count += 1
+        if count:
+            self._note(f"resume: {count} germinated seed(s) waiting for their kernels again")
+        return count
+
+    # ---------------------------------------------------------------- trainer hooks
+
+    def after_step(self, trainer: Any, epoch: int, loss: float) -> bool:
+        self.timer.boundary(trainer.state.global_step)
+        self._drain(trainer, epoch)
+        if self.timer.last_step_s and self.pipeline is not None:
+            self.pipeline.slices.grant(self.timer.last_step_s)  # a kernel load's turn, if one is waiting
+        self.timer.opened()
+        return False
+
+    def after_epoch(self, trainer: Any, epoch: int, record: Any) -> bool:
+        self.timer.pause()
+        self._drain(trainer, epoch)
+        values = {k: float(v) for k, v in record.__dict__.items() if k != "epoch" and isinstance(v, int | float)}
+        self.reporter.publish_epoch_metrics(epoch + 1, trainer.state.global_step, values)
+        return False
+
+    def _phase(self) -> str:
+        return self.pipeline.phase() if self.pipeline is not None else ""
+
+    def _drain(self, trainer: Any, epoch: int) -> None:
+        self._step = trainer.state.global_step
+        self._cancel_overdue()
+        changed = False
+        for item in self.outbox.drain():
+            if isinstance(item, DecisionsArrived):
+                changed |= self._apply_decisions(item.decisions, epoch)
+            elif isinstance(item, KernelLoaded):
+                changed |= self._attach(item.kernel_id)
+            elif isinstance(item, KernelFailed):
+                self._compile_failed(item.kernel_id, item.reason)
+            elif isinstance(item, Note):
+                self._note(item.line)
+        if changed:
+            sync_seed_groups(trainer.optimizer, self.morph.param_groups(), trainer.config.optim.lr)
+
+    def _note(self, line: str) -> None:
+        self.events.append({"step": self._step, "t": time.time(), "note": line})
+        self.echo(f"  [services] {line}")
+
+    # ---------------------------------------------------------------- apply
+
+    def _apply_decisions(self, decisions: list[common_pb2.AdaptationDecision], epoch: int) -> bool:
+        before = len(self.morph.param_group_names())
+        for d in decisions:
+            if d.action == common_pb2.DECISION_ACTION_WAIT:
+                continue
+            try:
+                layer = self.morph.driver.site(d.layer_name)
+            except KeyError:
+                self._note(f"decision {d.decision_id[:8]} names unknown layer {d.layer_name!r}; dropped")
+                continue
+            if d.action == common_pb2.DECISION_ACTION_GERMINATE:
+                if layer.state_of(d.seed_index) != S.DORMANT:
+                    self._note(f"decision {d.decision_id[:8]}: {d.layer_name}[{d.seed_index}] is "
+                               f"{layer.state_of(d.seed_index).name} by now; dropped")
+                    continue
+                failed = self._failed_kernel_for(layer, d.blueprint_id)
+                if failed:
+                    self._note(f"decision {d.decision_id[:8]}: {d.blueprint_id} at {d.layer_name} failed to "
+                               f"compile earlier in this run ({failed}); dropped")
+                    continue
+            try:
+                self.morph.apply_decision(d, epoch + 1)
+            except (IllegalTransitionError, BlueprintError) as exc:  # the slot moved on since the graph
+                self._note(f"decision {d.decision_id[:8]} on {d.layer_name}[{d.seed_index}] dropped: {exc}")
+        return len(self.morph.param_group_names()) != before
+
+    def _failed_kernel_for(self, layer: Any, blueprint_id: str) -> str:
+        shape, device, dtype = self._kernel_target(layer.layer_name, layer)
+        return self._failed_kernels.get(kernel_id_for(get_blueprint(blueprint_id), shape, device, dtype), "")
+
+    def _kernel_target(self, name: str, layer: Any) -> tuple[list[int], int, int]:
+        return kernel_target(layer, self.morph.output_shapes.get(name), self.morph.device)
+
+    def _germinate(self, layer: Any, d: common_pb2.AdaptationDecision) -> None:
+        """Morphogenesis' germinate hook: warm kernels attach at once, cold ones are fetched/compiled."""
+        spec = get_blueprint(d.blueprint_id)
+        shape, device, dtype = self._kernel_target(layer.layer_name, layer)
+        kernel_id = kernel_id_for(spec, shape, device, dtype)
+        key = (layer.layer_name, d.seed_index)
+        node = self._last_graph_nodes.get(key)
+        pending = Adaptation(layer.layer_name, d.seed_index, kernel_id, d.blueprint_id, d, time.perf_counter(),
+                             self._step, node.seed.telemetry if node is not None else common_pb2.SeedTelemetry(),
+                             self._last_signals)
+        self._adaptations[key] = pending
+        cached = self.kernels.get(kernel_id, self.morph.device, layer.seed_dtype())
+        if cached is not None:
+            pending.path = "warm"
+            layer.germinate(d.seed_index, spec, module=seed_from_kernel(cached, spec), kernel_id=kernel_id,
+                            reason=d.reason)
+            self._record_germination(pending, "warm")
+            return
+        layer.germinate(d.seed_index, spec, await_kernel=True, kernel_id=kernel_id, reason=d.reason)
+        self._pending[key] = pending
+        self.pipeline.request(kernel_id, spec, shape, device, dtype)
+
+    def _cancel_overdue(self) -> None:
+        """Cancel seeds whose kernel has not arrived within services.germination_timeout_s (wall clock)."""
+        limit = self.settings.germination_timeout_s
+        if limit <= 0 or not self._pending:
+            return
+        now = time.perf_counter()
+        for key, pending in list(self._pending.items()):
+            if now - pending.decided_at < limit:
+                continue
+            layer = self.morph.driver.site(pending.layer)
+            if layer.state_of(pending.seed) == S.GERMINATED:
+                layer.cancel(pending.seed, f"no kernel arrived within {limit:g} s")  # reported by _on_lifecycle
+            self._pending.pop(key, None)
+
+    def _attach(self, kernel_id: str) -> bool:
+        module, via = self.pipeline.loaded[kernel_id]
+        attached = False
+        for key, pending in list(self._pending.items()):
+            if pending.kernel_id != kernel_id:
+                continue
+            del self._pending[key]
+            layer = self.morph.driver.site(pending.layer)
+            if layer.state_of(pending.seed) != S.GERMINATED:
+                self._note(f"kernel {kernel_id} arrived for {pending.layer}[{pending.seed}], which is "
+                           f"{layer.state_of(pending.seed).name} by now; kept in the kernel cache")
+                continue
+            spec = layer.blueprint_of(pending.seed)
+            seed = self.pipeline.spares.pop(kernel_id, None)  # a kernel id names one blueprint spec
+            if seed is None:
+                seed = seed_from_kernel(module, spec)
+            layer.attach_kernel(pending.seed, seed, kernel_id=kernel_id)
+            # cold: compiled for this run; library: the artifact was already in Urza.
+            self._record_germination(pending, "library" if via == "urza" else pending.path, via)
+            attached = True
+        return attached
+
+    def _record_germination(self, pending: Adaptation, path: str, via: str = "cache") -> None:
+        latency = time.perf_counter() - pending.decided_at
+        steps = self._step - pending.decided_step
+        self.germinations.append({"layer": pending.layer, "seed": pending.seed, "kernel_id": pending.kernel_id,
+                                  "blueprint": pending.blueprint_id, "path": path, "via": via,
+                                  "latency_s": latency, "steps_meanwhile": steps, "step": self._step})
+        self._note(f"{pending.layer}[{pending.seed}] active with kernel {pending.kernel_id} ({path}, via {via}) "
+                   f"{latency:.2f} s after the decision, {steps} training steps meanwhile")
+
+    def _compile_failed(self, kernel_id: str, reason: str) -> None:
+        self._failed_kernels[kernel_id] = reason
+        for key, pending in list(self._pending.items()):
+            if pending.kernel_id != kernel_id:
+                continue
+            del self._pending[key]
+            layer = self.morph.driver.site(pending.layer)
+            if layer.state_of(pending.seed) == S.GERMINATED:
+                layer.cancel(pending.seed, f"compile failed: {reason}")
+            self._report(pending, common_pb2.ADAPTATION_OUTCOME_COMPILE_FAILED, reason)
+
+    # ---------------------------------------------------------------- outcomes
+
+    def _on_lifecycle(self, event: Any) -> None:
+        """Every transition goes to Oona; a terminal one of a germination is reported to Tamiyo."""
+        self.reporter.publish_lifecycle(event)
+        key = (event.layer, event.seed)
+        outcome = OUTCOMES.get(S(event.to_state))
+        if event.to_state == S.CANCELLED and not event.reason.startswith("compile failed"):
+            outcome = common_pb2.ADAPTATION_OUTCOME_CANCELLED
+        pending = self._adaptations.get(key)
+        if outcome is not None and pending is not None:
+            self._pending.pop(key, None)
+            self._report(pending, outcome, event.reason)
+
+    def _report(self, pending: Adaptation, outcome: int, reason: str) -> None:
+        self._adaptations.pop(pending.key, None)
+        try:
+            row = self.morph.driver.site(pending.layer).seed_table()[pending.seed]
+        except (KeyError, IndexError):
+            row = None
+        self.reporter.report(field_report(self.run_id, pending, outcome, int(self.morph.driver.epoch), row))

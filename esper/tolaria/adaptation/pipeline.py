@@ -1,0 +1,236 @@
+"""`KernelPipeline`: the way from a kernel id to a loaded kernel, on the adaptation worker thread:
+find (Urza) -> compile (Tezzeret, if Urza has no VALIDATED artifact) -> wait for kernel-ready
+(Oona; the job's own stream reports failures, a poll covers a missed event) -> download (Urza)
+-> verify (SHA-256) -> keep the bytes in the run directory -> load (`torch.export.load`, in the
+slices the training thread grants, `StepSlices`) -> warm up -> kernel cache.
+
+Each kernel id goes through it once per run at a time; the result reaches the training thread
+through the outbox (`KernelLoaded` or `KernelFailed`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from esper.clients import AsyncUrzaClient, OonaClient, ServiceLink, TezzeretClient, is_outage
+from esper.clients.tezzeret import FAILED_JOB_STATES
+from esper.clients.topics import KERNEL_READY_TOPIC
+from esper.errors import DataLossError, EsperError, NotFoundError
+from esper.kasmina import seed_from_kernel
+from esper.tolaria.adaptation.kernels import KernelStore
+from esper.tolaria.adaptation.outbox import KernelFailed, KernelLoaded, Note, Outbox
+from esper.tolaria.config import ServicesConfig
+from esper.tolaria.slices import StepSlices
+from esper.v1 import common_pb2, tezzeret_pb2
+
+log = logging.getLogger("esper.tolaria.adaptation")
+
+# Share of a training step's duration a kernel load may run for at each step boundary (StepSlices).
+LOAD_SHARE = 0.25
+# The shortest slice a load gets at a boundary, however short the steps are: on sub-millisecond
+# steps a quarter of a step would make a load of a few hundred ms take thousands of steps.
+MIN_LOAD_SLICE_S = 0.002
+DOWNLOAD_ATTEMPTS = 3
+SUBSCRIBE_DEADLINE_S = 3600.0
+
+
+class CompileFailed(RuntimeError):
+    """Tezzeret reported the kernel INVALID, failed or timed out (or its bytes never verified)."""
+
+
+def _job_done(job: tezzeret_pb2.CompileJob) -> bool:
+    """True once the job succeeded; CompileFailed once it failed; False while it runs."""
+    if job.state == tezzeret_pb2.COMPILE_JOB_STATE_SUCCEEDED:
+        return True
+    if job.state in FAILED_JOB_STATES:
+        raise CompileFailed(job.error or tezzeret_pb2.CompileJobState.Name(job.state))
+    return False
+
+
+class KernelPipeline:
+    """Obtains kernels for the run (see module doc). Coroutines run on the worker's loop."""
+
+    def __init__(self, settings: ServicesConfig, store: KernelStore, device: torch.device, outbox: Outbox, *,
+                 urza: ServiceLink[AsyncUrzaClient] | None, tezzeret: ServiceLink[TezzeretClient] | None,
+                 oona: ServiceLink[OonaClient] | None, submit: Callable, stopping: Callable[[], bool]):
+        self.settings = settings
+        self.store = store
+        self.device = device
+        self.outbox = outbox
+        self.urza = urza
+        self.tezzeret = tezzeret
+        self.oona = oona
+        self._submit = submit
+        self._stopping = stopping
+        # Kernel loads hold the GIL: they run in slices the training thread grants between steps.
+        self.slices = StepSlices(share=LOAD_SHARE, min_slice_s=MIN_LOAD_SLICE_S)
+        self.loaded: dict[str, tuple[torch.nn.Module, str]] = {}
+        self.spares: dict[str, torch.nn.Module] = {}
+        self._fetching: set[str] = set()
+        self._shapes: dict[str, list[int]] = {}
+        self._ready: dict[str, asyncio.Event] = {}
+        # Set by the worker thread, read by the training thread (plain ints: no lock needed).
+        self.compiles_in_flight = 0
+        self.loads_in_flight = 0
+
+    def _note(self, line: str) -> None:
+        self.outbox.put(Note(line))
+
+    def request(self, kernel_id: str, spec: common_pb2.BlueprintSpec, shape: list[int], device: int,
+                dtype: int) -> None:
+        """Start obtaining `kernel_id` unless that is under way already (training thread)."""
+        if kernel_id in self._fetching:
+            return
+        self._fetching.add(kernel_id)
+        self._shapes[kernel_id] = list(shape)
+        self._submit(self._obtain(kernel_id, spec, shape, device, dtype))
+
+    def phase(self) -> str:
+        """What kernel work runs now: "load" (in this process), "compile" (in Tezzeret) or ""."""
+        return "load" if self.loads_in_flight else "compile" if self.compiles_in_flight else ""
+
+    async def _obtain(self, kernel_id: str, spec, shape, device, dtype) -> None:
+        try:
+            if self.urza is None or self.tezzeret is None:
+                raise CompileFailed("the run has no Urza or Tezzeret address")
+            via = "urza"
+            artifact = await self.urza.call(
+                lambda c: c.find_artifact(kernel_id, timeout=self.settings.call_timeout_s))
+            if artifact is None or artifact.status != common_pb2.ARTIFACT_STATUS_VALIDATED:
+                if artifact is not None and artifact.status == common_pb2.ARTIFACT_STATUS_INVALID:
+                    raise CompileFailed(artifact.status_reason or "artifact is INVALID in Urza")
+                self.compiles_in_flight += 1
+                try:
+                    via = await self._compile(kernel_id, spec, shape, device, dtype)
+                finally:
+                    self.compiles_in_flight -= 1
+            self.loads_in_flight += 1
+            try:
+                artifact, data = await self._download(kernel_id)
+                module = await asyncio.to_thread(self.slices.run, self._load, kernel_id, spec, data, artifact.sha256)
+            finally:
+                self.loads_in_flight -= 1
+            self.loaded[kernel_id] = (module, via)
+            self.outbox.put(KernelLoaded(kernel_id))
+        except CompileFailed as exc:
+            self.outbox.put(KernelFailed(kernel_id, str(exc)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or bad bytes: this kernel fails, training goes on
+            log.exception("obtaining kernel %s failed", kernel_id)
+            self.outbox.put(KernelFailed(kernel_id, f"{type(exc).__name__}: {exc}"))
+        finally:
+            self._fetching.discard(kernel_id)
+
+    async def _compile(self, kernel_id: str, spec, shape, device, dtype) -> str:
+        """Request the compile and wait until kernel-ready arrives on Oona or the job ends; the path."""
+        ready = self._ready.setdefault(kernel_id, asyncio.Event())
+        timeout = self.settings.call_timeout_s
+        job = None
+        while True:
+            if job is None:
+                job = await self.tezzeret.call(lambda c: c.compile(
+                    spec, shape, device, dtype, timeout_seconds=self.settings.compile_timeout_s, timeout=timeout))
+                self._note(f"compile requested: {kernel_id} (job {job.job_id[:8]}{', reused' if job.reused else ''})")
+            if _job_done(job):
+                return "poll"
+            # Success arrives as kernel-ready on Oona; a failure only in the job's own stream (or
+            # at the next poll when the stream is unavailable).
+            announced = asyncio.ensure_future(ready.wait())
+            failure = asyncio.ensure_future(self._watch_failure(job.job_id))
+            try:
+                await asyncio.wait((announced, failure), timeout=self.settings.poll_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                announced.cancel()
+                failure.cancel()
+            if ready.is_set():
+                return "oona"
+            if failure.done() and not failure.cancelled():
+                _job_done(failure.result())  # a failed job: raises CompileFailed
+            try:
+                job = await self.tezzeret.call(lambda c, job_id=job.job_id: c.get_compile_job(job_id, timeout=timeout))
+            except NotFoundError:
+                self._note(f"Tezzeret lost compile job for {kernel_id} (restarted?); requesting it again")
+                job = None
+
+    async def _watch_failure(self, job_id: str) -> tezzeret_pb2.CompileJob:
+        """The job once Tezzeret's WatchCompileJob stream shows it failed; otherwise it waits until
+        cancelled (success arrives as kernel-ready; a broken stream is covered by the caller's poll)."""
+        if self.tezzeret.up:
+            try:
+                async for job in self.tezzeret.client().watch_compile_job(job_id, timeout=self.settings.poll_s + 1.0):
+                    if job.state in FAILED_JOB_STATES:
+                        return job
+            except EsperError:
+                pass
+        await asyncio.Event().wait()  # never set: the caller cancels this at its poll deadline
+        raise AssertionError("unreachable")
+
+    async def _download(self, kernel_id: str) -> tuple[common_pb2.KernelArtifact, bytes]:
+        """The artifact's bytes, checked against its SHA-256 (a mismatch is retried, then fails)."""
+        link = self.urza
+        for attempt in range(DOWNLOAD_ATTEMPTS):
+            await link.wait_turn()
+            try:
+                result = await link.client().download_artifact(
+                    kernel_id, timeout=max(30.0, self.settings.call_timeout_s))
+            except DataLossError as exc:
+                link.ok()
+                log.warning("kernel %s: %s (attempt %d)", kernel_id, exc, attempt + 1)
+                continue
+            except EsperError as exc:
+                if is_outage(exc):
+                    await link.failed(exc)
+                    continue
+                raise CompileFailed(f"Urza download of {kernel_id} failed: {exc}") from None
+            link.ok()
+            return result
+        raise CompileFailed(f"kernel {kernel_id}: downloaded bytes never matched their SHA-256")
+
+    def _load(self, kernel_id: str, spec: common_pb2.BlueprintSpec, data: bytes, sha256: str) -> torch.nn.Module:
+        """Worker thread, in slices granted between training steps (`StepSlices`): verify, keep the
+        bytes in the run directory, load (`torch.export.load`), run it once, cache it."""
+        from esper.tezzeret import load_kernel_artifact
+
+        module = load_kernel_artifact(data, expected_sha256=sha256).to(self.device)
+        self.store.save_bytes(kernel_id, data)
+        dtype = next((p.dtype for p in module.parameters()), torch.float32)
+        # The first forward/backward of a loaded graph is slow (lazy set-up); pay it here, off the
+        # training thread, not in the first training step of the seed.
+        shape = self._shapes.get(kernel_id)
+        if shape is not None:
+            x = torch.zeros((2, *shape[1:]), device=self.device, dtype=dtype, requires_grad=True)
+            module(x).sum().backward()
+            for p in module.parameters():
+                p.grad = None
+        self.store.put(kernel_id, self.device, dtype, module, len(data))
+        # The first seed's own copy is made here too, not on the training thread at attach time.
+        self.spares[kernel_id] = seed_from_kernel(module, spec)
+        return module
+
+    async def listen_kernel_ready(self) -> None:
+        """Subscribe to kernel-ready from now on; wake the waiter of each announced kernel id."""
+        link = self.oona
+        if link is None:
+            return
+        while not self._stopping():
+            if not link.up:
+                await asyncio.sleep(max(0.05, link.next_try - time.monotonic()))
+            started = time.monotonic()
+            try:
+                # A long deadline (streams need one); the loop re-subscribes when it expires.
+                async for envelope in link.client().subscribe(KERNEL_READY_TOPIC, timeout=SUBSCRIBE_DEADLINE_S):
+                    link.ok()
+                    event = common_pb2.KernelReadyEvent.FromString(envelope.payload)
+                    self._ready.setdefault(event.artifact.kernel_id, asyncio.Event()).set()
+            except EsperError as exc:
+                if time.monotonic() - started < SUBSCRIBE_DEADLINE_S:
+                    await link.failed(exc)
+            else:
+                await asyncio.sleep(0.05)  # the server ended the stream (shutting down): subscribe again

@@ -1,1 +1,0 @@
-"""Tolaria server: the thin TolariaService servicer run inside the training process (esper.tolaria.server)."""
