@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--data-dir", help="[data.data_dir] dataset directory (CIFAR batches, MNIST-1D cache)")
     quick.add_argument("--device", choices=["auto", "cpu", "cuda"], help="[train.device]")
     morph = p.add_argument_group("morphogenetic")
+    morph.add_argument("--tamiyo-policy", metavar="PATH",
+                       help="[controller.policy=gnn, controller.policy_path] let the learned Tamiyo policy in PATH "
+                            "decide")
     morph.add_argument("--no-morphogenetic", action="store_true",
                        help="same run, seeds never germinate (the static baseline)")
     control = p.add_argument_group("training control")
@@ -122,6 +125,8 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
            if getattr(args, dest, None) is not None]
     if args.wandb:
         out.append("logging.wandb=true")
+    if getattr(args, "tamiyo_policy", None):
+        out += ["controller.policy=gnn", f"controller.policy_path={json.dumps(str(Path(args.tamiyo_policy).resolve()))}"]
     if getattr(args, "mixed_precision", None):
         out += ["train.amp=true", f"train.amp_dtype={'bfloat16' if args.mixed_precision == 'bf16' else 'float16'}"]
     return out

@@ -91,7 +91,10 @@ class Morphogenesis:
         self.driver.add_listener(self._on_event)
         self.output_shapes = self._probe_output_shapes()
         # The same policy and rails Tamiyo builds from this run's policy config.
-        self.controller = policy_settings_from_mapping(policy_config(cfg)).controller(flops_initial)
+        try:
+            self.controller = policy_settings_from_mapping(policy_config(cfg)).controller(flops_initial)
+        except ValueError as exc:  # e.g. a learned policy that cannot be loaded
+            raise ConfigError(f"controller: {exc}") from None
         self.steps_per_epoch = 1
         # Steps of the whole run (set by the trainer; 0 = unknown): germinations whose lifecycle
         # cannot reach a verdict in the steps left are refused (see LifecycleDriver.can_finish).
@@ -111,6 +114,8 @@ class Morphogenesis:
         # Set by esper.tolaria.adaptation.RemoteController: germinates awaiting a compiled kernel.
         self.germinate_hook: Callable[[KasminaLayer, common_pb2.AdaptationDecision], None] | None = None
         self._flops_cache: tuple[tuple, float] | None = None
+        # Validation accuracy per epoch, for the accuracy trend learned policies read.
+        self._accuracy_history: list[float] = []
         if enabled:
             for _, layer in self.driver.sites:
                 layer.set_telemetry_probe(True)  # the controller needs health of dormant sites too
@@ -202,6 +207,7 @@ class Morphogenesis:
         self.driver.end_epoch(baseline=val_acc)
         if self.growth is not None and self.growth.merge_fossilized():
             self.output_shapes = self._probe_output_shapes()
+        self._accuracy_history.append(val_acc)
         if self.enabled:
             state = self.graph_state(epoch + 1, global_step, total_epochs, train_loss, val_loss, val_acc, history)
             for decision in self.controller.decide(state):
@@ -322,8 +328,12 @@ class Morphogenesis:
         sig.val_loss_history.extend(history)
         sig.parameter_count = params
         sig.initial_parameter_count = self.params_initial
+        sig.initial_flops_per_sample = float(self.flops_initial)
+        sig.val_accuracy_history.extend(self._accuracy_history)
         sig.parameter_budget_left = min(1.0, max(0.0, 1.0 - param_frac))
         sig.compute_budget_left = min(1.0, max(0.0, 1.0 - flop_frac))
+        sig.parameter_budget = ctl.parameter_budget
+        sig.compute_budget = ctl.compute_budget
         sig.active_adaptations = sum(1 for _, layer in self.driver.sites for i in range(layer.num_seeds)
                                      if layer.state_of(i) in IN_FLIGHT)
         msg.create_time.GetCurrentTime()
@@ -429,6 +439,7 @@ class Morphogenesis:
             "timeline": [dict(r) for r in self._timeline],
             "clock": {"global_step": self.driver.global_step, "epoch": self.driver.epoch},
             "growth": self.growth.state_dict() if self.growth is not None else None,
+            "accuracy_history": list(self._accuracy_history),
         }
 
     def restore_structure(self, state: dict[str, Any]) -> None:
@@ -449,6 +460,7 @@ class Morphogenesis:
         self._adaptations = [dict(r) for r in state["adaptations"]]
         self._timeline = [dict(r) for r in state["timeline"]]
         self.driver.set_position(state["clock"]["global_step"], state["clock"]["epoch"])
+        self._accuracy_history = list(state.get("accuracy_history", []))  # absent in older checkpoints
         self._flops_cache = None
 
 

@@ -1088,6 +1088,9 @@ class TrainingSignals(_message.Message):
     COMPUTE_BUDGET_LEFT_FIELD_NUMBER: _builtins.int
     ACTIVE_ADAPTATIONS_FIELD_NUMBER: _builtins.int
     INITIAL_FLOPS_PER_SAMPLE_FIELD_NUMBER: _builtins.int
+    VAL_ACCURACY_HISTORY_FIELD_NUMBER: _builtins.int
+    PARAMETER_BUDGET_FIELD_NUMBER: _builtins.int
+    COMPUTE_BUDGET_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     """Epoch just finished, 0-based."""
     total_epochs: _builtins.int
@@ -1114,9 +1117,18 @@ class TrainingSignals(_message.Message):
     """Required, > 0: forward FLOPs per sample of the host before any growth (the unit of the
     compute budget). Decide answers INVALID_ARGUMENT when it is 0.
     """
+    parameter_budget: _builtins.float
+    """The growth budgets the fractions above are of, as multiples of the host (0 when not sent):
+    extra parameters, extra forward FLOPs per sample.
+    """
+    compute_budget: _builtins.float
     @_builtins.property
     def val_loss_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Recent validation losses, oldest first."""
+
+    @_builtins.property
+    def val_accuracy_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Recent validation accuracies (fractions), oldest first, aligned with val_loss_history."""
 
     def __init__(
         self,
@@ -1134,10 +1146,13 @@ class TrainingSignals(_message.Message):
         compute_budget_left: _builtins.float = ...,
         active_adaptations: _builtins.int = ...,
         initial_flops_per_sample: _builtins.float = ...,
+        val_accuracy_history: _abc.Iterable[_builtins.float] | None = ...,
+        parameter_budget: _builtins.float = ...,
+        compute_budget: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adaptations", b"active_adaptations", "compute_budget_left", b"compute_budget_left", "epoch", b"epoch", "global_step", b"global_step", "initial_flops_per_sample", b"initial_flops_per_sample", "initial_parameter_count", b"initial_parameter_count", "parameter_budget_left", b"parameter_budget_left", "parameter_count", b"parameter_count", "total_epochs", b"total_epochs", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_loss_history", b"val_loss_history"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adaptations", b"active_adaptations", "compute_budget", b"compute_budget", "compute_budget_left", b"compute_budget_left", "epoch", b"epoch", "global_step", b"global_step", "initial_flops_per_sample", b"initial_flops_per_sample", "initial_parameter_count", b"initial_parameter_count", "parameter_budget", b"parameter_budget", "parameter_budget_left", b"parameter_budget_left", "parameter_count", b"parameter_count", "total_epochs", b"total_epochs", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_accuracy_history", b"val_accuracy_history", "val_loss", b"val_loss", "val_loss_history", b"val_loss_history"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1270,6 +1285,12 @@ class FieldReport(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    GRAPH_FIELD_NUMBER: _builtins.int
+    FLOP_COST_FIELD_NUMBER: _builtins.int
+    REWARD_FIELD_NUMBER: _builtins.int
+    REWARD_DEFINITION_FIELD_NUMBER: _builtins.int
+    BEHAVIOR_PROBABILITY_FIELD_NUMBER: _builtins.int
+    RUN_HOST_FLOPS_FIELD_NUMBER: _builtins.int
     report_id: _builtins.str
     """Unique id; assigned by Tamiyo when empty."""
     run_id: _builtins.str
@@ -1280,6 +1301,20 @@ class FieldReport(_message.Message):
     """Required, not UNSPECIFIED: how the adaptation ended."""
     epoch: _builtins.int
     """Epoch at which the outcome was known."""
+    flop_cost: _builtins.float
+    """Extra FLOPs the adaptation cost the run: the seed's forward FLOPs per sample times the samples
+    it processed (training x3 for the backward pass, plus validation) while it was live.
+    """
+    reward: _builtins.float
+    """Reward of the decision under `reward_definition` (see esper/tamiyo/reward.py); WAIT gets 0."""
+    reward_definition: _builtins.str
+    """Name and version of the reward formula, e.g. "contribution-minus-flops/1"; empty when the
+    report carries no reward (reports from ordinary runs, before the run ended).
+    """
+    behavior_probability: _builtins.float
+    """Probability the logging policy gave the executed decision, for off-policy corrections; 0 when unknown."""
+    run_host_flops: _builtins.float
+    """Forward FLOPs of the whole host over the run (training x3 plus validation), the cost's unit."""
     @_builtins.property
     def decision(self) -> Global___AdaptationDecision:
         """Required: the decision reported on (decision_id non-empty)."""
@@ -1304,6 +1339,10 @@ class FieldReport(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the report was made."""
 
+    @_builtins.property
+    def graph(self) -> Global___ModelGraphState:
+        """The whole graph the policy saw when it made `decision` (the state of offline policy learning)."""
+
     def __init__(
         self,
         *,
@@ -1318,10 +1357,16 @@ class FieldReport(_message.Message):
         outcome: Global___AdaptationOutcome.ValueType = ...,
         epoch: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        graph: Global___ModelGraphState | None = ...,
+        flop_cost: _builtins.float = ...,
+        reward: _builtins.float = ...,
+        reward_definition: _builtins.str = ...,
+        behavior_probability: _builtins.float = ...,
+        run_host_flops: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decision", b"decision", "signals_after", b"signals_after", "signals_before", b"signals_before", "telemetry_after", b"telemetry_after", "telemetry_before", b"telemetry_before"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decision", b"decision", "graph", b"graph", "signals_after", b"signals_after", "signals_before", b"signals_before", "telemetry_after", b"telemetry_after", "telemetry_before", b"telemetry_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contribution", b"contribution", "create_time", b"create_time", "decision", b"decision", "epoch", b"epoch", "outcome", b"outcome", "report_id", b"report_id", "run_id", b"run_id", "signals_after", b"signals_after", "signals_before", b"signals_before", "telemetry_after", b"telemetry_after", "telemetry_before", b"telemetry_before"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["behavior_probability", b"behavior_probability", "contribution", b"contribution", "create_time", b"create_time", "decision", b"decision", "epoch", b"epoch", "flop_cost", b"flop_cost", "graph", b"graph", "outcome", b"outcome", "report_id", b"report_id", "reward", b"reward", "reward_definition", b"reward_definition", "run_host_flops", b"run_host_flops", "run_id", b"run_id", "signals_after", b"signals_after", "signals_before", b"signals_before", "telemetry_after", b"telemetry_after", "telemetry_before", b"telemetry_before"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

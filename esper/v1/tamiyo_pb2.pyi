@@ -168,12 +168,21 @@ class GetPolicyInfoResponse(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     REPLAY_BUFFER_SIZE_FIELD_NUMBER: _builtins.int
     RAILS_FIELD_NUMBER: _builtins.int
+    POLICY_SOURCE_FIELD_NUMBER: _builtins.int
+    POLICY_SWAPS_FIELD_NUMBER: _builtins.int
+    FEATURE_SCHEMA_FIELD_NUMBER: _builtins.int
     policy_kind: _builtins.str
-    """"heuristic" or "gnn"."""
+    """"heuristic", "random" or "gnn"."""
     policy_version: _builtins.str
     """Version of the policy in force."""
     replay_buffer_size: _builtins.int
     """Reports held in the replay buffer."""
+    policy_source: _builtins.str
+    """Where a learned policy was loaded from (a directory, or "urza:<version>"); empty otherwise."""
+    policy_swaps: _builtins.int
+    """Times the server replaced its policy by a newer version without restarting."""
+    feature_schema: _builtins.str
+    """Graph feature schema the loaded policy was trained on, e.g. "tamiyo-graph/1"."""
     @_builtins.property
     def rails(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Safety rails in force, e.g. "cooldown_epochs" -> "2"."""
@@ -185,10 +194,13 @@ class GetPolicyInfoResponse(_message.Message):
         policy_version: _builtins.str = ...,
         replay_buffer_size: _builtins.int = ...,
         rails: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        policy_source: _builtins.str = ...,
+        policy_swaps: _builtins.int = ...,
+        feature_schema: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy_kind", b"policy_kind", "policy_version", b"policy_version", "rails", b"rails", "replay_buffer_size", b"replay_buffer_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_schema", b"feature_schema", "policy_kind", b"policy_kind", "policy_source", b"policy_source", "policy_swaps", b"policy_swaps", "policy_version", b"policy_version", "rails", b"rails", "replay_buffer_size", b"replay_buffer_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -92,6 +92,8 @@ def test_full_cycle_compiled_kernel_fossilizes(tmp_path, train_process):
     reports = list(ReplayBuffer(run_dir / "services" / "tamiyo"))
     assert any(r.outcome == common_pb2.ADAPTATION_OUTCOME_FOSSILIZED and r.decision.layer_name == first["layer"]
                for r in reports), [(r.decision.layer_name, r.outcome) for r in reports]
+    # Each report carries the whole graph its decision was made on (the input of offline policy learning).
+    assert all(any(n.layer_name == r.decision.layer_name for n in r.graph.nodes) for r in reports)
     # Logs of every service are in the run directory.
     for name in ("urza", "tezzeret", "oona", "tamiyo"):
         assert (run_dir / "services" / "logs" / f"{name}.log").exists()

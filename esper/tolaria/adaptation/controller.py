@@ -77,6 +77,7 @@ class RemoteController(BoundaryHook):
         self.events: list[dict[str, Any]] = []
         self._decide_future = None
         self._last_graph_nodes: dict[tuple[str, int], common_pb2.GraphNode] = {}
+        self._last_graph = common_pb2.ModelGraphState()
         self._last_signals = common_pb2.TrainingSignals()
         self._step = 0
         self._last_drain = time.perf_counter()
@@ -163,6 +164,7 @@ class RemoteController(BoundaryHook):
     async def _decide(self, graph: common_pb2.ModelGraphState, submitted: float) -> None:
         link = self.links.get("tamiyo")
         self._last_graph_nodes = {(n.layer_name, n.seed.seed_index): n for n in graph.nodes}
+        self._last_graph = graph
         self._last_signals = graph.signals
         if link is None or not link.may_call():
             return
@@ -230,7 +232,8 @@ class RemoteController(BoundaryHook):
                     action=common_pb2.DECISION_ACTION_GERMINATE)
                 pending = Adaptation(name, i, kernel_id, spec.blueprint_id, decision, time.perf_counter(), self._step,
                                      record.telemetry_before if record else common_pb2.SeedTelemetry(),
-                                     record.signals_before if record else common_pb2.TrainingSignals())
+                                     record.signals_before if record else common_pb2.TrainingSignals(),
+                                     graph_before=record.graph_before if record else common_pb2.ModelGraphState())
                 self._pending[pending.key] = pending
                 self._adaptations[pending.key] = pending
                 self.pipeline.request(kernel_id, spec, shape, device, dtype)
@@ -380,7 +383,7 @@ class RemoteController(BoundaryHook):
         node = self._last_graph_nodes.get(key)
         pending = Adaptation(layer.layer_name, d.seed_index, kernel_id, d.blueprint_id, d, time.perf_counter(),
                              self._step, node.seed.telemetry if node is not None else common_pb2.SeedTelemetry(),
-                             self._last_signals)
+                             self._last_signals, graph_before=self._last_graph)
         self._adaptations[key] = pending
         cached = self.kernels.get(kernel_id, self.morph.device, layer.seed_dtype())
         if cached is not None:
