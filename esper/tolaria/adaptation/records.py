@@ -51,4 +51,4 @@ class Adaptation:
                    common_pb2.AdaptationDecision.FromString(bytes.fromhex(a["decision"])), time.perf_counter(),
                    int(a["decided_step"]), common_pb2.SeedTelemetry.FromString(bytes.fromhex(a["telemetry_before"])),
                    common_pb2.TrainingSignals.FromString(bytes.fromhex(a["signals_before"])), a["path"],
-                   common_pb2.ModelGraphState.FromString(bytes.fromhex(a.get("graph_before", ""))))
+                   graph_before=common_pb2.ModelGraphState.FromString(bytes.fromhex(a.get("graph_before", ""))))
