@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from esper.kasmina.growth.config import GrowthConfig, check_growth_config
 from esper.kasmina.lifecycle import LifecycleConfig
 from esper.tamiyo.settings import PolicySettings
 from esper.tolaria.config_parsing import (
@@ -35,6 +36,26 @@ ScheduleName = Literal["constant", "cosine", "step"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 ServicesMode = Literal["local", "remote", "off"]
 SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
+WandbMode = Literal["auto", "online", "offline"]
+
+
+@dataclass
+class Mnist1dConfig:
+    """Generation settings of MNIST-1D, those of `mnist1d.data.get_dataset_args()` (its defaults)."""
+
+    num_samples: int = 5000
+    train_split: float = 0.8
+    template_len: int = 12
+    padding: list[int] = field(default_factory=lambda: [36, 60])
+    scale_coeff: float = 0.4
+    max_translation: int = 48
+    corr_noise_scale: float = 0.25
+    iid_noise_scale: float = 0.02
+    shear_scale: float = 0.75
+    # Permute the sequence positions (one fixed permutation): removes spatial structure.
+    shuffle_seq: bool = False
+    final_seq_length: int = 40
+    seed: int = 42
 
 
 @dataclass
@@ -55,6 +76,7 @@ class DataConfig:
     synthetic_teacher_hidden: int = 128
     # Subsample the training split (0 = all); keeps benchmarks and tests small.
     train_limit: int = 0
+    mnist1d: Mnist1dConfig = field(default_factory=Mnist1dConfig)
 
 
 @dataclass
@@ -102,6 +124,8 @@ class TrainConfig:
     device: DeviceName = "auto"
     # Mixed precision (autocast + GradScaler); only ever used when the device is CUDA.
     amp: bool = True
+    # Autocast dtype under amp: float16 (with a grad scaler) or bfloat16 (none needed).
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
     # Stop after this many epochs without a better validation loss (0 disables).
     early_stopping_patience: int = 0
     # Stop after this many optimizer steps (0 = epochs * batches); the schedule spans min of both.
@@ -210,11 +234,26 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Metrics sinks."""
+    """Metrics sinks (esper.tolaria.loggers), the trainer's Prometheus endpoint and the profiler."""
 
     tensorboard: bool = True
     timeline_plot: bool = True
     log_every_steps: int = 10
+    # Weights & Biases (the optional `tracking` extra). auto: online with credentials, else offline.
+    wandb: bool = False
+    wandb_project: str = "esper"
+    wandb_entity: str = ""
+    wandb_mode: WandbMode = "auto"
+    # How long an online start may try to reach the W&B server before the run logs offline.
+    wandb_init_timeout_s: float = 30.0
+    # Log the exported model (esper-export) as a W&B artifact at the end of the run.
+    wandb_log_model: bool = True
+    # Prometheus /metrics of the trainer (esper.tolaria.prometheus): -1 off, 0 any free port.
+    prometheus_port: int = -1
+    prometheus_host: str = "127.0.0.1"
+    # torch.profiler over this many steps (0 off) after `profile_warmup_steps` (esper.tolaria.profiling).
+    profile_steps: int = 0
+    profile_warmup_steps: int = 5
 
 
 @dataclass
@@ -235,6 +274,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     services: ServicesConfig = field(default_factory=ServicesConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
 
 
 # Keys that define the model's architecture: a resume must not change them.
@@ -253,6 +293,9 @@ def policy_config(cfg: Config) -> dict[str, Any]:
     mapping `esper.tamiyo.settings.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
     section = dataclasses.asdict(cfg.controller)
     section["blueprints"] = list(cfg.seeds.blueprints or cfg.controller.blueprints)
+    section["growth_modes"] = list(cfg.growth.modes)
+    section["width_units"] = cfg.growth.width_units
+    section["width_factor"] = cfg.growth.width_factor
     return section
 
 
@@ -263,6 +306,10 @@ def validate(config: Config) -> None:
     if seeds_bp and ctl_bp and seeds_bp != ctl_bp:
         raise ConfigError(f"seeds.blueprints {seeds_bp} and controller.blueprints {ctl_bp} disagree; "
                           "expected one of them (or both the same)")
+    try:
+        check_growth_config(config.growth)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     positive = {
         "data.batch_size": config.data.batch_size,
         "data.eval_batch_size": config.data.eval_batch_size,
@@ -274,6 +321,7 @@ def validate(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: expected an int >= 1, got {value}")
+    _validate_mnist1d(config.data.mnist1d)
     if not 0.0 < config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: expected a float in (0, 1), got {config.data.val_fraction}")
     if config.optim.lr <= 0:
@@ -285,6 +333,34 @@ def validate(config: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"lifecycle: {str(exc).replace('LifecycleConfig.', 'lifecycle.')}") from None
     _validate_services(config.services)
+    _validate_logging(config.logging)
+
+
+def _validate_logging(log: LoggingConfig) -> None:
+    if not -1 <= log.prometheus_port < 65536:
+        raise ConfigError(f"logging.prometheus_port: expected -1 (off), 0 (any free port) or a port, got {log.prometheus_port}")
+    if log.profile_steps < 0 or log.profile_warmup_steps < 0:
+        raise ConfigError("logging.profile_steps and logging.profile_warmup_steps: expected ints >= 0, got "
+                          f"{log.profile_steps} and {log.profile_warmup_steps}")
+    if log.wandb_init_timeout_s <= 0:
+        raise ConfigError(f"logging.wandb_init_timeout_s: expected a float > 0, got {log.wandb_init_timeout_s}")
+    if log.wandb and not log.wandb_project.strip():
+        raise ConfigError("logging.wandb_project: expected a W&B project name, got an empty string")
+
+
+def _validate_mnist1d(m: Mnist1dConfig) -> None:
+    for key in ("num_samples", "template_len", "final_seq_length"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"data.mnist1d.{key}: expected an int >= 1, got {getattr(m, key)}")
+    if not 0.0 < m.train_split < 1.0:
+        raise ConfigError(f"data.mnist1d.train_split: expected a float in (0, 1), got {m.train_split}")
+    if len(m.padding) != 2 or not 0 <= m.padding[0] <= m.padding[1]:
+        raise ConfigError(f"data.mnist1d.padding: expected [low, high] with 0 <= low <= high, got {m.padding}")
+    for key in ("scale_coeff", "corr_noise_scale", "iid_noise_scale", "shear_scale"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"data.mnist1d.{key}: expected a float >= 0, got {getattr(m, key)}")
+    if m.max_translation < 0:
+        raise ConfigError(f"data.mnist1d.max_translation: expected an int >= 0, got {m.max_translation}")
 
 
 def _validate_services(svc: ServicesConfig) -> None:
