@@ -328,7 +328,7 @@ def test_governor_blames_only_blended_seeds(tmp_path):
     from esper.tolaria.config import load_config
     from esper.tolaria.trainer import Trainer
 
-    cfg = load_config(DEV, ["train.epochs=1", "services.mode=off", *FAST])
+    cfg = load_config(DEV, ["train.epochs=40", "services.mode=off", *FAST])  # room for a whole lifecycle
     trainer = Trainer(cfg, tmp_path / "run", progress="none")
     trainer.prepare()
     trainer.start()
