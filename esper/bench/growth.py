@@ -29,7 +29,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-DEFAULT_CONFIGS = {"digits": "configs/development.yaml", "mnist1d": "configs/mnist1d.yaml"}
+DEFAULT_CONFIGS = {"digits": "configs/development.yaml", "mnist1d": "configs/mnist1d.yaml",
+                   "teacher_student": "configs/teacher_student_narrow.yaml", "cifar10": "configs/cifar10.yaml",
+                   "cifar100": "configs/cifar100.yaml"}
 ARMS = ("host", "esper", "target", "target@matched")
 
 
@@ -170,7 +172,29 @@ def to_markdown(result: dict[str, Any], command: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = args.config or DEFAULT_CONFIGS[args.dataset]
+    """Runs the chosen protocol: `target` (the four arms above) or `pareto` (esper.bench.pareto)."""
+    args.config = args.config or DEFAULT_CONFIGS[args.dataset]
+    if args.protocol == "pareto":
+        from esper.bench import pareto
+
+        if not args.workdir:
+            raise SystemExit("esper-bench growth --protocol pareto: --workdir is required "
+                             "(it holds one result file per run, so a stopped protocol can resume)")
+        from esper.tolaria.config import ConfigError
+        from esper.tolaria.data import DataError
+
+        try:
+            return pareto.run(args)
+        except (pareto.ProtocolError, ConfigError, DataError) as exc:
+            print(f"esper-bench growth: {exc}", file=sys.stderr)
+            return 2
+    if args.seeds is None:
+        args.seeds = 10
+    return _run_target(args)
+
+
+def _run_target(args: argparse.Namespace) -> int:
+    config = args.config
     overrides = [f"data.name={args.dataset}", *args.override]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
@@ -187,8 +211,11 @@ def run(args: argparse.Namespace) -> int:
             per_seed.append(run_seed(config, s, overrides, workdir))
             print(f"seed {s}: " + ", ".join(f"{arm} {100 * per_seed[-1][arm]['test_acc']:.2f}" for arm in ARMS),
                   flush=True)
+    from esper.tolaria.config import load_config
+
+    label = load_config(config, overrides).data.name  # the dataset the runs really used
     result = {
-        "dataset": args.dataset, "config": config, "overrides": overrides, "seeds": len(seeds),
+        "dataset": label, "config": config, "overrides": overrides, "seeds": len(seeds),
         "seed_indices": seeds, "wall_s": time.perf_counter() - start, "workdir": workdir,
         "aggregate": aggregate(per_seed),
         "per_seed": [{arm: {k: r[arm][k] for k in ("test_acc", "best_val_acc", "params_final", "flops", "wall_s",
@@ -209,8 +236,11 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `esper-bench growth` (the esper-bench CLI discovers this module by them)."""
+    p.add_argument("--protocol", choices=("target", "pareto"), default="target",
+                   help="target: host/esper/target/target@matched at the shipped schedule; pareto: accuracy "
+                   "against compute over widths and budgets (esper.bench.pareto)")
     p.add_argument("--dataset", choices=sorted(DEFAULT_CONFIGS), default="mnist1d")
-    p.add_argument("--seeds", type=int, default=10, help="number of paired seeds")
+    p.add_argument("--seeds", type=int, default=None, help="number of paired seeds (default 10; pareto 20)")
     p.add_argument("--first-seed", type=int, default=0)
     p.add_argument("--config", help="base config (default: configs/development.yaml or configs/mnist1d.yaml)")
     p.add_argument("--epochs", type=int, default=0, help="override train.epochs")
@@ -219,6 +249,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="where run directories go (default: a temporary directory)")
     p.add_argument("--json", help="write the full result as JSON")
     p.add_argument("--markdown", help="write the table as Markdown")
+    from esper.bench import pareto
+
+    pareto.add_arguments(p)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,13 @@
 `evaluate()` returns a validation score where higher is better (accuracy, or minus the loss); the
 driver calls it once for the baseline and once per seed under `layer.seed_disabled(i)`, so the
 contribution of a seed is `score(with seed) - score(alpha forced to 0)`. It must not train.
+With a `counterfactual` (esper.kasmina.counterfactual.RefitCounterfactual) both scores are taken
+after the same short host refit instead, so co-adaptation of the host is not credited to a seed.
 Every transition is a LifecycleEvent, kept in `driver.events` and sent to listeners.
+
+`can_finish(steps_left, steps_per_epoch)` says whether a seed germinated now can reach a verdict
+(FOSSILIZED or CULLED by its contribution) before the run ends; a germination that cannot would
+only add unproven parameters to the final model, so callers refuse it.
 """
 
 from __future__ import annotations
@@ -20,12 +26,14 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
+from esper.kasmina.counterfactual import RefitCounterfactual
 from esper.kasmina.layer import KasminaLayer, LifecycleClock
 from esper.kasmina.lifecycle import (
     LifecycleConfig,
     LifecycleEvent,
     LifecycleListener,
     contribution_gate,
+    min_lifecycle_epochs,
     needs_contribution,
     step_gate,
     training_gate,
@@ -44,15 +52,20 @@ class LifecycleDriver:
         evaluate: Callable[[], float] | None = None,
         listeners: Iterable[LifecycleListener] = (),
         min_contribution_per_site: dict[str, float] | None = None,
+        counterfactual: RefitCounterfactual | None = None,
     ) -> None:
         self.model = model
         self.config = config or LifecycleConfig()
         self.evaluate = evaluate
+        self.counterfactual = counterfactual
         # Sites that must clear a different contribution threshold than config.min_contribution
         # (the argument, when given, replaces config.min_contribution_per_site).
         self.min_contribution_per_site = dict(self.config.min_contribution_per_site if min_contribution_per_site is None
                                               else min_contribution_per_site)
         self.clock = LifecycleClock()
+        # Extra epochs a GERMINATED seed may wait, e.g. the epochs the kernel's compiler was down
+        # (set by a controller that knows; (site name, seed index) -> epochs).
+        self.germination_grace: Callable[[str, int], int] | None = None
         self.events: list[LifecycleEvent] = []
         self._listeners = list(listeners)
         self.sites: list[tuple[str, KasminaLayer]] = []
@@ -142,12 +155,15 @@ class LifecycleDriver:
         """
         cfg = self.config
         start = len(self.events)
-        for _, layer in self.sites:
+        for name, layer in self.sites:
             layer.end_epoch()
             for i in range(layer.num_seeds):
-                if (cfg.germination_timeout_epochs and layer.state_of(i) == S.GERMINATED
-                        and layer.epochs_in_state(i) >= cfg.germination_timeout_epochs):
-                    layer.cancel(i, f"no kernel arrived within {cfg.germination_timeout_epochs} epoch(s)")
+                if not cfg.germination_timeout_epochs or layer.state_of(i) != S.GERMINATED:
+                    continue
+                grace = self.germination_grace(name, i) if self.germination_grace is not None else 0
+                if layer.epochs_in_state(i) >= cfg.germination_timeout_epochs + grace:
+                    layer.cancel(i, f"no kernel arrived within {cfg.germination_timeout_epochs} epoch(s)"
+                                    + (f" (+{grace} while its services were down)" if grace else ""))
         pending = [
             (layer, i, site_cfg)
             for name, layer in self.sites
@@ -155,7 +171,12 @@ class LifecycleDriver:
             for i in range(layer.num_seeds)
             if needs_contribution(layer.state_of(i), layer.epochs_in_state(i), site_cfg)
         ]
-        if pending:
+        if pending and self.counterfactual is not None:
+            with_seeds = self.counterfactual.score_with()
+            for layer, i, site_cfg in pending:
+                contribution = with_seeds - self.counterfactual.score_without(layer, i)
+                self._gate_contribution(layer, i, contribution, site_cfg)
+        elif pending:
             if self.evaluate is None:
                 raise RuntimeError(
                     "seeds need a counterfactual measurement but the LifecycleDriver has no evaluate callable; "
@@ -166,13 +187,21 @@ class LifecycleDriver:
             for layer, i, site_cfg in pending:
                 with layer.seed_disabled(i):
                     without = float(self.evaluate())
-                contribution = baseline - without
-                layer.record_contribution(i, contribution)
-                decision = contribution_gate(layer.state_of(i), layer.epochs_in_state(i), contribution, site_cfg)
-                if decision is not None:
-                    layer.transition(i, decision.to_state, decision.reason)
+                self._gate_contribution(layer, i, baseline - without, site_cfg)
         self.clock.epoch += 1
         return self.events[start:]
+
+    @staticmethod
+    def _gate_contribution(layer: KasminaLayer, i: int, contribution: float, site_cfg: LifecycleConfig) -> None:
+        layer.record_contribution(i, contribution)
+        decision = contribution_gate(layer.state_of(i), layer.epochs_in_state(i), contribution, site_cfg)
+        if decision is not None:
+            layer.transition(i, decision.to_state, decision.reason)
+
+    def can_finish(self, steps_left: int, steps_per_epoch: int) -> bool:
+        """Whether a seed germinated at this epoch boundary can reach its verdict within
+        `steps_left` optimizer steps (the fastest path through every gate)."""
+        return steps_left >= min_lifecycle_epochs(self.config, steps_per_epoch) * max(1, steps_per_epoch)
 
     def seed_table(self) -> list:
         """Rows of every site's seed table (one device read per site)."""

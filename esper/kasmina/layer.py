@@ -25,6 +25,13 @@ evaluation), `seed_parameters`, `add_listener`, `state_of`, `seed_dtype`, and fo
 compiled kernels `checkpointed_kernels` / `preload_seed`. Use `esper.kasmina.wrap` to build
 layers and `esper.kasmina.LifecycleDriver` to run the gates.
 
+Growth modes (`esper.kasmina.growth`): a seed module with `blends_elsewhere = True` (a width or
+depth seed) occupies a slot -- its state, alpha, gates and checkpoint -- but adds its output to
+another module through hooks, so this layer skips it in its own blend. `seed_builders[family]`
+rebuilds such seeds from their spec on a checkpoint load, `release_merged` frees the slot of a
+fossilized seed once it is merged into the host (FOSSILIZED -> DORMANT), and `set_host` swaps in
+a wider host module.
+
 Checkpoints: `state_dict()` holds the state table (buffers under `table.`), the seed modules'
 parameters (under `seeds.<i>.`) and, as extra state, the germinated blueprint specs; loading it into
 a freshly wrapped model rebuilds the grown seeds before their parameters are loaded.
@@ -35,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -198,6 +205,9 @@ class KasminaLayer(nn.Module):
         self._kernel_ids: dict[int, str] = {}
         self._blueprint_ids: list[str] = []
         self._probe = False
+        # Seed modules built by something other than a blueprint (e.g. width seeds), by spec family:
+        # builder(spec, slot index) -> module.
+        self.seed_builders: dict[str, Callable[[BlueprintSpec, int], nn.Module]] = {}
         self._sync_mirrors()
         self._register_load_state_dict_pre_hook(self._before_load)
         self.register_load_state_dict_post_hook(KasminaLayer._after_load)
@@ -224,8 +234,12 @@ class KasminaLayer(nn.Module):
                 if state not in ACTIVE_STATES:
                     pieces.append(None)
                     continue
-                x = h[:, i * c : (i + 1) * c]
                 seed = self.seeds[str(i)]
+                if getattr(seed, "blends_elsewhere", False):
+                    # A width seed adds to the consumer of this layer, not to this output.
+                    pieces.append(None)
+                    continue
+                x = h[:, i * c : (i + 1) * c]
                 if state in FROZEN_STATES:
                     with torch.no_grad():
                         s = seed(x.detach())
@@ -236,10 +250,11 @@ class KasminaLayer(nn.Module):
                 else:
                     s = seed(x)
                 pieces.append(s)
-            template = next(p for p in pieces if p is not None)
-            filled = [p if p is not None else template.new_zeros(template.shape) for p in pieces]
-            seed_out = filled[0] if len(filled) == 1 else torch.cat(filled, dim=1)
-            out = ops.seed_blend(h, seed_out.to(h.dtype), self.table.state, self.table.alpha)
+            template = next((p for p in pieces if p is not None), None)
+            if template is not None:
+                filled = [p if p is not None else template.new_zeros(template.shape) for p in pieces]
+                seed_out = filled[0] if len(filled) == 1 else torch.cat(filled, dim=1)
+                out = ops.seed_blend(h, seed_out.to(h.dtype), self.table.state, self.table.alpha)
         if self.training:
             with torch.no_grad():
                 ops.telemetry_accumulate_(h.detach(), self.table.telemetry, self.dead_threshold)
@@ -253,9 +268,12 @@ class KasminaLayer(nn.Module):
 
     def _alignment_hook(self, index: int, seed_out: torch.Tensor, grad: torch.Tensor) -> None:
         with torch.no_grad():
-            g = grad.double()
-            s = torch.where(torch.isfinite(seed_out), seed_out, torch.zeros_like(seed_out)).double()
-            self.table.alignment[index] += torch.stack([(g * s).sum(), (g * g).sum(), (s * s).sum()])
+            # Three BLAS dot products over flat views (one pass each, no float64 copies of the
+            # activations): this hook runs every TRAINING step and was ~1/3 of the seed's forward.
+            g = grad.reshape(-1)
+            s = torch.nan_to_num(seed_out.reshape(-1).to(g.dtype), nan=0.0, posinf=0.0, neginf=0.0)
+            sums = torch.stack([torch.dot(g, s), torch.dot(g, g), torch.dot(s, s)])
+            self.table.alignment[index] += sums.to(self.table.alignment.dtype)
 
     # ---------------------------------------------------------------- mirrors
 
@@ -343,7 +361,8 @@ class KasminaLayer(nn.Module):
         index = self._check_index(seed_index)
         spec = get_blueprint(spec_or_id) if isinstance(spec_or_id, str) else spec_or_id
         check_transition(self._states[index], S.GERMINATED, self._where(index))
-        validate_blueprint(spec, self.chunk_size, self.input_kind)
+        if spec.family not in self.seed_builders:
+            validate_blueprint(spec, self.chunk_size, self.input_kind)
         self._specs[index] = spec
         self._kernel_ids[index] = kernel_id
         if spec.blueprint_id not in self._blueprint_ids:
@@ -359,7 +378,7 @@ class KasminaLayer(nn.Module):
         check_transition(self._states[index], S.TRAINING, self._where(index))
         spec = self._specs[index]
         if module is None:
-            module = self._build(spec)
+            module = self._build(spec, index)
         else:
             module = module.to(device=self.table.state.device, dtype=self.seed_dtype())
         if kernel_id:
@@ -390,6 +409,46 @@ class KasminaLayer(nn.Module):
         check_transition(from_state, to_state, self._where(index))
         if to_state == S.TRAINING and str(index) not in self.seeds:
             raise RuntimeError(f"{self._where(index)}: cannot enter TRAINING without a seed module (attach_kernel)")
+        return self._enter(index, to_state, reason)
+
+    def release_merged(self, seed_index: int, reason: str) -> LifecycleEvent:
+        """FOSSILIZED -> DORMANT for a seed whose units were merged into the host (width growth).
+
+        The only way out of FOSSILIZED: the seed no longer exists as a seed (its capacity is now
+        plain host weights), so the slot is free for the next growth. Raises for any other seed.
+        """
+        index = self._check_index(seed_index)
+        module = self._module_of(index)
+        if self._states[index] != S.FOSSILIZED or not getattr(module, "blends_elsewhere", False):
+            raise RuntimeError(f"{self._where(index)}: only a FOSSILIZED width seed can be released after a "
+                               f"merge (state {self._states[index].name}, module {type(module).__name__})")
+        telemetry = self.table.telemetry[index].clone()  # still describes the (now wider) host site
+        event = self._enter(index, S.DORMANT, reason)
+        self.table.telemetry[index].copy_(telemetry)
+        return event
+
+    def set_host(self, module: nn.Module) -> None:
+        """Replace the host module by a resized one (width growth merged into it)."""
+        channels = infer_channels(module)
+        if channels is None or channels % self.num_seeds:
+            raise ValueError(f"layer {self.layer_name!r}: new host must have output channels divisible by "
+                             f"{self.num_seeds} seeds, got {channels}")
+        if channels != self.channels and any(s in ACTIVE_STATES and not getattr(self._module_of(i), "blends_elsewhere", False)
+                                             for i, s in enumerate(self._states)):
+            raise RuntimeError(f"layer {self.layer_name!r}: cannot resize the host from {self.channels} to {channels} "
+                               "channels while a residual seed is active on it")
+        self.host = module
+        self.channels = channels
+        self.chunk_size = channels // self.num_seeds
+
+    def _drop_module(self, key: str) -> None:
+        release = getattr(self.seeds[key], "release", None)
+        if release is not None:
+            release()
+        del self.seeds[key]
+
+    def _enter(self, index: int, to_state: S, reason: str) -> LifecycleEvent:
+        from_state = self._states[index]
         table = self.table
         if to_state == S.GRAFTING:
             table.alpha[index] = 0.0
@@ -398,7 +457,7 @@ class KasminaLayer(nn.Module):
         elif to_state in (S.CULLED, S.CANCELLED, S.ROLLED_BACK, S.DORMANT):
             table.alpha[index] = 0.0
             if str(index) in self.seeds:
-                del self.seeds[str(index)]
+                self._drop_module(str(index))
         if to_state == S.TRAINING:
             table.alignment[index] = 0.0
         if to_state == S.CULLED:
@@ -554,7 +613,9 @@ class KasminaLayer(nn.Module):
         `seed_index`'s seed; loading keeps a module whose `blueprint_id` matches the checkpoint's."""
         self.seeds[str(self._check_index(seed_index))] = module
 
-    def _build(self, spec: BlueprintSpec) -> nn.Module:
+    def _build(self, spec: BlueprintSpec, index: int) -> nn.Module:
+        if spec.family in self.seed_builders:
+            return self.seed_builders[spec.family](spec, index)
         shape = (-1, self.chunk_size) + (1,) * self.spatial_dims
         return build_seed_module(spec, self.chunk_size, shape, self.seed_dtype(), self.table.state.device)
 
@@ -590,11 +651,13 @@ class KasminaLayer(nn.Module):
         }
         for key in list(self.seeds.keys()):
             if int(key) not in wanted:
-                del self.seeds[key]
+                self._drop_module(key)
         for i in sorted(wanted):
             current = self._module_of(i)
             if current is None or getattr(current, "blueprint_id", None) != specs[i].blueprint_id:
-                self.seeds[str(i)] = self._build(specs[i])
+                if current is not None:
+                    self._drop_module(str(i))
+                self.seeds[str(i)] = self._build(specs[i], i)
 
     @staticmethod
     def _after_load(module: KasminaLayer, incompatible_keys) -> None:

@@ -113,6 +113,12 @@ class LifecycleConfig:
     # seconds: epochs of a small model can be far shorter than a compile).
     germination_timeout_epochs: int = 0
     dead_threshold: float = 0.0
+    # Counterfactual measurement (esper.kasmina.counterfactual): on the first N validation samples
+    # (a fixed subset; 0 = the whole split), each side after `refit_steps` host training steps at
+    # the base learning rate, so that co-adaptation of the host is not credited to the seed
+    # (0 = the plain alpha=0 counterfactual). Its compute counts as growth overhead.
+    counterfactual_samples: int = 256
+    refit_steps: int = 5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -123,7 +129,8 @@ class LifecycleConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"LifecycleConfig.{name} must be >= 1, got {getattr(self, name)}")
-        non_negative = ("stabilization_steps", "evaluation_epochs", "fine_tuning_epochs", "embargo_epochs")
+        non_negative = ("stabilization_steps", "evaluation_epochs", "fine_tuning_epochs", "embargo_epochs",
+                        "counterfactual_samples", "refit_steps")
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"LifecycleConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -246,6 +253,20 @@ def contribution_gate(
     if state == S.FINE_TUNING and epochs_in_state >= cfg.fine_tuning_epochs:
         return GateDecision(S.FOSSILIZED, f"{text} held for {epochs_in_state} fine-tuning epoch(s)")
     return None
+
+
+def min_lifecycle_epochs(cfg: LifecycleConfig, steps_per_epoch: int) -> int:
+    """Fewest epochs from germination (at an epoch boundary) to the FOSSILIZED verdict.
+
+    The step gates take at least training_min_steps + grafting_steps + stabilization_steps steps,
+    which end inside the k-th epoch after germination. Epoch counters advance before the gates
+    look at them, so EVALUATING is measured at the boundary of that epoch when
+    evaluation_epochs <= 1 (max(1, n) - 1 boundaries later in general), and FINE_TUNING reaches its
+    verdict max(1, fine_tuning_epochs) boundaries after it starts.
+    """
+    step_epochs = math.ceil((cfg.training_min_steps + cfg.grafting_steps + cfg.stabilization_steps)
+                            / max(1, steps_per_epoch))
+    return step_epochs + max(1, cfg.evaluation_epochs) - 1 + max(1, cfg.fine_tuning_epochs)
 
 
 def needs_contribution(state: S, epochs_in_state: int, cfg: LifecycleConfig) -> bool:

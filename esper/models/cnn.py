@@ -49,6 +49,14 @@ class _SmallCNN(nn.Module):
         """Names of the layers a trainer would normally wrap with seeds."""
         return [f"convs.{i}" for i in range(len(self.convs))]
 
+    def width_pairs(self) -> list:
+        """Where width growth can add channels: conv i (+ its norm, ReLU, pool) and what reads it."""
+        from esper.kasmina.growth.pair import WidthPair
+
+        last = len(self.convs) - 1
+        return [WidthPair(f"convs.{i}", f"convs.{i + 1}" if i < last else "head", norm=f"norms.{i}",
+                          post="maxpool2" if i < last else "mean") for i in range(last + 1)]
+
 
 class SmallCNN1d(_SmallCNN):
     """The 1D host: input [N, in_channels, length] (or [N, length] for one channel)."""

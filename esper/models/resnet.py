@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from esper.models.deepen import DepthStack
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv+BN layers with an identity (or 1x1 projection) shortcut.
@@ -66,10 +68,16 @@ class ResNetCifar(nn.Module):
             prev = out
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.fc = nn.Linear(prev, num_classes)
+        # Where depth growth inserts blocks after block j of stage s: deepen["layer{s}_{j}"] (empty:
+        # identity, no parameters).
+        self.deepen = nn.ModuleDict({name.replace(".", "_"): DepthStack(relu_after=False)
+                                     for name in self.seed_site_names()})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = torch.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for s, stage in enumerate((self.layer1, self.layer2, self.layer3, self.layer4), start=1):
+            for j, block in enumerate(stage):
+                x = self.deepen[f"layer{s}_{j}"](block(x))
         return self.fc(x.mean(dim=(-2, -1)))
 
     def seed_site_names(self) -> list[str]:
@@ -79,6 +87,17 @@ class ResNetCifar(nn.Module):
             for s in range(1, 5)
             for j in range(len(getattr(self, f"layer{s}")))
         ]
+
+
+    def depth_sites(self) -> list[tuple[str, str]]:
+        """(seed site, depth stack) pairs: a new block after block j of stage s goes into deepen.layer{s}_{j}."""
+        return [(name, f"deepen.{name.replace('.', '_')}") for name in self.seed_site_names()]
+
+    def width_pairs(self) -> list:
+        """Where width growth can add channels: the inner width of every block (conv1 -> bn1 -> conv2)."""
+        from esper.kasmina.growth.pair import WidthPair
+
+        return [WidthPair(f"{name}.conv1", f"{name}.conv2", norm=f"{name}.bn1") for name in self.seed_site_names()]
 
 
 def resnet18_cifar(num_classes: int = 10, width: int = 64, in_channels: int = 3) -> ResNetCifar:

@@ -1,21 +1,29 @@
-"""The heuristic Tamiyo policy: grow on a plateau, at the least healthy site, within budget.
+"""The heuristic Tamiyo policy: grow on a plateau, at the least healthy site, by gain per FLOP.
 
 1. Wait until `start_epoch`, and (unless `grow_without_plateau`) until validation loss plateaus:
    its relative improvement over the last `plateau_window` epochs is below `plateau_threshold`.
 2. Where: among DORMANT, non-embargoed seed slots, the one with the worst health from telemetry:
    need = gradient norm relative to the mean over candidate sites (the loss is most sensitive
    there) + dead fraction (capacity the host has lost there). Ties go to the shallower site.
-3. What: among the allowed blueprints that fit the site's input kind and chunk size, the one with
-   the most parameters whose parameter count and FLOPs fit the budget left.
+3. How (growth mode) and what: the options allowed by `growth_modes` that fit the budget left --
+   the largest blueprint ("branch", the rule from before growth modes), `width_units` (or
+   `width_factor` x the current units, shrunk to fit the budget) new units ("width"), one identity
+   block after the site ("depth") -- are scored by expected gain per FLOP, with the prior
+   gain = need x sqrt(added parameters) (returns diminish with size; it is a prior, not a
+   measurement). Width is chosen outright where the telemetry shows the layer is a bottleneck
+   that no branch on its output can fix: *narrow* (fewer units than both the features each unit
+   reads and writes) or *saturated* (at least half its units dead).
 The safety rails (`esper.tamiyo.rails`) then apply cooldown, concurrency and budget limits.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+from esper.kasmina.growth.config import GrowthConfig, units_to_add
 from esper.lifecycle import SeedLifecycleState as S
-from esper.tamiyo.costs import SiteCost, blueprint_costs_at, budget_left
+from esper.tamiyo.costs import SiteCost, budget_left, growth_options
 from esper.tamiyo.policy import (
     Action,
     AdaptationDecision,
@@ -25,8 +33,12 @@ from esper.tamiyo.policy import (
     make_decision,
     wait,
 )
+from esper.v1 import common_pb2
 
-VERSION = "heuristic/1"
+VERSION = "heuristic/2"
+MODE_ENUM = {"branch": common_pb2.GROWTH_MODE_BRANCH, "width": common_pb2.GROWTH_MODE_WIDTH,
+             "depth": common_pb2.GROWTH_MODE_DEPTH}
+SATURATED_DEAD_FRACTION = 0.5
 
 
 def plateau(history: list[float], window: int, threshold: float) -> tuple[bool, float]:
@@ -73,24 +85,59 @@ class HeuristicPolicy:
         params_left, flops_left = budget_left(sig, self.rails, self.host_flops)
         why = "plateau" if is_plateau else "growth forced by config"
         for node in sorted(candidates, key=lambda n: (-need(n), n.depth, n.seed.seed_index)):
-            costs = blueprint_costs_at(node, self.cfg.blueprints)
-            fitting = [c for c in costs if c.parameters <= params_left and c.flops <= flops_left]
-            if not fitting:
+            choice = self._choose(node, need(node), params_left, flops_left)
+            if choice is None:
                 continue
-            best: SiteCost = max(fitting, key=lambda c: (c.parameters, -c.order))
+            mode, cost, units, because = choice
             self.decisions_made += 1
             t = node.seed.telemetry
+            what = {"width": f"{units} new units", "depth": "a new block"}.get(mode, cost.blueprint_id)
             return [make_decision(
                 Action.DECISION_ACTION_GERMINATE,
                 f"{why}; site {node.layer_name}[{node.seed.seed_index}] has the worst health "
-                f"(grad norm {t.gradient_norm:.3g}, dead {t.dead_fraction:.1%}); {best.blueprint_id} "
-                f"adds {best.parameters} params, {best.flops} FLOPs/sample "
+                f"(grad norm {t.gradient_norm:.3g}, dead {t.dead_fraction:.1%}); {mode}: {what} "
+                f"({because}) adds {cost.parameters} params, {cost.flops} FLOPs/sample "
                 f"(budget left {params_left:.0f} params, {flops_left:.0f} FLOPs)",
-                VERSION, layer=node.layer_name, seed=node.seed.seed_index, blueprint=best.blueprint_id,
+                VERSION, layer=node.layer_name, seed=node.seed.seed_index,
+                blueprint=cost.blueprint_id if mode == "branch" else "",
                 confidence=min(1.0, 0.5 + 0.5 * need(node) / max(1.0, len(candidates))),
+                growth_mode=MODE_ENUM[mode],
+                growth_units=units,
             )]
-        return [wait(f"{why}, but no blueprint fits the budget left "
+        return [wait(f"{why}, but no growth option fits the budget left "
                      f"({params_left:.0f} params, {flops_left:.0f} FLOPs/sample)", VERSION)]
+
+    def _choose(self, node, need: float, params_left: float, flops_left: float
+                ) -> tuple[str, SiteCost, int, str] | None:
+        """(mode, cost, units, why) of the best option at `node`, or None if nothing fits."""
+        wanted = 0
+        if node.HasField("width") and node.width.units > 0:
+            growth = GrowthConfig(width_units=self.cfg.width_units, width_factor=self.cfg.width_factor)
+            wanted = units_to_add(growth, int(node.width.units))
+        options = [o for o in growth_options(node, self.cfg.growth_modes, self.cfg.blueprints, wanted,
+                                             params_left, flops_left) if o.cost.flops > 0]
+        branches = [o for o in options if o.mode == "branch"]
+        if branches:
+            # Among branches, the largest that fits (heuristic/1's rule, which the MNIST-1D benchmark
+            # measured; a gain-per-FLOP prior picked squeeze-excitation there and did worse).
+            largest = max(branches, key=lambda o: (o.cost.parameters, -o.cost.order))
+            options = [o for o in options if o.mode != "branch"] + [largest]
+        if not options:
+            return None
+        width = next((o for o in options if o.mode == "width"), None)
+        if width is not None:
+            w = node.width
+            if w.units < min(w.input_dim, w.output_dim):
+                return "width", width.cost, width.units, f"narrow: {w.units} units < min({w.input_dim} in, {w.output_dim} out)"
+            if node.seed.telemetry.dead_fraction >= SATURATED_DEAD_FRACTION:
+                return ("width", width.cost, width.units,
+                        f"saturated: {node.seed.telemetry.dead_fraction:.0%} of its units dead")
+
+        def score(o) -> float:
+            return need * math.sqrt(o.cost.parameters) / o.cost.flops
+
+        best = max(options, key=lambda o: (score(o), o.mode == "width", -o.cost.order))
+        return best.mode, best.cost, best.units, f"best expected gain per FLOP ({score(best):.3g})"
 
     def state_dict(self) -> dict[str, Any]:
         return {"decisions_made": self.decisions_made}

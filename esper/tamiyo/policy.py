@@ -55,14 +55,21 @@ class HeuristicConfig:
     grow_without_plateau: bool = False
     # Blueprints to choose from (empty: every catalog blueprint that fits the site).
     blueprints: tuple[str, ...] = ()
+    # Growth modes to choose from ("branch", "width"); width seeds add width_units units, or
+    # round(width_factor * current units) when width_units is 0.
+    growth_modes: tuple[str, ...] = ("branch",)
+    width_units: int = 0
+    width_factor: float = 1.0
 
 
 def make_decision(action: int, reason: str, version: str, layer: str = "", seed: int = 0,
-                  blueprint: str = "", confidence: float = 1.0) -> AdaptationDecision:
+                  blueprint: str = "", confidence: float = 1.0, growth_mode: int = 0,
+                  growth_units: int = 0) -> AdaptationDecision:
     """An AdaptationDecision with a fresh id."""
     return AdaptationDecision(
         decision_id=uuid.uuid4().hex, action=action, layer_name=layer, seed_index=seed,
         blueprint_id=blueprint, confidence=confidence, reason=reason, policy_version=version,
+        growth_mode=growth_mode, growth_units=growth_units,
     )
 
 

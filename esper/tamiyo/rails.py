@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from esper.lifecycle import SeedLifecycleState as S
-from esper.tamiyo.costs import budget_left, cost_of
+from esper.tamiyo.costs import budget_left, decision_cost
 from esper.tamiyo.policy import Action, AdaptationDecision, ModelGraphState, Policy, RailsConfig, wait
+from esper.v1 import common_pb2
 
 
 class SafetyRails:
@@ -22,6 +23,8 @@ class SafetyRails:
         self.host_flops = host_flops_per_sample
         self.last_growth_epoch: int | None = None
         self.adaptations = 0
+        # Decisions counted in `adaptations` that may still be given back (see `give_back`).
+        self.counted: list[str] = []
 
     def filter(self, state: ModelGraphState, decisions: list[AdaptationDecision]) -> list[AdaptationDecision]:
         sig = state.signals
@@ -52,9 +55,11 @@ class SafetyRails:
             if self.adaptations >= self.cfg.max_adaptations:
                 out.append(wait(f"rail: max_adaptations {self.cfg.max_adaptations} reached", version))
                 continue
-            cost = cost_of(node, d.blueprint_id)
+            cost = decision_cost(node, d)
             if cost is None:
-                out.append(wait(f"rail: blueprint {d.blueprint_id!r} does not fit {d.layer_name}", version))
+                what = {common_pb2.GROWTH_MODE_WIDTH: "width growth", common_pb2.GROWTH_MODE_DEPTH: "depth growth"}.get(
+                    d.growth_mode, f"blueprint {d.blueprint_id!r}")
+                out.append(wait(f"rail: {what} does not fit {d.layer_name}", version))
                 continue
             if cost.parameters > params_left or cost.flops > flops_left:
                 out.append(wait(f"rail: {d.blueprint_id} ({cost.parameters} params, {cost.flops} FLOPs) "
@@ -67,14 +72,27 @@ class SafetyRails:
             flops_left -= cost.flops
             self.last_growth_epoch = sig.epoch
             self.adaptations += 1
+            if d.decision_id:
+                self.counted.append(d.decision_id)
         return out
 
+    def give_back(self, decision_id: str) -> bool:
+        """Un-count a germination that was cancelled because a service was unavailable, so an
+        outage does not use up max_adaptations. Only once per decision; False when unknown."""
+        if decision_id not in self.counted:
+            return False
+        self.counted.remove(decision_id)
+        self.adaptations = max(0, self.adaptations - 1)
+        return True
+
     def state_dict(self) -> dict[str, Any]:
-        return {"last_growth_epoch": self.last_growth_epoch, "adaptations": self.adaptations}
+        return {"last_growth_epoch": self.last_growth_epoch, "adaptations": self.adaptations,
+                "counted": list(self.counted)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_growth_epoch = state["last_growth_epoch"]
         self.adaptations = int(state["adaptations"])
+        self.counted = [str(d) for d in state.get("counted", [])]
 
 
 class Controller:

@@ -3,7 +3,12 @@
     esper-train --config configs/development.yaml optim.lr=0.01 model.width=64 --output-dir runs/dev
     esper-train --output-dir runs/dev --resume auto
     esper-train --config configs/mnist1d.yaml --no-morphogenetic      # the static baseline
+    esper-train --nproc 2 --config configs/development.yaml           # 2 data-parallel ranks (torchrun)
     esper-train --quick-start mnist1d --epochs 5 --wandb --profile    # shipped config, W&B, profiler
+
+Under torchrun (`--nproc N`, or `torchrun --nproc-per-node N -m esper.tolaria.cli ...`) data.batch_size
+is the global batch; rank 0 writes the run directory and talks to the services (see
+esper.tolaria.distributed).
 
 Bad input (config, data, checkpoint, an architecture-changing resume) exits with status 2 and a
 one-line message on stderr, before anything in the run directory is written.
@@ -75,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--data-dir", help="[data.data_dir] dataset directory (CIFAR batches, MNIST-1D cache)")
     quick.add_argument("--device", choices=["auto", "cpu", "cuda"], help="[train.device]")
     morph = p.add_argument_group("morphogenetic")
+    morph.add_argument("--tamiyo-policy", metavar="PATH",
+                       help="[controller.policy=gnn, controller.policy_path] let the learned Tamiyo policy in PATH "
+                            "decide")
     morph.add_argument("--no-morphogenetic", action="store_true",
                        help="same run, seeds never germinate (the static baseline)")
     control = p.add_argument_group("training control")
@@ -83,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "any; PATH: a run directory or checkpoints/epoch_NNNN")
     control.add_argument("--dry-run", action="store_true",
                          help="validate config, data and environment, print the config, exit")
+    control.add_argument("--nproc", type=int, metavar="N", help="run N data-parallel ranks on this machine "
+                         "(launches torchrun; data.batch_size stays the global batch)")
+    control.add_argument("--collective-timeout", type=float, default=30.0, metavar="S",
+                         help="under torchrun: seconds a collective may wait for the other ranks before the job stops")
+    control.add_argument("--mixed-precision", choices=["bf16", "fp16"],
+                         help="[train.amp, train.amp_dtype] CUDA only: autocast in bfloat16, or float16 with a "
+                              "grad scaler")
     logs = p.add_argument_group("logging")
     logs.add_argument("--progress", choices=["auto", "rich", "plain", "none"], default="auto",
                       help="rich bars on a terminal (auto), one plain line per epoch, or nothing")
@@ -110,6 +125,10 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
            if getattr(args, dest, None) is not None]
     if args.wandb:
         out.append("logging.wandb=true")
+    if getattr(args, "tamiyo_policy", None):
+        out += ["controller.policy=gnn", f"controller.policy_path={json.dumps(str(Path(args.tamiyo_policy).resolve()))}"]
+    if getattr(args, "mixed_precision", None):
+        out += ["train.amp=true", f"train.amp_dtype={'bfloat16' if args.mixed_precision == 'bf16' else 'float16'}"]
     return out
 
 
@@ -147,10 +166,25 @@ def _resume_path(args: argparse.Namespace) -> Path | None:
     return ckpt.resolve_checkpoint(Path(args.resume))
 
 
+def _check_mixed_precision(args: argparse.Namespace, config: Config) -> None:
+    if not args.mixed_precision:
+        return
+    import torch
+
+    device = config.train.device
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        raise UsageError(
+            f"--mixed-precision {args.mixed_precision} needs a CUDA device, but this run trains on the CPU "
+            f"(train.device={device}{', no CUDA device present' if device == 'auto' else ''}); "
+            "expected --device cuda on a machine with a GPU, or no --mixed-precision"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from esper.tolaria.trainer import Trainer
 
     config = resolve_config(args)
+    _check_mixed_precision(args, config)
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
@@ -163,11 +197,73 @@ def run(args: argparse.Namespace) -> int:
         from esper.tolaria.services import services_command
 
         return services_command(config, run_dir, check=args.check_services)
+    if args.nproc is not None:
+        return _launch(args, config)
+    from esper.tolaria.distributed import RankGroup
+
+    ranks = RankGroup.start(config.train.device, args.collective_timeout, config.train.torch_threads)
+    code = _run_rank(args, config, run_dir, ranks, Trainer)
+    ranks.close()  # not after a failure: tearing down a group with a dead peer can hang or abort
+    return code
+
+
+def _launch(args: argparse.Namespace, config: Config) -> int:
+    from esper.tolaria.distributed import launch, launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise UsageError("--nproc inside a torchrun job; expected either --nproc N or torchrun, not both")
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    if config.data.batch_size % args.nproc:
+        raise ConfigError(
+            f"data.batch_size: the global batch {config.data.batch_size} does not split over {args.nproc} ranks; "
+            f"expected a multiple of {args.nproc}"
+        )
+    argv = _without_nproc(sys.argv[1:] if args.argv is None else args.argv)
+    code = launch(args.nproc, argv)
+    if code != 0:
+        print(f"esper-train: error: the {args.nproc}-rank job failed (exit status {code}); the failing rank's "
+              "message is above. Continue from the last checkpoint with --resume auto", file=sys.stderr)
+    return code
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            out.append(item)
+    return out
+
+
+class _NoServices:
+    """Ranks other than 0 never talk to the services (rank 0 does, and broadcasts what matters)."""
+
+    def install(self, trainer) -> None:
+        pass
+
+    def attach(self, trainer) -> None:
+        pass
+
+    def finish(self, trainer) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+
+def _run_rank(args: argparse.Namespace, config: Config, run_dir: Path, ranks, trainer_cls) -> int:
     from esper.tolaria.services import RunServices
 
-    services = RunServices(config, run_dir)
-    trainer = Trainer(config, run_dir, morphogenetic=not args.no_morphogenetic, verbose=args.verbose,
-                      progress=args.progress, resume=args.resume)
+    services = RunServices(config, run_dir) if ranks.is_writer else _NoServices()
+    trainer = trainer_cls(config, run_dir, morphogenetic=not args.no_morphogenetic, verbose=args.verbose,
+                          progress=args.progress if ranks.is_writer else "none", resume=args.resume, ranks=ranks)
     services.install(trainer)
     trainer.prepare()  # validates config, data, model and checkpoint; writes nothing
     if args.resume is None and not args.dry_run and _holds_run(run_dir):
@@ -175,6 +271,15 @@ def run(args: argparse.Namespace) -> int:
             f"output directory '{run_dir}' already holds a run; expected --resume auto to continue it "
             "or a new --output-dir"
         )
+    ranks.barrier()  # every rank has looked at the run directory before rank 0 writes to it
+    # Rank 0 starts the services before the first step: the others wait that long, not a collective's timeout.
+    start_up_s = max(args.collective_timeout, 4 * config.services.start_timeout_s + 30)
+    if not ranks.is_writer:
+        if not args.dry_run:
+            trainer.start()
+            ranks.wait(start_up_s, "rank 0 to start the run's services")
+            trainer.train()
+        return 0
     if args.dry_run:
         print(to_yaml(config), end="")
         print(
@@ -191,6 +296,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         with services:
             services.attach(trainer)
+            ranks.wait(start_up_s, "rank 0 to start the run's services")
             trainer.train()
             services.finish(trainer)
     finally:
@@ -257,6 +363,7 @@ def _profile_default(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `esper-train` console script."""
     args = build_parser().parse_intermixed_args(_profile_default(list(sys.argv[1:] if argv is None else argv)))
+    args.argv = None if argv is None else list(argv)
     from esper.tolaria.services import sigterm_as_interrupt
 
     sigterm_as_interrupt()  # SIGTERM unwinds like Ctrl-C, so child services are stopped
@@ -269,6 +376,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("esper-train: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        from esper.tolaria.distributed import describe_rank_failure
+
+        message = describe_rank_failure(exc)
+        if message is None:
+            raise
+        print(f"esper-train: error: {message}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

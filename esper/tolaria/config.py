@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 import yaml
 
+from esper.kasmina.growth.config import GrowthConfig, check_growth_config
 from esper.kasmina.lifecycle import LifecycleConfig
+from esper.tamiyo.settings import PolicySettings
 from esper.tolaria.config_parsing import (
     ConfigError,
     apply_override,
@@ -32,10 +34,28 @@ ModelName = Literal["mlp", "cnn1d", "cnn2d", "resnet18"]
 OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["constant", "cosine", "step"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-PolicyName = Literal["heuristic"]
 ServicesMode = Literal["local", "remote", "off"]
 SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
 WandbMode = Literal["auto", "online", "offline"]
+
+
+@dataclass
+class Mnist1dConfig:
+    """Generation settings of MNIST-1D, those of `mnist1d.data.get_dataset_args()` (its defaults)."""
+
+    num_samples: int = 5000
+    train_split: float = 0.8
+    template_len: int = 12
+    padding: list[int] = field(default_factory=lambda: [36, 60])
+    scale_coeff: float = 0.4
+    max_translation: int = 48
+    corr_noise_scale: float = 0.25
+    iid_noise_scale: float = 0.02
+    shear_scale: float = 0.75
+    # Permute the sequence positions (one fixed permutation): removes spatial structure.
+    shuffle_seq: bool = False
+    final_seq_length: int = 40
+    seed: int = 42
 
 
 @dataclass
@@ -56,6 +76,7 @@ class DataConfig:
     synthetic_teacher_hidden: int = 128
     # Subsample the training split (0 = all); keeps benchmarks and tests small.
     train_limit: int = 0
+    mnist1d: Mnist1dConfig = field(default_factory=Mnist1dConfig)
 
 
 @dataclass
@@ -103,6 +124,8 @@ class TrainConfig:
     device: DeviceName = "auto"
     # Mixed precision (autocast + GradScaler); only ever used when the device is CUDA.
     amp: bool = True
+    # Autocast dtype under amp: float16 (with a grad scaler) or bfloat16 (none needed).
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
     # Stop after this many epochs without a better validation loss (0 disables).
     early_stopping_patience: int = 0
     # Stop after this many optimizer steps (0 = epochs * batches); the schedule spans min of both.
@@ -120,24 +143,8 @@ class SeedsConfig:
     blueprints: list[str] = field(default_factory=list)
 
 
-@dataclass
-class ControllerConfig:
-    """The Tamiyo policy and the safety rails that apply to every policy."""
-
-    policy: PolicyName = "heuristic"
-    # No germination before this epoch (the host gets a head start).
-    start_epoch: int = 1
-    # Plateau: relative improvement of val loss over `plateau_window` epochs below the threshold.
-    plateau_window: int = 2
-    plateau_threshold: float = 0.01
-    # Germinate without waiting for a plateau (forces growth, e.g. in tests and demos).
-    grow_without_plateau: bool = False
-    cooldown_epochs: int = 1
-    max_concurrent: int = 1
-    # Growth budgets relative to the host: extra parameters and extra FLOPs per sample.
-    parameter_budget: float = 1.0
-    compute_budget: float = 1.0
-    max_adaptations: int = 8
+# The controller section is Tamiyo's own settings type: one definition, one set of defaults.
+ControllerConfig = PolicySettings
 
 
 @dataclass
@@ -207,6 +214,9 @@ class GovernorConfig:
     spike_factor: float = 5.0
     # ... and more than this many running standard deviations above the running loss.
     spike_zscore: float = 6.0
+    # ... and more than this far above the running loss in absolute terms (nats of cross-entropy):
+    # near convergence the ratio and z-score fire on single hard batches.
+    spike_min_delta: float = 0.5
     spike_warmup_steps: int = 20
 
 
@@ -261,6 +271,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     services: ServicesConfig = field(default_factory=ServicesConfig)
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
 
 
 # Keys that define the model's architecture: a resume must not change them.
@@ -278,13 +289,24 @@ def policy_config(cfg: Config) -> dict[str, Any]:
     """The Tamiyo policy knobs of a run: its controller section plus the allowed blueprints (the
     mapping `esper.tamiyo.settings.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
     section = dataclasses.asdict(cfg.controller)
-    section["blueprints"] = list(cfg.seeds.blueprints)
+    section["blueprints"] = list(cfg.seeds.blueprints or cfg.controller.blueprints)
+    section["growth_modes"] = list(cfg.growth.modes)
+    section["width_units"] = cfg.growth.width_units
+    section["width_factor"] = cfg.growth.width_factor
     return section
 
 
 def validate(config: Config) -> None:
     """Checks closed value sets and ranges that the types alone do not express."""
     check_choices(config, "")
+    seeds_bp, ctl_bp = list(config.seeds.blueprints), list(config.controller.blueprints)
+    if seeds_bp and ctl_bp and seeds_bp != ctl_bp:
+        raise ConfigError(f"seeds.blueprints {seeds_bp} and controller.blueprints {ctl_bp} disagree; "
+                          "expected one of them (or both the same)")
+    try:
+        check_growth_config(config.growth)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     positive = {
         "data.batch_size": config.data.batch_size,
         "data.eval_batch_size": config.data.eval_batch_size,
@@ -296,6 +318,7 @@ def validate(config: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: expected an int >= 1, got {value}")
+    _validate_mnist1d(config.data.mnist1d)
     if not 0.0 < config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: expected a float in (0, 1), got {config.data.val_fraction}")
     if config.optim.lr <= 0:
@@ -320,6 +343,21 @@ def _validate_logging(log: LoggingConfig) -> None:
         raise ConfigError(f"logging.wandb_init_timeout_s: expected a float > 0, got {log.wandb_init_timeout_s}")
     if log.wandb and not log.wandb_project.strip():
         raise ConfigError("logging.wandb_project: expected a W&B project name, got an empty string")
+
+
+def _validate_mnist1d(m: Mnist1dConfig) -> None:
+    for key in ("num_samples", "template_len", "final_seq_length"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"data.mnist1d.{key}: expected an int >= 1, got {getattr(m, key)}")
+    if not 0.0 < m.train_split < 1.0:
+        raise ConfigError(f"data.mnist1d.train_split: expected a float in (0, 1), got {m.train_split}")
+    if len(m.padding) != 2 or not 0 <= m.padding[0] <= m.padding[1]:
+        raise ConfigError(f"data.mnist1d.padding: expected [low, high] with 0 <= low <= high, got {m.padding}")
+    for key in ("scale_coeff", "corr_noise_scale", "iid_noise_scale", "shear_scale"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"data.mnist1d.{key}: expected a float >= 0, got {getattr(m, key)}")
+    if m.max_translation < 0:
+        raise ConfigError(f"data.mnist1d.max_translation: expected an int >= 0, got {m.max_translation}")
 
 
 def _validate_services(svc: ServicesConfig) -> None:

@@ -4,8 +4,9 @@
     esper-export runs/demo --which best --output-dir /tmp/model
 
 Writes `program.pt2` (torch.export, dynamic batch), `weights.safetensors` and `manifest.json`
-(architecture: host config, seed sites and the blueprint, state and alpha of every seed). The
-exported program is checked against the rebuilt model on random inputs before anything is
+(architecture: host config, seed sites and the blueprint, state and alpha of every seed, merged
+width growth). Seed sites with no seed left in their forward pass are unwrapped, so a model whose
+width seeds were all merged exports as a plain network of its grown width. The exported program is checked against the rebuilt model on random inputs before anything is
 written; loading it needs the `esper` package (the Kasmina ops it calls) imported.
 """
 
@@ -41,9 +42,25 @@ def rebuild_model(payload: dict[str, Any]) -> tuple[torch.nn.Module, tuple[int, 
     morph = Morphogenesis(host, config, run_id=config.run_name, input_shape=input_shape,
                           device=torch.device("cpu"), params_initial=params, flops_initial=0.0, enabled=False)
     model = morph.model
+    morph.restore_structure(payload["morph"])  # merged width growth: the wider host modules
     model.load_state_dict(payload["model"])
     model.eval()
     return model, input_shape
+
+
+def unwrap_dormant(model: torch.nn.Module) -> torch.nn.Module:
+    """Replaces every seed site with no seed in its forward pass by its host module (in place).
+
+    What a merged width seed leaves is then a plain network: nn.Linear / nn.Conv* modules of the
+    grown width, the same architecture, parameters and FLOPs as a static model of that width.
+    """
+    from esper.kasmina import KasminaLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, KasminaLayer) and module.num_active == 0:
+            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            setattr(parent, name.rpartition(".")[2], module.host)
+    return model
 
 
 def export_run(run_dir: Path, output_dir: Path | None = None, which: str = "last", atol: float = 1e-5) -> dict[str, Any]:
@@ -64,6 +81,16 @@ def export_run(run_dir: Path, output_dir: Path | None = None, which: str = "last
     if "input_shape" not in payload:
         raise ExportError(f"checkpoint '{payload['path']}' predates export support; expected input_shape in it")
     model, input_shape = rebuild_model(payload)
+    from esper.kasmina import seed_sites
+
+    seeds = []
+    for name, layer in seed_sites(model):
+        for row in layer.seed_table():
+            seeds.append({"layer": name, "seed": row.seed, "state": row.state.name, "alpha": row.alpha,
+                          "blueprint": row.blueprint_id, "parameters": row.parameter_count,
+                          "chunk_size": row.chunk_size})
+    unwrap_dormant(model)
+    plain = not seed_sites(model)
     batch = torch.export.Dim("batch", min=2, max=65536)
     example = torch.randn(4, *input_shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -81,14 +108,7 @@ def export_run(run_dir: Path, output_dir: Path | None = None, which: str = "last
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     save_file(tensors, str(out / "weights.safetensors"))
     config = payload["config"]
-    seeds = []
-    from esper.kasmina import seed_sites
-
-    for name, layer in seed_sites(model):
-        for row in layer.seed_table():
-            seeds.append({"layer": name, "seed": row.seed, "state": row.state.name, "alpha": row.alpha,
-                          "blueprint": row.blueprint_id, "parameters": row.parameter_count,
-                          "chunk_size": row.chunk_size})
+    growth = (payload["morph"].get("growth") or {}).get("merged", [])
     manifest = {
         "format": "esper.export/1",
         "source_checkpoint": payload["path"],
@@ -101,6 +121,11 @@ def export_run(run_dir: Path, output_dir: Path | None = None, which: str = "last
         "seeds_per_site": config["seeds"]["num_seeds"],
         "seeds": seeds,
         "parameters": count_parameters(model),
+        # True when no seed runs any more: the program is a plain network (merged width included).
+        "plain": plain,
+        "width_growth": [{"pair": key, "units": units} for key, units in growth],
+        "depth_growth": [{"stack": stack, "init": mode}
+                         for stack, mode in (payload["morph"].get("growth") or {}).get("deepened", [])],
         "tensors": {k: list(v.shape) for k, v in tensors.items()},
         "verification": {"max_abs_diff": diff, "atol": atol, "batch_sizes": [4, 7]},
         "torch": torch.__version__,

@@ -28,10 +28,14 @@ from esper.kasmina.lifecycle import ACTIVE_STATES, LifecycleEvent
 from esper.lifecycle import SeedLifecycleState as S
 from esper.tamiyo.settings import policy_settings_from_mapping
 from esper.tolaria.config import Config, ConfigError, policy_config
+from esper.tolaria.growth_modes import RunGrowth
 from esper.tolaria.hosts import count_parameters, forward_flops_per_sample
 from esper.v1 import common_pb2
 
 IN_FLIGHT = frozenset({S.GERMINATED, S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
+# In-flight states whose seed changes the host's output (`h + alpha * s`). GERMINATED has no module
+# and TRAINING is straight-through (exactly `h`), so neither can cause a loss anomaly.
+BLENDED = frozenset({S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
 OUTCOMES = {
     S.FOSSILIZED: "fossilized",
     S.CULLED: "culled",
@@ -51,6 +55,8 @@ class Growth:
 
     added_groups: list[tuple[str, list[nn.Parameter]]] = field(default_factory=list)
     removed_groups: list[str] = field(default_factory=list)
+    # Forward+backward FLOPs spent deciding how to grow (width seeds' statistics pass).
+    flops: float = 0.0
 
 
 class Morphogenesis:
@@ -85,22 +91,39 @@ class Morphogenesis:
         self.driver.add_listener(self._on_event)
         self.output_shapes = self._probe_output_shapes()
         # The same policy and rails Tamiyo builds from this run's policy config.
-        self.controller = policy_settings_from_mapping(policy_config(cfg)).controller(flops_initial)
+        try:
+            self.controller = policy_settings_from_mapping(policy_config(cfg)).controller(flops_initial)
+        except ValueError as exc:  # e.g. a learned policy that cannot be loaded
+            raise ConfigError(f"controller: {exc}") from None
         self.steps_per_epoch = 1
+        # Steps of the whole run (set by the trainer; 0 = unknown): germinations whose lifecycle
+        # cannot reach a verdict in the steps left are refused (see LifecycleDriver.can_finish).
+        self.total_steps = 0
+        self.refused: list[dict[str, Any]] = []
         self._adaptations: list[dict[str, Any]] = []
         self._timeline: list[dict[str, Any]] = [
             {"slot": f"{name}[{i}]", "epoch": 0.0, "state": int(S.DORMANT)}
             for name, layer in self.driver.sites for i in range(layer.num_seeds)
         ]
         self._event_log = None
+        # Set by every lifecycle event; the trainer re-takes the governor's snapshot and clears it,
+        # so that a rollback restores the seeds as they are (germinations made mid-epoch included).
+        self.lifecycle_changed = False
         # Set by the trainer under --verbose: prints every lifecycle transition as it happens.
         self.echo: Callable[[str], None] | None = None
         # Set by esper.tolaria.adaptation.RemoteController: germinates awaiting a compiled kernel.
         self.germinate_hook: Callable[[KasminaLayer, common_pb2.AdaptationDecision], None] | None = None
         self._flops_cache: tuple[tuple, float] | None = None
+        # Validation accuracy per epoch, for the accuracy trend learned policies read.
+        self._accuracy_history: list[float] = []
         if enabled:
             for _, layer in self.driver.sites:
                 layer.set_telemetry_probe(True)  # the controller needs health of dormant sites too
+        # Width seeds (growth.modes has "width"); the trainer sets .batches and .optimizer.
+        self.growth: RunGrowth | None = None
+        self._growth_flops = 0.0  # spent by decisions since the last epoch_end
+        if RunGrowth.enabled_for(self.model, cfg.growth):
+            self.growth = RunGrowth(self.model, cfg.growth, self.driver.sites, input_shape, seed=cfg.train.seed)
 
     # ---------------------------------------------------------------- wiring
 
@@ -144,6 +167,7 @@ class Morphogenesis:
         return shapes
 
     def _on_event(self, event: LifecycleEvent) -> None:
+        self.lifecycle_changed = True
         epoch_f = event.step / max(1, self.steps_per_epoch)
         self._timeline.append({"slot": f"{event.layer}[{event.seed}]", "epoch": epoch_f, "state": int(event.to_state)})
         if event.to_state in OUTCOMES:
@@ -177,10 +201,13 @@ class Morphogenesis:
     def epoch_end(self, epoch: int, global_step: int, total_epochs: int, train_loss: float, val_loss: float,
                   val_acc: float, history: list[float], evaluate: Callable[[], tuple[float, float]]) -> Growth:
         """Epoch gates, the controller's decisions and the optimizer changes they need."""
-        before = self.param_group_names()
+        before = {n: [id(p) for p in params] for n, params in self.param_groups()}
         self._evaluate_acc = lambda: evaluate()[1]
         self.driver.set_position(global_step, epoch)
         self.driver.end_epoch(baseline=val_acc)
+        if self.growth is not None and self.growth.merge_fossilized():
+            self.output_shapes = self._probe_output_shapes()
+        self._accuracy_history.append(val_acc)
         if self.enabled:
             state = self.graph_state(epoch + 1, global_step, total_epochs, train_loss, val_loss, val_acc, history)
             for decision in self.controller.decide(state):
@@ -188,25 +215,55 @@ class Morphogenesis:
         for _, layer in self.driver.sites:
             layer.reset_telemetry()
         after = dict(self.param_groups())
+        # A slot can hold a new seed under the same group name (a merged width seed, then the next).
+        changed = {n for n, params in after.items() if n in before and before[n] != [id(p) for p in params]}
         return Growth(
-            added_groups=[(n, p) for n, p in after.items() if n not in before],
-            removed_groups=[n for n in before if n not in after],
+            added_groups=[(n, p) for n, p in after.items() if n not in before or n in changed],
+            removed_groups=[n for n in before if n not in after or n in changed],
+            flops=self._take_growth_flops(),
         )
 
-    def apply_decision(self, d: common_pb2.AdaptationDecision, epoch: int) -> None:
-        """Carry out one controller decision (germinate through `germinate_hook` when one is set).
-        Raises IllegalTransitionError / BlueprintError when the slot cannot take it."""
+    def _take_growth_flops(self) -> float:
+        flops, self._growth_flops = self._growth_flops, 0.0
+        return flops
+
+    def apply_decision(self, d: common_pb2.AdaptationDecision, epoch: int) -> float:
+        """Carry out one controller decision (germinate through `germinate_hook` when one is set);
+        returns the FLOPs it spent (a width seed's statistics pass), which are also added to the
+        growth FLOPs the next `epoch_end` reports (decisions the remote controller applies between
+        epoch boundaries included). Raises IllegalTransitionError / BlueprintError / GrowthError
+        when the slot cannot take it."""
         action = d.action
+        flops = 0.0
         if action == common_pb2.DECISION_ACTION_WAIT:
-            return
+            return flops
         layer = self.driver.site(d.layer_name)
         if action == common_pb2.DECISION_ACTION_GERMINATE:
+            mode = {common_pb2.GROWTH_MODE_WIDTH: "width", common_pb2.GROWTH_MODE_DEPTH: "depth"}.get(
+                d.growth_mode, "branch")
+            steps_left = self.total_steps - self.driver.global_step
+            direct = mode == "width" and self.growth is not None and self.growth.direct_width  # no lifecycle
+            if self.total_steps and not direct and not self.driver.can_finish(steps_left, self.steps_per_epoch):
+                self.refused.append({"epoch": epoch, "layer": d.layer_name, "seed": d.seed_index,
+                                     "blueprint": d.blueprint_id, "steps_left": steps_left})
+                return flops
             self._adaptations.append({
-                "epoch": epoch, "layer": d.layer_name, "seed": d.seed_index, "blueprint": d.blueprint_id,
+                "epoch": epoch, "layer": d.layer_name, "seed": d.seed_index,
+                "blueprint": mode if mode != "branch" else d.blueprint_id, "mode": mode,
                 "outcome": "pending", "contribution": None, "decision": d.reason, "reason": "",
                 "parameters": 0,
             })
-            if self.germinate_hook is not None:
+            if mode != "branch":
+                if self.growth is None:
+                    raise ConfigError(f"growth.modes: the controller asked for {mode} growth at {d.layer_name}, "
+                                      f"but {mode} is not an allowed mode or the model cannot grow that way")
+                params_before = count_parameters(self.model)
+                flops = self.eval_flops_per_sample() * self.growth.germinate(d)
+                self._growth_flops += flops
+                if mode == "width" and self.growth.direct_width:
+                    self._record_direct_growth(epoch, count_parameters(self.model) - params_before)
+                    return flops
+            elif self.germinate_hook is not None:
                 self.germinate_hook(layer, d)
             else:
                 layer.germinate(d.seed_index, d.blueprint_id, reason=d.reason)
@@ -217,6 +274,20 @@ class Morphogenesis:
             layer.cancel(d.seed_index, f"controller: {d.reason}")
         elif action == common_pb2.DECISION_ACTION_FOSSILIZE:
             layer.transition(d.seed_index, S.FOSSILIZED, f"controller: {d.reason}")
+        return flops
+
+    def _record_direct_growth(self, epoch: int, parameters: int) -> None:
+        """A width growth merged at once (no seed lifecycle): resolved as it is made."""
+        record = self._adaptations[-1]
+        record.update(outcome="fossilized", resolved_epoch=float(epoch), parameters=parameters,
+                      reason="merged at once (growth.width_lifecycle: direct)")
+        self.output_shapes = self._probe_output_shapes()
+        if self._event_log is not None:
+            self._event_log.write(json.dumps({
+                "step": self.driver.global_step, "epoch": float(epoch), "layer": record["layer"], "seed": -1,
+                "from": "DORMANT", "to": "MERGED", "reason": record["reason"],
+            }) + "\n")
+            self._event_log.flush()
 
     def graph_state(self, epoch: int, global_step: int, total_epochs: int, train_loss: float, val_loss: float,
                     val_acc: float, history: list[float]) -> common_pb2.ModelGraphState:
@@ -231,6 +302,12 @@ class Morphogenesis:
                 node = msg.nodes.add(node_id=node_id, layer_name=name, layer_kind=kind, depth=depth)
                 node.seed.CopyFrom(row.to_proto())
                 node.output_shape.dims.extend(self.output_shapes.get(name, []))
+                width = self.growth.width_site(name) if self.growth is not None else None
+                if width is not None:
+                    node.width.CopyFrom(width)
+                deepen = self.growth.depth_site(name) if self.growth is not None else None
+                if deepen is not None:
+                    node.deepen.CopyFrom(deepen)
                 current.append(node_id)
             for src in previous:
                 for dst in current:
@@ -251,8 +328,12 @@ class Morphogenesis:
         sig.val_loss_history.extend(history)
         sig.parameter_count = params
         sig.initial_parameter_count = self.params_initial
+        sig.initial_flops_per_sample = float(self.flops_initial)
+        sig.val_accuracy_history.extend(self._accuracy_history)
         sig.parameter_budget_left = min(1.0, max(0.0, 1.0 - param_frac))
         sig.compute_budget_left = min(1.0, max(0.0, 1.0 - flop_frac))
+        sig.parameter_budget = ctl.parameter_budget
+        sig.compute_budget = ctl.compute_budget
         sig.active_adaptations = sum(1 for _, layer in self.driver.sites for i in range(layer.num_seeds)
                                      if layer.state_of(i) in IN_FLIGHT)
         msg.create_time.GetCurrentTime()
@@ -261,12 +342,13 @@ class Morphogenesis:
     # ---------------------------------------------------------------- governor support
 
     def roll_back_culprit(self, epoch: int, global_step: int, reason: str) -> str | None:
-        """Rolls back the most recent in-flight seed (the likeliest cause of an anomaly); its name."""
+        """Rolls back the most recent in-flight seed that blends into the host's output (the likeliest
+        cause of an anomaly); its name. Seeds that leave the output unchanged are never blamed."""
         for record in reversed(self._adaptations):
             if record["outcome"] != "pending":
                 continue
             layer = self.driver.site(record["layer"])
-            if layer.state_of(record["seed"]) in IN_FLIGHT:
+            if layer.state_of(record["seed"]) in BLENDED:
                 self.driver.set_position(global_step, epoch)
                 layer.rollback(record["seed"], f"governor: {reason}")
                 return f"{record['layer']}[{record['seed']}]"
@@ -301,10 +383,13 @@ class Morphogenesis:
 
     def eval_flops_per_sample(self) -> float:
         """Forward FLOPs per sample of the model as it is now (cached per seed configuration)."""
-        key = tuple((name, i, layer.state_of(i)) for name, layer in self.driver.sites
-                    for i in range(layer.num_seeds) if layer.state_of(i) in ACTIVE_STATES)
+        active = tuple((name, i, layer.state_of(i)) for name, layer in self.driver.sites
+                       for i in range(layer.num_seeds) if layer.state_of(i) in ACTIVE_STATES)
+        merged = self.growth.merged() if self.growth is not None else ()
+        key = (active, merged)
         if self._flops_cache is None or self._flops_cache[0] != key:
-            value = self.flops_initial if not key else forward_flops_per_sample(self.model, self.input_shape, self.device)
+            grown = active or merged
+            value = self.flops_initial if not grown else forward_flops_per_sample(self.model, self.input_shape, self.device)
             self._flops_cache = (key, value)
         return self._flops_cache[1]
 
@@ -353,13 +438,29 @@ class Morphogenesis:
             "adaptations": [dict(r) for r in self._adaptations],
             "timeline": [dict(r) for r in self._timeline],
             "clock": {"global_step": self.driver.global_step, "epoch": self.driver.epoch},
+            "growth": self.growth.state_dict() if self.growth is not None else None,
+            "accuracy_history": list(self._accuracy_history),
         }
+
+    def restore_structure(self, state: dict[str, Any]) -> None:
+        """Rebuilds a checkpoint's grown host structure (merged width) before its weights load."""
+        recorded = state.get("growth")
+        if recorded and (recorded.get("merged") or recorded.get("deepened")) and self.growth is None:
+            raise ConfigError("growth.modes: the checkpoint's model grew in width or depth; expected the same "
+                              "growth.modes as the run that wrote it")
+        if self.growth is not None:
+            try:
+                self.growth.restore_structure(recorded)
+            except ValueError as exc:
+                raise ConfigError(f"growth.modes: {exc}") from None
+            self.output_shapes = self._probe_output_shapes()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state["controller"])
         self._adaptations = [dict(r) for r in state["adaptations"]]
         self._timeline = [dict(r) for r in state["timeline"]]
         self.driver.set_position(state["clock"]["global_step"], state["clock"]["epoch"])
+        self._accuracy_history = list(state.get("accuracy_history", []))  # absent in older checkpoints
         self._flops_cache = None
 
 

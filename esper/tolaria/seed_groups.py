@@ -28,10 +28,13 @@ def sync_seed_groups(optimizer: torch.optim.Optimizer, live: Iterable[tuple[str,
         for name in names:
             add_param_group(optimizer, live[name], name, lr)
         return
-    present = [g.get("name") for g in optimizer.param_groups[1:]]
-    for name in present:
-        if name not in live:
+    # A slot can hold a new seed under the same name (a merged width seed, then the next one):
+    # a group whose parameters are not the live ones is replaced.
+    present = {g.get("name"): [id(p) for p in g["params"]] for g in optimizer.param_groups[1:]}
+    for name, ids in present.items():
+        if name not in live or ids != [id(p) for p in live[name]]:
             remove_param_group(optimizer, name)
+    kept = {g.get("name") for g in optimizer.param_groups[1:]}
     for name, params in live.items():
-        if name not in present:
+        if name not in kept:
             add_param_group(optimizer, params, name, lr)

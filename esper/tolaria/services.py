@@ -235,6 +235,10 @@ class RunServices:
             self.remote.connect(self.addresses)
             if trainer.payload is not None:
                 self.remote.resume_pending(trainer.state.global_step)
+            else:
+                ctl = self.cfg.controller
+                self.remote.prefetch_first_kernels(self.cfg.seeds.blueprints or ctl.blueprints,
+                                                   ctl.parameter_budget, ctl.compute_budget)
         if svc.tolaria_port >= 0:
             self.control = RunControl(self.cfg.run_name, str(self.run_dir), self.cfg.train.epochs)
             self.tolaria = TolariaServer(self.control, port=svc.tolaria_port, auth_token=svc.token(),

@@ -66,7 +66,7 @@ def test_blueprint_is_the_largest_within_budget():
     costs = {c.blueprint_id: c for c in blueprint_costs_at(msg.nodes[0])}
     biggest = max(costs.values(), key=lambda c: c.parameters)
     (d,) = policy().decide(msg)
-    assert d.blueprint_id == biggest.blueprint_id
+    assert d.blueprint_id == biggest.blueprint_id and d.growth_mode == common_pb2.GROWTH_MODE_BRANCH
     # Budget for only the cheapest blueprint: 10_000 params * fraction left.
     cheapest = min(costs.values(), key=lambda c: c.parameters)
     frac = (cheapest.parameters + 1) / 10_000
@@ -74,6 +74,66 @@ def test_blueprint_is_the_largest_within_budget():
     assert costs[d.blueprint_id].parameters <= cheapest.parameters + 1
     (d,) = policy().decide(graph([1.0, 1.0, 1.0], params_left=0.0))
     assert d.action == WAIT and "budget" in d.reason
+
+
+def test_modes_compete_by_gain_per_flop_where_width_is_not_forced():
+    import math
+
+    wide = dict(units=64, input_dim=40, output_dim=10)   # not narrow, nothing dead
+    msg = _with_width(graph([1.0, 1.0, 1.0]), unit_params=51, unit_flops=100, **wide)
+    biggest = max(blueprint_costs_at(msg.nodes[0]), key=lambda c: c.parameters)
+    (d,) = policy(growth_modes=("branch", "width"), width_units=8).decide(msg)
+    width_score = math.sqrt(8 * 51) / (8 * 100)
+    branch_score = math.sqrt(biggest.parameters) / biggest.flops
+    expected = common_pb2.GROWTH_MODE_WIDTH if width_score > branch_score else common_pb2.GROWTH_MODE_BRANCH
+    assert d.growth_mode == expected and "gain per FLOP" in d.reason
+    # Width too dear to fit the compute budget: the largest branch.
+    msg = _with_width(graph([1.0, 1.0, 1.0]), unit_params=51, unit_flops=10**9, **wide)
+    (d,) = policy(growth_modes=("branch", "width"), width_units=1).decide(msg)
+    assert d.growth_mode == common_pb2.GROWTH_MODE_BRANCH and d.blueprint_id == biggest.blueprint_id
+
+
+def _with_width(msg, units=4, input_dim=40, output_dim=10, unit_params=51, unit_flops=100, available=True):
+    for node in msg.nodes:
+        node.width.CopyFrom(common_pb2.WidthSite(units=units, input_dim=input_dim, output_dim=output_dim,
+                                                 unit_parameters=unit_params, unit_flops=unit_flops,
+                                                 available=available))
+    return msg
+
+
+def test_width_growth_is_chosen_at_a_narrow_site():
+    (d,) = policy(growth_modes=("branch", "width")).decide(_with_width(graph([1.0, 1.0, 1.0])))
+    assert d.action == GERMINATE and d.growth_mode == common_pb2.GROWTH_MODE_WIDTH
+    assert d.growth_units == 4 and not d.blueprint_id and "narrow" in d.reason
+    (d,) = policy(growth_modes=("branch", "width"), width_units=3).decide(_with_width(graph([1.0, 1.0, 1.0])))
+    assert d.growth_units == 3
+
+
+def test_width_growth_at_a_saturated_site_and_only_when_allowed():
+    wide = dict(units=64, input_dim=40, output_dim=10)
+    msg = _with_width(graph([1.0, 1.0, 1.0], grads=(0.1, 0.1, 0.1), dead=(0.0, 0.0, 0.8)), **wide)
+    (d,) = policy(growth_modes=("branch", "width")).decide(msg)
+    assert d.layer_name == "hidden.2" and d.growth_mode == common_pb2.GROWTH_MODE_WIDTH and "saturated" in d.reason
+    (d,) = policy().decide(msg)  # default modes: branch only
+    assert d.growth_mode == common_pb2.GROWTH_MODE_BRANCH and d.blueprint_id
+    unavailable = _with_width(graph([1.0, 1.0, 1.0]), available=False)
+    (d,) = policy(growth_modes=("width",)).decide(unavailable)
+    assert d.action == WAIT
+
+
+def test_width_units_shrink_to_the_budget_and_rails_cost_them():
+    # 10_000 params * 0.01 = 100 params left: at 51 params per unit only 1 of the 4 units fits.
+    msg = _with_width(graph([1.0, 1.0, 1.0], params_left=0.01))
+    (d,) = policy(growth_modes=("width",)).decide(msg)
+    assert d.growth_mode == common_pb2.GROWTH_MODE_WIDTH and d.growth_units == 1
+    rails = SafetyRails(RailsConfig(parameter_budget=1.0), HOST_FLOPS)
+    too_big = common_pb2.AdaptationDecision(action=GERMINATE, layer_name="hidden.0", seed_index=0,
+                                            growth_mode=common_pb2.GROWTH_MODE_WIDTH, growth_units=3)
+    (out,) = rails.filter(msg, [too_big])
+    assert out.action == WAIT and "exceeds the budget" in out.reason
+    no_pair = graph([1.0, 1.0, 1.0])
+    (out,) = SafetyRails(RailsConfig(), HOST_FLOPS).filter(no_pair, [too_big])
+    assert out.action == WAIT and "width growth does not fit" in out.reason
 
 
 def test_allow_list_restricts_blueprints():
@@ -131,3 +191,33 @@ def test_compute_budget_limits_the_blueprint():
     (d,) = HeuristicPolicy(HeuristicConfig(), RailsConfig(compute_budget=cap / 1000.0), 1000.0).decide(msg)
     chosen = next(c for c in costs if c.blueprint_id == d.blueprint_id)
     assert chosen.flops <= cap
+
+
+def test_depth_growth_is_an_option_costed_by_the_rails():
+    msg = graph([1.0, 1.0, 1.0])
+    for node in msg.nodes:
+        node.deepen.CopyFrom(common_pb2.DepthSite(blocks=0, block_parameters=1056, block_flops=2048, available=True))
+    (d,) = policy(growth_modes=("depth",)).decide(msg)
+    assert d.action == GERMINATE and d.growth_mode == common_pb2.GROWTH_MODE_DEPTH and "new block" in d.reason
+    rails = SafetyRails(RailsConfig(parameter_budget=0.05), HOST_FLOPS)   # 500 params left
+    (out,) = rails.filter(msg, [d])
+    assert out.action == WAIT and "exceeds the budget" in out.reason
+    (d,) = policy(growth_modes=("depth",)).decide(graph([1.0, 1.0, 1.0]))   # no DepthSite: nothing to do
+    assert d.action == WAIT
+
+
+def test_growth_options_enumerate_mode_x_blueprint_within_budget():
+    from esper.tamiyo.costs import growth_options
+
+    msg = _with_width(graph([1.0, 1.0, 1.0]))
+    node = msg.nodes[0]
+    node.deepen.CopyFrom(common_pb2.DepthSite(block_parameters=1056, block_flops=2048, available=True))
+    options = growth_options(node, ("branch", "width", "depth"), (), 8, 1e9, 1e9)
+    modes = [o.mode for o in options]
+    assert modes.count("width") == 1 and modes.count("depth") == 1
+    assert modes.count("branch") == len(blueprint_costs_at(node))
+    width = next(o for o in options if o.mode == "width")
+    assert width.units == 8 and width.decision_fields() == {
+        "blueprint": "", "growth_mode": common_pb2.GROWTH_MODE_WIDTH, "growth_units": 8}
+    tight = growth_options(node, ("width", "depth"), (), 8, params_left=200, flops_left=1e9)
+    assert [(o.mode, o.units) for o in tight] == [("width", 3)]   # 3 x 51 params fit, a block does not

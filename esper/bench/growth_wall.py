@@ -1,0 +1,139 @@
+"""`esper-bench growth-wall`: wall time per FLOP of an Esper run against the static model of its final size.
+
+Runs, interleaved `--rounds` times in this process (one torch thread): Esper on the config, then
+the static host at the width whose parameter count is closest to what that Esper run ended with,
+same seed and schedule. Each run is profiled with cProfile; the report gives both runs' wall time,
+FLOPs and wall time per FLOP, their ratio (the issue-11 target is <= 1.25x), and the functions of
+the `esper` package where the Esper run spends the most cumulative time, next to the same
+functions in the static run (so what growth itself costs stands out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import shlex
+import statistics
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+QUIET = ["logging.tensorboard=false", "logging.timeline_plot=false", "checkpoint.every_epochs=1000000",
+         "checkpoint.keep_last=1", "checkpoint.save_best=false", "services.mode=off", "train.torch_threads=1"]
+
+
+def _profiled_run(config, run_dir: Path, morphogenetic: bool) -> tuple[dict[str, Any], pstats.Stats]:
+    from esper.tolaria.trainer import Trainer
+
+    trainer = Trainer(config, run_dir, morphogenetic=morphogenetic, progress="none")
+    trainer.prepare()
+    trainer.start()
+    profile = cProfile.Profile()
+    profile.enable()
+    summary = trainer.train()
+    profile.disable()
+    return summary, pstats.Stats(profile)
+
+
+def _esper_functions(stats: pstats.Stats) -> dict[str, tuple[int, float]]:
+    """{"file:line(function)": (calls, cumulative seconds)} for functions of the esper package."""
+    out = {}
+    for (path, line, name), (_, calls, _, cumulative, _) in stats.stats.items():
+        if "/esper/" in path and "/site-packages/" not in path:
+            short = path[path.rindex("/esper/") + 1:]
+            out[f"{short}:{line}({name})"] = (calls, cumulative)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the rounds and writes the Markdown report (and JSON)."""
+    import torch
+
+    from esper.bench.pareto import HostGeometry
+    from esper.tolaria.config import load_config
+
+    torch.set_num_threads(1)
+    esper_cfg = load_config(args.config, [*QUIET, f"train.seed={args.seed}", *args.override, *args.esper_override])
+    static_base = load_config(args.config, [*QUIET, f"train.seed={args.seed}", *args.override])
+    geometry = HostGeometry(static_base)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="esper-growth-wall-"))
+    rounds = []
+    esper_fns: list[dict[str, tuple[int, float]]] = []
+    static_fns: list[dict[str, tuple[int, float]]] = []
+    for r in range(args.rounds):
+        esper, e_stats = _profiled_run(esper_cfg, workdir / f"esper{r}", True)
+        width = geometry.width_for_params(esper["params_final"])
+        static_cfg = replace(static_base, model=replace(static_base.model, width=width))
+        static, s_stats = _profiled_run(static_cfg, workdir / f"static{r}", False)
+        e_per = esper["wall_s"] / esper["flops"]["total"]
+        s_per = static["wall_s"] / static["flops"]["total"]
+        rounds.append({"width": width, "esper_wall_s": esper["wall_s"], "esper_flops": esper["flops"]["total"],
+                       "esper_params": esper["params_final"], "esper_test_acc": esper["test_acc"],
+                       "static_wall_s": static["wall_s"], "static_flops": static["flops"]["total"],
+                       "static_params": static["params_final"], "static_test_acc": static["test_acc"],
+                       "ratio": e_per / s_per})
+        esper_fns.append(_esper_functions(e_stats))
+        static_fns.append(_esper_functions(s_stats))
+        print(f"round {r}: esper {esper['wall_s']:.1f}s {esper['flops']['total']:.3e} FLOPs, static width {width} "
+              f"{static['wall_s']:.1f}s {static['flops']['total']:.3e} FLOPs: ratio {rounds[-1]['ratio']:.2f}x",
+              flush=True)
+    top = sorted(esper_fns[-1].items(), key=lambda kv: -kv[1][1])[: args.top]
+    report = {"config": args.config, "seed": args.seed, "overrides": args.override,
+              "esper_overrides": args.esper_override, "rounds": rounds,
+              "ratio_median": statistics.median(r["ratio"] for r in rounds),
+              "top": [{"function": f, "esper_calls": c, "esper_cum_s": t,
+                       "static_cum_s": static_fns[-1].get(f, (0, 0.0))[1]} for f, (c, t) in top]}
+    command = "esper-bench growth-wall " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[2:]))
+    lines = [f"# Wall time per FLOP: Esper against the static model of its final size ({args.config})", "",
+             f"Command: `{command}`", "",
+             "One torch thread, runs interleaved in one process (Esper, then the static width closest to its final "
+             "parameter count, same seed and schedule), each under cProfile (which adds the same per-call cost to "
+             "both).", "",
+             "| round | static width | esper wall (s) | esper FLOPs | static wall (s) | static FLOPs | esper acc | "
+             "static acc | wall/FLOP ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rounds):
+        lines.append(f"| {i} | {r['width']} | {r['esper_wall_s']:.1f} | {r['esper_flops']:.3e} | {r['static_wall_s']:.1f} "
+                     f"| {r['static_flops']:.3e} | {100 * r['esper_test_acc']:.1f} | {100 * r['static_test_acc']:.1f} "
+                     f"| {r['ratio']:.2f}x |")
+    lines += ["", f"Median ratio: **{report['ratio_median']:.2f}x** (target <= 1.25x).", "",
+              "Where the Esper run spends its time (cumulative seconds of `esper` functions, last round; a "
+              "function's time includes what it calls):", "",
+              "| function | calls | esper cum (s) | static cum (s) |", "|---|---|---|---|"]
+    for t in report["top"]:
+        lines.append(f"| `{t['function']}` | {t['esper_calls']} | {t['esper_cum_s']:.2f} | {t['static_cum_s']:.2f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        Path(f"{args.output}.md").parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.output}.md").write_text(text)
+        Path(f"{args.output}.json").write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `esper-bench growth-wall`."""
+    p.add_argument("--config", default="configs/mnist1d.yaml")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for both runs")
+    p.add_argument("--esper-override", action="append", default=[], metavar="KEY=VALUE", help="for the Esper run")
+    p.add_argument("--top", type=int, default=25, help="rows of the profile table")
+    p.add_argument("--workdir", help="run directories (default: a temporary directory)")
+    p.add_argument("--output", help="write <OUTPUT>.md and <OUTPUT>.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="esper-bench growth-wall", description=__doc__)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    args.argv = argv
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""`esper-bench growth-wall` on a tiny digits run: both runs, the ratio and the profile table."""
+
+from __future__ import annotations
+
+import json
+
+from esper.bench.growth_wall import main
+
+
+def test_growth_wall_reports_the_ratio_and_where_esper_spends_time(tmp_path):
+    out = tmp_path / "wall"
+    assert main(["--config", "configs/development.yaml", "--override", "train.epochs=4", "--override",
+                 "data.train_limit=320", "--override", "lifecycle.min_contribution=-1", "--top", "10",
+                 "--workdir", str(tmp_path / "w"), "--output", str(out)]) == 0
+    report = json.loads(out.with_suffix(".json").read_text())
+    (r,) = report["rounds"]
+    assert r["ratio"] == (r["esper_wall_s"] / r["esper_flops"]) / (r["static_wall_s"] / r["static_flops"])
+    assert r["esper_params"] > 0 and r["static_params"] > 0
+    functions = [t["function"] for t in report["top"]]
+    assert len(functions) == 10 and any("trainer.py" in f for f in functions)
+    assert "Median ratio" in out.with_suffix(".md").read_text()
