@@ -52,7 +52,7 @@ $(STAMPS)/venv:
 # torch first, from its exact pin, so nothing later can pull a CUDA build.
 $(STAMPS)/deps: $(STAMPS)/venv pyproject.toml requirements.lock
 	$(PIP) install --quiet $(TORCH_PIN)
-	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['dev']))" > $(STAMPS)/requirements.txt
+	$(PY) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; o = p['optional-dependencies']; print('\n'.join(p['dependencies'] + o['dev'] + o['tracking']))" > $(STAMPS)/requirements.txt
 	$(PIP) install --quiet -c requirements.lock -r $(STAMPS)/requirements.txt
 	@$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__" || { echo "error: torch was replaced by another build" >&2; exit 1; }
 	@touch $@

@@ -15,6 +15,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 ERROR_DOMAIN = "esper.v1"
+# How much of an offending value an error message quotes. Messages travel in gRPC trailers
+# (at most 8 KiB by default): a whole 7,000-character value would turn the error into
+# RESOURCE_EXHAUSTED on the client.
+QUOTE_LIMIT = 80
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters, saying how long it was when cut."""
+    if len(text) <= limit:
+        return text
+    note = f"... ({len(text)} chars)"
+    return text[:max(0, limit - len(note))] + note
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for an error message, cut to `limit` characters (see `bounded`)."""
+    return bounded(repr(value), limit)
 
 
 class EsperError(Exception):

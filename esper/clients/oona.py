@@ -40,17 +40,20 @@ class OonaClient(AioClient):
         self._stub = oona_pb2_grpc.OonaServiceStub(self._channel)
 
     async def publish(self, topic: str, payload: bytes, *, key: str = "", content_type: str = "",
-                      headers: Mapping[str, str] | None = None, source: str = "",
+                      headers: Mapping[str, str] | None = None, source: str = "", idempotency_key: str = "",
                       timeout: float | None = None) -> oona_pb2.PublishResponse:
-        """Publish one message; returns its message id and offset. Never retried."""
+        """Publish one message; returns its message id and offset. Retried only with an
+        `idempotency_key` (then a retry after a lost reply returns the first offset, no duplicate)."""
         request = oona_pb2.PublishRequest(topic=topic, payload=payload, key=key, content_type=content_type,
-                                          headers=dict(headers or {}), source=source)
+                                          headers=dict(headers or {}), source=source, idempotency_key=idempotency_key)
         return await self.publish_request(request, timeout=timeout)
 
     async def publish_request(self, request: oona_pb2.PublishRequest, *,
                               timeout: float | None = None) -> oona_pb2.PublishResponse:
-        """Publish a prepared `PublishRequest` (e.g. one that waited in a backlog). Never retried."""
-        return await self._unary(self._stub.Publish, request, idempotent=False, timeout=timeout)
+        """Publish a prepared `PublishRequest` (e.g. one that waited in a backlog); retried only
+        when it carries an idempotency_key."""
+        return await self._unary(self._stub.Publish, request, idempotent=bool(request.idempotency_key),
+                                 timeout=timeout)
 
     async def publish_batch(self, messages: list[oona_pb2.PublishRequest], *,
                             timeout: float | None = None) -> list[oona_pb2.PublishResponse]:
@@ -101,7 +104,8 @@ class OonaClient(AioClient):
 
 class KernelReadyPublisher:
     """`esper.tezzeret.jobs.KernelEventPublisher` over Oona: `KernelReadyEvent`s on the
-    kernel-ready topic, keyed by kernel id (never retried: a retry could duplicate the event)."""
+    kernel-ready topic, keyed by kernel id. Each carries the idempotency key
+    ``kernel-ready.<job id>``, so a publish whose reply was lost is retried without duplicating it."""
 
     def __init__(self, config: ChannelConfig | str, *, timeout_s: float = 5.0, topic: str = KERNEL_READY_TOPIC):
         self.client = OonaClient(config, timeout_s=timeout_s)
@@ -113,4 +117,5 @@ class KernelReadyPublisher:
 
     async def publish_kernel_ready(self, event: common_pb2.KernelReadyEvent) -> None:
         await self.client.publish(self.topic, event.SerializeToString(), key=event.artifact.kernel_id,
-                                  content_type=KERNEL_READY_CONTENT_TYPE, source="tezzeret")
+                                  content_type=KERNEL_READY_CONTENT_TYPE, source="tezzeret",
+                                  idempotency_key=f"kernel-ready.{event.job_id}")

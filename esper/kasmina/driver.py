@@ -63,6 +63,9 @@ class LifecycleDriver:
         self.min_contribution_per_site = dict(self.config.min_contribution_per_site if min_contribution_per_site is None
                                               else min_contribution_per_site)
         self.clock = LifecycleClock()
+        # Extra epochs a GERMINATED seed may wait, e.g. the epochs the kernel's compiler was down
+        # (set by a controller that knows; (site name, seed index) -> epochs).
+        self.germination_grace: Callable[[str, int], int] | None = None
         self.events: list[LifecycleEvent] = []
         self._listeners = list(listeners)
         self.sites: list[tuple[str, KasminaLayer]] = []
@@ -152,12 +155,15 @@ class LifecycleDriver:
         """
         cfg = self.config
         start = len(self.events)
-        for _, layer in self.sites:
+        for name, layer in self.sites:
             layer.end_epoch()
             for i in range(layer.num_seeds):
-                if (cfg.germination_timeout_epochs and layer.state_of(i) == S.GERMINATED
-                        and layer.epochs_in_state(i) >= cfg.germination_timeout_epochs):
-                    layer.cancel(i, f"no kernel arrived within {cfg.germination_timeout_epochs} epoch(s)")
+                if not cfg.germination_timeout_epochs or layer.state_of(i) != S.GERMINATED:
+                    continue
+                grace = self.germination_grace(name, i) if self.germination_grace is not None else 0
+                if layer.epochs_in_state(i) >= cfg.germination_timeout_epochs + grace:
+                    layer.cancel(i, f"no kernel arrived within {cfg.germination_timeout_epochs} epoch(s)"
+                                    + (f" (+{grace} while its services were down)" if grace else ""))
         pending = [
             (layer, i, site_cfg)
             for name, layer in self.sites

@@ -30,7 +30,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
-from esper.errors import InvalidArgumentError, ResourceExhaustedError
+from esper.errors import InvalidArgumentError, ResourceExhaustedError, quoted
 from esper.oona.backend import OonaBackend
 from esper.oona.model import (
     MAX_MEMBER_NAME_LENGTH,
@@ -40,6 +40,7 @@ from esper.oona.model import (
     StartPosition,
     TopicInfo,
     parse_message_id,
+    validate_idempotency_key,
     validate_name,
     validate_topic,
 )
@@ -81,9 +82,12 @@ class OonaBus:
         self.max_payload_bytes = max_payload_bytes
 
     async def publish(self, topic: str, payload: bytes, *, key: str = "", content_type: str = "",
-                      headers: Mapping[str, str] | None = None, source: str = "") -> PublishResult:
-        """Append a message to `topic` (created on first publish)."""
-        message = self._checked(topic, payload, key=key, content_type=content_type, headers=headers, source=source)
+                      headers: Mapping[str, str] | None = None, source: str = "",
+                      idempotency_key: str = "") -> PublishResult:
+        """Append a message to `topic` (created on first publish). With an `idempotency_key` seen
+        on this topic while its message is retained, returns that message's id and offset."""
+        message = self._checked(topic, payload, key=key, content_type=content_type, headers=headers, source=source,
+                                idempotency_key=idempotency_key)
         return await self.backend.publish(topic, message)
 
     async def publish_batch(self, items: list[tuple[str, OutgoingMessage]]) -> list[PublishResult]:
@@ -97,15 +101,17 @@ class OonaBus:
         for i, (topic, m) in enumerate(items):
             try:
                 checked.append((topic, self._checked(topic, m.payload, key=m.key, content_type=m.content_type,
-                                                     headers=m.headers, source=m.source)))
+                                                     headers=m.headers, source=m.source,
+                                                     idempotency_key=m.idempotency_key)))
             except InvalidArgumentError as exc:
                 raise InvalidArgumentError(f"messages[{i}]: {exc.message}", field=f"messages[{i}].{exc.field}",
                                            reason=exc.reason) from exc
         return await self.backend.publish_many(checked)
 
     def _checked(self, topic: str, payload: bytes, *, key: str, content_type: str,
-                 headers: Mapping[str, str] | None, source: str) -> OutgoingMessage:
+                 headers: Mapping[str, str] | None, source: str, idempotency_key: str = "") -> OutgoingMessage:
         validate_topic(topic)
+        validate_idempotency_key(idempotency_key)
         if len(payload) > self.max_payload_bytes:
             raise InvalidArgumentError(f"payload is {len(payload)} bytes; a message holds at most "
                                        f"{self.max_payload_bytes} bytes", field="payload")
@@ -118,9 +124,10 @@ class OonaBus:
             raise InvalidArgumentError(f"{len(headers)} headers given; at most {MAX_HEADERS}", field="headers")
         for name, value in headers.items():
             if not name or len(name) > MAX_SHORT_FIELD or len(value) > MAX_SHORT_FIELD:
-                raise InvalidArgumentError(f"header {name!r} needs a non-empty name and name/value of at most "
+                raise InvalidArgumentError(f"header {quoted(name)} needs a non-empty name and name/value of at most "
                                            f"{MAX_SHORT_FIELD} characters", field="headers")
-        return OutgoingMessage(payload=payload, key=key, content_type=content_type, headers=headers, source=source)
+        return OutgoingMessage(payload=payload, key=key, content_type=content_type, headers=headers, source=source,
+                               idempotency_key=idempotency_key)
 
     async def resolve_start(self, topic: str, start: StartPosition, from_offset: int) -> int:
         """The first offset a subscription starting at `start` reads; validates `from_offset`."""
@@ -135,10 +142,10 @@ class OonaBus:
         if from_offset < 0:
             raise InvalidArgumentError(f"from_offset must be >= 0, got {from_offset}", field="from_offset")
         if from_offset > next_offset:
-            raise InvalidArgumentError(f"from_offset {from_offset} is past the end of topic {topic!r}; expected "
+            raise InvalidArgumentError(f"from_offset {from_offset} is past the end of topic {quoted(topic)}; expected "
                                        f"{first}..{next_offset}", field="from_offset")
         if from_offset < first:
-            raise InvalidArgumentError(f"from_offset {from_offset} is no longer retained on topic {topic!r}; the "
+            raise InvalidArgumentError(f"from_offset {from_offset} is no longer retained on topic {quoted(topic)}; the "
                                        f"earliest retained offset is {first}", field="from_offset")
         return from_offset
 
@@ -221,7 +228,7 @@ class OffsetSubscription:
             if batch[0].offset > self.next_offset and not self._tolerate_gap:
                 first, _ = await backend.bounds(self.topic)
                 raise ResourceExhaustedError(
-                    f"subscriber on topic {self.topic!r} fell behind retention: offset {self.next_offset} was "
+                    f"subscriber on topic {quoted(self.topic)} fell behind retention: offset {self.next_offset} was "
                     f"dropped before it was read (earliest retained: {first}); resubscribe from EARLIEST or a "
                     "retained offset, or read faster", reason="SUBSCRIBER_LAGGED",
                     metadata={"topic": self.topic, "next_offset": self.next_offset, "first_offset": first})

@@ -8,7 +8,7 @@ import heapq
 import time
 from dataclasses import dataclass, field
 
-from esper.errors import NotFoundError, ResourceExhaustedError
+from esper.errors import NotFoundError, ResourceExhaustedError, quoted
 from esper.oona.backend import DEFAULT_RETENTION, OonaBackend
 from esper.oona.model import Message, OutgoingMessage, PublishResult, TopicInfo
 
@@ -64,6 +64,8 @@ class _Topic:
         self.next_offset = 0
         self.retained_bytes = 0
         self.groups: dict[str, _Group] = {}
+        # idempotency key -> offset; entries whose offset retention dropped are ignored and pruned.
+        self.idempotency: dict[str, int] = {}
         self._changed: asyncio.Future[None] | None = None
 
     @property
@@ -108,14 +110,21 @@ class InMemoryBackend(OonaBackend):
         if topic is None and create:
             if len(self._topics) >= MAX_TOPICS:
                 raise ResourceExhaustedError(f"the in-memory bus holds {MAX_TOPICS} topics already; cannot create "
-                                             f"{name!r}", metadata={"topic": name})
+                                             f"{quoted(name)}", metadata={"topic": name})
             topic = self._topics[name] = _Topic(name)
         return topic
 
     async def publish(self, topic: str, message: OutgoingMessage) -> PublishResult:
         t = self._topic(topic, create=True)
         assert t is not None
+        key = message.idempotency_key
+        if key:
+            earlier = t.idempotency.get(key)
+            if earlier is not None and earlier >= t.first_offset:
+                return PublishResult(message_id=str(earlier), offset=earlier)
         offset = t.next_offset
+        if key:
+            t.idempotency[key] = offset
         t.messages.append(Message(topic=topic, offset=offset, payload=bytes(message.payload), key=message.key,
                                   content_type=message.content_type, headers=dict(message.headers),
                                   source=message.source, publish_time=time.time()))
@@ -129,6 +138,9 @@ class InMemoryBackend(OonaBackend):
         while t.retained > self.retention or (t.retained_bytes > self.retention_bytes and t.retained > 1):
             t.retained_bytes -= len(t.messages[t.start].payload)
             t.start += 1
+        if len(t.idempotency) > 2 * max(t.retained, 1024):
+            first = t.first_offset
+            t.idempotency = {k: o for k, o in t.idempotency.items() if o >= first}
         if t.start > 1024 and t.start * 2 > len(t.messages):
             del t.messages[:t.start]
             t.base += t.start
@@ -169,7 +181,7 @@ class InMemoryBackend(OonaBackend):
     def _group(self, topic: str, group: str) -> tuple[_Topic, _Group]:
         t = self._topic(topic, create=False)
         if t is None or group not in t.groups:
-            raise NotFoundError(f"consumer group {group!r} does not exist on topic {topic!r}; subscribe with "
+            raise NotFoundError(f"consumer group {quoted(group)} does not exist on topic {quoted(topic)}; subscribe with "
                                 "consumer_group set to create it", metadata={"topic": topic, "group": group})
         return t, t.groups[group]
 
@@ -241,6 +253,8 @@ class InMemoryBackend(OonaBackend):
 
     async def list_topics(self) -> list[TopicInfo]:
         return [TopicInfo(name=t.name, first_offset=t.first_offset, next_offset=t.next_offset,
-                          retained_messages=t.retained, consumer_groups=tuple(sorted(t.groups)))
+                          retained_messages=t.retained, consumer_groups=tuple(sorted(t.groups)),
+                          group_lag={n: max(0, t.next_offset - g.cursor) for n, g in t.groups.items()},
+                          group_pending={n: len(g.pending) for n, g in t.groups.items()})
                 for name, t in sorted(self._topics.items()) if t.next_offset > 0 or t.groups]
 

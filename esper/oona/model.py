@@ -7,10 +7,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from esper.errors import InvalidArgumentError
+from esper.errors import InvalidArgumentError, quoted
 
 # Topic, group and consumer names become Redis key parts and log fields, so keep them plain.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+_IDEMPOTENCY_KEY_RE = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 MAX_TOPIC_NAME_LENGTH = 249
 MAX_MEMBER_NAME_LENGTH = 128
 
@@ -32,6 +33,9 @@ class OutgoingMessage:
     content_type: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     source: str = ""
+    # Optional: a repeat with the same key on the same topic, while the first is retained,
+    # returns the first one's offset instead of storing a copy (safe retries of Publish).
+    idempotency_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,9 @@ class TopicInfo:
     next_offset: int
     retained_messages: int
     consumer_groups: tuple[str, ...] = ()
+    # Per consumer group: messages not yet delivered to it (lag) and delivered but unacked (pending).
+    group_lag: Mapping[str, int] = field(default_factory=dict)
+    group_pending: Mapping[str, int] = field(default_factory=dict)
 
 
 def validate_name(value: str, what: str, field_name: str, max_length: int) -> str:
@@ -80,7 +87,7 @@ def validate_name(value: str, what: str, field_name: str, max_length: int) -> st
                                    f"{max_length}", field=field_name)
     if not _NAME_RE.match(value):
         raise InvalidArgumentError(
-            f"{field_name} {value!r} is not a valid {what} name; expected letters, digits, '.', '_' or '-', "
+            f"{field_name} {quoted(value)} is not a valid {what} name; expected letters, digits, '.', '_' or '-', "
             "starting with a letter or digit", field=field_name)
     return value
 
@@ -90,10 +97,18 @@ def validate_topic(topic: str, field_name: str = "topic") -> str:
     return validate_name(topic, "topic", field_name, MAX_TOPIC_NAME_LENGTH)
 
 
+def validate_idempotency_key(key: str, field_name: str = "idempotency_key") -> str:
+    """Empty (no deduplication) or 1-128 characters of letters, digits and ``._:-``."""
+    if key and not _IDEMPOTENCY_KEY_RE.match(key):
+        raise InvalidArgumentError(f"{field_name} {quoted(key)} must be 1-128 characters of letters, digits and "
+                                   "._:- (or empty for no deduplication)", field=field_name)
+    return key
+
+
 def parse_message_id(message_id: str, field_name: str) -> int:
     """A message id is the decimal offset; anything else is an InvalidArgumentError naming the field."""
     if not message_id.isascii() or not message_id.isdigit() or len(message_id) > 19:
         raise InvalidArgumentError(
-            f"{field_name} {message_id!r} is not a message id; expected the decimal offset the bus assigned",
+            f"{field_name} {quoted(message_id)} is not a message id; expected the decimal offset the bus assigned",
             field=field_name)
     return int(message_id)

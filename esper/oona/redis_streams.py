@@ -7,6 +7,9 @@ Layout under a namespace (default ``esper:oona``):
   from ``{ns}:seq:{topic}`` (INCR) and XADDs with that id and ``MAXLEN ~ retention`` atomically,
   so concurrent publishers (even on several Oona servers) never collide.
 - ``{ns}:topics``: the set of topic names, for ListTopics.
+- ``{ns}:idem:{topic}`` (hash idempotency key -> offset) and ``{ns}:idemz:{topic}`` (the same keys
+  scored by offset): the publish script answers a repeated key with the first offset while that
+  entry is still in the stream, and drops keys whose entries retention trimmed.
 - Consumer groups are native stream groups: XREADGROUP for new messages, XAUTOCLAIM to take over
   messages another member left unacked past the visibility timeout, XACK to acknowledge.
 
@@ -27,17 +30,38 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from esper.errors import NotFoundError, UnavailableError
+from esper.errors import NotFoundError, UnavailableError, quoted
 from esper.oona.backend import DEFAULT_RETENTION, OonaBackend
 from esper.oona.model import Message, OutgoingMessage, PublishResult, TopicInfo
 
 DEFAULT_NAMESPACE = "esper:oona"
 
 _PUBLISH_LUA = """
+local key = ARGV[9]
+if key ~= '' then
+  local earlier = redis.call('HGET', KEYS[4], key)
+  if earlier and #redis.call('XRANGE', KEYS[1], '1-' .. earlier, '1-' .. earlier) > 0 then
+    return tonumber(earlier)
+  end
+end
 local n = redis.call('INCR', KEYS[2])
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '1-' .. (n - 1),
            'k', ARGV[2], 'c', ARGV[3], 'p', ARGV[4], 'h', ARGV[5], 't', ARGV[6], 's', ARGV[7])
 if n == 1 then redis.call('SADD', KEYS[3], ARGV[8]) end
+if key ~= '' then
+  redis.call('HSET', KEYS[4], key, n - 1)
+  redis.call('ZADD', KEYS[5], n - 1, key)
+  -- forget keys whose messages retention already dropped
+  local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+  if #first > 0 then
+    local first_offset = tonumber(string.match(first[1][1], '%-(%d+)$'))
+    local stale = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', '(' .. first_offset, 'LIMIT', 0, 100)
+    if #stale > 0 then
+      redis.call('HDEL', KEYS[4], unpack(stale))
+      redis.call('ZREM', KEYS[5], unpack(stale))
+    end
+  end
+end
 return n - 1
 """
 
@@ -103,6 +127,11 @@ class RedisStreamsBackend(OonaBackend):
     def _seq(self, topic: str) -> str:
         return f"{self.namespace}:seq:{topic}"
 
+    def _publish_keys(self, topic: str) -> list[str]:
+        # The idempotency hash (key -> offset) and its index by offset, for pruning.
+        return [self._stream(topic), self._seq(topic), self._topics_key, f"{self.namespace}:idem:{topic}",
+                f"{self.namespace}:idemz:{topic}"]
+
     @property
     def _topics_key(self) -> str:
         return f"{self.namespace}:topics"
@@ -116,22 +145,21 @@ class RedisStreamsBackend(OonaBackend):
 
     @_unavailable_on_connection_errors
     async def publish(self, topic: str, message: OutgoingMessage) -> PublishResult:
-        offset = int(await self._publish_script(keys=[self._stream(topic), self._seq(topic), self._topics_key],
-                                                args=self._publish_args(topic, message)))
+        offset = int(await self._publish_script(keys=self._publish_keys(topic), args=self._publish_args(topic, message)))
         return PublishResult(message_id=str(offset), offset=offset)
 
     def _publish_args(self, topic: str, message: OutgoingMessage) -> list:
         headers = json.dumps(dict(message.headers), separators=(",", ":")) if message.headers else ""
         return [self.retention, message.key, message.content_type, bytes(message.payload), headers,
-                repr(time.time()), message.source, topic]
+                repr(time.time()), message.source, topic, message.idempotency_key]
 
     @_unavailable_on_connection_errors
     async def publish_many(self, items: list[tuple[str, OutgoingMessage]]) -> list[PublishResult]:
         # One pipelined round trip; the scripts still run one after another, in order.
         async with self._redis.pipeline(transaction=False) as pipe:
             for topic, message in items:
-                await self._publish_script(keys=[self._stream(topic), self._seq(topic), self._topics_key],
-                                           args=self._publish_args(topic, message), client=pipe)
+                await self._publish_script(keys=self._publish_keys(topic), args=self._publish_args(topic, message),
+                                           client=pipe)
             offsets = await pipe.execute()
         return [PublishResult(message_id=str(int(o)), offset=int(o)) for o in offsets]
 
@@ -177,7 +205,7 @@ class RedisStreamsBackend(OonaBackend):
         return group in await self._group_names(topic)
 
     def _not_found(self, topic: str, group: str) -> NotFoundError:
-        return NotFoundError(f"consumer group {group!r} does not exist on topic {topic!r}; subscribe with "
+        return NotFoundError(f"consumer group {quoted(group)} does not exist on topic {quoted(topic)}; subscribe with "
                              "consumer_group set to create it", metadata={"topic": topic, "group": group})
 
     async def _claim_others_expired(self, topic: str, group: str, consumer: str, max_count: int,
@@ -289,11 +317,19 @@ class RedisStreamsBackend(OonaBackend):
         for i, name in enumerate(names):
             seq, first, length, groups = replies[4 * i:4 * i + 4]
             next_offset = int(seq or 0)
-            group_names = [] if isinstance(groups, Exception) else sorted(
-                g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups)
+            groups = [] if isinstance(groups, Exception) else groups
+            lag, pending = {}, {}
+            for g in groups:
+                group = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                last = g["last-delivered-id"]
+                last = last.decode() if isinstance(last, bytes) else str(last)
+                # "0-0": nothing delivered yet; else "1-<offset>" of the last entry delivered.
+                cursor = 0 if last.startswith("0-") else _offset_of(last) + 1
+                lag[group] = max(0, next_offset - cursor)
+                pending[group] = int(g["pending"])
             topics.append(TopicInfo(name=name, first_offset=_offset_of(first[0][0]) if first else next_offset,
                                     next_offset=next_offset, retained_messages=int(length),
-                                    consumer_groups=tuple(group_names)))
+                                    consumer_groups=tuple(sorted(lag)), group_lag=lag, group_pending=pending))
         return topics
 
     async def close(self) -> None:

@@ -6,15 +6,21 @@ Server side (`esper.serving.server`)
 
 - the standard health service (``grpc.health.v1.Health``) for "" and every registered service,
   NOT_SERVING from `start()` until `set_serving()`, NOT_SERVING again as soon as `stop()` begins;
-- server reflection listing the registered services, health and reflection;
+- server reflection (``grpc.reflection.v1`` and ``v1alpha``) listing the registered services,
+  health and reflection;
 - `ErrorMappingInterceptor`: a handler raising an `esper.errors.EsperError` subclass gets the
   mapped status code (`esper.serving.errors.STATUS_CODE_BY_ERROR`, the one mapping) with the
   error's message and a ``google.rpc.ErrorInfo`` detail (reason, domain ``esper.v1``, metadata
   such as ``field``); any other exception is logged and becomes INTERNAL; the server keeps serving;
 - max send/receive message size (default 4 MiB; streaming RPCs use chunks <= 1 MiB);
 - bind to 127.0.0.1 by default, port 0 picks a free port (`server.address` has the real one);
-- optional TLS (`tls_cert_file` + `tls_key_file`) and bearer-token auth (`auth_token`): a call
-  without ``authorization: Bearer <token>`` gets UNAUTHENTICATED; health stays open for probes;
+- request bytes that do not parse answer INVALID_ARGUMENT (reason ``MALFORMED_REQUEST``) on every
+  RPC, unary and streaming; error messages and ``ErrorInfo`` metadata are cut to bounded sizes so
+  a status always fits in the trailers;
+- optional TLS (`tls_cert_file` + `tls_key_file`) and bearer-token auth (`auth_token`, and/or
+  per-token principals with roles from ``--principals-file``, see `esper.serving.auth`): a call
+  without a known ``authorization: Bearer <token>`` gets UNAUTHENTICATED; health stays open for
+  probes; handlers read the caller with `esper.serving.auth.current_principal()`;
 - graceful shutdown: `await server.stop()` or SIGTERM/SIGINT (after `install_signal_handlers()`)
   flips health to NOT_SERVING, lets in-flight calls finish within `grace_seconds`, cancels the
   rest, then runs `add_shutdown_callback` callbacks (close pools/databases) in reverse order.

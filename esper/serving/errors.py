@@ -32,6 +32,22 @@ STATUS_CODE_BY_ERROR: dict[type[errors.EsperError], grpc.StatusCode] = {
 }
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+# A status travels in HTTP/2 trailers, which clients cap at 8 KiB by default; the message goes
+# there twice (grpc-message, percent-encoded, and inside grpc-status-details-bin, base64). These
+# bounds keep the worst case (non-ASCII text) under that cap, whatever a handler put in the error.
+MAX_STATUS_MESSAGE_CHARS = 1024
+MAX_METADATA_VALUE_CHARS = 200
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_ENTRIES = 8
+
+
+def fit_utf8(text: str, limit: int) -> str:
+    """`text` cut so its UTF-8 encoding holds at most `limit` bytes, noting the original length."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    note = f"... ({len(text)} chars)"
+    return data[:max(0, limit - len(note))].decode(errors="ignore") + note
 
 
 def status_code_for(exc: errors.EsperError) -> grpc.StatusCode:
@@ -45,8 +61,16 @@ def status_code_for(exc: errors.EsperError) -> grpc.StatusCode:
 
 def make_rpc_status(code: grpc.StatusCode, message: str, *, reason: str,
                     metadata: dict[str, str] | None = None) -> grpc.Status:
-    """A `grpc.Status` with a `google.rpc.ErrorInfo` detail, ready for `context.abort`."""
-    info = error_details_pb2.ErrorInfo(reason=reason, domain=errors.ERROR_DOMAIN, metadata=metadata or {})
+    """A `grpc.Status` with a `google.rpc.ErrorInfo` detail, ready for `context.abort`.
+
+    Message and metadata are cut to the bounds above, so a value quoted whole never turns the
+    error into RESOURCE_EXHAUSTED on the client.
+    """
+    message = fit_utf8(message, MAX_STATUS_MESSAGE_CHARS)
+    bounded_metadata = {fit_utf8(k, MAX_METADATA_KEY_CHARS): fit_utf8(v, MAX_METADATA_VALUE_CHARS)
+                        for k, v in list((metadata or {}).items())[:MAX_METADATA_ENTRIES]}
+    info = error_details_pb2.ErrorInfo(reason=fit_utf8(reason, MAX_METADATA_KEY_CHARS), domain=errors.ERROR_DOMAIN,
+                                       metadata=bounded_metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
     proto = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=[detail])

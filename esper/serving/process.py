@@ -133,6 +133,14 @@ class ServerProcess:
             self._stderr_file = None
         return proc.returncode
 
+    def kill(self) -> int | None:
+        """SIGKILL (a crash: no graceful shutdown), wait for it; returns the exit code."""
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        return self.stop()
+
     def __enter__(self) -> ServerProcess:
         self.start()
         return self

@@ -14,9 +14,11 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from esper.serving.auth import DEPLOYMENT, Principal, load_principals
 from esper.serving.interceptors import HEALTH_METHOD_PREFIX, BearerTokenInterceptor, ErrorMappingInterceptor
+from esper.serving.metrics import ServerMetrics
+from esper.serving.reflection import enable_reflection
 
 log = logging.getLogger("esper.serving")
 
@@ -40,8 +42,12 @@ class ServerConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     auth_token: str | None = None
+    # token -> Principal (name and roles), e.g. from --principals-file; any of them is accepted.
+    principals: dict[str, Principal] = field(default_factory=dict)
     reflection: bool = True
     extra_options: list[tuple[str, Any]] = field(default_factory=list)
+    # Prometheus /metrics over HTTP on `host` (esper.serving.metrics): None = off, 0 = a free port.
+    metrics_port: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting."""
@@ -55,6 +61,17 @@ class ServerConfig:
             raise ValueError("TLS needs both tls_cert_file and tls_key_file, or neither")
         if self.auth_token is not None and not self.auth_token.strip():
             raise ValueError("auth_token must be non-empty when set")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in 0..65535 (0 picks a free port), got {self.metrics_port}")
+        if any(not token.strip() for token in self.principals):
+            raise ValueError("principals: every token must be a non-empty string")
+
+    def token_principals(self) -> dict[str, Principal]:
+        """Every accepted token with its principal (the deployment token has every role)."""
+        tokens = dict(self.principals)
+        if self.auth_token:
+            tokens.setdefault(self.auth_token, DEPLOYMENT)
+        return tokens
 
 
 class GrpcServer:
@@ -67,12 +84,20 @@ class GrpcServer:
     the shutdown callbacks in reverse order of registration.
     """
 
-    def __init__(self, config: ServerConfig | None = None):
+    def __init__(self, config: ServerConfig | None = None, metrics: ServerMetrics | None = None):
+        """`metrics`: record into these (served by their owner) rather than per `config.metrics_port`."""
         self.config = config or ServerConfig()
         self.config.validate()
         interceptors: list[grpc.aio.ServerInterceptor] = []
-        if self.config.auth_token:
-            interceptors.append(BearerTokenInterceptor(self.config.auth_token, (HEALTH_METHOD_PREFIX,)))
+        self.metrics = metrics
+        if self.metrics is None and self.config.metrics_port is not None:
+            self.metrics = ServerMetrics()
+        if self.metrics is not None:
+            # Outermost, so it records the status every other interceptor settled on.
+            interceptors.append(self.metrics.interceptor())
+        tokens = self.config.token_principals()
+        if tokens:
+            interceptors.append(BearerTokenInterceptor(tokens, (HEALTH_METHOD_PREFIX,)))
         interceptors.append(ErrorMappingInterceptor())
         options = [
             ("grpc.max_send_message_length", self.config.max_message_bytes),
@@ -127,8 +152,7 @@ class GrpcServer:
         for name in ("", *self._service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.config.reflection:
-            reflection.enable_server_reflection(
-                (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+            enable_reflection((*self._service_names, health.SERVICE_NAME), self._server)
         target = f"{self.config.host}:{self.config.port}"
         if self.config.tls_cert_file is not None:
             assert self.config.tls_key_file is not None
@@ -142,6 +166,9 @@ class GrpcServer:
         self._port = port
         await self._server.start()
         log.info("listening on %s (%s)", self.address, ", ".join(self._service_names) or "no services")
+        if self.metrics is not None and self.config.metrics_port is not None:
+            endpoint = self.metrics.start(self.config.host, self.config.metrics_port)
+            print(f"metrics: {endpoint.url}", file=sys.stderr, flush=True)  # stdout has only LISTENING
         return self.address
 
     async def set_serving(self) -> None:
@@ -168,6 +195,8 @@ class GrpcServer:
             await self.health.enter_graceful_shutdown()
             await self._server.stop(grace)
         finally:
+            if self.metrics is not None:
+                self.metrics.stop()
             for callback in reversed(self._shutdown_callbacks):
                 try:
                     await callback()
@@ -216,7 +245,14 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tls-key", type=Path, help="PEM private key")
     group.add_argument("--auth-token-file", type=Path,
                        help="file holding the bearer token clients must send (env ESPER_AUTH_TOKEN also works)")
+    group.add_argument("--principals-file", type=Path,
+                       help="JSON file of accepted tokens, each with a principal name and roles, e.g. "
+                            "{\"principals\": [{\"name\": \"tezzeret\", \"token\": \"...\", "
+                            "\"roles\": [\"compiler\"]}]} (see esper.serving.auth)")
     group.add_argument("--log-level", default="INFO", help="logging level (default %(default)s)")
+    group.add_argument("--metrics-port", type=int, default=None,
+                       help="serve Prometheus /metrics over HTTP on --host at this port (0: a free one; "
+                            "default off); the URL is printed on stderr at start")
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -230,9 +266,11 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise ValueError(f"--auth-token-file {args.auth_token_file} is empty; expected a token")
     elif os.environ.get("ESPER_AUTH_TOKEN"):
         token = os.environ["ESPER_AUTH_TOKEN"].strip()
+    principals = load_principals(args.principals_file) if getattr(args, "principals_file", None) else {}
     config = ServerConfig(host=args.host, port=args.port, grace_seconds=args.grace,
                           max_message_bytes=int(args.max_message_mb * 2**20),
-                          tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token)
+                          tls_cert_file=args.tls_cert, tls_key_file=args.tls_key, auth_token=token,
+                          principals=principals, metrics_port=getattr(args, "metrics_port", None))
     config.validate()
     return config
 

@@ -23,6 +23,8 @@ class SafetyRails:
         self.host_flops = host_flops_per_sample
         self.last_growth_epoch: int | None = None
         self.adaptations = 0
+        # Decisions counted in `adaptations` that may still be given back (see `give_back`).
+        self.counted: list[str] = []
 
     def filter(self, state: ModelGraphState, decisions: list[AdaptationDecision]) -> list[AdaptationDecision]:
         sig = state.signals
@@ -70,14 +72,27 @@ class SafetyRails:
             flops_left -= cost.flops
             self.last_growth_epoch = sig.epoch
             self.adaptations += 1
+            if d.decision_id:
+                self.counted.append(d.decision_id)
         return out
 
+    def give_back(self, decision_id: str) -> bool:
+        """Un-count a germination that was cancelled because a service was unavailable, so an
+        outage does not use up max_adaptations. Only once per decision; False when unknown."""
+        if decision_id not in self.counted:
+            return False
+        self.counted.remove(decision_id)
+        self.adaptations = max(0, self.adaptations - 1)
+        return True
+
     def state_dict(self) -> dict[str, Any]:
-        return {"last_growth_epoch": self.last_growth_epoch, "adaptations": self.adaptations}
+        return {"last_growth_epoch": self.last_growth_epoch, "adaptations": self.adaptations,
+                "counted": list(self.counted)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_growth_epoch = state["last_growth_epoch"]
         self.adaptations = int(state["adaptations"])
+        self.counted = [str(d) for d in state.get("counted", [])]
 
 
 class Controller:

@@ -100,3 +100,37 @@ class ReplayBuffer:
         with self._lock:
             if not self._file.closed:
                 self._file.close()
+
+
+class ReplayFileError(ValueError):
+    """A file that is not (or no longer) a readable replay buffer; the message names it."""
+
+
+def read_replay_file(path: Path | str) -> tuple[list[common_pb2.FieldReport], int]:
+    """Every intact report of a replay file, read-only (unlike `ReplayBuffer`, which cuts a torn
+    tail); returns (reports, bytes after the last intact record).
+
+    A file whose very first record is not intact is not a replay buffer (a foreign or corrupt file)
+    and raises `ReplayFileError`; so does a record whose payload is not a FieldReport.
+    """
+    path = Path(path)
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise ReplayFileError(f"{path}: cannot read ({exc.strerror})") from None
+    reports: list[common_pb2.FieldReport] = []
+    offset = 0
+    while offset + _HEADER.size <= len(blob):
+        length, crc = _HEADER.unpack_from(blob, offset)
+        payload = blob[offset + _HEADER.size: offset + _HEADER.size + length]
+        if length > MAX_RECORD_BYTES or len(payload) < length or zlib.crc32(payload) != crc:
+            break
+        try:
+            reports.append(common_pb2.FieldReport.FromString(payload))
+        except Exception as exc:  # protobuf's DecodeError; message only
+            raise ReplayFileError(f"{path}: record {len(reports)} is not an esper.v1.FieldReport ({exc})") from None
+        offset += _HEADER.size + length
+    if not reports and blob:
+        raise ReplayFileError(f"{path}: not a Tamiyo replay file (its first record has no valid length and CRC-32); "
+                              f"expected a {FILE_NAME} written by Tamiyo or esper-tamiyo collect")
+    return reports, len(blob) - offset

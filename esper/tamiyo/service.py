@@ -24,7 +24,7 @@ from typing import Any
 
 from esper.errors import InvalidArgumentError
 from esper.tamiyo.heuristic import VERSION
-from esper.tamiyo.rails import Controller
+from esper.tamiyo.rails import Controller, SafetyRails
 from esper.tamiyo.replay import ReplayBuffer
 from esper.tamiyo.settings import PolicySettings
 from esper.v1 import common_pb2
@@ -42,16 +42,89 @@ class TamiyoCore:
         self._controllers: dict[str, Controller] = {}
         self._saved: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        # Decisions returned since start, by DecisionAction name (for monitoring).
+        self.decisions_by_action: dict[str, int] = {}
+        # A learned policy is loaded once and shared by every run's controller; `reload_policy`
+        # replaces it when a newer version appears at policy_path (hot swap, no restart).
+        self.loaded = None
+        self.policy_swaps = 0
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        if settings.policy == "gnn":
+            from esper.tamiyo.policy_store import load_policy
+
+            self.loaded = load_policy(settings.policy_path)
 
     @property
     def version(self) -> str:
+        if self.loaded is not None:
+            return self.loaded.version
+        if self.settings.policy == "random":
+            from esper.tamiyo.exploration import RANDOM_VERSION
+
+            return RANDOM_VERSION
         return VERSION
+
+    @property
+    def uses_torch(self) -> bool:
+        """Decisions run a network (keep them off the event loop)."""
+        return self.loaded is not None
+
+    def policy_info(self) -> dict[str, Any]:
+        """Kind, version, source, swap count and feature schema of the policy in force."""
+        loaded = self.loaded
+        return {"kind": self.settings.policy, "version": self.version,
+                "source": loaded.source if loaded is not None else "", "swaps": self.policy_swaps,
+                "feature_schema": loaded.manifest["feature_schema"] if loaded is not None else ""}
+
+    def reload_policy(self) -> bool:
+        """Loads the policy at policy_path if its version differs from the one in force and swaps
+        every run's controller to it (rails state kept). A policy that fails to load is logged and
+        the current one stays. True when a swap happened."""
+        if self.loaded is None:
+            return False
+        from esper.tamiyo.policy_store import PolicyLoadError, load_policy, manifest_version
+
+        version = manifest_version(self.settings.policy_path)
+        if version is None or version == self.loaded.version:
+            return False
+        try:
+            new = load_policy(self.settings.policy_path)
+        except PolicyLoadError as exc:
+            log.error("policy %s at %s not loaded, keeping %s: %s", version, self.settings.policy_path,
+                      self.loaded.version, exc)
+            return False
+        from esper.tamiyo.gnn_policy import GNNPolicy
+
+        with self._lock:
+            old = self.loaded.version
+            self.loaded = new
+            for controller in self._controllers.values():
+                controller.policy = GNNPolicy(new, controller.rails.cfg, tuple(self.settings.blueprints))
+            self.policy_swaps += 1
+        log.info("policy swapped: %s -> %s (%s)", old, new.version, self.settings.policy_path)
+        return True
+
+    def watch_policy(self, interval_s: float) -> None:
+        """Checks policy_path for a newer version every `interval_s` seconds in a daemon thread."""
+        if self.loaded is None or interval_s <= 0 or self._watcher is not None:
+            return
+
+        def loop() -> None:
+            while not self._watch_stop.wait(interval_s):
+                try:
+                    self.reload_policy()
+                except Exception:  # the watcher must outlive any one bad read
+                    log.exception("policy watcher")
+
+        self._watcher = threading.Thread(target=loop, name="tamiyo-policy-watch", daemon=True)
+        self._watcher.start()
 
     def controller_for(self, run_id: str, host_flops: float) -> Controller:
         with self._lock:
             controller = self._controllers.get(run_id)
             if controller is None:
-                controller = self.settings.controller(host_flops)
+                controller = self.settings.controller(host_flops, self.loaded)
                 saved = self._load_state(run_id)
                 if saved is not None:
                     controller.rails.load_state_dict(saved)
@@ -105,6 +178,9 @@ class TamiyoCore:
         with self._lock:  # rails state is per run but Decide calls for one run may overlap
             decisions = controller.decide(graph)
             self._save_state(graph.run_id, controller)
+            for d in decisions:
+                name = common_pb2.DecisionAction.Name(d.action)
+                self.decisions_by_action[name] = self.decisions_by_action.get(name, 0) + 1
             return decisions
 
     def report(self, report: common_pb2.FieldReport) -> tuple[str, int]:
@@ -122,7 +198,27 @@ class TamiyoCore:
         if not stored.HasField("create_time"):
             stored.create_time.GetCurrentTime()
         size = self.replay.append(stored)
+        if stored.outcome == common_pb2.ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE and stored.run_id:
+            self._give_back(stored.run_id, stored.decision.decision_id)
         return stored.report_id, size
+
+    def _give_back(self, run_id: str, decision_id: str) -> None:
+        """An outage cancelled this germination: it no longer counts against max_adaptations."""
+        with self._lock:
+            controller = self._controllers.get(run_id)
+            if controller is not None:
+                if controller.rails.give_back(decision_id):
+                    self._save_state(run_id, controller)
+                return
+            saved = self._load_state(run_id)
+            if saved is None:
+                return  # no rails state for this run: nothing was counted here
+            rails = SafetyRails(self.settings.rails(), 1.0)  # host FLOPs do not matter to the count
+            rails.load_state_dict(saved)
+            if rails.give_back(decision_id):
+                from esper.durable import write_json_atomic
+
+                write_json_atomic(self._state_path(run_id), {"run_id": run_id, "state": rails.state_dict()})
 
     def warm_up(self) -> None:
         """One throwaway decision so the first real Decide does not pay for imports (blueprint costs)."""
@@ -138,11 +234,14 @@ class TamiyoCore:
         graph.signals.initial_parameter_count = 1000
         graph.signals.parameter_budget_left = 1.0
         graph.signals.compute_budget_left = 1.0
-        self.settings.controller(1000.0).decide(graph)
+        self.settings.controller(1000.0, self.loaded).decide(graph)
 
     def rails_info(self) -> dict[str, str]:
         r = self.settings.rails()
         return {k: str(v) for k, v in dataclasses.asdict(r).items()}
 
     def close(self) -> None:
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5.0)
         self.replay.close()

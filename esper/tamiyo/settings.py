@@ -1,5 +1,7 @@
-"""`PolicySettings`: the heuristic and rail knobs of a Tamiyo policy, the one definition shared by
-the Tamiyo server (``esper-tamiyo --policy-config``) and Tolaria's in-process controller.
+"""`PolicySettings`: which Tamiyo policy (heuristic, random, gnn) and its knobs and rails, the one
+definition shared by the Tamiyo server (``esper-tamiyo --policy-config``), Tolaria's in-process
+controller and Tolaria's ``controller`` config section (which is this type: its defaults are
+defined here only).
 
 `policy_settings_from_mapping` validates a mapping of them with errors naming the key.
 """
@@ -7,28 +9,42 @@ the Tamiyo server (``esper-tamiyo --policy-config``) and Tolaria's in-process co
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from esper.tamiyo.heuristic import HeuristicPolicy
+from esper.tamiyo.policies import POLICY_KINDS
 from esper.tamiyo.policy import HeuristicConfig, RailsConfig
 from esper.tamiyo.rails import Controller, SafetyRails
+
+# Fixed choices are Literal types: the type is the one list of allowed values.
+PolicyName = Literal["heuristic", "random", "gnn"]
 
 
 @dataclass
 class PolicySettings:
-    """Heuristic and rail knobs; field names match the ``controller`` section of a Tolaria config."""
+    """The Tamiyo policy and the safety rails that apply to every policy (Tolaria's ``controller``)."""
 
+    # heuristic, random (seeded by random_seed) or gnn (a learned policy loaded from policy_path,
+    # e.g. esper-train --tamiyo-policy PATH).
+    policy: PolicyName = "heuristic"
+    policy_path: str = ""
+    random_seed: int = 0
+    # No germination before this epoch (the host gets a head start).
     start_epoch: int = 1
+    # Plateau: relative improvement of val loss over `plateau_window` epochs below the threshold.
     plateau_window: int = 2
     plateau_threshold: float = 0.01
+    # Germinate without waiting for a plateau (forces growth, e.g. in tests and demos).
     grow_without_plateau: bool = False
     cooldown_epochs: int = 1
     max_concurrent: int = 1
+    # Growth budgets relative to the host: extra parameters and extra FLOPs per sample.
     parameter_budget: float = 1.0
     compute_budget: float = 1.0
     max_adaptations: int = 8
+    # Blueprints the policy may choose from (empty = every one fitting the site).
     blueprints: list[str] = field(default_factory=list)
     # Growth modes the policy may choose ("branch", "width", "depth") and the size of a width seed.
     growth_modes: list[str] = field(default_factory=lambda: ["branch"])
@@ -47,31 +63,49 @@ class PolicySettings:
                            max_adaptations=self.max_adaptations, parameter_budget=self.parameter_budget,
                            compute_budget=self.compute_budget)
 
-    def controller(self, host_flops: float) -> Controller:
-        """The heuristic policy behind the safety rails, for a host of `host_flops` forward FLOPs
-        per sample: what Tamiyo runs per run id, and Tolaria in-process (``services.mode: off``)."""
+    def controller(self, host_flops: float, loaded: Any = None) -> Controller:
+        """The configured policy behind the safety rails, for a host of `host_flops` forward FLOPs
+        per sample: what Tamiyo runs per run id, and Tolaria in-process (``services.mode: off``).
+        `loaded` is an already loaded GNN (`esper.tamiyo.policy_store.LoadedPolicy`), so per-run
+        controllers share one copy of the weights; without it a gnn policy is loaded from
+        `policy_path` (PolicyLoadError, a ValueError, when it cannot be)."""
+        from esper.tamiyo.policies import build_policy
+
         rails = self.rails()
-        return Controller(HeuristicPolicy(self.heuristic(), rails, host_flops), SafetyRails(rails, host_flops))
+        return Controller(build_policy(self, rails, host_flops, loaded), SafetyRails(rails, host_flops))
 
 
-def policy_settings_from_mapping(values: Mapping[str, Any], *, ignore_unknown: tuple[str, ...] = ("policy",)
+def policy_settings_from_mapping(values: Mapping[str, Any], *, ignore_unknown: tuple[str, ...] = ()
                                  ) -> PolicySettings:
     """A `PolicySettings` from a mapping; ValueError naming an unknown key or a wrongly typed value."""
     settings = PolicySettings()
     types = {f.name: f.type for f in dataclasses.fields(PolicySettings)}
+    hints = typing.get_type_hints(PolicySettings)
     for key, value in values.items():
         if key in ignore_unknown:
             continue
         if key not in types:
             raise ValueError(f"policy config: unknown key {key!r}; expected some of {sorted(types)}")
         expected = types[key]
+        if typing.get_origin(hints[key]) is Literal:
+            choices = typing.get_args(hints[key])
+            if value not in choices:
+                raise ValueError(f"policy config: {key} expected one of {list(choices)}, got {value!r}")
+            setattr(settings, key, value)
+            continue
         ok = {
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, int | float) and not isinstance(value, bool),
             "bool": isinstance(value, bool),
             "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+            "str": isinstance(value, str),
         }[expected]
         if not ok:
             raise ValueError(f"policy config: {key} expected {expected}, got {type(value).__name__} {value!r}")
         setattr(settings, key, float(value) if expected == "float" else value)
+    if settings.policy not in POLICY_KINDS:
+        raise ValueError(f"policy config: policy {settings.policy!r} is unknown; expected one of {list(POLICY_KINDS)}")
+    if settings.policy == "gnn" and not settings.policy_path:
+        raise ValueError("policy config: policy is gnn but policy_path is empty; expected the directory of a policy "
+                         "written by esper-tamiyo-train")
     return settings

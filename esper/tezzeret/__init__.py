@@ -23,17 +23,20 @@ from esper.tezzeret.compiler import (
 )
 from esper.tezzeret.jobs import CompileJobs, KernelEventPublisher, KernelLibrary, validate_compile_request
 from esper.tezzeret.kernel_ids import kernel_id_for
+from esper.tezzeret.limits import CompileLimits, check_compile_limits
 from esper.tezzeret.pool import TaskOutcome, WorkerPool
 
 __all__ = [
     "ARTIFACT_FORMAT",
     "CompileJobs",
+    "CompileLimits",
     "CompileOutcome",
     "ExportedSeed",
     "KernelEventPublisher",
     "KernelLibrary",
     "TaskOutcome",
     "WorkerPool",
+    "check_compile_limits",
     "compile_blueprint",
     "kernel_id_for",
     "load_kernel_artifact",

@@ -10,21 +10,35 @@ import asyncio
 import base64
 import itertools
 import logging
+import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from esper.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError
+from esper.errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+    bounded,
+    quoted,
+)
 from esper.tezzeret.compiler import ARTIFACT_FORMAT, CompileOutcome, compile_blueprint
 from esper.tezzeret.kernel_ids import kernel_id_for
+from esper.tezzeret.limits import CompileLimits, check_compile_limits
 from esper.tezzeret.pool import TaskOutcome, WorkerPool
 from esper.v1 import common_pb2, tezzeret_pb2
 
 log = logging.getLogger("esper.tezzeret")
+_R = TypeVar("_R")
+# Urza's limit on status_reason (esper.urza.library.MAX_STATUS_REASON_CHARS), kept in step by a test.
+MAX_STATUS_REASON_CHARS = 16384
 
 S = tezzeret_pb2
 FINAL_STATES = frozenset({S.COMPILE_JOB_STATE_SUCCEEDED, S.COMPILE_JOB_STATE_FAILED,
@@ -32,6 +46,8 @@ FINAL_STATES = frozenset({S.COMPILE_JOB_STATE_SUCCEEDED, S.COMPILE_JOB_STATE_FAI
 MAX_ELEMENTS_PER_SAMPLE = 1 << 24
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+# A ListCompileJobs page stops at this many bytes whatever page_size asked (half a 4 MiB message).
+MAX_LIST_RESPONSE_BYTES = 2 * 1024 * 1024
 
 
 class KernelLibrary(Protocol):
@@ -81,8 +97,8 @@ def validate_compile_request(request: tezzeret_pb2.CompileRequest, *, max_timeou
     if request.HasField("blueprint") and request.blueprint_id and \
             request.blueprint_id != request.blueprint.blueprint_id:
         raise InvalidArgumentError(
-            f"blueprint_id {request.blueprint_id!r} disagrees with blueprint.blueprint_id "
-            f"{request.blueprint.blueprint_id!r}; set one of them", field="blueprint_id")
+            f"blueprint_id {quoted(request.blueprint_id)} disagrees with blueprint.blueprint_id "
+            f"{quoted(request.blueprint.blueprint_id)}; set one of them", field="blueprint_id")
     if request.blueprint_version < 0:
         raise InvalidArgumentError(f"blueprint_version must be >= 0 (0 for the latest), got {request.blueprint_version}",
                                    field="blueprint_version")
@@ -113,7 +129,9 @@ class CompileJobs:
 
     def __init__(self, pool: WorkerPool, library: KernelLibrary, publisher: KernelEventPublisher | None = None,
                  *, default_timeout_s: float = 120.0, max_timeout_s: float = 3600.0, cuda_available: bool = False,
-                 max_finished_jobs: int = 10_000, latency_budget_s: float = 0.5):
+                 max_finished_jobs: int = 10_000, latency_budget_s: float = 0.5,
+                 limits: CompileLimits | None = None, store_retry_s: float = 300.0,
+                 store_backoff_s: tuple[float, float] = (0.5, 10.0)):
         self.pool = pool
         self.library = library
         self.publisher = publisher
@@ -122,6 +140,11 @@ class CompileJobs:
         self.cuda_available = cuda_available
         self.max_finished_jobs = max_finished_jobs
         self.latency_budget_s = latency_budget_s
+        self.limits = limits or CompileLimits()
+        # A compiled result is worth keeping through an Urza restart: storing it is retried on
+        # UNAVAILABLE / DEADLINE_EXCEEDED for this long, with exponential backoff (first, cap).
+        self.store_retry_s = store_retry_s
+        self.store_backoff_s = store_backoff_s
         self._jobs: OrderedDict[str, _Entry] = OrderedDict()
         self._active_by_kernel: dict[str, _Entry] = {}
         self._seq = itertools.count(1)
@@ -142,6 +165,7 @@ class CompileJobs:
         else:
             spec = await self.library.get_blueprint(request.blueprint_id, request.blueprint_version)
         dims = list(request.input_shape.dims)
+        check_compile_limits(spec, dims, request.dtype, self.limits)
         kernel_id = kernel_id_for(spec, dims, request.device, request.dtype)
         running = self._active_by_kernel.get(kernel_id)
         if running is not None:
@@ -209,12 +233,27 @@ class CompileJobs:
             try:
                 after = int(base64.urlsafe_b64decode(page_token.encode()).decode())
             except ValueError:
-                raise InvalidArgumentError(f"page_token {page_token!r} is not a token this server returned",
+                raise InvalidArgumentError(f"page_token {quoted(page_token)} is not a token this server returned",
                                            field="page_token") from None
         matches = [e for e in self._jobs.values() if e.seq > after and (not state or e.job.state == state)]
-        page = matches[:size]
-        token = base64.urlsafe_b64encode(str(page[-1].seq).encode()).decode() if len(matches) > size else ""
+        page: list[_Entry] = []
+        total = 0
+        for entry in matches[:size]:
+            total += entry.job.ByteSize() + 8
+            if page and total > MAX_LIST_RESPONSE_BYTES:
+                break  # a failed job carries its reason (up to 16 KiB): bound the page by bytes too
+            page.append(entry)
+        more = len(matches) > len(page)
+        token = base64.urlsafe_b64encode(str(page[-1].seq).encode()).decode() if more else ""
         return [self._snapshot(e) for e in page], token
+
+    def counts_by_state(self) -> dict[str, int]:
+        """Jobs in the table by state name (every state, zeros included), for monitoring."""
+        counts = {v.name: 0 for v in S.CompileJobState.DESCRIPTOR.values if not v.name.endswith("_UNSPECIFIED")}
+        for entry in list(self._jobs.values()):
+            name = _state_name(entry.job.state)
+            counts[name] = counts.get(name, 0) + 1
+        return counts
 
     async def cancel(self, job_id: str) -> tezzeret_pb2.CompileJob:
         """Cancel a queued or running job (its worker is killed and replaced)."""
@@ -248,7 +287,7 @@ class CompileJobs:
             raise InvalidArgumentError("job_id is required", field="job_id")
         entry = self._jobs.get(job_id)
         if entry is None:
-            raise NotFoundError(f"compile job {job_id!r} not found", reason="JOB_NOT_FOUND",
+            raise NotFoundError(f"compile job {quoted(job_id)} not found", reason="JOB_NOT_FOUND",
                                 metadata={"job_id": job_id})
         return entry
 
@@ -328,12 +367,12 @@ class CompileJobs:
             artifact.size_bytes = len(result.artifact)
         else:
             artifact.status = common_pb2.ARTIFACT_STATUS_INVALID
-            artifact.status_reason = result.reason
+            artifact.status_reason = bounded(result.reason, MAX_STATUS_REASON_CHARS)
         try:
             if result.valid:
-                stored = await self.library.store_artifact(artifact, result.artifact)
+                stored = await self._retrying(entry, lambda: self.library.store_artifact(artifact, result.artifact))
             else:
-                stored = await self.library.record_artifact(artifact)
+                stored = await self._retrying(entry, lambda: self.library.record_artifact(artifact))
         except AlreadyExistsError:
             # Another compile of the same kernel id (another server, or a request that raced this
             # one) stored its result first; artifacts are immutable, so that one stands.
@@ -350,6 +389,26 @@ class CompileJobs:
             self._final(entry, S.COMPILE_JOB_STATE_FAILED, f"artifact INVALID: {stored.status_reason}")
         if not entry.job.reused:
             await self._publish(entry, stored)
+
+    async def _retrying(self, entry: _Entry, store: Callable[[], Awaitable[_R]]) -> _R:
+        """`await store()`, again after a transport or availability failure until store_retry_s has
+        passed (the artifact is content-addressed and immutable, so a repeat is harmless)."""
+        deadline = time.monotonic() + self.store_retry_s
+        delay, cap = self.store_backoff_s
+        attempt = 1
+        while True:
+            try:
+                return await store()
+            except (UnavailableError, DeadlineExceededError) as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                wait = min(delay, cap, left)
+                log.warning("job %s: storing in Urza failed (attempt %d: %s); retrying in %.1f s",
+                            entry.job.job_id, attempt, exc, wait)
+                await asyncio.sleep(wait)
+                delay *= 2
+                attempt += 1
 
     async def _publish(self, entry: _Entry, artifact: common_pb2.KernelArtifact) -> None:
         if self.publisher is None:

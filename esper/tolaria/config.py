@@ -17,6 +17,7 @@ import yaml
 
 from esper.kasmina.growth.config import GrowthConfig, check_growth_config
 from esper.kasmina.lifecycle import LifecycleConfig
+from esper.tamiyo.settings import PolicySettings
 from esper.tolaria.config_parsing import (
     ConfigError,
     apply_override,
@@ -33,9 +34,9 @@ ModelName = Literal["mlp", "cnn1d", "cnn2d", "resnet18"]
 OptimizerName = Literal["sgd", "adamw"]
 ScheduleName = Literal["constant", "cosine", "step"]
 DeviceName = Literal["auto", "cpu", "cuda"]
-PolicyName = Literal["heuristic"]
 ServicesMode = Literal["local", "remote", "off"]
 SERVICE_NAMES = ("urza", "tezzeret", "oona", "tamiyo")
+WandbMode = Literal["auto", "online", "offline"]
 
 
 @dataclass
@@ -123,6 +124,8 @@ class TrainConfig:
     device: DeviceName = "auto"
     # Mixed precision (autocast + GradScaler); only ever used when the device is CUDA.
     amp: bool = True
+    # Autocast dtype under amp: float16 (with a grad scaler) or bfloat16 (none needed).
+    amp_dtype: Literal["float16", "bfloat16"] = "float16"
     # Stop after this many epochs without a better validation loss (0 disables).
     early_stopping_patience: int = 0
     # Stop after this many optimizer steps (0 = epochs * batches); the schedule spans min of both.
@@ -140,24 +143,8 @@ class SeedsConfig:
     blueprints: list[str] = field(default_factory=list)
 
 
-@dataclass
-class ControllerConfig:
-    """The Tamiyo policy and the safety rails that apply to every policy."""
-
-    policy: PolicyName = "heuristic"
-    # No germination before this epoch (the host gets a head start).
-    start_epoch: int = 1
-    # Plateau: relative improvement of val loss over `plateau_window` epochs below the threshold.
-    plateau_window: int = 2
-    plateau_threshold: float = 0.01
-    # Germinate without waiting for a plateau (forces growth, e.g. in tests and demos).
-    grow_without_plateau: bool = False
-    cooldown_epochs: int = 1
-    max_concurrent: int = 1
-    # Growth budgets relative to the host: extra parameters and extra FLOPs per sample.
-    parameter_budget: float = 1.0
-    compute_budget: float = 1.0
-    max_adaptations: int = 8
+# The controller section is Tamiyo's own settings type: one definition, one set of defaults.
+ControllerConfig = PolicySettings
 
 
 @dataclass
@@ -227,6 +214,9 @@ class GovernorConfig:
     spike_factor: float = 5.0
     # ... and more than this many running standard deviations above the running loss.
     spike_zscore: float = 6.0
+    # ... and more than this far above the running loss in absolute terms (nats of cross-entropy):
+    # near convergence the ratio and z-score fire on single hard batches.
+    spike_min_delta: float = 0.5
     spike_warmup_steps: int = 20
 
 
@@ -241,11 +231,26 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    """Metrics sinks."""
+    """Metrics sinks (esper.tolaria.loggers), the trainer's Prometheus endpoint and the profiler."""
 
     tensorboard: bool = True
     timeline_plot: bool = True
     log_every_steps: int = 10
+    # Weights & Biases (the optional `tracking` extra). auto: online with credentials, else offline.
+    wandb: bool = False
+    wandb_project: str = "esper"
+    wandb_entity: str = ""
+    wandb_mode: WandbMode = "auto"
+    # How long an online start may try to reach the W&B server before the run logs offline.
+    wandb_init_timeout_s: float = 30.0
+    # Log the exported model (esper-export) as a W&B artifact at the end of the run.
+    wandb_log_model: bool = True
+    # Prometheus /metrics of the trainer (esper.tolaria.prometheus): -1 off, 0 any free port.
+    prometheus_port: int = -1
+    prometheus_host: str = "127.0.0.1"
+    # torch.profiler over this many steps (0 off) after `profile_warmup_steps` (esper.tolaria.profiling).
+    profile_steps: int = 0
+    profile_warmup_steps: int = 5
 
 
 @dataclass
@@ -284,7 +289,7 @@ def policy_config(cfg: Config) -> dict[str, Any]:
     """The Tamiyo policy knobs of a run: its controller section plus the allowed blueprints (the
     mapping `esper.tamiyo.settings.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
     section = dataclasses.asdict(cfg.controller)
-    section["blueprints"] = list(cfg.seeds.blueprints)
+    section["blueprints"] = list(cfg.seeds.blueprints or cfg.controller.blueprints)
     section["growth_modes"] = list(cfg.growth.modes)
     section["width_units"] = cfg.growth.width_units
     section["width_factor"] = cfg.growth.width_factor
@@ -294,6 +299,10 @@ def policy_config(cfg: Config) -> dict[str, Any]:
 def validate(config: Config) -> None:
     """Checks closed value sets and ranges that the types alone do not express."""
     check_choices(config, "")
+    seeds_bp, ctl_bp = list(config.seeds.blueprints), list(config.controller.blueprints)
+    if seeds_bp and ctl_bp and seeds_bp != ctl_bp:
+        raise ConfigError(f"seeds.blueprints {seeds_bp} and controller.blueprints {ctl_bp} disagree; "
+                          "expected one of them (or both the same)")
     try:
         check_growth_config(config.growth)
     except ValueError as exc:
@@ -321,6 +330,19 @@ def validate(config: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"lifecycle: {str(exc).replace('LifecycleConfig.', 'lifecycle.')}") from None
     _validate_services(config.services)
+    _validate_logging(config.logging)
+
+
+def _validate_logging(log: LoggingConfig) -> None:
+    if not -1 <= log.prometheus_port < 65536:
+        raise ConfigError(f"logging.prometheus_port: expected -1 (off), 0 (any free port) or a port, got {log.prometheus_port}")
+    if log.profile_steps < 0 or log.profile_warmup_steps < 0:
+        raise ConfigError("logging.profile_steps and logging.profile_warmup_steps: expected ints >= 0, got "
+                          f"{log.profile_steps} and {log.profile_warmup_steps}")
+    if log.wandb_init_timeout_s <= 0:
+        raise ConfigError(f"logging.wandb_init_timeout_s: expected a float > 0, got {log.wandb_init_timeout_s}")
+    if log.wandb and not log.wandb_project.strip():
+        raise ConfigError("logging.wandb_project: expected a W&B project name, got an empty string")
 
 
 def _validate_mnist1d(m: Mnist1dConfig) -> None:

@@ -252,23 +252,29 @@ def num_train_batches(n: int, batch_size: int) -> int:
     return max(1, n // batch_size) if n >= batch_size else 1
 
 
-def prepare_batch(ds: Dataset, x: torch.Tensor, augment_gen: torch.Generator | None) -> torch.Tensor:
-    """Converts stored inputs to model inputs: uint8 -> normalised float, optional crop + flip."""
+def prepare_batch(ds: Dataset, x: torch.Tensor, augment_gen: torch.Generator | None,
+                  rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Converts stored inputs to model inputs: uint8 -> normalised float, optional crop + flip.
+
+    `rows` = (first, total) when `x` is rows first.. of a batch of `total` (one rank's shard): the
+    augmentation draws for the whole batch and uses its rows, as one process would.
+    """
     if x.dtype == torch.uint8:
         x = x.float().div_(255.0)
         if augment_gen is not None:
-            x = _augment(x, augment_gen)
+            x = _augment(x, augment_gen, rows)
         mean = torch.tensor(ds.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(ds.std, device=x.device).view(1, -1, 1, 1)
         x = (x - mean) / std
     return x
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _augment(x: torch.Tensor, gen: torch.Generator, rows: tuple[int, int] | None = None) -> torch.Tensor:
     """Random 4-pixel-padded 32x32 crop and horizontal flip, drawn from a CPU generator."""
     n = x.shape[0]
-    shifts = torch.randint(0, 9, (n, 2), generator=gen)
-    flips = torch.rand(n, generator=gen) < 0.5
+    first, total = rows if rows is not None else (0, n)
+    shifts = torch.randint(0, 9, (total, 2), generator=gen)[first : first + n]
+    flips = (torch.rand(total, generator=gen) < 0.5)[first : first + n]
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     out = torch.empty_like(x)
     for i in range(n):
@@ -279,15 +285,25 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_batches(
-    ds: Dataset, batch_size: int, seed: int, epoch: int, start: int = 0, augment: bool = False
+    ds: Dataset, batch_size: int, seed: int, epoch: int, start: int = 0, augment: bool = False,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yields (batch index, x, y) of `epoch`, starting at batch `start` (for a mid-epoch resume)."""
+    """Yields (batch index, x, y) of `epoch`, starting at batch `start` (for a mid-epoch resume).
+
+    `shard` = (rank, ranks): `batch_size` is the global batch and this rank gets its rank-th
+    contiguous slice, so the batch order (and a checkpoint's data position) is the same for any
+    number of ranks. `batch_size` must be a multiple of the number of ranks.
+    """
+    rank, ranks = shard
     n = len(ds.train)
     order = epoch_order(n, seed, epoch).to(ds.train.y.device)
     for b in range(start, num_train_batches(n, batch_size)):
         idx = order[b * batch_size : (b + 1) * batch_size]
+        per = len(idx) // ranks
+        rows = (rank * per, len(idx))
+        idx = idx[rank * per : (rank + 1) * per]
         gen = _split_generator(seed, 1_000_000 + epoch * 100_003 + b) if augment else None
-        yield b, prepare_batch(ds, ds.train.x[idx], gen), ds.train.y[idx]
+        yield b, prepare_batch(ds, ds.train.x[idx], gen, rows), ds.train.y[idx]
 
 
 def eval_batches(ds: Dataset, split: Split, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

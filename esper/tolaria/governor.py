@@ -16,9 +16,11 @@ class Governor:
 
     A spike is a loss above `spike_factor` times the running (EMA) loss that is also more than
     `spike_zscore` running standard deviations above it (small losses are noisy: a ratio alone
-    would fire on ordinary batches late in training), once `spike_warmup_steps` finite losses
-    have been seen. The snapshot is taken at each epoch start (after the
-    controller's decisions are applied), on the device, so a rollback costs one copy.
+    would fire on ordinary batches late in training) and more than `spike_min_delta` above it in
+    absolute terms (at a running loss of 0.001 one hard batch at 0.005 is no divergence), once
+    `spike_warmup_steps` finite losses have been seen. The snapshot is taken at each epoch start
+    (after the controller's decisions are applied) and again at the first step after a seed changes
+    state, on the device, so a rollback costs one copy and never undoes a lifecycle transition.
     """
 
     def __init__(self, cfg: GovernorConfig) -> None:
@@ -37,9 +39,11 @@ class Governor:
             return f"non-finite loss ({loss})"
         if self.ema is not None and self.seen >= self.cfg.spike_warmup_steps:
             std = math.sqrt(self.ema_var)
-            if loss > self.cfg.spike_factor * self.ema and loss - self.ema > self.cfg.spike_zscore * std:
+            excess = loss - self.ema
+            if (loss > self.cfg.spike_factor * self.ema and excess > self.cfg.spike_zscore * std
+                    and excess > self.cfg.spike_min_delta):
                 return (f"loss spike ({loss:.4g} > {self.cfg.spike_factor:g} x running {self.ema:.4g} "
-                        f"and {self.cfg.spike_zscore:g} sd)")
+                        f"and {self.cfg.spike_zscore:g} sd and {self.cfg.spike_min_delta:g})")
         if self.ema is None:
             self.ema = loss
         else:

@@ -33,6 +33,9 @@ from esper.tolaria.hosts import count_parameters, forward_flops_per_sample
 from esper.v1 import common_pb2
 
 IN_FLIGHT = frozenset({S.GERMINATED, S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
+# In-flight states whose seed changes the host's output (`h + alpha * s`). GERMINATED has no module
+# and TRAINING is straight-through (exactly `h`), so neither can cause a loss anomaly.
+BLENDED = frozenset({S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
 OUTCOMES = {
     S.FOSSILIZED: "fossilized",
     S.CULLED: "culled",
@@ -88,7 +91,10 @@ class Morphogenesis:
         self.driver.add_listener(self._on_event)
         self.output_shapes = self._probe_output_shapes()
         # The same policy and rails Tamiyo builds from this run's policy config.
-        self.controller = policy_settings_from_mapping(policy_config(cfg)).controller(flops_initial)
+        try:
+            self.controller = policy_settings_from_mapping(policy_config(cfg)).controller(flops_initial)
+        except ValueError as exc:  # e.g. a learned policy that cannot be loaded
+            raise ConfigError(f"controller: {exc}") from None
         self.steps_per_epoch = 1
         # Steps of the whole run (set by the trainer; 0 = unknown): germinations whose lifecycle
         # cannot reach a verdict in the steps left are refused (see LifecycleDriver.can_finish).
@@ -100,11 +106,16 @@ class Morphogenesis:
             for name, layer in self.driver.sites for i in range(layer.num_seeds)
         ]
         self._event_log = None
+        # Set by every lifecycle event; the trainer re-takes the governor's snapshot and clears it,
+        # so that a rollback restores the seeds as they are (germinations made mid-epoch included).
+        self.lifecycle_changed = False
         # Set by the trainer under --verbose: prints every lifecycle transition as it happens.
         self.echo: Callable[[str], None] | None = None
         # Set by esper.tolaria.adaptation.RemoteController: germinates awaiting a compiled kernel.
         self.germinate_hook: Callable[[KasminaLayer, common_pb2.AdaptationDecision], None] | None = None
         self._flops_cache: tuple[tuple, float] | None = None
+        # Validation accuracy per epoch, for the accuracy trend learned policies read.
+        self._accuracy_history: list[float] = []
         if enabled:
             for _, layer in self.driver.sites:
                 layer.set_telemetry_probe(True)  # the controller needs health of dormant sites too
@@ -156,6 +167,7 @@ class Morphogenesis:
         return shapes
 
     def _on_event(self, event: LifecycleEvent) -> None:
+        self.lifecycle_changed = True
         epoch_f = event.step / max(1, self.steps_per_epoch)
         self._timeline.append({"slot": f"{event.layer}[{event.seed}]", "epoch": epoch_f, "state": int(event.to_state)})
         if event.to_state in OUTCOMES:
@@ -195,6 +207,7 @@ class Morphogenesis:
         self.driver.end_epoch(baseline=val_acc)
         if self.growth is not None and self.growth.merge_fossilized():
             self.output_shapes = self._probe_output_shapes()
+        self._accuracy_history.append(val_acc)
         if self.enabled:
             state = self.graph_state(epoch + 1, global_step, total_epochs, train_loss, val_loss, val_acc, history)
             for decision in self.controller.decide(state):
@@ -315,8 +328,12 @@ class Morphogenesis:
         sig.val_loss_history.extend(history)
         sig.parameter_count = params
         sig.initial_parameter_count = self.params_initial
+        sig.initial_flops_per_sample = float(self.flops_initial)
+        sig.val_accuracy_history.extend(self._accuracy_history)
         sig.parameter_budget_left = min(1.0, max(0.0, 1.0 - param_frac))
         sig.compute_budget_left = min(1.0, max(0.0, 1.0 - flop_frac))
+        sig.parameter_budget = ctl.parameter_budget
+        sig.compute_budget = ctl.compute_budget
         sig.active_adaptations = sum(1 for _, layer in self.driver.sites for i in range(layer.num_seeds)
                                      if layer.state_of(i) in IN_FLIGHT)
         msg.create_time.GetCurrentTime()
@@ -325,12 +342,13 @@ class Morphogenesis:
     # ---------------------------------------------------------------- governor support
 
     def roll_back_culprit(self, epoch: int, global_step: int, reason: str) -> str | None:
-        """Rolls back the most recent in-flight seed (the likeliest cause of an anomaly); its name."""
+        """Rolls back the most recent in-flight seed that blends into the host's output (the likeliest
+        cause of an anomaly); its name. Seeds that leave the output unchanged are never blamed."""
         for record in reversed(self._adaptations):
             if record["outcome"] != "pending":
                 continue
             layer = self.driver.site(record["layer"])
-            if layer.state_of(record["seed"]) in IN_FLIGHT:
+            if layer.state_of(record["seed"]) in BLENDED:
                 self.driver.set_position(global_step, epoch)
                 layer.rollback(record["seed"], f"governor: {reason}")
                 return f"{record['layer']}[{record['seed']}]"
@@ -421,6 +439,7 @@ class Morphogenesis:
             "timeline": [dict(r) for r in self._timeline],
             "clock": {"global_step": self.driver.global_step, "epoch": self.driver.epoch},
             "growth": self.growth.state_dict() if self.growth is not None else None,
+            "accuracy_history": list(self._accuracy_history),
         }
 
     def restore_structure(self, state: dict[str, Any]) -> None:
@@ -441,6 +460,7 @@ class Morphogenesis:
         self._adaptations = [dict(r) for r in state["adaptations"]]
         self._timeline = [dict(r) for r in state["timeline"]]
         self.driver.set_position(state["clock"]["global_step"], state["clock"]["epoch"])
+        self._accuracy_history = list(state.get("accuracy_history", []))  # absent in older checkpoints
         self._flops_cache = None
 
 

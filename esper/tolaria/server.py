@@ -28,8 +28,11 @@ class TolariaServer:
 
     def __init__(self, control: RunControl, host: str = "127.0.0.1", port: int = 0, grace_s: float = 5.0,
                  auth_token: str | None = None, tls_cert_file: str | None = None,
-                 tls_key_file: str | None = None) -> None:
+                 tls_key_file: str | None = None, metrics: Any = None) -> None:
+        """`metrics`: an `esper.serving.metrics.ServerMetrics` to record RPCs into (esper-train's own
+        /metrics endpoint serves them), or None."""
         self.control = control
+        self.metrics = metrics
         self.tls_cert_file = tls_cert_file
         self.tls_key_file = tls_key_file
         self.host = host
@@ -73,7 +76,8 @@ class TolariaServer:
         server = GrpcServer(ServerConfig(host=self.host, port=self.port, grace_seconds=self.grace_s,
                                          auth_token=self.auth_token,
                                          tls_cert_file=Path(self.tls_cert_file) if self.tls_cert_file else None,
-                                         tls_key_file=Path(self.tls_key_file) if self.tls_key_file else None))
+                                         tls_key_file=Path(self.tls_key_file) if self.tls_key_file else None),
+                            metrics=self.metrics)
         server.add_service(SERVICE_NAME, TolariaServicer(self.control),
                            tolaria_pb2_grpc.add_TolariaServiceServicer_to_server)
         self._server = server

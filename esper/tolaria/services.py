@@ -58,6 +58,8 @@ class RunServices:
         self.remote = None
         self.tolaria = None
         self.control = None
+        # Set by esper-train under --metrics-port: the Tolaria server's RPCs join the trainer's /metrics.
+        self.server_metrics = None
         # services.cpus (local mode): the training thread's CPUs and the services' (esper.cpus).
         self.partition = None
         self._restore_cpus: tuple[set[int], int] | None = None
@@ -233,11 +235,15 @@ class RunServices:
             self.remote.connect(self.addresses)
             if trainer.payload is not None:
                 self.remote.resume_pending(trainer.state.global_step)
+            else:
+                ctl = self.cfg.controller
+                self.remote.prefetch_first_kernels(self.cfg.seeds.blueprints or ctl.blueprints,
+                                                   ctl.parameter_budget, ctl.compute_budget)
         if svc.tolaria_port >= 0:
             self.control = RunControl(self.cfg.run_name, str(self.run_dir), self.cfg.train.epochs)
             self.tolaria = TolariaServer(self.control, port=svc.tolaria_port, auth_token=svc.token(),
                                          tls_cert_file=svc.tolaria_tls_cert or None,
-                                         tls_key_file=svc.tolaria_tls_key or None)
+                                         tls_key_file=svc.tolaria_tls_key or None, metrics=self.server_metrics)
             address = self.tolaria.start()
             (self.run_dir / "services").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "services" / "tolaria.address").write_text(address + "\n")

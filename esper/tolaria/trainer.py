@@ -26,10 +26,11 @@ from esper.tolaria.data import (
     num_train_batches,
     train_batches,
 )
+from esper.tolaria.distributed import RankGroup
 from esper.tolaria.governor import Governor
 from esper.tolaria.hooks import TrainerHook
 from esper.tolaria.hosts import build_host, count_parameters, forward_flops_per_sample, model_input_shape
-from esper.tolaria.metrics import MetricsWriter
+from esper.tolaria.loggers import RunLoggers, build_loggers
 from esper.tolaria.schedule import LRSchedule, build_optimizer
 from esper.tolaria.seed_groups import sync_seed_groups
 
@@ -88,8 +89,10 @@ class Trainer:
     """Runs one training job; see `esper.tolaria.cli` for the command line around it."""
 
     def __init__(self, config: Config, run_dir: Path, morphogenetic: bool = True, verbose: bool = False,
-                 progress: str = "auto", resume: str | None = None) -> None:
+                 progress: str = "auto", resume: str | None = None, ranks: RankGroup | None = None) -> None:
         self.config = config
+        # This process's place in a torchrun job (esper.tolaria.distributed); one process by default.
+        self.ranks = ranks if ranks is not None else RankGroup()
         self.run_dir = Path(run_dir)
         self.morphogenetic = morphogenetic and config.morphogenetic
         self.verbose = verbose
@@ -116,7 +119,8 @@ class Trainer:
         self.payload = self._find_resume_payload()
         if self.payload is not None:
             self._check_architecture(self.payload)
-        self.device = resolve_device(cfg.train.device)
+        self.device = self.ranks.place(resolve_device(cfg.train.device))
+        self.ranks.check_global_batch(cfg.data.batch_size)
         if cfg.train.torch_threads > 0:
             torch.set_num_threads(cfg.train.torch_threads)
         seed_everything(cfg.train.seed)
@@ -139,6 +143,7 @@ class Trainer:
             self.morph.restore_structure(self.payload["morph"])  # merged width, before the optimizer
         for setup in self.setup_hooks:
             setup(self)
+        self.ranks.attach(self)
         self.steps_per_epoch = num_train_batches(len(self.data.train), cfg.data.batch_size)
         self.morph.steps_per_epoch = self.steps_per_epoch
         total = cfg.train.epochs * self.steps_per_epoch
@@ -151,7 +156,9 @@ class Trainer:
             self.morph.growth.batches = self._growth_batches
         self.schedule = LRSchedule(cfg.schedule, self.total_steps, self.steps_per_epoch)
         self.amp = cfg.train.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.amp_dtype = torch.bfloat16 if cfg.train.amp_dtype == "bfloat16" else torch.float16
+        # bfloat16 has float32's range: no loss scaling needed.
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.governor = Governor(cfg.governor)
         from esper.tolaria.counterfactual import build_counterfactual
 
@@ -159,6 +166,7 @@ class Trainer:
         self.morph.driver.counterfactual = build_counterfactual(self)
         if self.payload is not None:
             self._restore(self.payload)
+        self.ranks.broadcast_model(self.model)
 
     def _find_resume_payload(self) -> dict[str, Any] | None:
         spec = self.resume_spec
@@ -219,10 +227,14 @@ class Trainer:
 
     def start(self) -> None:
         """Creates the run directory and its writers (the first write of a run)."""
+        if not self.ranks.is_writer:
+            self.metrics = RunLoggers([])  # rank 0 writes the run's metrics
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.yaml").write_text(to_yaml(self.config))
         resume_step = self.state.global_step if self.payload is not None else None
-        self.metrics = MetricsWriter(self.run_dir, self.config.logging.tensorboard, resume_step)
+        self.metrics = build_loggers(self.config, self.run_dir, resume_step)
+        self.metrics.log_config(to_dict(self.config))
         self.morph.attach_event_log(self.run_dir / "events.jsonl", resume_step)
 
     def train(self) -> dict[str, Any]:
@@ -265,6 +277,7 @@ class Trainer:
                     else:
                         self.state.epochs_without_improvement += 1
                     self.state.best_val_acc = max(self.state.best_val_acc, val_acc)
+                    self.ranks.reduce_telemetry(self.model)
                     growth = self.morph.epoch_end(
                         epoch=epoch, global_step=self.state.global_step, total_epochs=cfg.train.epochs,
                         train_loss=train_loss, val_loss=val_loss, val_acc=val_acc,
@@ -280,7 +293,7 @@ class Trainer:
                     self.state.history.append(record.__dict__)
                     self.state.epoch = epoch + 1
                     self.state.wall_s = time.perf_counter() - wall_start
-                    self.metrics.write("epoch", self.state.global_step, epoch + 1, {
+                    self.metrics.log_metrics("epoch", self.state.global_step, epoch + 1, {
                         **{k: v for k, v in record.__dict__.items() if k != "epoch"},
                         "active_seeds": self.morph.active_count(),
                         "train_flops": self.state.train_flops, "eval_flops": self.state.eval_flops,
@@ -289,23 +302,30 @@ class Trainer:
                     display.epoch_done(record, self.morph.describe())
                     if any([hook.after_epoch(self, epoch, record) for hook in self.hooks]):
                         self.stop_requested = True
+                    self.stop_requested = self.ranks.epoch_end(self, epoch, self.stop_requested)
                     if epoch + 1 == cfg.train.epochs or (epoch + 1) % cfg.checkpoint.every_epochs == 0:
-                        self.save(best_metric=val_loss if cfg.checkpoint.save_best else None)
+                        self._checkpoint(best_metric=val_loss if cfg.checkpoint.save_best else None)
                     if self.stop_requested:
                         break
                     patience = cfg.train.early_stopping_patience
                     if patience and self.state.epochs_without_improvement >= patience:
                         stopped_early = True
                         if (epoch + 1) % cfg.checkpoint.every_epochs != 0:
-                            self.save(best_metric=val_loss if cfg.checkpoint.save_best else None)
+                            self._checkpoint(best_metric=val_loss if cfg.checkpoint.save_best else None)
                         break
+            test_loss, test_acc = self.evaluate(self.data.test)
+            self.state.wall_s = time.perf_counter() - wall_start
+            summary = self.summary(test_loss, test_acc, stopped_early)
+            if self.ranks.is_writer:
+                write_summary(self.run_dir, summary, self.morph.timeline(), plot=cfg.logging.timeline_plot,
+                              echo=display)
+            self.metrics.log_run_end(self.run_dir, summary)
+        except BaseException:
+            self.metrics.close(failed=True)
+            raise
         finally:
             gc.unfreeze()  # what the run leaves behind is collected as usual (tests run many trainers)
-            self.metrics.close()
-        test_loss, test_acc = self.evaluate(self.data.test)
-        self.state.wall_s = time.perf_counter() - wall_start
-        summary = self.summary(test_loss, test_acc, stopped_early)
-        write_summary(self.run_dir, summary, self.morph.timeline(), plot=cfg.logging.timeline_plot, echo=display)
+        self.metrics.close()
         return summary
 
     def _train_epoch(self, epoch: int, display) -> tuple[float, float]:
@@ -313,19 +333,26 @@ class Trainer:
         self.model.train()
         start = self.state.global_step - epoch * self.steps_per_epoch
         start = max(0, min(start, self.steps_per_epoch))
+        self.morph.lifecycle_changed = False
         self.governor.take_snapshot(self.model, self.optimizer, self._snapshot_extra())
         step_flops = 3.0 * self.morph.train_flops_per_sample()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
         seen = 0
-        for _, x, y in train_batches(self.data, cfg.data.batch_size, cfg.train.seed, epoch, start, cfg.data.augment):
+        for _, x, y in train_batches(self.data, cfg.data.batch_size, cfg.train.seed, epoch, start, cfg.data.augment,
+                                     shard=self.ranks.shard):
             if cfg.train.max_steps and self.state.global_step >= cfg.train.max_steps:
                 break
+            if self.morph.lifecycle_changed:  # a rollback must not undo a seed's transition
+                self.morph.lifecycle_changed = False
+                self.governor.take_snapshot(self.model, self.optimizer, self._snapshot_extra())
             lr_factor = self.schedule.apply(self.optimizer)
-            with torch.autocast(self.device.type, enabled=self.amp):
-                logits = self.model(x)
+            model = self.ranks.training_model(self.model)  # DDP under torchrun, rebuilt as the model grows
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                logits = model(x)
                 loss = F.cross_entropy(logits.float(), y)
-            loss_value = float(loss.detach())  # one sync per step: the governor needs the value
+            # One sync per step: the governor needs the value (the global batch's, on every rank).
+            loss_value = self.ranks.mean(loss)
             reason = self.governor.anomaly(loss_value)
             if reason is not None:
                 self._rollback(epoch, reason)
@@ -343,35 +370,39 @@ class Trainer:
             self.scaler.update()
             self.schedule.step()
             self.state.global_step += 1
-            self.state.train_flops += step_flops * x.shape[0]
+            self.state.train_flops += step_flops * x.shape[0] * self.ranks.world_size
+            self.ranks.sync_alignment(self.model)  # the TRAINING gate reads it in after_step
             if self.morph.after_step(self.state.global_step, epoch):
                 step_flops = 3.0 * self.morph.train_flops_per_sample()
                 self._sync_param_groups()
             loss_sum += loss.detach().double() * x.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
             seen += x.shape[0]
-            self.metrics.write("step", self.state.global_step, epoch + 1,
+            self.metrics.log_metrics("step", self.state.global_step, epoch + 1,
                                {"loss": loss_value, "lr": self.optimizer.param_groups[0]["initial_lr"] * lr_factor})
             display.step_done(loss_value)
-            if self.hooks and any([hook.after_step(self, epoch, loss_value) for hook in self.hooks]):
+            stop = any([hook.after_step(self, epoch, loss_value) for hook in self.hooks])
+            if self.ranks.step_end(self, stop):  # every rank stops at the same step
                 self.stop_requested = True
                 break
-        if seen == 0:
-            return float("nan"), float("nan")
-        return float(loss_sum) / seen, float(correct) / seen
+        return self.ranks.epoch_means(loss_sum, correct, seen)
 
     @torch.no_grad()
     def evaluate(self, split) -> tuple[float, float]:
         """(mean cross-entropy, accuracy) of the model on a split, in eval mode."""
         was_training = self.model.training
         self.model.eval()
+        self.ranks.sync_buffers(self.model)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
-        for x, y in eval_batches(self.data, split, self.config.data.eval_batch_size):
-            with torch.autocast(self.device.type, enabled=self.amp):
+        rows = self.ranks.eval_shard(len(split))  # each rank evaluates a slice; sums are all-reduced
+        shard = type(split)(split.x[rows], split.y[rows])
+        for x, y in eval_batches(self.data, shard, self.config.data.eval_batch_size):
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                 logits = self.model(x)
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum()
+        loss_sum, correct = self.ranks.sum(loss_sum, correct)
         self.model.train(was_training)
         n = max(1, len(split))
         return float(loss_sum) / n, float(correct) / n
@@ -415,7 +446,7 @@ class Trainer:
                 self.optimizer.state.clear()
         blamed = self.morph.roll_back_culprit(epoch, self.state.global_step, reason)
         self._sync_param_groups()
-        self.metrics.write("event", self.state.global_step, epoch + 1, {"rollback": reason, "culled": blamed or ""})
+        self.metrics.log_metrics("event", self.state.global_step, epoch + 1, {"rollback": reason, "culled": blamed or ""})
         self.display_line(f"governor: {reason} at step {self.state.global_step}; rolled back"
                           + (f", seed {blamed} rolled back" if blamed else ""))
 
@@ -425,8 +456,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save(self, best_metric: float | None) -> Path:
-        """Writes an atomic checkpoint of everything an exact resume needs."""
+    def _checkpoint(self, best_metric: float | None) -> None:
+        """The loop's checkpoint: rank 0 writes it, every rank waits until it is complete."""
+        self.save(best_metric)
+        self.ranks.barrier()  # no rank goes on (or exits) before the checkpoint is complete
+
+    def save(self, best_metric: float | None) -> Path | None:
+        """Writes an atomic checkpoint of everything an exact resume needs; under torchrun only rank 0
+        writes (and may call this alone, e.g. from the Tolaria server's hooks), the others get None."""
+        if not self.ranks.is_writer:
+            return None
         payload = {
             "config": to_dict(self.config),
             "architecture": architecture_of(self.config),
@@ -442,6 +481,7 @@ class Trainer:
             "params_initial": self.params_initial,
             "input_shape": list(self.input_shape),
             "num_classes": self.data.num_classes,
+            "world_size": self.ranks.world_size,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -481,6 +521,7 @@ class Trainer:
             "seeds": self.morph.state_counts(),
             "adaptations": self.morph.adaptations(),
             "rollbacks": self.governor.rollbacks,
+            "ranks": self.ranks.report(),
             "wall_s": self.state.wall_s,
         }
 

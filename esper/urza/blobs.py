@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from esper.durable import fsync_dir
-from esper.errors import DataLossError, InvalidArgumentError
+from esper.errors import DataLossError, InvalidArgumentError, quoted
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # Blobs up to this size are read once into memory, verified, then served from memory; larger
@@ -115,7 +115,7 @@ class BlobStore:
     def path_for(self, sha256: str) -> Path:
         """Where the blob of this digest lives (the digest is validated first)."""
         if not is_sha256_hex(sha256):
-            raise InvalidArgumentError(f"sha256 must be 64 lowercase hex characters, got {sha256!r}",
+            raise InvalidArgumentError(f"sha256 must be 64 lowercase hex characters, got {quoted(sha256)}",
                                        field="sha256")
         return self.blob_dir / sha256[:2] / sha256
 

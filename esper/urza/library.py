@@ -34,6 +34,8 @@ from esper.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
+    quoted,
 )
 from esper.urza import metadata as md
 from esper.urza.blobs import BlobStore, is_sha256_hex
@@ -46,6 +48,17 @@ MAX_CHUNK_BYTES = 1024 * 1024
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEFAULT_MAX_ARTIFACT_BYTES = 4 * 1024**3
+# Size limits on what one client may store, so a stored record can never make a listing (or a
+# single Get) larger than a gRPC message. Documented in proto/esper/v1/common.proto.
+MAX_DESCRIPTION_CHARS = 4096
+MAX_STATUS_REASON_CHARS = 16384
+MAX_FORMAT_CHARS = 64
+MAX_LAYERS = 64
+MAX_TAGS = 32
+MAX_BLUEPRINT_BYTES = 64 * 1024
+# A list response stops adding items at this many bytes (half the default 4 MiB message limit),
+# whatever page_size asked for; next_page_token continues after the last item sent.
+DEFAULT_MAX_LIST_RESPONSE_BYTES = 2 * 1024 * 1024
 # Metadata of finished artifacts kept in memory (they are immutable, so a cached copy never goes stale).
 DEFAULT_METADATA_CACHE_ENTRIES = 10_000
 _FINAL_STATUSES = (common_pb2.ARTIFACT_STATUS_VALIDATED, common_pb2.ARTIFACT_STATUS_INVALID)
@@ -89,15 +102,17 @@ def validate_kernel_id(kernel_id: str, field: str = "kernel_id") -> None:
     if not _KERNEL_ID.match(kernel_id):
         raise InvalidArgumentError(
             f"{field} must be 1-200 characters of letters, digits and _.:@+- starting with a letter or digit, "
-            f"got {kernel_id!r}", field=field)
+            f"got {quoted(kernel_id)}", field=field)
 
 
 def _validate_tags(tags: Iterable[str], field: str) -> list[str]:
     tags = list(tags)
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgumentError(f"{field} has {len(tags)} tags; at most {MAX_TAGS}", field=field)
     for i, tag in enumerate(tags):
         if not _TAG.match(tag):
             raise InvalidArgumentError(
-                f"{field}[{i}] must be 1-128 characters of letters, digits and _.:/=+- , got {tag!r}",
+                f"{field}[{i}] must be 1-128 characters of letters, digits and _.:/=+- , got {quoted(tag)}",
                 field=f"{field}[{i}]")
     return sorted(set(tags))
 
@@ -133,12 +148,19 @@ def validate_blueprint_spec(spec: BlueprintSpec, field: str = "blueprint") -> No
     if not _BLUEPRINT_ID.match(spec.blueprint_id):
         raise InvalidArgumentError(
             f"{field}.blueprint_id must be lower_snake_case (a-z, 0-9, _; starts with a letter; <= 64 chars), "
-            f"got {spec.blueprint_id!r}", field=f"{field}.blueprint_id")
+            f"got {quoted(spec.blueprint_id)}", field=f"{field}.blueprint_id")
     if spec.version < 1:
         raise InvalidArgumentError(f"{field}.version must be >= 1, got {spec.version}", field=f"{field}.version")
     if not spec.family or len(spec.family) > 64:
         raise InvalidArgumentError(f"{field}.family must be a non-empty name (<= 64 chars), e.g. 'mlp', "
-                                   f"got {spec.family!r}", field=f"{field}.family")
+                                   f"got {quoted(spec.family)}", field=f"{field}.family")
+    _check_length(spec.description, MAX_DESCRIPTION_CHARS, f"{field}.description")
+    if len(spec.layers) > MAX_LAYERS:
+        raise InvalidArgumentError(f"{field}.layers has {len(spec.layers)} layers; at most {MAX_LAYERS}",
+                                   field=f"{field}.layers")
+    if spec.ByteSize() > MAX_BLUEPRINT_BYTES:
+        raise InvalidArgumentError(f"{field} serialises to {spec.ByteSize()} bytes; at most {MAX_BLUEPRINT_BYTES}",
+                                   field=field)
     _validate_enum(common_pb2.SeedInputKind, spec.input_kind, f"{field}.input_kind", allow_unspecified=True)
     if spec.min_chunk_size < 0:
         raise InvalidArgumentError(f"{field}.min_chunk_size must be >= 0, got {spec.min_chunk_size}",
@@ -158,8 +180,24 @@ def validate_blueprint_spec(spec: BlueprintSpec, field: str = "blueprint") -> No
         if last_error is not None:
             where = f"{field}.{last_error.field}"
             raise InvalidArgumentError(
-                f"{where}: {last_error.problem} (blueprint {spec.blueprint_id!r}, "
+                f"{where}: {last_error.problem} (blueprint {quoted(spec.blueprint_id)}, "
                 f"{_enum_name(common_pb2.SeedInputKind, kind)} inputs)", field=where)
+
+
+def _check_length(text: str, limit: int, field: str) -> None:
+    if len(text) > limit:
+        raise InvalidArgumentError(f"{field} is {len(text)} characters; at most {limit}", field=field)
+
+
+def _fit_page(items: Sequence, size: int, max_bytes: int) -> int:
+    """How many of `items` (at most `size`) fit in `max_bytes` of serialised messages; always >= 1
+    when there are items (a single item is bounded far below a message by the field limits)."""
+    total = 0
+    for count, item in enumerate(items[:size]):
+        total += item.ByteSize() + 8  # + tag and length prefix in the repeated field
+        if total > max_bytes and count > 0:
+            return count
+    return min(len(items), size)
 
 
 def _encode_token(value: object) -> str:
@@ -170,7 +208,7 @@ def _decode_token(token: str) -> object:
     try:
         return json.loads(base64.urlsafe_b64decode(token.encode()))
     except (ValueError, UnicodeDecodeError):
-        raise InvalidArgumentError(f"page_token {token!r} is not a token this server returned",
+        raise InvalidArgumentError(f"page_token {quoted(token)} is not a token this server returned",
                                    field="page_token") from None
 
 
@@ -243,7 +281,11 @@ class UrzaLibrary:
 
     def __init__(self, data_dir: Path | str, database_url: str | None = None, *,
                  max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
-                 metadata_cache_entries: int = DEFAULT_METADATA_CACHE_ENTRIES):
+                 metadata_cache_entries: int = DEFAULT_METADATA_CACHE_ENTRIES,
+                 max_list_response_bytes: int = DEFAULT_MAX_LIST_RESPONSE_BYTES):
+        if max_list_response_bytes < 1024:
+            raise ValueError(f"max_list_response_bytes must be >= 1024, got {max_list_response_bytes}")
+        self.max_list_response_bytes = max_list_response_bytes
         self.data_dir = Path(data_dir)
         self._cache: OrderedDict[str, KernelArtifact] = OrderedDict()
         self._cache_lock = threading.Lock()
@@ -291,7 +333,7 @@ class UrzaLibrary:
     def _same_blueprint(self, existing: sa.Row, spec: BlueprintSpec, digest: str) -> BlueprintSpec:
         if existing.spec_sha256 != digest:
             raise AlreadyExistsError(
-                f"blueprint {spec.blueprint_id!r} version {spec.version} is already registered with different "
+                f"blueprint {quoted(spec.blueprint_id)} version {spec.version} is already registered with different "
                 "content; register a new version instead", reason="BLUEPRINT_VERSION_EXISTS",
                 metadata={"blueprint_id": spec.blueprint_id, "version": spec.version})
         return BlueprintSpec.FromString(existing.spec)
@@ -314,7 +356,7 @@ class UrzaLibrary:
         row = self._find_blueprint(blueprint_id, version)
         if row is None:
             which = f"version {version}" if version else "any version"
-            raise NotFoundError(f"blueprint {blueprint_id!r} ({which}) is not registered",
+            raise NotFoundError(f"blueprint {quoted(blueprint_id)} ({which}) is not registered",
                                 reason="BLUEPRINT_NOT_FOUND", metadata={"blueprint_id": blueprint_id})
         return BlueprintSpec.FromString(row.spec)
 
@@ -337,15 +379,17 @@ class UrzaLibrary:
         if page_token:
             after = _decode_token(page_token)
             if not (isinstance(after, list) and len(after) == 2):
-                raise InvalidArgumentError(f"page_token {page_token!r} is not a token this server returned",
+                raise InvalidArgumentError(f"page_token {quoted(page_token)} is not a token this server returned",
                                            field="page_token")
             query = query.where(sa.tuple_(t.c.blueprint_id, t.c.version) > sa.tuple_(after[0], after[1]))
         query = query.order_by(t.c.blueprint_id, t.c.version).limit(size + 1)
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
-        page = rows[:size]
-        token = _encode_token([page[-1].blueprint_id, page[-1].version]) if len(rows) > size else ""
-        return [BlueprintSpec.FromString(r.spec) for r in page], token
+        specs = [BlueprintSpec.FromString(r.spec) for r in rows]
+        fit = _fit_page(specs, size, self.max_list_response_bytes)
+        page = rows[:fit]
+        token = _encode_token([page[-1].blueprint_id, page[-1].version]) if len(rows) > fit else ""
+        return specs[:fit], token
 
     # -- artifacts ----------------------------------------------------------------------------
 
@@ -360,28 +404,42 @@ class UrzaLibrary:
         _validate_enum(common_pb2.DeviceType, artifact.device, f"{field}.device")
         _validate_enum(common_pb2.DType, artifact.dtype, f"{field}.dtype")
         _validate_tags(artifact.tags, f"{field}.tags")
+        _check_length(artifact.status_reason, MAX_STATUS_REASON_CHARS, f"{field}.status_reason")
+        _check_length(artifact.format, MAX_FORMAT_CHARS, f"{field}.format")
         for name in ("parameter_count", "flops_per_sample"):
             if getattr(artifact, name) < 0:
                 raise InvalidArgumentError(f"{field}.{name} must be >= 0", field=f"{field}.{name}")
         if self._find_blueprint(artifact.blueprint_id, artifact.blueprint_version) is None:
             raise NotFoundError(
-                f"{field}: blueprint {artifact.blueprint_id!r} version {artifact.blueprint_version} is not "
+                f"{field}: blueprint {quoted(artifact.blueprint_id)} version {artifact.blueprint_version} is not "
                 "registered; register it before storing its artifacts", reason="BLUEPRINT_NOT_FOUND",
                 metadata={"blueprint_id": artifact.blueprint_id, "field": f"{field}.blueprint_id"})
 
-    def begin_upload(self, artifact: KernelArtifact) -> ArtifactUpload:
-        """Validate upload metadata (sha256 and size_bytes required) and start receiving bytes."""
+    def begin_upload(self, artifact: KernelArtifact, *, caller: str = "", may_certify: bool = True
+                     ) -> ArtifactUpload:
+        """Validate upload metadata (sha256 and size_bytes required) and start receiving bytes.
+
+        A VALIDATED artifact (the default status) certifies the bytes as a checked compile result,
+        so only a caller that `may_certify` (the compiler role) may create one; PermissionDeniedError
+        (reason COMPILER_ROLE_REQUIRED) otherwise. `caller` names the principal in that error.
+        """
         self._validate_artifact_fields(artifact, "metadata")
         if not is_sha256_hex(artifact.sha256):
             raise InvalidArgumentError(
                 f"metadata.sha256 must be the 64 lowercase hex characters of the bytes' SHA-256, "
-                f"got {artifact.sha256!r}", field="metadata.sha256")
+                f"got {quoted(artifact.sha256)}", field="metadata.sha256")
         if not 0 <= artifact.size_bytes <= self.max_artifact_bytes:
             raise InvalidArgumentError(
                 f"metadata.size_bytes must be in 0..{self.max_artifact_bytes}, got {artifact.size_bytes}",
                 field="metadata.size_bytes")
         status = artifact.status or common_pb2.ARTIFACT_STATUS_VALIDATED
         _validate_enum(common_pb2.ArtifactStatus, status, "metadata.status")
+        if status == common_pb2.ARTIFACT_STATUS_VALIDATED and not may_certify:
+            raise PermissionDeniedError(
+                f"principal {quoted(caller or 'unknown')} may not create VALIDATED artifacts (metadata.status "
+                "VALIDATED, the default); only the compiler role (Tezzeret's credentials) may. Upload it as "
+                "ARTIFACT_STATUS_PENDING or INVALID, or have Tezzeret compile it",
+                reason="COMPILER_ROLE_REQUIRED", metadata={"principal": caller, "field": "metadata.status"})
         existing = self._find_artifact(artifact.kernel_id)
         if existing is not None and existing.status != common_pb2.ARTIFACT_STATUS_PENDING \
                 and existing.sha256 != artifact.sha256:
@@ -406,7 +464,7 @@ class UrzaLibrary:
     @staticmethod
     def _conflict(kernel_id: str) -> AlreadyExistsError:
         return AlreadyExistsError(
-            f"artifact {kernel_id!r} already exists with other content; artifacts are immutable",
+            f"artifact {quoted(kernel_id)} already exists with other content; artifacts are immutable",
             reason="ARTIFACT_EXISTS", metadata={"kernel_id": kernel_id})
 
     def record_artifact(self, artifact: KernelArtifact) -> KernelArtifact:
@@ -516,7 +574,7 @@ class UrzaLibrary:
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(md.artifacts).where(md.artifacts.c.kernel_id == kernel_id)).first()
             if row is None:
-                raise NotFoundError(f"artifact {kernel_id!r} not found", reason="ARTIFACT_NOT_FOUND",
+                raise NotFoundError(f"artifact {quoted(kernel_id)} not found", reason="ARTIFACT_NOT_FOUND",
                                     metadata={"kernel_id": kernel_id})
             tags = conn.execute(sa.select(md.artifact_tags.c.tag).where(
                 md.artifact_tags.c.kernel_id == kernel_id)).scalars().all()
@@ -538,9 +596,14 @@ class UrzaLibrary:
                                        field="chunk_size")
         size = min(chunk_size or MAX_CHUNK_BYTES, MAX_CHUNK_BYTES)
         artifact = self.get_artifact(kernel_id)
+        if artifact.status == common_pb2.ARTIFACT_STATUS_INVALID:
+            # The compiler rejected it: its bytes (if any were stored) must never reach a model.
+            raise FailedPreconditionError(
+                f"artifact {quoted(kernel_id)} is INVALID ({artifact.status_reason or 'no reason'}); only VALIDATED "
+                "artifacts are served", reason="ARTIFACT_INVALID", metadata={"kernel_id": kernel_id})
         if not artifact.sha256:
             raise FailedPreconditionError(
-                f"artifact {kernel_id!r} has no bytes (status "
+                f"artifact {quoted(kernel_id)} has no bytes (status "
                 f"{_enum_name(common_pb2.ArtifactStatus, artifact.status)}: {artifact.status_reason or 'no reason'})",
                 reason="ARTIFACT_HAS_NO_BYTES", metadata={"kernel_id": kernel_id})
         return artifact, self.blobs.read_chunks(artifact.sha256, size)
@@ -577,7 +640,7 @@ class UrzaLibrary:
         if page_token:
             after = _decode_token(page_token)
             if not isinstance(after, str):
-                raise InvalidArgumentError(f"page_token {page_token!r} is not a token this server returned",
+                raise InvalidArgumentError(f"page_token {quoted(page_token)} is not a token this server returned",
                                            field="page_token")
             query = query.where(t.c.kernel_id > after)
         query = query.order_by(t.c.kernel_id).limit(size + 1)
@@ -589,5 +652,21 @@ class UrzaLibrary:
                 for kid, tag in conn.execute(sa.select(md.artifact_tags.c.kernel_id, md.artifact_tags.c.tag).where(
                         md.artifact_tags.c.kernel_id.in_(list(tags_by_id)))):
                     tags_by_id[kid].append(tag)
-        token = _encode_token(page[-1].kernel_id) if len(rows) > size else ""
-        return [self._artifact_from_row(r, tags_by_id[r.kernel_id]) for r in page], token
+        artifacts = [self._artifact_from_row(r, tags_by_id[r.kernel_id]) for r in page]
+        fit = _fit_page(artifacts, size, self.max_list_response_bytes)
+        more = len(rows) > fit
+        artifacts = artifacts[:fit]
+        token = _encode_token(artifacts[-1].kernel_id) if more else ""
+        return artifacts, token
+
+    def stats(self) -> dict[str, object]:
+        """Counts for monitoring: blueprints, and artifacts and their bytes by status name."""
+        t = md.artifacts
+        query = sa.select(t.c.status, sa.func.count(), sa.func.coalesce(sa.func.sum(t.c.size_bytes), 0)).group_by(t.c.status)
+        with self.engine.connect() as conn:
+            blueprints = conn.execute(sa.select(sa.func.count()).select_from(md.blueprints)).scalar_one()
+            rows = conn.execute(query).all()
+        names = {status: _enum_name(common_pb2.ArtifactStatus, status) for status, _, _ in rows}
+        return {"blueprints": int(blueprints),
+                "artifacts": {names[status]: int(n) for status, n, _ in rows},
+                "artifact_bytes": {names[status]: int(size) for status, _, size in rows}}

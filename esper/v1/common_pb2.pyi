@@ -88,17 +88,26 @@ class _DTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DType.ValueType
     DESCRIPTOR: _descriptor.EnumDescriptor
     D_TYPE_UNSPECIFIED: _DType.ValueType  # 0
     D_TYPE_FLOAT32: _DType.ValueType  # 1
+    """torch.float32 (the default for training)."""
     D_TYPE_FLOAT64: _DType.ValueType  # 2
+    """torch.float64."""
     D_TYPE_FLOAT16: _DType.ValueType  # 3
+    """torch.float16."""
     D_TYPE_BFLOAT16: _DType.ValueType  # 4
+    """torch.bfloat16."""
 
-class DType(_DType, metaclass=_DTypeEnumTypeWrapper): ...
+class DType(_DType, metaclass=_DTypeEnumTypeWrapper):
+    """Element type of a kernel's tensors. UNSPECIFIED is rejected wherever a dtype is required."""
 
 D_TYPE_UNSPECIFIED: DType.ValueType  # 0
 D_TYPE_FLOAT32: DType.ValueType  # 1
+"""torch.float32 (the default for training)."""
 D_TYPE_FLOAT64: DType.ValueType  # 2
+"""torch.float64."""
 D_TYPE_FLOAT16: DType.ValueType  # 3
+"""torch.float16."""
 D_TYPE_BFLOAT16: DType.ValueType  # 4
+"""torch.bfloat16."""
 Global___DType: _TypeAlias = DType  # noqa: Y015
 
 class _DeviceType:
@@ -109,13 +118,18 @@ class _DeviceTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DeviceType
     DESCRIPTOR: _descriptor.EnumDescriptor
     DEVICE_TYPE_UNSPECIFIED: _DeviceType.ValueType  # 0
     DEVICE_TYPE_CPU: _DeviceType.ValueType  # 1
+    """Any CPU."""
     DEVICE_TYPE_CUDA: _DeviceType.ValueType  # 2
+    """An NVIDIA GPU; a Tezzeret without one answers FAILED_PRECONDITION (NO_CUDA_DEVICE)."""
 
-class DeviceType(_DeviceType, metaclass=_DeviceTypeEnumTypeWrapper): ...
+class DeviceType(_DeviceType, metaclass=_DeviceTypeEnumTypeWrapper):
+    """Where a kernel runs. UNSPECIFIED is rejected wherever a device is required."""
 
 DEVICE_TYPE_UNSPECIFIED: DeviceType.ValueType  # 0
 DEVICE_TYPE_CPU: DeviceType.ValueType  # 1
+"""Any CPU."""
 DEVICE_TYPE_CUDA: DeviceType.ValueType  # 2
+"""An NVIDIA GPU; a Tezzeret without one answers FAILED_PRECONDITION (NO_CUDA_DEVICE)."""
 Global___DeviceType: _TypeAlias = DeviceType  # noqa: Y015
 
 class _SeedInputKind:
@@ -152,40 +166,62 @@ class _BlueprintOpEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Blueprint
     DESCRIPTOR: _descriptor.EnumDescriptor
     BLUEPRINT_OP_UNSPECIFIED: _BlueprintOp.ValueType  # 0
     BLUEPRINT_OP_LINEAR: _BlueprintOp.ValueType  # 1
+    """Dense layer over the channel axis (a 1x1 convolution on sequences and images)."""
     BLUEPRINT_OP_CONV1D: _BlueprintOp.ValueType  # 2
+    """Convolution over the length axis of a sequence (kernel_size, groups)."""
     BLUEPRINT_OP_CONV2D: _BlueprintOp.ValueType  # 3
+    """Convolution over height and width of an image (kernel_size, groups)."""
     BLUEPRINT_OP_RELU: _BlueprintOp.ValueType  # 4
+    """max(0, x)."""
     BLUEPRINT_OP_GELU: _BlueprintOp.ValueType  # 5
+    """Gaussian error linear unit."""
     BLUEPRINT_OP_SILU: _BlueprintOp.ValueType  # 6
+    """x * sigmoid(x)."""
     BLUEPRINT_OP_SIGMOID: _BlueprintOp.ValueType  # 7
+    """1 / (1 + exp(-x))."""
     BLUEPRINT_OP_BATCH_NORM: _BlueprintOp.ValueType  # 8
+    """Batch normalisation over the channel axis."""
     BLUEPRINT_OP_LAYER_NORM: _BlueprintOp.ValueType  # 9
+    """Layer normalisation over the channel axis."""
     BLUEPRINT_OP_GROUP_NORM: _BlueprintOp.ValueType  # 10
+    """Group normalisation with num_heads groups."""
     BLUEPRINT_OP_SQUEEZE_EXCITE: _BlueprintOp.ValueType  # 11
     """Squeeze-excitation gate: global pool, bottleneck, sigmoid, scale the input."""
     BLUEPRINT_OP_SELF_ATTENTION: _BlueprintOp.ValueType  # 12
     """Multi-head self-attention over the length axis of a sequence."""
     BLUEPRINT_OP_DROPOUT: _BlueprintOp.ValueType  # 13
+    """Dropout with probability `dropout` (off in the exported, eval-mode kernel)."""
 
 class BlueprintOp(_BlueprintOp, metaclass=_BlueprintOpEnumTypeWrapper):
     """The closed set of operations a blueprint may use. Anything else is rejected."""
 
 BLUEPRINT_OP_UNSPECIFIED: BlueprintOp.ValueType  # 0
 BLUEPRINT_OP_LINEAR: BlueprintOp.ValueType  # 1
+"""Dense layer over the channel axis (a 1x1 convolution on sequences and images)."""
 BLUEPRINT_OP_CONV1D: BlueprintOp.ValueType  # 2
+"""Convolution over the length axis of a sequence (kernel_size, groups)."""
 BLUEPRINT_OP_CONV2D: BlueprintOp.ValueType  # 3
+"""Convolution over height and width of an image (kernel_size, groups)."""
 BLUEPRINT_OP_RELU: BlueprintOp.ValueType  # 4
+"""max(0, x)."""
 BLUEPRINT_OP_GELU: BlueprintOp.ValueType  # 5
+"""Gaussian error linear unit."""
 BLUEPRINT_OP_SILU: BlueprintOp.ValueType  # 6
+"""x * sigmoid(x)."""
 BLUEPRINT_OP_SIGMOID: BlueprintOp.ValueType  # 7
+"""1 / (1 + exp(-x))."""
 BLUEPRINT_OP_BATCH_NORM: BlueprintOp.ValueType  # 8
+"""Batch normalisation over the channel axis."""
 BLUEPRINT_OP_LAYER_NORM: BlueprintOp.ValueType  # 9
+"""Layer normalisation over the channel axis."""
 BLUEPRINT_OP_GROUP_NORM: BlueprintOp.ValueType  # 10
+"""Group normalisation with num_heads groups."""
 BLUEPRINT_OP_SQUEEZE_EXCITE: BlueprintOp.ValueType  # 11
 """Squeeze-excitation gate: global pool, bottleneck, sigmoid, scale the input."""
 BLUEPRINT_OP_SELF_ATTENTION: BlueprintOp.ValueType  # 12
 """Multi-head self-attention over the length axis of a sequence."""
 BLUEPRINT_OP_DROPOUT: BlueprintOp.ValueType  # 13
+"""Dropout with probability `dropout` (off in the exported, eval-mode kernel)."""
 Global___BlueprintOp: _TypeAlias = BlueprintOp  # noqa: Y015
 
 class _ArtifactStatus:
@@ -196,15 +232,26 @@ class _ArtifactStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifa
     DESCRIPTOR: _descriptor.EnumDescriptor
     ARTIFACT_STATUS_UNSPECIFIED: _ArtifactStatus.ValueType  # 0
     ARTIFACT_STATUS_PENDING: _ArtifactStatus.ValueType  # 1
+    """A placeholder; may be completed once (by an upload or an INVALID record)."""
     ARTIFACT_STATUS_VALIDATED: _ArtifactStatus.ValueType  # 2
+    """Compiled and checked by Tezzeret. Only a caller with the compiler role may create one
+    (others get PERMISSION_DENIED, reason COMPILER_ROLE_REQUIRED).
+    """
     ARTIFACT_STATUS_INVALID: _ArtifactStatus.ValueType  # 3
+    """Rejected by the compiler; status_reason says why. Downloading it is FAILED_PRECONDITION."""
 
-class ArtifactStatus(_ArtifactStatus, metaclass=_ArtifactStatusEnumTypeWrapper): ...
+class ArtifactStatus(_ArtifactStatus, metaclass=_ArtifactStatusEnumTypeWrapper):
+    """Where an artifact stands. Only VALIDATED artifacts are loaded into a model."""
 
 ARTIFACT_STATUS_UNSPECIFIED: ArtifactStatus.ValueType  # 0
 ARTIFACT_STATUS_PENDING: ArtifactStatus.ValueType  # 1
+"""A placeholder; may be completed once (by an upload or an INVALID record)."""
 ARTIFACT_STATUS_VALIDATED: ArtifactStatus.ValueType  # 2
+"""Compiled and checked by Tezzeret. Only a caller with the compiler role may create one
+(others get PERMISSION_DENIED, reason COMPILER_ROLE_REQUIRED).
+"""
 ARTIFACT_STATUS_INVALID: ArtifactStatus.ValueType  # 3
+"""Rejected by the compiler; status_reason says why. Downloading it is FAILED_PRECONDITION."""
 Global___ArtifactStatus: _TypeAlias = ArtifactStatus  # noqa: Y015
 
 class _GrowthMode:
@@ -243,19 +290,30 @@ class _DecisionActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decisi
     DESCRIPTOR: _descriptor.EnumDescriptor
     DECISION_ACTION_UNSPECIFIED: _DecisionAction.ValueType  # 0
     DECISION_ACTION_WAIT: _DecisionAction.ValueType  # 1
+    """Change nothing this epoch."""
     DECISION_ACTION_GERMINATE: _DecisionAction.ValueType  # 2
+    """Plant blueprint_id in the dormant seed (layer_name, seed_index)."""
     DECISION_ACTION_CULL: _DecisionAction.ValueType  # 3
+    """Remove the seed; the slot is embargoed."""
     DECISION_ACTION_FOSSILIZE: _DecisionAction.ValueType  # 4
+    """Keep the seed for good."""
     DECISION_ACTION_CANCEL: _DecisionAction.ValueType  # 5
+    """Abandon a germinated seed before it touched the host."""
 
-class DecisionAction(_DecisionAction, metaclass=_DecisionActionEnumTypeWrapper): ...
+class DecisionAction(_DecisionAction, metaclass=_DecisionActionEnumTypeWrapper):
+    """What a decision asks the trainer to do."""
 
 DECISION_ACTION_UNSPECIFIED: DecisionAction.ValueType  # 0
 DECISION_ACTION_WAIT: DecisionAction.ValueType  # 1
+"""Change nothing this epoch."""
 DECISION_ACTION_GERMINATE: DecisionAction.ValueType  # 2
+"""Plant blueprint_id in the dormant seed (layer_name, seed_index)."""
 DECISION_ACTION_CULL: DecisionAction.ValueType  # 3
+"""Remove the seed; the slot is embargoed."""
 DECISION_ACTION_FOSSILIZE: DecisionAction.ValueType  # 4
+"""Keep the seed for good."""
 DECISION_ACTION_CANCEL: DecisionAction.ValueType  # 5
+"""Abandon a germinated seed before it touched the host."""
 Global___DecisionAction: _TypeAlias = DecisionAction  # noqa: Y015
 
 class _AdaptationOutcome:
@@ -266,22 +324,193 @@ class _AdaptationOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ada
     DESCRIPTOR: _descriptor.EnumDescriptor
     ADAPTATION_OUTCOME_UNSPECIFIED: _AdaptationOutcome.ValueType  # 0
     ADAPTATION_OUTCOME_PENDING: _AdaptationOutcome.ValueType  # 1
+    """Not over yet."""
     ADAPTATION_OUTCOME_FOSSILIZED: _AdaptationOutcome.ValueType  # 2
+    """The seed was kept."""
     ADAPTATION_OUTCOME_CULLED: _AdaptationOutcome.ValueType  # 3
+    """The seed was removed after it touched the host."""
     ADAPTATION_OUTCOME_CANCELLED: _AdaptationOutcome.ValueType  # 4
+    """The seed was abandoned before it touched the host."""
     ADAPTATION_OUTCOME_ROLLED_BACK: _AdaptationOutcome.ValueType  # 5
+    """The governor restored a snapshot taken before the adaptation."""
     ADAPTATION_OUTCOME_COMPILE_FAILED: _AdaptationOutcome.ValueType  # 6
+    """Tezzeret could not produce a VALIDATED kernel for the blueprint (the compiler rejected it)."""
+    ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE: _AdaptationOutcome.ValueType  # 7
+    """Cancelled before touching the host because a service it needed (Urza, Tezzeret) stayed
+    unavailable. Tamiyo gives the adaptation back: it does not count against max_adaptations.
+    """
 
-class AdaptationOutcome(_AdaptationOutcome, metaclass=_AdaptationOutcomeEnumTypeWrapper): ...
+class AdaptationOutcome(_AdaptationOutcome, metaclass=_AdaptationOutcomeEnumTypeWrapper):
+    """How an adaptation ended."""
 
 ADAPTATION_OUTCOME_UNSPECIFIED: AdaptationOutcome.ValueType  # 0
 ADAPTATION_OUTCOME_PENDING: AdaptationOutcome.ValueType  # 1
+"""Not over yet."""
 ADAPTATION_OUTCOME_FOSSILIZED: AdaptationOutcome.ValueType  # 2
+"""The seed was kept."""
 ADAPTATION_OUTCOME_CULLED: AdaptationOutcome.ValueType  # 3
+"""The seed was removed after it touched the host."""
 ADAPTATION_OUTCOME_CANCELLED: AdaptationOutcome.ValueType  # 4
+"""The seed was abandoned before it touched the host."""
 ADAPTATION_OUTCOME_ROLLED_BACK: AdaptationOutcome.ValueType  # 5
+"""The governor restored a snapshot taken before the adaptation."""
 ADAPTATION_OUTCOME_COMPILE_FAILED: AdaptationOutcome.ValueType  # 6
+"""Tezzeret could not produce a VALIDATED kernel for the blueprint (the compiler rejected it)."""
+ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE: AdaptationOutcome.ValueType  # 7
+"""Cancelled before touching the host because a service it needed (Urza, Tezzeret) stayed
+unavailable. Tamiyo gives the adaptation back: it does not count against max_adaptations.
+"""
 Global___AdaptationOutcome: _TypeAlias = AdaptationOutcome  # noqa: Y015
+
+class _ErrorReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ERROR_REASON_UNSPECIFIED: _ErrorReason.ValueType  # 0
+    ERROR_REASON_INVALID_ARGUMENT: _ErrorReason.ValueType  # 1
+    """Generic reasons, one per status code, used when nothing more specific applies."""
+    ERROR_REASON_NOT_FOUND: _ErrorReason.ValueType  # 2
+    """NOT_FOUND."""
+    ERROR_REASON_ALREADY_EXISTS: _ErrorReason.ValueType  # 3
+    """ALREADY_EXISTS."""
+    ERROR_REASON_FAILED_PRECONDITION: _ErrorReason.ValueType  # 4
+    """FAILED_PRECONDITION."""
+    ERROR_REASON_DATA_LOSS: _ErrorReason.ValueType  # 5
+    """DATA_LOSS."""
+    ERROR_REASON_RESOURCE_EXHAUSTED: _ErrorReason.ValueType  # 6
+    """RESOURCE_EXHAUSTED."""
+    ERROR_REASON_UNAVAILABLE: _ErrorReason.ValueType  # 7
+    """UNAVAILABLE."""
+    ERROR_REASON_ABORTED: _ErrorReason.ValueType  # 8
+    """ABORTED."""
+    ERROR_REASON_DEADLINE_EXCEEDED: _ErrorReason.ValueType  # 9
+    """DEADLINE_EXCEEDED."""
+    ERROR_REASON_CANCELLED: _ErrorReason.ValueType  # 10
+    """CANCELLED."""
+    ERROR_REASON_UNAUTHENTICATED: _ErrorReason.ValueType  # 11
+    """UNAUTHENTICATED: missing or unknown bearer token."""
+    ERROR_REASON_PERMISSION_DENIED: _ErrorReason.ValueType  # 12
+    """PERMISSION_DENIED."""
+    ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 13
+    """INTERNAL: a bug; metadata["error_id"] finds it in the server log."""
+    ERROR_REASON_ESPER_ERROR: _ErrorReason.ValueType  # 14
+    """INTERNAL: a domain error without a more specific class."""
+    ERROR_REASON_MALFORMED_REQUEST: _ErrorReason.ValueType  # 15
+    """INVALID_ARGUMENT: the request bytes do not parse as the method's request message."""
+    ERROR_REASON_UPSTREAM_UNAVAILABLE: _ErrorReason.ValueType  # 16
+    """UNAVAILABLE: a server this one depends on (metadata["upstream"]) did not answer."""
+    ERROR_REASON_BACKEND_UNAVAILABLE: _ErrorReason.ValueType  # 17
+    """UNAVAILABLE: Oona's storage backend (Redis) is unreachable."""
+    ERROR_REASON_BLUEPRINT_NOT_FOUND: _ErrorReason.ValueType  # 18
+    """NOT_FOUND: no such blueprint id/version in Urza."""
+    ERROR_REASON_BLUEPRINT_VERSION_EXISTS: _ErrorReason.ValueType  # 19
+    """ALREADY_EXISTS: that blueprint id and version hold other content."""
+    ERROR_REASON_ARTIFACT_NOT_FOUND: _ErrorReason.ValueType  # 20
+    """NOT_FOUND: no such kernel id in Urza."""
+    ERROR_REASON_ARTIFACT_EXISTS: _ErrorReason.ValueType  # 21
+    """ALREADY_EXISTS: that kernel id holds other content (artifacts are immutable)."""
+    ERROR_REASON_ARTIFACT_HAS_NO_BYTES: _ErrorReason.ValueType  # 22
+    """FAILED_PRECONDITION: the artifact has no bytes to download (PENDING, or INVALID recorded)."""
+    ERROR_REASON_ARTIFACT_INVALID: _ErrorReason.ValueType  # 23
+    """FAILED_PRECONDITION: the artifact is INVALID; its bytes are never served."""
+    ERROR_REASON_CHECKSUM_MISMATCH: _ErrorReason.ValueType  # 24
+    """DATA_LOSS: stored bytes no longer match their SHA-256."""
+    ERROR_REASON_BLOB_MISSING: _ErrorReason.ValueType  # 25
+    """DATA_LOSS: the stored blob is gone."""
+    ERROR_REASON_COMPILER_ROLE_REQUIRED: _ErrorReason.ValueType  # 26
+    """PERMISSION_DENIED: only the compiler role may create VALIDATED artifacts."""
+    ERROR_REASON_COMPILE_LIMIT_EXCEEDED: _ErrorReason.ValueType  # 27
+    """RESOURCE_EXHAUSTED: a compile past a configured Tezzeret limit (metadata["limit"])."""
+    ERROR_REASON_NO_CUDA_DEVICE: _ErrorReason.ValueType  # 28
+    """FAILED_PRECONDITION: CUDA requested from a Tezzeret without a GPU."""
+    ERROR_REASON_JOB_NOT_FOUND: _ErrorReason.ValueType  # 29
+    """NOT_FOUND: no such compile job."""
+    ERROR_REASON_JOB_FINISHED: _ErrorReason.ValueType  # 30
+    """FAILED_PRECONDITION: the job already reached a final state."""
+    ERROR_REASON_JOB_STORING: _ErrorReason.ValueType  # 31
+    """FAILED_PRECONDITION: the job compiled and is storing its artifact."""
+    ERROR_REASON_JOB_FINISHING: _ErrorReason.ValueType  # 32
+    """FAILED_PRECONDITION: the job is finishing and can no longer be cancelled."""
+    ERROR_REASON_SUBSCRIBER_LAGGED: _ErrorReason.ValueType  # 33
+    """RESOURCE_EXHAUSTED: an offset subscriber fell behind retention."""
+
+class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
+    """The values of google.rpc.ErrorInfo.reason (domain "esper.v1") that Esper servers send with a
+    failed call. The reason string is the value's name without the ERROR_REASON_ prefix, e.g.
+    "ARTIFACT_NOT_FOUND". ErrorInfo.metadata["field"] names the offending request field where
+    there is one. The status code alone is the contract; the reason refines it.
+    """
+
+ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
+ERROR_REASON_INVALID_ARGUMENT: ErrorReason.ValueType  # 1
+"""Generic reasons, one per status code, used when nothing more specific applies."""
+ERROR_REASON_NOT_FOUND: ErrorReason.ValueType  # 2
+"""NOT_FOUND."""
+ERROR_REASON_ALREADY_EXISTS: ErrorReason.ValueType  # 3
+"""ALREADY_EXISTS."""
+ERROR_REASON_FAILED_PRECONDITION: ErrorReason.ValueType  # 4
+"""FAILED_PRECONDITION."""
+ERROR_REASON_DATA_LOSS: ErrorReason.ValueType  # 5
+"""DATA_LOSS."""
+ERROR_REASON_RESOURCE_EXHAUSTED: ErrorReason.ValueType  # 6
+"""RESOURCE_EXHAUSTED."""
+ERROR_REASON_UNAVAILABLE: ErrorReason.ValueType  # 7
+"""UNAVAILABLE."""
+ERROR_REASON_ABORTED: ErrorReason.ValueType  # 8
+"""ABORTED."""
+ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 9
+"""DEADLINE_EXCEEDED."""
+ERROR_REASON_CANCELLED: ErrorReason.ValueType  # 10
+"""CANCELLED."""
+ERROR_REASON_UNAUTHENTICATED: ErrorReason.ValueType  # 11
+"""UNAUTHENTICATED: missing or unknown bearer token."""
+ERROR_REASON_PERMISSION_DENIED: ErrorReason.ValueType  # 12
+"""PERMISSION_DENIED."""
+ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 13
+"""INTERNAL: a bug; metadata["error_id"] finds it in the server log."""
+ERROR_REASON_ESPER_ERROR: ErrorReason.ValueType  # 14
+"""INTERNAL: a domain error without a more specific class."""
+ERROR_REASON_MALFORMED_REQUEST: ErrorReason.ValueType  # 15
+"""INVALID_ARGUMENT: the request bytes do not parse as the method's request message."""
+ERROR_REASON_UPSTREAM_UNAVAILABLE: ErrorReason.ValueType  # 16
+"""UNAVAILABLE: a server this one depends on (metadata["upstream"]) did not answer."""
+ERROR_REASON_BACKEND_UNAVAILABLE: ErrorReason.ValueType  # 17
+"""UNAVAILABLE: Oona's storage backend (Redis) is unreachable."""
+ERROR_REASON_BLUEPRINT_NOT_FOUND: ErrorReason.ValueType  # 18
+"""NOT_FOUND: no such blueprint id/version in Urza."""
+ERROR_REASON_BLUEPRINT_VERSION_EXISTS: ErrorReason.ValueType  # 19
+"""ALREADY_EXISTS: that blueprint id and version hold other content."""
+ERROR_REASON_ARTIFACT_NOT_FOUND: ErrorReason.ValueType  # 20
+"""NOT_FOUND: no such kernel id in Urza."""
+ERROR_REASON_ARTIFACT_EXISTS: ErrorReason.ValueType  # 21
+"""ALREADY_EXISTS: that kernel id holds other content (artifacts are immutable)."""
+ERROR_REASON_ARTIFACT_HAS_NO_BYTES: ErrorReason.ValueType  # 22
+"""FAILED_PRECONDITION: the artifact has no bytes to download (PENDING, or INVALID recorded)."""
+ERROR_REASON_ARTIFACT_INVALID: ErrorReason.ValueType  # 23
+"""FAILED_PRECONDITION: the artifact is INVALID; its bytes are never served."""
+ERROR_REASON_CHECKSUM_MISMATCH: ErrorReason.ValueType  # 24
+"""DATA_LOSS: stored bytes no longer match their SHA-256."""
+ERROR_REASON_BLOB_MISSING: ErrorReason.ValueType  # 25
+"""DATA_LOSS: the stored blob is gone."""
+ERROR_REASON_COMPILER_ROLE_REQUIRED: ErrorReason.ValueType  # 26
+"""PERMISSION_DENIED: only the compiler role may create VALIDATED artifacts."""
+ERROR_REASON_COMPILE_LIMIT_EXCEEDED: ErrorReason.ValueType  # 27
+"""RESOURCE_EXHAUSTED: a compile past a configured Tezzeret limit (metadata["limit"])."""
+ERROR_REASON_NO_CUDA_DEVICE: ErrorReason.ValueType  # 28
+"""FAILED_PRECONDITION: CUDA requested from a Tezzeret without a GPU."""
+ERROR_REASON_JOB_NOT_FOUND: ErrorReason.ValueType  # 29
+"""NOT_FOUND: no such compile job."""
+ERROR_REASON_JOB_FINISHED: ErrorReason.ValueType  # 30
+"""FAILED_PRECONDITION: the job already reached a final state."""
+ERROR_REASON_JOB_STORING: ErrorReason.ValueType  # 31
+"""FAILED_PRECONDITION: the job compiled and is storing its artifact."""
+ERROR_REASON_JOB_FINISHING: ErrorReason.ValueType  # 32
+"""FAILED_PRECONDITION: the job is finishing and can no longer be cancelled."""
+ERROR_REASON_SUBSCRIBER_LAGGED: ErrorReason.ValueType  # 33
+"""RESOURCE_EXHAUSTED: an offset subscriber fell behind retention."""
+Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
 class TensorShape(_message.Message):
@@ -291,7 +520,11 @@ class TensorShape(_message.Message):
 
     DIMS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def dims(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def dims(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Sizes, outermost first. A seed input shape has 1 to 8 dims: the first -1 (dynamic batch)
+        or >= 1, every other >= 1.
+        """
+
     def __init__(
         self,
         *,
@@ -324,6 +557,7 @@ class BlueprintLayerSpec(_message.Message):
     ZERO_INIT_FIELD_NUMBER: _builtins.int
     BIAS_FIELD_NUMBER: _builtins.int
     op: Global___BlueprintOp.ValueType
+    """Required: one of the closed op set (UNSPECIFIED and unknown values are INVALID_ARGUMENT)."""
     width_multiplier: _builtins.float
     """Output width as a multiple of the chunk size: out = max(1, round(width_multiplier * chunk)).
     0 keeps the input width. The last layer must return to the chunk size.
@@ -337,13 +571,15 @@ class BlueprintLayerSpec(_message.Message):
     num_heads: _builtins.int
     """Attention heads, or group-norm groups."""
     reduction: _builtins.int
-    """Squeeze-excitation reduction ratio; dropout probability is `dropout`."""
+    """Squeeze-excitation reduction ratio (>= 1)."""
     dropout: _builtins.float
+    """Dropout probability in [0, 1) for BLUEPRINT_OP_DROPOUT."""
     zero_init: _builtins.bool
     """Zero-initialise this layer's weights (function preservation). The builder forces it on the
     last parametric layer unless the blueprint blends with alpha.
     """
     bias: _builtins.bool
+    """Give the layer a learnable bias (Linear and convolutions; affine norms always have one)."""
     def __init__(
         self,
         *,
@@ -368,7 +604,9 @@ Global___BlueprintLayerSpec: _TypeAlias = BlueprintLayerSpec  # noqa: Y015
 
 @_typing.final
 class BlueprintSpec(_message.Message):
-    """A blueprint is data, not code: an ordered list of layers from the closed op set."""
+    """A blueprint is data, not code: an ordered list of layers from the closed op set.
+    Urza rejects a blueprint whose deterministic serialisation exceeds 64 KiB.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -381,18 +619,31 @@ class BlueprintSpec(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     MIN_CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     blueprint_id: _builtins.str
-    """Stable identifier, lower_snake_case, e.g. "residual_mlp"."""
+    """Required. Stable identifier: lower_snake_case, 1-64 characters of a-z, 0-9 and _,
+    starting with a letter, e.g. "residual_mlp".
+    """
     version: _builtins.int
+    """Required, >= 1. A new content needs a new version; versions are immutable."""
     family: _builtins.str
-    """Family, e.g. "mlp", "conv", "attention", "adapter"."""
+    """Required, non-empty, at most 64 characters: the family, e.g. "mlp", "conv", "attention",
+    "adapter" (ListBlueprints filters on it).
+    """
     description: _builtins.str
+    """Free text for people, at most 4096 characters."""
     input_kind: Global___SeedInputKind.ValueType
+    """The host tensors the blueprint fits. SEED_INPUT_KIND_UNSPECIFIED means every kind: the
+    blueprint is then checked, and offered, for features, sequences and images alike.
+    """
     min_chunk_size: _builtins.int
-    """Smallest chunk size the blueprint accepts."""
+    """Smallest chunk size the blueprint accepts, >= 0 (0 and 1 both mean any)."""
     @_builtins.property
-    def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlueprintLayerSpec]: ...
+    def layers(self) -> _containers.RepeatedCompositeFieldContainer[Global___BlueprintLayerSpec]:
+        """The layers in forward order, 1 to 64 of them; the last must return to the chunk width."""
+
     @_builtins.property
-    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most 32 tags, each 1-128 characters of letters, digits and _.:/=+- (stored sorted, unique)."""
+
     def __init__(
         self,
         *,
@@ -424,10 +675,15 @@ class BlueprintCost(_message.Message):
     PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
     FLOPS_PER_SAMPLE_FIELD_NUMBER: _builtins.int
     chunk_size: _builtins.int
+    """Width of the seed's chunk of the host output."""
     parameter_count: _builtins.int
+    """Parameters of the built seed module."""
     flops_per_sample: _builtins.int
+    """Forward FLOPs for one sample (a multiply-add counts as 2)."""
     @_builtins.property
-    def input_shape(self) -> Global___TensorShape: ...
+    def input_shape(self) -> Global___TensorShape:
+        """The chunk's shape, batch -1."""
+
     def __init__(
         self,
         *,
@@ -468,31 +724,51 @@ class KernelArtifact(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     PRESERVATION_ERROR_FIELD_NUMBER: _builtins.int
     kernel_id: _builtins.str
-    """Deterministic id of (blueprint id + version, input shape, device, dtype)."""
+    """Required. 1-200 characters of letters, digits and _.:@+-, starting with a letter or digit.
+    Tezzeret derives it deterministically as "<blueprint_id>-v<version>-<24 hex>", the hex being
+    the start of SHA-256("<spec sha256>|<dims joined by ','>|<DeviceType name>|<DType name>"),
+    where spec sha256 hashes the deterministic serialisation of the BlueprintSpec.
+    """
     blueprint_id: _builtins.str
+    """Required: a blueprint registered in Urza."""
     blueprint_version: _builtins.int
+    """Required, >= 1: the registered version it was compiled from."""
     device: Global___DeviceType.ValueType
+    """Required, not UNSPECIFIED."""
     dtype: Global___DType.ValueType
+    """Required, not UNSPECIFIED."""
     status: Global___ArtifactStatus.ValueType
+    """On upload UNSPECIFIED means VALIDATED; on RecordArtifact INVALID or PENDING only."""
     status_reason: _builtins.str
-    """Why the artifact is INVALID (empty when VALIDATED)."""
+    """Why the artifact is INVALID (required then; empty when VALIDATED), at most 16384 characters."""
     sha256: _builtins.str
-    """Hex SHA-256 of the artifact bytes; empty when there are none."""
+    """Hex SHA-256 of the artifact bytes (64 lowercase hex characters); required on upload,
+    empty when there are no bytes.
+    """
     size_bytes: _builtins.int
+    """Size of the bytes; required on upload, 0..4 GiB (the server's max_artifact_bytes)."""
     parameter_count: _builtins.int
+    """Parameters of the seed module, >= 0."""
     flops_per_sample: _builtins.int
+    """Forward FLOPs per sample, >= 0."""
     latency_us: _builtins.float
     """Median forward latency measured by the compiler, microseconds."""
     format: _builtins.str
-    """Serialisation format, e.g. "torch.export/pt2"."""
+    """Serialisation format, e.g. "torch.export/pt2"; at most 64 characters."""
     preservation_error: _builtins.float
     """Largest absolute output change seen in the function-preservation check."""
     @_builtins.property
-    def input_shape(self) -> Global___TensorShape: ...
+    def input_shape(self) -> Global___TensorShape:
+        """Required: the seed input shape it was compiled for (see TensorShape.dims)."""
+
     @_builtins.property
-    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At most 32 tags, same format as BlueprintSpec.tags."""
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Set by Urza when the artifact was stored; ignored on input."""
+
     def __init__(
         self,
         *,
@@ -534,12 +810,15 @@ class SeedTelemetry(_message.Message):
     GRADIENT_NORM_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
     activation_mean: _builtins.float
+    """Mean of the host activations in the seed's chunk over the epoch."""
     activation_variance: _builtins.float
+    """Variance of those activations."""
     dead_fraction: _builtins.float
     """Fraction of activations at or below the dead threshold."""
     gradient_norm: _builtins.float
     """Norm of the gradient reaching the seed's chunk of the host output."""
     samples: _builtins.int
+    """Samples the statistics were accumulated over."""
     def __init__(
         self,
         *,
@@ -578,21 +857,35 @@ class SeedSlot(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     PARAMETER_COUNT_FIELD_NUMBER: _builtins.int
     layer_name: _builtins.str
+    """Dotted module name of the host layer, e.g. "blocks.2.fc1"."""
     seed_index: _builtins.int
+    """Index of the seed within the layer, 0-based."""
     state: Global___SeedLifecycleState.ValueType
+    """Where the seed is in its lifecycle."""
     alpha: _builtins.float
+    """Blend weight of the seed's output, 0..1."""
     blueprint_id: _builtins.str
+    """Blueprint of the seed's module; empty while DORMANT."""
     kernel_id: _builtins.str
+    """Kernel artifact loaded into the seed; empty until loaded."""
     epochs_in_state: _builtins.int
+    """Whole epochs spent in the current state."""
     steps_in_state: _builtins.int
+    """Optimizer steps spent in the current state."""
     embargo_epochs_left: _builtins.int
+    """Epochs before a culled slot may germinate again."""
     last_contribution: _builtins.float
     """Last counterfactual contribution (validation metric with alpha vs alpha=0)."""
     has_contribution: _builtins.bool
+    """Whether last_contribution was measured (false: never evaluated)."""
     chunk_size: _builtins.int
+    """Width of the seed's chunk; must be > 0 in a graph sent to Tamiyo."""
     parameter_count: _builtins.int
+    """Parameters the seed adds to the host."""
     @_builtins.property
-    def telemetry(self) -> Global___SeedTelemetry: ...
+    def telemetry(self) -> Global___SeedTelemetry:
+        """Statistics of the host activations in the seed's chunk."""
+
     def __init__(
         self,
         *,
@@ -634,13 +927,17 @@ class GraphNode(_message.Message):
     WIDTH_FIELD_NUMBER: _builtins.int
     DEEPEN_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    """Unique within the graph; edges refer to it."""
     layer_name: _builtins.str
+    """Dotted module name of the host layer."""
     layer_kind: _builtins.str
     """Host module kind, e.g. "linear", "conv2d", "residual_block"."""
     depth: _builtins.int
     """Position of the layer in the forward order, 0-based."""
     @_builtins.property
-    def seed(self) -> Global___SeedSlot: ...
+    def seed(self) -> Global___SeedSlot:
+        """The seed slot at this site."""
+
     @_builtins.property
     def output_shape(self) -> Global___TensorShape:
         """Shape of the host output at this site, batch dimension -1."""
@@ -688,6 +985,7 @@ class DepthSite(_message.Message):
     block_parameters: _builtins.int
     """Cost of one more block: parameters and forward FLOPs per sample."""
     block_flops: _builtins.int
+    """forward FLOPs per sample of one more block"""
     available: _builtins.bool
     """False while a seed of the site is in flight or fossilized."""
     def __init__(
@@ -723,9 +1021,11 @@ class WidthSite(_message.Message):
     input_dim: _builtins.int
     """Features (or channels) the producer reads and the consumer writes."""
     output_dim: _builtins.int
+    """features (or channels) the consumer writes"""
     unit_parameters: _builtins.int
     """Cost of one more unit: parameters and forward FLOPs per sample."""
     unit_flops: _builtins.int
+    """forward FLOPs per sample of one more unit"""
     available: _builtins.bool
     """False while a seed of the site is in flight or fossilized (width cannot grow there now)."""
     def __init__(
@@ -748,12 +1048,16 @@ Global___WidthSite: _TypeAlias = WidthSite  # noqa: Y015
 
 @_typing.final
 class GraphEdge(_message.Message):
+    """Data flows from the source node's layer to the target node's layer."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SOURCE_NODE_ID_FIELD_NUMBER: _builtins.int
     TARGET_NODE_ID_FIELD_NUMBER: _builtins.int
     source_node_id: _builtins.str
+    """node_id of the upstream site."""
     target_node_id: _builtins.str
+    """node_id of the downstream site."""
     def __init__(
         self,
         *,
@@ -787,23 +1091,48 @@ class TrainingSignals(_message.Message):
     COMPUTE_BUDGET_LEFT_FIELD_NUMBER: _builtins.int
     ACTIVE_ADAPTATIONS_FIELD_NUMBER: _builtins.int
     INITIAL_FLOPS_PER_SAMPLE_FIELD_NUMBER: _builtins.int
+    VAL_ACCURACY_HISTORY_FIELD_NUMBER: _builtins.int
+    PARAMETER_BUDGET_FIELD_NUMBER: _builtins.int
+    COMPUTE_BUDGET_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
+    """Epoch just finished, 0-based."""
     total_epochs: _builtins.int
+    """Epochs the run will train in all."""
     global_step: _builtins.int
+    """Optimizer steps so far."""
     train_loss: _builtins.float
+    """Mean training loss of the epoch."""
     val_loss: _builtins.float
+    """Validation loss after the epoch."""
     val_accuracy: _builtins.float
+    """Validation accuracy after the epoch, 0..1."""
     parameter_count: _builtins.int
+    """Parameters of the model now, seeds included."""
     initial_parameter_count: _builtins.int
+    """Parameters of the host before any growth."""
     parameter_budget_left: _builtins.float
-    """Fractions of the growth budgets still unspent, 0..1."""
+    """Fraction of the parameter growth budget still unspent, 0..1."""
     compute_budget_left: _builtins.float
+    """Fraction of the compute growth budget still unspent, 0..1."""
     active_adaptations: _builtins.int
+    """Seeds between GERMINATED and FINE_TUNING."""
     initial_flops_per_sample: _builtins.float
-    """Forward FLOPs per sample of the host before any growth (the unit of the compute budget)."""
+    """Required, > 0: forward FLOPs per sample of the host before any growth (the unit of the
+    compute budget). Decide answers INVALID_ARGUMENT when it is 0.
+    """
+    parameter_budget: _builtins.float
+    """The growth budgets the fractions above are of, as multiples of the host (0 when not sent):
+    extra parameters, extra forward FLOPs per sample.
+    """
+    compute_budget: _builtins.float
+    """extra forward FLOPs per sample, as a multiple of the host's"""
     @_builtins.property
     def val_loss_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Recent validation losses, oldest first."""
+
+    @_builtins.property
+    def val_accuracy_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Recent validation accuracies (fractions), oldest first, aligned with val_loss_history."""
 
     def __init__(
         self,
@@ -821,10 +1150,13 @@ class TrainingSignals(_message.Message):
         compute_budget_left: _builtins.float = ...,
         active_adaptations: _builtins.int = ...,
         initial_flops_per_sample: _builtins.float = ...,
+        val_accuracy_history: _abc.Iterable[_builtins.float] | None = ...,
+        parameter_budget: _builtins.float = ...,
+        compute_budget: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adaptations", b"active_adaptations", "compute_budget_left", b"compute_budget_left", "epoch", b"epoch", "global_step", b"global_step", "initial_flops_per_sample", b"initial_flops_per_sample", "initial_parameter_count", b"initial_parameter_count", "parameter_budget_left", b"parameter_budget_left", "parameter_count", b"parameter_count", "total_epochs", b"total_epochs", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_loss", b"val_loss", "val_loss_history", b"val_loss_history"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_adaptations", b"active_adaptations", "compute_budget", b"compute_budget", "compute_budget_left", b"compute_budget_left", "epoch", b"epoch", "global_step", b"global_step", "initial_flops_per_sample", b"initial_flops_per_sample", "initial_parameter_count", b"initial_parameter_count", "parameter_budget", b"parameter_budget", "parameter_budget_left", b"parameter_budget_left", "parameter_count", b"parameter_count", "total_epochs", b"total_epochs", "train_loss", b"train_loss", "val_accuracy", b"val_accuracy", "val_accuracy_history", b"val_accuracy_history", "val_loss", b"val_loss", "val_loss_history", b"val_loss_history"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -842,14 +1174,25 @@ class ModelGraphState(_message.Message):
     SIGNALS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    """Required, non-empty: the training run's id. Tamiyo keeps one controller (cooldowns,
+    budgets) per run id; Decide answers INVALID_ARGUMENT when it is empty.
+    """
     @_builtins.property
-    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GraphNode]: ...
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___GraphNode]:
+        """One node per seed site."""
+
     @_builtins.property
-    def edges(self) -> _containers.RepeatedCompositeFieldContainer[Global___GraphEdge]: ...
+    def edges(self) -> _containers.RepeatedCompositeFieldContainer[Global___GraphEdge]:
+        """Data-flow edges between the nodes."""
+
     @_builtins.property
-    def signals(self) -> Global___TrainingSignals: ...
+    def signals(self) -> Global___TrainingSignals:
+        """Required: global signals (see TrainingSignals.initial_flops_per_sample)."""
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the trainer built the graph."""
+
     def __init__(
         self,
         *,
@@ -869,6 +1212,8 @@ Global___ModelGraphState: _TypeAlias = ModelGraphState  # noqa: Y015
 
 @_typing.final
 class AdaptationDecision(_message.Message):
+    """One decision of a policy."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DECISION_ID_FIELD_NUMBER: _builtins.int
@@ -883,19 +1228,29 @@ class AdaptationDecision(_message.Message):
     GROWTH_UNITS_FIELD_NUMBER: _builtins.int
     GROWTH_INIT_FIELD_NUMBER: _builtins.int
     decision_id: _builtins.str
+    """Unique id, echoed in the FieldReport about it."""
     action: Global___DecisionAction.ValueType
+    """What to do."""
     layer_name: _builtins.str
+    """The host layer it concerns (empty for WAIT)."""
     seed_index: _builtins.int
+    """The seed within that layer."""
     blueprint_id: _builtins.str
+    """The blueprint to germinate (GERMINATE only)."""
     confidence: _builtins.float
+    """The policy's confidence, 0..1."""
     reason: _builtins.str
+    """Why, for people and logs."""
     policy_version: _builtins.str
+    """Version of the policy that decided."""
     growth_mode: Global___GrowthMode.ValueType
+    """How a GERMINATE grows the host (GROWTH_MODE_UNSPECIFIED: a residual branch from blueprint_id)."""
     growth_units: _builtins.int
     """Width growth: units to add (0: the trainer's default) and the initialisation
     ("gradmax", "tiny", "random"; empty: the trainer's default).
     """
     growth_init: _builtins.str
+    """width growth initialisation, see growth_units"""
     def __init__(
         self,
         *,
@@ -936,23 +1291,64 @@ class FieldReport(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    GRAPH_FIELD_NUMBER: _builtins.int
+    FLOP_COST_FIELD_NUMBER: _builtins.int
+    REWARD_FIELD_NUMBER: _builtins.int
+    REWARD_DEFINITION_FIELD_NUMBER: _builtins.int
+    BEHAVIOR_PROBABILITY_FIELD_NUMBER: _builtins.int
+    RUN_HOST_FLOPS_FIELD_NUMBER: _builtins.int
     report_id: _builtins.str
+    """Unique id; assigned by Tamiyo when empty."""
     run_id: _builtins.str
+    """The training run."""
     contribution: _builtins.float
+    """Last measured counterfactual contribution of the seed."""
     outcome: Global___AdaptationOutcome.ValueType
+    """Required, not UNSPECIFIED: how the adaptation ended."""
     epoch: _builtins.int
+    """Epoch at which the outcome was known."""
+    flop_cost: _builtins.float
+    """Extra FLOPs the adaptation cost the run: the seed's forward FLOPs per sample times the samples
+    it processed (training x3 for the backward pass, plus validation) while it was live.
+    """
+    reward: _builtins.float
+    """Reward of the decision under `reward_definition` (see esper/tamiyo/reward.py); WAIT gets 0."""
+    reward_definition: _builtins.str
+    """Name and version of the reward formula, e.g. "contribution-minus-flops/1"; empty when the
+    report carries no reward (reports from ordinary runs, before the run ended).
+    """
+    behavior_probability: _builtins.float
+    """Probability the logging policy gave the executed decision, for off-policy corrections; 0 when unknown."""
+    run_host_flops: _builtins.float
+    """Forward FLOPs of the whole host over the run (training x3 plus validation), the cost's unit."""
     @_builtins.property
-    def decision(self) -> Global___AdaptationDecision: ...
+    def decision(self) -> Global___AdaptationDecision:
+        """Required: the decision reported on (decision_id non-empty)."""
+
     @_builtins.property
-    def telemetry_before(self) -> Global___SeedTelemetry: ...
+    def telemetry_before(self) -> Global___SeedTelemetry:
+        """The seed's telemetry when the decision was made."""
+
     @_builtins.property
-    def telemetry_after(self) -> Global___SeedTelemetry: ...
+    def telemetry_after(self) -> Global___SeedTelemetry:
+        """The seed's telemetry when the outcome was known."""
+
     @_builtins.property
-    def signals_before(self) -> Global___TrainingSignals: ...
+    def signals_before(self) -> Global___TrainingSignals:
+        """Global signals when the decision was made."""
+
     @_builtins.property
-    def signals_after(self) -> Global___TrainingSignals: ...
+    def signals_after(self) -> Global___TrainingSignals:
+        """Global signals when the outcome was known."""
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the report was made."""
+
+    @_builtins.property
+    def graph(self) -> Global___ModelGraphState:
+        """The whole graph the policy saw when it made `decision` (the state of offline policy learning)."""
+
     def __init__(
         self,
         *,
@@ -967,10 +1363,16 @@ class FieldReport(_message.Message):
         outcome: Global___AdaptationOutcome.ValueType = ...,
         epoch: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        graph: Global___ModelGraphState | None = ...,
+        flop_cost: _builtins.float = ...,
+        reward: _builtins.float = ...,
+        reward_definition: _builtins.str = ...,
+        behavior_probability: _builtins.float = ...,
+        run_host_flops: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decision", b"decision", "signals_after", b"signals_after", "signals_before", b"signals_before", "telemetry_after", b"telemetry_after", "telemetry_before", b"telemetry_before"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decision", b"decision", "graph", b"graph", "signals_after", b"signals_after", "signals_before", b"signals_before", "telemetry_after", b"telemetry_after", "telemetry_before", b"telemetry_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contribution", b"contribution", "create_time", b"create_time", "decision", b"decision", "epoch", b"epoch", "outcome", b"outcome", "report_id", b"report_id", "run_id", b"run_id", "signals_after", b"signals_after", "signals_before", b"signals_before", "telemetry_after", b"telemetry_after", "telemetry_before", b"telemetry_before"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["behavior_probability", b"behavior_probability", "contribution", b"contribution", "create_time", b"create_time", "decision", b"decision", "epoch", b"epoch", "flop_cost", b"flop_cost", "graph", b"graph", "outcome", b"outcome", "report_id", b"report_id", "reward", b"reward", "reward_definition", b"reward_definition", "run_host_flops", b"run_host_flops", "run_id", b"run_id", "signals_after", b"signals_after", "signals_before", b"signals_before", "telemetry_after", b"telemetry_after", "telemetry_before", b"telemetry_before"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -992,15 +1394,25 @@ class LifecycleEvent(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    """The training run."""
     layer_name: _builtins.str
+    """Host layer of the seed."""
     seed_index: _builtins.int
+    """Seed within the layer."""
     from_state: Global___SeedLifecycleState.ValueType
+    """State before the transition."""
     to_state: Global___SeedLifecycleState.ValueType
+    """State after the transition."""
     global_step: _builtins.int
+    """Optimizer step of the transition."""
     epoch: _builtins.int
+    """Epoch of the transition."""
     reason: _builtins.str
+    """The gate or signal that caused it."""
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
     def __init__(
         self,
         *,
@@ -1031,8 +1443,11 @@ class KernelReadyEvent(_message.Message):
     JOB_ID_FIELD_NUMBER: _builtins.int
     ARTIFACT_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    """The Tezzeret job that produced the artifact."""
     @_builtins.property
-    def artifact(self) -> Global___KernelArtifact: ...
+    def artifact(self) -> Global___KernelArtifact:
+        """The stored artifact (VALIDATED or INVALID)."""
+
     def __init__(
         self,
         *,
@@ -1080,14 +1495,21 @@ class MetricsEvent(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    """The training run."""
     epoch: _builtins.int
+    """Epoch, 0-based."""
     global_step: _builtins.int
+    """Optimizer step."""
     scope: _builtins.str
     """"step" or "epoch"."""
     @_builtins.property
-    def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def values(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Metric name -> value, e.g. "train_loss" -> 0.41."""
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the metrics were taken."""
+
     def __init__(
         self,
         *,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65sper/v1/oona.proto\x12\x08\x65sper.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaf\x02\n\x08\x45nvelope\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0b\n\x03key\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x30\n\x07headers\x18\x07 \x03(\x0b\x32\x1f.esper.v1.Envelope.HeadersEntry\x12\x30\n\x0cpublish_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64\x65livery_attempt\x18\t \x01(\x05\x12\x0e\n\x06source\x18\n \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xcb\x01\n\x0ePublishRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x36\n\x07headers\x18\x05 \x03(\x0b\x32%.esper.v1.PublishRequest.HeadersEntry\x12\x0e\n\x06source\x18\x06 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\x0fPublishResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"A\n\x13PublishBatchRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.esper.v1.PublishRequest\"B\n\x14PublishBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.esper.v1.PublishResponse\"\xdc\x01\n\x10SubscribeRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\'\n\x05start\x18\x02 \x01(\x0e\x32\x18.esper.v1.SubscribeStart\x12\x13\n\x0b\x66rom_offset\x18\x03 \x01(\x03\x12\x16\n\x0e\x63onsumer_group\x18\x04 \x01(\t\x12\x15\n\rconsumer_name\x18\x05 \x01(\t\x12\"\n\x1avisibility_timeout_seconds\x18\x06 \x01(\x01\x12\x15\n\rmax_in_flight\x18\x07 \x01(\x05\x12\x11\n\tmax_batch\x18\x08 \x01(\x05\"[\n\x11SubscribeResponse\x12#\n\x07message\x18\x01 \x01(\x0b\x32\x12.esper.v1.Envelope\x12!\n\x05\x62\x61tch\x18\x02 \x03(\x0b\x32\x12.esper.v1.Envelope\"H\n\nAckRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x16\n\x0e\x63onsumer_group\x18\x02 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x03 \x03(\t\"\x1c\n\x0b\x41\x63kResponse\x12\r\n\x05\x61\x63ked\x18\x01 \x01(\x05\"\x13\n\x11ListTopicsRequest\"x\n\tTopicInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x66irst_offset\x18\x02 \x01(\x03\x12\x13\n\x0bnext_offset\x18\x03 \x01(\x03\x12\x19\n\x11retained_messages\x18\x04 \x01(\x03\x12\x17\n\x0f\x63onsumer_groups\x18\x05 \x03(\t\"9\n\x12ListTopicsResponse\x12#\n\x06topics\x18\x01 \x03(\x0b\x32\x13.esper.v1.TopicInfo*\x87\x01\n\x0eSubscribeStart\x12\x1f\n\x1bSUBSCRIBE_START_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBSCRIBE_START_LATEST\x10\x01\x12\x1c\n\x18SUBSCRIBE_START_EARLIEST\x10\x02\x12\x1a\n\x16SUBSCRIBE_START_OFFSET\x10\x03\x32\xe1\x02\n\x0bOonaService\x12>\n\x07Publish\x12\x18.esper.v1.PublishRequest\x1a\x19.esper.v1.PublishResponse\x12M\n\x0cPublishBatch\x12\x1d.esper.v1.PublishBatchRequest\x1a\x1e.esper.v1.PublishBatchResponse\x12\x46\n\tSubscribe\x12\x1a.esper.v1.SubscribeRequest\x1a\x1b.esper.v1.SubscribeResponse0\x01\x12\x32\n\x03\x41\x63k\x12\x14.esper.v1.AckRequest\x1a\x15.esper.v1.AckResponse\x12G\n\nListTopics\x12\x1b.esper.v1.ListTopicsRequest\x1a\x1c.esper.v1.ListTopicsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65sper/v1/oona.proto\x12\x08\x65sper.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xaf\x02\n\x08\x45nvelope\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0b\n\x03key\x18\x04 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x05 \x01(\t\x12\x0f\n\x07payload\x18\x06 \x01(\x0c\x12\x30\n\x07headers\x18\x07 \x03(\x0b\x32\x1f.esper.v1.Envelope.HeadersEntry\x12\x30\n\x0cpublish_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x64\x65livery_attempt\x18\t \x01(\x05\x12\x0e\n\x06source\x18\n \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe4\x01\n\x0ePublishRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x36\n\x07headers\x18\x05 \x03(\x0b\x32%.esper.v1.PublishRequest.HeadersEntry\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x07 \x01(\t\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\x0fPublishResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"A\n\x13PublishBatchRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.esper.v1.PublishRequest\"B\n\x14PublishBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.esper.v1.PublishResponse\"\xdc\x01\n\x10SubscribeRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\'\n\x05start\x18\x02 \x01(\x0e\x32\x18.esper.v1.SubscribeStart\x12\x13\n\x0b\x66rom_offset\x18\x03 \x01(\x03\x12\x16\n\x0e\x63onsumer_group\x18\x04 \x01(\t\x12\x15\n\rconsumer_name\x18\x05 \x01(\t\x12\"\n\x1avisibility_timeout_seconds\x18\x06 \x01(\x01\x12\x15\n\rmax_in_flight\x18\x07 \x01(\x05\x12\x11\n\tmax_batch\x18\x08 \x01(\x05\"[\n\x11SubscribeResponse\x12#\n\x07message\x18\x01 \x01(\x0b\x32\x12.esper.v1.Envelope\x12!\n\x05\x62\x61tch\x18\x02 \x03(\x0b\x32\x12.esper.v1.Envelope\"H\n\nAckRequest\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x16\n\x0e\x63onsumer_group\x18\x02 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x03 \x03(\t\"\x1c\n\x0b\x41\x63kResponse\x12\r\n\x05\x61\x63ked\x18\x01 \x01(\x05\"\x13\n\x11ListTopicsRequest\"x\n\tTopicInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x66irst_offset\x18\x02 \x01(\x03\x12\x13\n\x0bnext_offset\x18\x03 \x01(\x03\x12\x19\n\x11retained_messages\x18\x04 \x01(\x03\x12\x17\n\x0f\x63onsumer_groups\x18\x05 \x03(\t\"9\n\x12ListTopicsResponse\x12#\n\x06topics\x18\x01 \x03(\x0b\x32\x13.esper.v1.TopicInfo*\x87\x01\n\x0eSubscribeStart\x12\x1f\n\x1bSUBSCRIBE_START_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBSCRIBE_START_LATEST\x10\x01\x12\x1c\n\x18SUBSCRIBE_START_EARLIEST\x10\x02\x12\x1a\n\x16SUBSCRIBE_START_OFFSET\x10\x03\x32\xe1\x02\n\x0bOonaService\x12>\n\x07Publish\x12\x18.esper.v1.PublishRequest\x1a\x19.esper.v1.PublishResponse\x12M\n\x0cPublishBatch\x12\x1d.esper.v1.PublishBatchRequest\x1a\x1e.esper.v1.PublishBatchResponse\x12\x46\n\tSubscribe\x12\x1a.esper.v1.SubscribeRequest\x1a\x1b.esper.v1.SubscribeResponse0\x01\x12\x32\n\x03\x41\x63k\x12\x14.esper.v1.AckRequest\x1a\x15.esper.v1.AckResponse\x12G\n\nListTopics\x12\x1b.esper.v1.ListTopicsRequest\x1a\x1c.esper.v1.ListTopicsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,36 +36,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENVELOPE_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_PUBLISHREQUEST_HEADERSENTRY']._loaded_options = None
   _globals['_PUBLISHREQUEST_HEADERSENTRY']._serialized_options = b'8\001'
-  _globals['_SUBSCRIBESTART']._serialized_start=1391
-  _globals['_SUBSCRIBESTART']._serialized_end=1526
+  _globals['_SUBSCRIBESTART']._serialized_start=1416
+  _globals['_SUBSCRIBESTART']._serialized_end=1551
   _globals['_ENVELOPE']._serialized_start=67
   _globals['_ENVELOPE']._serialized_end=370
   _globals['_ENVELOPE_HEADERSENTRY']._serialized_start=324
   _globals['_ENVELOPE_HEADERSENTRY']._serialized_end=370
   _globals['_PUBLISHREQUEST']._serialized_start=373
-  _globals['_PUBLISHREQUEST']._serialized_end=576
+  _globals['_PUBLISHREQUEST']._serialized_end=601
   _globals['_PUBLISHREQUEST_HEADERSENTRY']._serialized_start=324
   _globals['_PUBLISHREQUEST_HEADERSENTRY']._serialized_end=370
-  _globals['_PUBLISHRESPONSE']._serialized_start=578
-  _globals['_PUBLISHRESPONSE']._serialized_end=631
-  _globals['_PUBLISHBATCHREQUEST']._serialized_start=633
-  _globals['_PUBLISHBATCHREQUEST']._serialized_end=698
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=700
-  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=766
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=769
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=989
-  _globals['_SUBSCRIBERESPONSE']._serialized_start=991
-  _globals['_SUBSCRIBERESPONSE']._serialized_end=1082
-  _globals['_ACKREQUEST']._serialized_start=1084
-  _globals['_ACKREQUEST']._serialized_end=1156
-  _globals['_ACKRESPONSE']._serialized_start=1158
-  _globals['_ACKRESPONSE']._serialized_end=1186
-  _globals['_LISTTOPICSREQUEST']._serialized_start=1188
-  _globals['_LISTTOPICSREQUEST']._serialized_end=1207
-  _globals['_TOPICINFO']._serialized_start=1209
-  _globals['_TOPICINFO']._serialized_end=1329
-  _globals['_LISTTOPICSRESPONSE']._serialized_start=1331
-  _globals['_LISTTOPICSRESPONSE']._serialized_end=1388
-  _globals['_OONASERVICE']._serialized_start=1529
-  _globals['_OONASERVICE']._serialized_end=1882
+  _globals['_PUBLISHRESPONSE']._serialized_start=603
+  _globals['_PUBLISHRESPONSE']._serialized_end=656
+  _globals['_PUBLISHBATCHREQUEST']._serialized_start=658
+  _globals['_PUBLISHBATCHREQUEST']._serialized_end=723
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_start=725
+  _globals['_PUBLISHBATCHRESPONSE']._serialized_end=791
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=794
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=1014
+  _globals['_SUBSCRIBERESPONSE']._serialized_start=1016
+  _globals['_SUBSCRIBERESPONSE']._serialized_end=1107
+  _globals['_ACKREQUEST']._serialized_start=1109
+  _globals['_ACKREQUEST']._serialized_end=1181
+  _globals['_ACKRESPONSE']._serialized_start=1183
+  _globals['_ACKRESPONSE']._serialized_end=1211
+  _globals['_LISTTOPICSREQUEST']._serialized_start=1213
+  _globals['_LISTTOPICSREQUEST']._serialized_end=1232
+  _globals['_TOPICINFO']._serialized_start=1234
+  _globals['_TOPICINFO']._serialized_end=1354
+  _globals['_LISTTOPICSRESPONSE']._serialized_start=1356
+  _globals['_LISTTOPICSRESPONSE']._serialized_end=1413
+  _globals['_OONASERVICE']._serialized_start=1554
+  _globals['_OONASERVICE']._serialized_end=1907
 # @@protoc_insertion_point(module_scope)

@@ -27,6 +27,7 @@ class _SubscribeStart:
 class _SubscribeStartEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SubscribeStart.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     SUBSCRIBE_START_UNSPECIFIED: _SubscribeStart.ValueType  # 0
+    """The default: the same as SUBSCRIBE_START_LATEST."""
     SUBSCRIBE_START_LATEST: _SubscribeStart.ValueType  # 1
     """Only messages published after the subscription starts."""
     SUBSCRIBE_START_EARLIEST: _SubscribeStart.ValueType  # 2
@@ -34,9 +35,11 @@ class _SubscribeStartEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Subscr
     SUBSCRIBE_START_OFFSET: _SubscribeStart.ValueType  # 3
     """From `from_offset` (inclusive)."""
 
-class SubscribeStart(_SubscribeStart, metaclass=_SubscribeStartEnumTypeWrapper): ...
+class SubscribeStart(_SubscribeStart, metaclass=_SubscribeStartEnumTypeWrapper):
+    """Where a subscription (or a newly created consumer group) starts reading."""
 
 SUBSCRIBE_START_UNSPECIFIED: SubscribeStart.ValueType  # 0
+"""The default: the same as SUBSCRIBE_START_LATEST."""
 SUBSCRIBE_START_LATEST: SubscribeStart.ValueType  # 1
 """Only messages published after the subscription starts."""
 SUBSCRIBE_START_EARLIEST: SubscribeStart.ValueType  # 2
@@ -47,6 +50,8 @@ Global___SubscribeStart: _TypeAlias = SubscribeStart  # noqa: Y015
 
 @_typing.final
 class Envelope(_message.Message):
+    """A delivered message."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -80,8 +85,9 @@ class Envelope(_message.Message):
     DELIVERY_ATTEMPT_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
-    """Assigned by the bus."""
+    """Assigned by the bus: the decimal offset, e.g. "42"."""
     topic: _builtins.str
+    """The topic it was published to."""
     offset: _builtins.int
     """Position in the topic, assigned by the bus, strictly increasing per topic."""
     key: _builtins.str
@@ -89,14 +95,19 @@ class Envelope(_message.Message):
     content_type: _builtins.str
     """e.g. "application/x-protobuf; type=esper.v1.KernelReadyEvent" or "application/json"."""
     payload: _builtins.bytes
+    """The message body, as published."""
     delivery_attempt: _builtins.int
     """1 on first delivery; incremented on each redelivery to a consumer group."""
     source: _builtins.str
     """Publisher identity, e.g. "tezzeret"."""
     @_builtins.property
-    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Headers, as published."""
+
     @_builtins.property
-    def publish_time(self) -> _timestamp_pb2.Timestamp: ...
+    def publish_time(self) -> _timestamp_pb2.Timestamp:
+        """When the bus stored it."""
+
     def __init__(
         self,
         *,
@@ -121,6 +132,8 @@ Global___Envelope: _TypeAlias = Envelope  # noqa: Y015
 
 @_typing.final
 class PublishRequest(_message.Message):
+    """One message to publish."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -149,13 +162,27 @@ class PublishRequest(_message.Message):
     PAYLOAD_FIELD_NUMBER: _builtins.int
     HEADERS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
+    """Required: a topic name (format in the service comment)."""
     key: _builtins.str
+    """Optional partitioning/ordering key, at most 1024 characters."""
     content_type: _builtins.str
+    """Optional media type of the payload, at most 1024 characters."""
     payload: _builtins.bytes
+    """The body, at most the server's max payload (4 MiB less 64 KiB by default)."""
     source: _builtins.str
+    """Optional publisher identity, e.g. "tezzeret", at most 1024 characters."""
+    idempotency_key: _builtins.str
+    """Optional. A publish repeated with the same key on the same topic while the first message is
+    still retained stores nothing and returns the first message's id and offset, so a publisher
+    may retry a Publish that failed in transit (e.g. UNAVAILABLE after the message was stored).
+    1-128 characters of letters, digits and ._:-; empty means no deduplication.
+    """
     @_builtins.property
-    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """At most 64 headers; names non-empty, names and values at most 1024 characters."""
+
     def __init__(
         self,
         *,
@@ -165,10 +192,11 @@ class PublishRequest(_message.Message):
         payload: _builtins.bytes = ...,
         headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         source: _builtins.str = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "headers", b"headers", "key", b"key", "payload", b"payload", "source", b"source", "topic", b"topic"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content_type", b"content_type", "headers", b"headers", "idempotency_key", b"idempotency_key", "key", b"key", "payload", b"payload", "source", b"source", "topic", b"topic"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -176,12 +204,16 @@ Global___PublishRequest: _TypeAlias = PublishRequest  # noqa: Y015
 
 @_typing.final
 class PublishResponse(_message.Message):
+    """Where a published message went."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MESSAGE_ID_FIELD_NUMBER: _builtins.int
     OFFSET_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
+    """The decimal offset, as a string."""
     offset: _builtins.int
+    """The offset in the topic."""
     def __init__(
         self,
         *,
@@ -198,11 +230,15 @@ Global___PublishResponse: _TypeAlias = PublishResponse  # noqa: Y015
 
 @_typing.final
 class PublishBatchRequest(_message.Message):
+    """Input of PublishBatch."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MESSAGES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___PublishRequest]: ...
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___PublishRequest]:
+        """1 to 10000 messages, published in this order; each follows PublishRequest's rules."""
+
     def __init__(
         self,
         *,
@@ -218,6 +254,8 @@ Global___PublishBatchRequest: _TypeAlias = PublishBatchRequest  # noqa: Y015
 
 @_typing.final
 class PublishBatchResponse(_message.Message):
+    """Result of PublishBatch."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
@@ -240,6 +278,8 @@ Global___PublishBatchResponse: _TypeAlias = PublishBatchResponse  # noqa: Y015
 
 @_typing.final
 class SubscribeRequest(_message.Message):
+    """Input of Subscribe."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TOPIC_FIELD_NUMBER: _builtins.int
@@ -251,19 +291,33 @@ class SubscribeRequest(_message.Message):
     MAX_IN_FLIGHT_FIELD_NUMBER: _builtins.int
     MAX_BATCH_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
+    """Required: a topic name (it need not exist yet)."""
     start: Global___SubscribeStart.ValueType
+    """Where to start; UNSPECIFIED means LATEST. For a consumer group it applies only when the
+    group is created.
+    """
     from_offset: _builtins.int
+    """With start OFFSET: the first offset to read, within the retained window
+    [first_offset, next_offset]; must be 0 with any other start.
+    """
     consumer_group: _builtins.str
     """When set, the subscription joins this consumer group: each message goes to one member and
     must be acked, else it is redelivered after visibility_timeout_seconds.
     """
     consumer_name: _builtins.str
+    """This member's name within the group (generated when empty); only with consumer_group."""
     visibility_timeout_seconds: _builtins.float
+    """Seconds a delivery may stay unacked before it is redelivered, in [0.05, 43200]; 0 for the
+    default 30. Only with consumer_group.
+    """
     max_in_flight: _builtins.int
-    """Most unacked messages held by this subscriber at once (0 for the server default)."""
+    """Most unacked messages held by this subscriber at once, in [1, 100000] (0 for the server
+    default, 1000). Only with consumer_group.
+    """
     max_batch: _builtins.int
     """When > 1, each response carries up to this many messages in `batch` (and leaves `message`
     unset): fewer, larger stream messages for high-rate subscribers. 0 or 1: one per response.
+    In [0, 10000]. A batch is also cut so a response fits the server's max message size.
     """
     def __init__(
         self,
@@ -287,12 +341,16 @@ Global___SubscribeRequest: _TypeAlias = SubscribeRequest  # noqa: Y015
 
 @_typing.final
 class SubscribeResponse(_message.Message):
+    """One message of the Subscribe stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MESSAGE_FIELD_NUMBER: _builtins.int
     BATCH_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def message(self) -> Global___Envelope: ...
+    def message(self) -> Global___Envelope:
+        """The next message (when max_batch is 0 or 1)."""
+
     @_builtins.property
     def batch(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]:
         """Set instead of `message` when the request asked for max_batch > 1; offset order."""
@@ -313,15 +371,21 @@ Global___SubscribeResponse: _TypeAlias = SubscribeResponse  # noqa: Y015
 
 @_typing.final
 class AckRequest(_message.Message):
+    """Input of Ack."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TOPIC_FIELD_NUMBER: _builtins.int
     CONSUMER_GROUP_FIELD_NUMBER: _builtins.int
     MESSAGE_IDS_FIELD_NUMBER: _builtins.int
     topic: _builtins.str
+    """Required: the topic the messages came from."""
     consumer_group: _builtins.str
+    """Required: the consumer group they were delivered to (NOT_FOUND when it does not exist)."""
     @_builtins.property
-    def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def message_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 10000 message ids (decimal offsets) as delivered."""
+
     def __init__(
         self,
         *,
@@ -339,10 +403,13 @@ Global___AckRequest: _TypeAlias = AckRequest  # noqa: Y015
 
 @_typing.final
 class AckResponse(_message.Message):
+    """Result of Ack."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ACKED_FIELD_NUMBER: _builtins.int
     acked: _builtins.int
+    """How many were still pending (repeats and unknown ids count 0)."""
     def __init__(
         self,
         *,
@@ -358,6 +425,8 @@ Global___AckResponse: _TypeAlias = AckResponse  # noqa: Y015
 
 @_typing.final
 class ListTopicsRequest(_message.Message):
+    """Input of ListTopics (no parameters)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -373,6 +442,8 @@ Global___ListTopicsRequest: _TypeAlias = ListTopicsRequest  # noqa: Y015
 
 @_typing.final
 class TopicInfo(_message.Message):
+    """A topic's retained window and groups."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -381,11 +452,17 @@ class TopicInfo(_message.Message):
     RETAINED_MESSAGES_FIELD_NUMBER: _builtins.int
     CONSUMER_GROUPS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """The topic's name."""
     first_offset: _builtins.int
+    """Earliest retained offset."""
     next_offset: _builtins.int
+    """Offset the next message will get."""
     retained_messages: _builtins.int
+    """Messages retained now."""
     @_builtins.property
-    def consumer_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def consumer_groups(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of its consumer groups, sorted."""
+
     def __init__(
         self,
         *,
@@ -405,11 +482,15 @@ Global___TopicInfo: _TypeAlias = TopicInfo  # noqa: Y015
 
 @_typing.final
 class ListTopicsResponse(_message.Message):
+    """Result of ListTopics."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TOPICS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def topics(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicInfo]: ...
+    def topics(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopicInfo]:
+        """Every topic, sorted by name."""
+
     def __init__(
         self,
         *,

@@ -30,6 +30,11 @@ class OonaServiceStub:
     offset, or as a consumer group with acks and redelivery after a visibility timeout.
     Well-known topics: esper.telemetry, esper.decisions, esper.compile.requests,
     esper.kernel.ready, esper.lifecycle, esper.metrics.
+
+    Topic names (and consumer group and consumer names): letters, digits, '.', '_' and '-',
+    starting with a letter or digit; topics at most 249 characters, groups and consumers at most
+    128. A message id is the decimal offset of the message in its topic ("0", "1", ...), on every
+    backend. Each topic keeps its newest messages (the server's retention); older ones are gone.
     """
 
     def __init__(self, channel):
@@ -70,10 +75,18 @@ class OonaServiceServicer:
     offset, or as a consumer group with acks and redelivery after a visibility timeout.
     Well-known topics: esper.telemetry, esper.decisions, esper.compile.requests,
     esper.kernel.ready, esper.lifecycle, esper.metrics.
+
+    Topic names (and consumer group and consumer names): letters, digits, '.', '_' and '-',
+    starting with a letter or digit; topics at most 249 characters, groups and consumers at most
+    128. A message id is the decimal offset of the message in its topic ("0", "1", ...), on every
+    backend. Each topic keeps its newest messages (the server's retention); older ones are gone.
     """
 
     def Publish(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Appends one message to its topic (created on first publish) and returns its id and offset.
+        With an idempotency_key, a retry after a lost reply returns the first offset instead of
+        storing a duplicate.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -88,6 +101,9 @@ class OonaServiceServicer:
 
     def Subscribe(self, request, context):
         """Server stream of messages until the client cancels.
+        Responses never exceed the server's max message size: with max_batch > 1 a batch is also cut
+        by bytes. RESOURCE_EXHAUSTED (SUBSCRIBER_LAGGED) when an offset subscriber fell behind
+        retention.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,7 +117,8 @@ class OonaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListTopics(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every topic that was published to or has a consumer group, sorted by name.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -147,6 +164,11 @@ class OonaService:
     offset, or as a consumer group with acks and redelivery after a visibility timeout.
     Well-known topics: esper.telemetry, esper.decisions, esper.compile.requests,
     esper.kernel.ready, esper.lifecycle, esper.metrics.
+
+    Topic names (and consumer group and consumer names): letters, digits, '.', '_' and '-',
+    starting with a letter or digit; topics at most 249 characters, groups and consumers at most
+    128. A message id is the decimal offset of the message in its topic ("0", "1", ...), on every
+    backend. Each topic keeps its newest messages (the server's retention); older ones are gone.
     """
 
     @staticmethod

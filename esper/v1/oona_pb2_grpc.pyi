@@ -31,6 +31,11 @@ class OonaServiceStub:
     offset, or as a consumer group with acks and redelivery after a visibility timeout.
     Well-known topics: esper.telemetry, esper.decisions, esper.compile.requests,
     esper.kernel.ready, esper.lifecycle, esper.metrics.
+
+    Topic names (and consumer group and consumer names): letters, digits, '.', '_' and '-',
+    starting with a letter or digit; topics at most 249 characters, groups and consumers at most
+    128. A message id is the decimal offset of the message in its topic ("0", "1", ...), on every
+    backend. Each topic keeps its newest messages (the server's retention); older ones are gone.
     """
 
     @_typing.overload
@@ -38,15 +43,24 @@ class OonaServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> OonaServiceAsyncStub: ...
     Publish: _grpc.UnaryUnaryMultiCallable[_oona_pb2.PublishRequest, _oona_pb2.PublishResponse]
+    """Appends one message to its topic (created on first publish) and returns its id and offset.
+    With an idempotency_key, a retry after a lost reply returns the first offset instead of
+    storing a duplicate.
+    """
     PublishBatch: _grpc.UnaryUnaryMultiCallable[_oona_pb2.PublishBatchRequest, _oona_pb2.PublishBatchResponse]
     """Publishes several messages in one call, in order (each may name its own topic). The whole
     batch is validated first: one bad message rejects the batch and nothing is published.
     """
     Subscribe: _grpc.UnaryStreamMultiCallable[_oona_pb2.SubscribeRequest, _oona_pb2.SubscribeResponse]
-    """Server stream of messages until the client cancels."""
+    """Server stream of messages until the client cancels.
+    Responses never exceed the server's max message size: with max_batch > 1 a batch is also cut
+    by bytes. RESOURCE_EXHAUSTED (SUBSCRIBER_LAGGED) when an offset subscriber fell behind
+    retention.
+    """
     Ack: _grpc.UnaryUnaryMultiCallable[_oona_pb2.AckRequest, _oona_pb2.AckResponse]
     """Acknowledges consumer-group deliveries; unacked ones are redelivered after the timeout."""
     ListTopics: _grpc.UnaryUnaryMultiCallable[_oona_pb2.ListTopicsRequest, _oona_pb2.ListTopicsResponse]
+    """Every topic that was published to or has a consumer group, sorted by name."""
 
 @_typing.type_check_only
 class OonaServiceAsyncStub(OonaServiceStub):
@@ -54,25 +68,44 @@ class OonaServiceAsyncStub(OonaServiceStub):
     offset, or as a consumer group with acks and redelivery after a visibility timeout.
     Well-known topics: esper.telemetry, esper.decisions, esper.compile.requests,
     esper.kernel.ready, esper.lifecycle, esper.metrics.
+
+    Topic names (and consumer group and consumer names): letters, digits, '.', '_' and '-',
+    starting with a letter or digit; topics at most 249 characters, groups and consumers at most
+    128. A message id is the decimal offset of the message in its topic ("0", "1", ...), on every
+    backend. Each topic keeps its newest messages (the server's retention); older ones are gone.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Publish: _aio.UnaryUnaryMultiCallable[_oona_pb2.PublishRequest, _oona_pb2.PublishResponse]  # type: ignore[assignment]
+    """Appends one message to its topic (created on first publish) and returns its id and offset.
+    With an idempotency_key, a retry after a lost reply returns the first offset instead of
+    storing a duplicate.
+    """
     PublishBatch: _aio.UnaryUnaryMultiCallable[_oona_pb2.PublishBatchRequest, _oona_pb2.PublishBatchResponse]  # type: ignore[assignment]
     """Publishes several messages in one call, in order (each may name its own topic). The whole
     batch is validated first: one bad message rejects the batch and nothing is published.
     """
     Subscribe: _aio.UnaryStreamMultiCallable[_oona_pb2.SubscribeRequest, _oona_pb2.SubscribeResponse]  # type: ignore[assignment]
-    """Server stream of messages until the client cancels."""
+    """Server stream of messages until the client cancels.
+    Responses never exceed the server's max message size: with max_batch > 1 a batch is also cut
+    by bytes. RESOURCE_EXHAUSTED (SUBSCRIBER_LAGGED) when an offset subscriber fell behind
+    retention.
+    """
     Ack: _aio.UnaryUnaryMultiCallable[_oona_pb2.AckRequest, _oona_pb2.AckResponse]  # type: ignore[assignment]
     """Acknowledges consumer-group deliveries; unacked ones are redelivered after the timeout."""
     ListTopics: _aio.UnaryUnaryMultiCallable[_oona_pb2.ListTopicsRequest, _oona_pb2.ListTopicsResponse]  # type: ignore[assignment]
+    """Every topic that was published to or has a consumer group, sorted by name."""
 
 class OonaServiceServicer(metaclass=_abc_1.ABCMeta):
     """Oona: the message bus. Topics are append-only logs with offsets; subscribers read from an
     offset, or as a consumer group with acks and redelivery after a visibility timeout.
     Well-known topics: esper.telemetry, esper.decisions, esper.compile.requests,
     esper.kernel.ready, esper.lifecycle, esper.metrics.
+
+    Topic names (and consumer group and consumer names): letters, digits, '.', '_' and '-',
+    starting with a letter or digit; topics at most 249 characters, groups and consumers at most
+    128. A message id is the decimal offset of the message in its topic ("0", "1", ...), on every
+    backend. Each topic keeps its newest messages (the server's retention); older ones are gone.
     """
 
     @_abc_1.abstractmethod
@@ -80,7 +113,11 @@ class OonaServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _oona_pb2.PublishRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_oona_pb2.PublishResponse, _abc.Awaitable[_oona_pb2.PublishResponse]]: ...
+    ) -> _typing.Union[_oona_pb2.PublishResponse, _abc.Awaitable[_oona_pb2.PublishResponse]]:
+        """Appends one message to its topic (created on first publish) and returns its id and offset.
+        With an idempotency_key, a retry after a lost reply returns the first offset instead of
+        storing a duplicate.
+        """
 
     @_abc_1.abstractmethod
     def PublishBatch(
@@ -98,7 +135,11 @@ class OonaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _oona_pb2.SubscribeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_oona_pb2.SubscribeResponse], _abc.AsyncIterator[_oona_pb2.SubscribeResponse]]:
-        """Server stream of messages until the client cancels."""
+        """Server stream of messages until the client cancels.
+        Responses never exceed the server's max message size: with max_batch > 1 a batch is also cut
+        by bytes. RESOURCE_EXHAUSTED (SUBSCRIBER_LAGGED) when an offset subscriber fell behind
+        retention.
+        """
 
     @_abc_1.abstractmethod
     def Ack(
@@ -113,6 +154,7 @@ class OonaServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _oona_pb2.ListTopicsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_oona_pb2.ListTopicsResponse, _abc.Awaitable[_oona_pb2.ListTopicsResponse]]: ...
+    ) -> _typing.Union[_oona_pb2.ListTopicsResponse, _abc.Awaitable[_oona_pb2.ListTopicsResponse]]:
+        """Every topic that was published to or has a consumer group, sorted by name."""
 
 def add_OonaServiceServicer_to_server(servicer: OonaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

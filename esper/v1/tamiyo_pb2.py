@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from esper.v1 import common_pb2 as esper_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65sper/v1/tamiyo.proto\x12\x08\x65sper.v1\x1a\x15\x65sper/v1/common.proto\"9\n\rDecideRequest\x12(\n\x05graph\x18\x01 \x01(\x0b\x32\x19.esper.v1.ModelGraphState\"Y\n\x0e\x44\x65\x63ideResponse\x12/\n\tdecisions\x18\x01 \x03(\x0b\x32\x1c.esper.v1.AdaptationDecision\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\"=\n\x14ReportOutcomeRequest\x12%\n\x06report\x18\x01 \x01(\x0b\x32\x15.esper.v1.FieldReport\"F\n\x15ReportOutcomeResponse\x12\x11\n\treport_id\x18\x01 \x01(\t\x12\x1a\n\x12replay_buffer_size\x18\x02 \x01(\x03\"\x16\n\x14GetPolicyInfoRequest\"\xc9\x01\n\x15GetPolicyInfoResponse\x12\x13\n\x0bpolicy_kind\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x1a\n\x12replay_buffer_size\x18\x03 \x01(\x03\x12\x39\n\x05rails\x18\x04 \x03(\x0b\x32*.esper.v1.GetPolicyInfoResponse.RailsEntry\x1a,\n\nRailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xf0\x01\n\rTamiyoService\x12;\n\x06\x44\x65\x63ide\x12\x17.esper.v1.DecideRequest\x1a\x18.esper.v1.DecideResponse\x12P\n\rReportOutcome\x12\x1e.esper.v1.ReportOutcomeRequest\x1a\x1f.esper.v1.ReportOutcomeResponse\x12P\n\rGetPolicyInfo\x12\x1e.esper.v1.GetPolicyInfoRequest\x1a\x1f.esper.v1.GetPolicyInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65sper/v1/tamiyo.proto\x12\x08\x65sper.v1\x1a\x15\x65sper/v1/common.proto\"9\n\rDecideRequest\x12(\n\x05graph\x18\x01 \x01(\x0b\x32\x19.esper.v1.ModelGraphState\"Y\n\x0e\x44\x65\x63ideResponse\x12/\n\tdecisions\x18\x01 \x03(\x0b\x32\x1c.esper.v1.AdaptationDecision\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\"=\n\x14ReportOutcomeRequest\x12%\n\x06report\x18\x01 \x01(\x0b\x32\x15.esper.v1.FieldReport\"F\n\x15ReportOutcomeResponse\x12\x11\n\treport_id\x18\x01 \x01(\t\x12\x1a\n\x12replay_buffer_size\x18\x02 \x01(\x03\"\x16\n\x14GetPolicyInfoRequest\"\x8e\x02\n\x15GetPolicyInfoResponse\x12\x13\n\x0bpolicy_kind\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x1a\n\x12replay_buffer_size\x18\x03 \x01(\x03\x12\x39\n\x05rails\x18\x04 \x03(\x0b\x32*.esper.v1.GetPolicyInfoResponse.RailsEntry\x12\x15\n\rpolicy_source\x18\x05 \x01(\t\x12\x14\n\x0cpolicy_swaps\x18\x06 \x01(\x03\x12\x16\n\x0e\x66\x65\x61ture_schema\x18\x07 \x01(\t\x1a,\n\nRailsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xf0\x01\n\rTamiyoService\x12;\n\x06\x44\x65\x63ide\x12\x17.esper.v1.DecideRequest\x1a\x18.esper.v1.DecideResponse\x12P\n\rReportOutcome\x12\x1e.esper.v1.ReportOutcomeRequest\x1a\x1f.esper.v1.ReportOutcomeResponse\x12P\n\rGetPolicyInfo\x12\x1e.esper.v1.GetPolicyInfoRequest\x1a\x1f.esper.v1.GetPolicyInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,9 +45,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETPOLICYINFOREQUEST']._serialized_start=343
   _globals['_GETPOLICYINFOREQUEST']._serialized_end=365
   _globals['_GETPOLICYINFORESPONSE']._serialized_start=368
-  _globals['_GETPOLICYINFORESPONSE']._serialized_end=569
-  _globals['_GETPOLICYINFORESPONSE_RAILSENTRY']._serialized_start=525
-  _globals['_GETPOLICYINFORESPONSE_RAILSENTRY']._serialized_end=569
-  _globals['_TAMIYOSERVICE']._serialized_start=572
-  _globals['_TAMIYOSERVICE']._serialized_end=812
+  _globals['_GETPOLICYINFORESPONSE']._serialized_end=638
+  _globals['_GETPOLICYINFORESPONSE_RAILSENTRY']._serialized_start=594
+  _globals['_GETPOLICYINFORESPONSE_RAILSENTRY']._serialized_end=638
+  _globals['_TAMIYOSERVICE']._serialized_start=641
+  _globals['_TAMIYOSERVICE']._serialized_end=881
 # @@protoc_insertion_point(module_scope)

@@ -21,11 +21,15 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class DecideRequest(_message.Message):
+    """Input of Decide."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     GRAPH_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def graph(self) -> _common_pb2.ModelGraphState: ...
+    def graph(self) -> _common_pb2.ModelGraphState:
+        """Required: the model graph at the epoch boundary (see ModelGraphState for required fields)."""
+
     def __init__(
         self,
         *,
@@ -41,11 +45,14 @@ Global___DecideRequest: _TypeAlias = DecideRequest  # noqa: Y015
 
 @_typing.final
 class DecideResponse(_message.Message):
+    """Result of Decide."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DECISIONS_FIELD_NUMBER: _builtins.int
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     policy_version: _builtins.str
+    """Version of the policy that decided."""
     @_builtins.property
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.AdaptationDecision]:
         """Empty or a single WAIT when nothing should change."""
@@ -66,11 +73,15 @@ Global___DecideResponse: _TypeAlias = DecideResponse  # noqa: Y015
 
 @_typing.final
 class ReportOutcomeRequest(_message.Message):
+    """Input of ReportOutcome."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPORT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def report(self) -> _common_pb2.FieldReport: ...
+    def report(self) -> _common_pb2.FieldReport:
+        """Required: report.decision.decision_id non-empty and report.outcome not UNSPECIFIED."""
+
     def __init__(
         self,
         *,
@@ -86,11 +97,14 @@ Global___ReportOutcomeRequest: _TypeAlias = ReportOutcomeRequest  # noqa: Y015
 
 @_typing.final
 class ReportOutcomeResponse(_message.Message):
+    """Result of ReportOutcome."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REPORT_ID_FIELD_NUMBER: _builtins.int
     REPLAY_BUFFER_SIZE_FIELD_NUMBER: _builtins.int
     report_id: _builtins.str
+    """The stored report's id (assigned when the request left it empty)."""
     replay_buffer_size: _builtins.int
     """Reports held in the replay buffer after this one."""
     def __init__(
@@ -109,6 +123,8 @@ Global___ReportOutcomeResponse: _TypeAlias = ReportOutcomeResponse  # noqa: Y015
 
 @_typing.final
 class GetPolicyInfoRequest(_message.Message):
+    """Input of GetPolicyInfo (no parameters)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -124,6 +140,8 @@ Global___GetPolicyInfoRequest: _TypeAlias = GetPolicyInfoRequest  # noqa: Y015
 
 @_typing.final
 class GetPolicyInfoResponse(_message.Message):
+    """Result of GetPolicyInfo."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -150,10 +168,21 @@ class GetPolicyInfoResponse(_message.Message):
     POLICY_VERSION_FIELD_NUMBER: _builtins.int
     REPLAY_BUFFER_SIZE_FIELD_NUMBER: _builtins.int
     RAILS_FIELD_NUMBER: _builtins.int
+    POLICY_SOURCE_FIELD_NUMBER: _builtins.int
+    POLICY_SWAPS_FIELD_NUMBER: _builtins.int
+    FEATURE_SCHEMA_FIELD_NUMBER: _builtins.int
     policy_kind: _builtins.str
-    """"heuristic" or "gnn"."""
+    """"heuristic", "random" or "gnn"."""
     policy_version: _builtins.str
+    """Version of the policy in force."""
     replay_buffer_size: _builtins.int
+    """Reports held in the replay buffer."""
+    policy_source: _builtins.str
+    """Where a learned policy was loaded from (a directory, or "urza:<version>"); empty otherwise."""
+    policy_swaps: _builtins.int
+    """Times the server replaced its policy by a newer version without restarting."""
+    feature_schema: _builtins.str
+    """Graph feature schema the loaded policy was trained on, e.g. "tamiyo-graph/1"."""
     @_builtins.property
     def rails(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Safety rails in force, e.g. "cooldown_epochs" -> "2"."""
@@ -165,10 +194,13 @@ class GetPolicyInfoResponse(_message.Message):
         policy_version: _builtins.str = ...,
         replay_buffer_size: _builtins.int = ...,
         rails: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        policy_source: _builtins.str = ...,
+        policy_swaps: _builtins.int = ...,
+        feature_schema: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy_kind", b"policy_kind", "policy_version", b"policy_version", "rails", b"rails", "replay_buffer_size", b"replay_buffer_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_schema", b"feature_schema", "policy_kind", b"policy_kind", "policy_source", b"policy_source", "policy_swaps", b"policy_swaps", "policy_version", b"policy_version", "rails", b"rails", "replay_buffer_size", b"replay_buffer_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

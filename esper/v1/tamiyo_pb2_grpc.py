@@ -57,7 +57,10 @@ class TamiyoServiceServicer:
     """
 
     def Decide(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Decisions for one epoch boundary of a run, safety rails applied. INVALID_ARGUMENT when
+        graph.run_id is empty, graph.signals.initial_flops_per_sample is not > 0, or a node's
+        seed.chunk_size is not > 0.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -70,7 +73,8 @@ class TamiyoServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetPolicyInfo(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The policy in force, its rails and the replay buffer's size.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -34,9 +34,14 @@ class TamiyoServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TamiyoServiceAsyncStub: ...
     Decide: _grpc.UnaryUnaryMultiCallable[_tamiyo_pb2.DecideRequest, _tamiyo_pb2.DecideResponse]
+    """Decisions for one epoch boundary of a run, safety rails applied. INVALID_ARGUMENT when
+    graph.run_id is empty, graph.signals.initial_flops_per_sample is not > 0, or a node's
+    seed.chunk_size is not > 0.
+    """
     ReportOutcome: _grpc.UnaryUnaryMultiCallable[_tamiyo_pb2.ReportOutcomeRequest, _tamiyo_pb2.ReportOutcomeResponse]
     """Appends a field report to the replay buffer on disk."""
     GetPolicyInfo: _grpc.UnaryUnaryMultiCallable[_tamiyo_pb2.GetPolicyInfoRequest, _tamiyo_pb2.GetPolicyInfoResponse]
+    """The policy in force, its rails and the replay buffer's size."""
 
 @_typing.type_check_only
 class TamiyoServiceAsyncStub(TamiyoServiceStub):
@@ -44,9 +49,14 @@ class TamiyoServiceAsyncStub(TamiyoServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Decide: _aio.UnaryUnaryMultiCallable[_tamiyo_pb2.DecideRequest, _tamiyo_pb2.DecideResponse]  # type: ignore[assignment]
+    """Decisions for one epoch boundary of a run, safety rails applied. INVALID_ARGUMENT when
+    graph.run_id is empty, graph.signals.initial_flops_per_sample is not > 0, or a node's
+    seed.chunk_size is not > 0.
+    """
     ReportOutcome: _aio.UnaryUnaryMultiCallable[_tamiyo_pb2.ReportOutcomeRequest, _tamiyo_pb2.ReportOutcomeResponse]  # type: ignore[assignment]
     """Appends a field report to the replay buffer on disk."""
     GetPolicyInfo: _aio.UnaryUnaryMultiCallable[_tamiyo_pb2.GetPolicyInfoRequest, _tamiyo_pb2.GetPolicyInfoResponse]  # type: ignore[assignment]
+    """The policy in force, its rails and the replay buffer's size."""
 
 class TamiyoServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tamiyo: the controller. Turns a model graph into adaptation decisions and records outcomes."""
@@ -56,7 +66,11 @@ class TamiyoServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _tamiyo_pb2.DecideRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_tamiyo_pb2.DecideResponse, _abc.Awaitable[_tamiyo_pb2.DecideResponse]]: ...
+    ) -> _typing.Union[_tamiyo_pb2.DecideResponse, _abc.Awaitable[_tamiyo_pb2.DecideResponse]]:
+        """Decisions for one epoch boundary of a run, safety rails applied. INVALID_ARGUMENT when
+        graph.run_id is empty, graph.signals.initial_flops_per_sample is not > 0, or a node's
+        seed.chunk_size is not > 0.
+        """
 
     @_abc_1.abstractmethod
     def ReportOutcome(
@@ -71,6 +85,7 @@ class TamiyoServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _tamiyo_pb2.GetPolicyInfoRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_tamiyo_pb2.GetPolicyInfoResponse, _abc.Awaitable[_tamiyo_pb2.GetPolicyInfoResponse]]: ...
+    ) -> _typing.Union[_tamiyo_pb2.GetPolicyInfoResponse, _abc.Awaitable[_tamiyo_pb2.GetPolicyInfoResponse]]:
+        """The policy in force, its rails and the replay buffer's size."""
 
 def add_TamiyoServiceServicer_to_server(servicer: TamiyoServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

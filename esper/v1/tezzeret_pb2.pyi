@@ -29,29 +29,48 @@ class _CompileJobStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Compi
     DESCRIPTOR: _descriptor.EnumDescriptor
     COMPILE_JOB_STATE_UNSPECIFIED: _CompileJobState.ValueType  # 0
     COMPILE_JOB_STATE_QUEUED: _CompileJobState.ValueType  # 1
+    """Waiting for a free worker."""
     COMPILE_JOB_STATE_RUNNING: _CompileJobState.ValueType  # 2
+    """A worker is compiling it, or the result is being stored in Urza (storing is retried with
+    backoff while Urza is unavailable).
+    """
     COMPILE_JOB_STATE_SUCCEEDED: _CompileJobState.ValueType  # 3
     """The artifact is stored in Urza as VALIDATED."""
     COMPILE_JOB_STATE_FAILED: _CompileJobState.ValueType  # 4
-    """Compiled but rejected (stored in Urza as INVALID with the reason), or the worker failed."""
+    """Compiled but rejected (stored in Urza as INVALID with the reason), or the worker failed, or
+    the result could not be stored (see CompileJob.artifact for telling these apart).
+    """
     COMPILE_JOB_STATE_TIMED_OUT: _CompileJobState.ValueType  # 5
+    """The compile ran past timeout_seconds; the worker was killed."""
     COMPILE_JOB_STATE_CANCELLED: _CompileJobState.ValueType  # 6
+    """CancelCompileJob stopped it."""
 
-class CompileJobState(_CompileJobState, metaclass=_CompileJobStateEnumTypeWrapper): ...
+class CompileJobState(_CompileJobState, metaclass=_CompileJobStateEnumTypeWrapper):
+    """Where a compile job stands. SUCCEEDED, FAILED, TIMED_OUT and CANCELLED are final."""
 
 COMPILE_JOB_STATE_UNSPECIFIED: CompileJobState.ValueType  # 0
 COMPILE_JOB_STATE_QUEUED: CompileJobState.ValueType  # 1
+"""Waiting for a free worker."""
 COMPILE_JOB_STATE_RUNNING: CompileJobState.ValueType  # 2
+"""A worker is compiling it, or the result is being stored in Urza (storing is retried with
+backoff while Urza is unavailable).
+"""
 COMPILE_JOB_STATE_SUCCEEDED: CompileJobState.ValueType  # 3
 """The artifact is stored in Urza as VALIDATED."""
 COMPILE_JOB_STATE_FAILED: CompileJobState.ValueType  # 4
-"""Compiled but rejected (stored in Urza as INVALID with the reason), or the worker failed."""
+"""Compiled but rejected (stored in Urza as INVALID with the reason), or the worker failed, or
+the result could not be stored (see CompileJob.artifact for telling these apart).
+"""
 COMPILE_JOB_STATE_TIMED_OUT: CompileJobState.ValueType  # 5
+"""The compile ran past timeout_seconds; the worker was killed."""
 COMPILE_JOB_STATE_CANCELLED: CompileJobState.ValueType  # 6
+"""CancelCompileJob stopped it."""
 Global___CompileJobState: _TypeAlias = CompileJobState  # noqa: Y015
 
 @_typing.final
 class CompileJob(_message.Message):
+    """One compile job as the server sees it."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
@@ -70,27 +89,49 @@ class CompileJob(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    """Assigned by the server, "job-" and 16 hex characters."""
     blueprint_id: _builtins.str
+    """The blueprint compiled."""
     blueprint_version: _builtins.int
+    """Its registered version."""
     device: _common_pb2.DeviceType.ValueType
+    """Target device."""
     dtype: _common_pb2.DType.ValueType
+    """Target dtype."""
     state: Global___CompileJobState.ValueType
+    """Where the job stands."""
     kernel_id: _builtins.str
+    """The artifact's id (see KernelArtifact.kernel_id for how it is derived)."""
     error: _builtins.str
     """Why the job failed, timed out or was cancelled."""
     reused: _builtins.bool
     """True when an existing artifact was reused instead of compiling."""
     timeout_seconds: _builtins.float
+    """The time limit in force for the compile."""
     @_builtins.property
-    def input_shape(self) -> _common_pb2.TensorShape: ...
+    def input_shape(self) -> _common_pb2.TensorShape:
+        """The seed input shape, batch -1."""
+
     @_builtins.property
-    def artifact(self) -> _common_pb2.KernelArtifact: ...
+    def artifact(self) -> _common_pb2.KernelArtifact:
+        """The stored artifact, once the job finished with one. A FAILED job whose artifact is INVALID
+        failed deterministically (the compiler rejected the blueprint: trying again gives the same);
+        a FAILED job without one (a worker crash, or Urza unavailable past the store retry window),
+        TIMED_OUT or CANCELLED may succeed when requested again.
+        """
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the request arrived."""
+
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When a worker started it."""
+
     @_builtins.property
-    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When it reached a final state."""
+
     def __init__(
         self,
         *,
@@ -120,6 +161,8 @@ Global___CompileJob: _TypeAlias = CompileJob  # noqa: Y015
 
 @_typing.final
 class CompileRequest(_message.Message):
+    """Input of Compile: which blueprint, for which input, where."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLUEPRINT_ID_FIELD_NUMBER: _builtins.int
@@ -130,19 +173,28 @@ class CompileRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     blueprint_id: _builtins.str
-    """A blueprint registered in Urza ..."""
+    """A blueprint registered in Urza (required unless `blueprint` is set; if both are set they
+    must name the same id) ...
+    """
     blueprint_version: _builtins.int
+    """... its version, >= 0 (0 for the latest) ..."""
     device: _common_pb2.DeviceType.ValueType
+    """Required: DEVICE_TYPE_CPU or DEVICE_TYPE_CUDA; DEVICE_TYPE_UNSPECIFIED is INVALID_ARGUMENT."""
     dtype: _common_pb2.DType.ValueType
+    """Required: one of the four DTypes; D_TYPE_UNSPECIFIED is INVALID_ARGUMENT."""
     timeout_seconds: _builtins.float
-    """0 for the server default."""
+    """Seconds the compile may take, in [0, server max] (3600 by default); 0 for the server
+    default (120 by default).
+    """
     @_builtins.property
     def blueprint(self) -> _common_pb2.BlueprintSpec:
         """... or an inline spec (registered in Urza as part of the job)."""
 
     @_builtins.property
     def input_shape(self) -> _common_pb2.TensorShape:
-        """Shape of the seed's input chunk; the batch dimension is -1 (dynamic)."""
+        """Required. Shape of the seed's input chunk: [-1, C], [-1, C, L] or [-1, C, H, W], the batch
+        -1 (dynamic), every other dimension >= 1, at most 2^24 elements per sample.
+        """
 
     def __init__(
         self,
@@ -165,11 +217,15 @@ Global___CompileRequest: _TypeAlias = CompileRequest  # noqa: Y015
 
 @_typing.final
 class CompileResponse(_message.Message):
+    """Result of Compile."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> Global___CompileJob: ...
+    def job(self) -> Global___CompileJob:
+        """The job (new, joined or reused)."""
+
     def __init__(
         self,
         *,
@@ -185,10 +241,13 @@ Global___CompileResponse: _TypeAlias = CompileResponse  # noqa: Y015
 
 @_typing.final
 class GetCompileJobRequest(_message.Message):
+    """Input of GetCompileJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    """Required: a job id this server returned."""
     def __init__(
         self,
         *,
@@ -204,11 +263,15 @@ Global___GetCompileJobRequest: _TypeAlias = GetCompileJobRequest  # noqa: Y015
 
 @_typing.final
 class GetCompileJobResponse(_message.Message):
+    """Result of GetCompileJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> Global___CompileJob: ...
+    def job(self) -> Global___CompileJob:
+        """The job now."""
+
     def __init__(
         self,
         *,
@@ -224,10 +287,13 @@ Global___GetCompileJobResponse: _TypeAlias = GetCompileJobResponse  # noqa: Y015
 
 @_typing.final
 class WatchCompileJobRequest(_message.Message):
+    """Input of WatchCompileJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    """Required: a job id this server returned."""
     def __init__(
         self,
         *,
@@ -243,11 +309,15 @@ Global___WatchCompileJobRequest: _TypeAlias = WatchCompileJobRequest  # noqa: Y0
 
 @_typing.final
 class WatchCompileJobResponse(_message.Message):
+    """One message of the WatchCompileJob stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> Global___CompileJob: ...
+    def job(self) -> Global___CompileJob:
+        """The job after a change (the first message is the job as it was when the watch began)."""
+
     def __init__(
         self,
         *,
@@ -263,14 +333,19 @@ Global___WatchCompileJobResponse: _TypeAlias = WatchCompileJobResponse  # noqa: 
 
 @_typing.final
 class ListCompileJobsRequest(_message.Message):
+    """Input of ListCompileJobs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     state: Global___CompileJobState.ValueType
+    """Only jobs in this state when set."""
     page_size: _builtins.int
+    """>= 0; 0 means 100; capped at 1000. A page may hold fewer: it stops at 2 MiB of jobs."""
     page_token: _builtins.str
+    """Empty for the first page, else a next_page_token this server returned."""
     def __init__(
         self,
         *,
@@ -288,13 +363,18 @@ Global___ListCompileJobsRequest: _TypeAlias = ListCompileJobsRequest  # noqa: Y0
 
 @_typing.final
 class ListCompileJobsResponse(_message.Message):
+    """Result of ListCompileJobs."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOBS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass it as page_token for the next page; empty on the last page."""
     @_builtins.property
-    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompileJob]: ...
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___CompileJob]:
+        """One page in creation order."""
+
     def __init__(
         self,
         *,
@@ -311,10 +391,13 @@ Global___ListCompileJobsResponse: _TypeAlias = ListCompileJobsResponse  # noqa: 
 
 @_typing.final
 class CancelCompileJobRequest(_message.Message):
+    """Input of CancelCompileJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
+    """Required: a job id this server returned."""
     def __init__(
         self,
         *,
@@ -330,11 +413,15 @@ Global___CancelCompileJobRequest: _TypeAlias = CancelCompileJobRequest  # noqa: 
 
 @_typing.final
 class CancelCompileJobResponse(_message.Message):
+    """Result of CancelCompileJob."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     JOB_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def job(self) -> Global___CompileJob: ...
+    def job(self) -> Global___CompileJob:
+        """The job in its final state (CANCELLED)."""
+
     def __init__(
         self,
         *,

@@ -69,14 +69,20 @@ class TezzeretServiceServicer:
     """
 
     def Compile(self, request, context):
-        """Starts a compile job, or returns the finished job when the artifact already exists.
+        """Starts a compile job, or returns the finished job when the artifact already exists, or the
+        running job when an identical one is in progress. INVALID_ARGUMENT names a bad field;
+        RESOURCE_EXHAUSTED (reason COMPILE_LIMIT_EXCEEDED, metadata["limit"] = max_parameters,
+        max_flops_per_sample or worker_memory_bytes) when the seed is larger than this server's
+        configured limits, checked before anything is built; FAILED_PRECONDITION (NO_CUDA_DEVICE)
+        for CUDA on a server without a GPU.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetCompileJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The job now; NOT_FOUND (JOB_NOT_FOUND) when unknown.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -89,13 +95,16 @@ class TezzeretServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListCompileJobs(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Jobs in creation order, optionally of one state, one page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CancelCompileJob(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Cancels a queued or running job (its worker is replaced). FAILED_PRECONDITION when it is
+        finished (JOB_FINISHED), storing its result (JOB_STORING) or finishing (JOB_FINISHING).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -36,12 +36,23 @@ class TezzeretServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TezzeretServiceAsyncStub: ...
     Compile: _grpc.UnaryUnaryMultiCallable[_tezzeret_pb2.CompileRequest, _tezzeret_pb2.CompileResponse]
-    """Starts a compile job, or returns the finished job when the artifact already exists."""
+    """Starts a compile job, or returns the finished job when the artifact already exists, or the
+    running job when an identical one is in progress. INVALID_ARGUMENT names a bad field;
+    RESOURCE_EXHAUSTED (reason COMPILE_LIMIT_EXCEEDED, metadata["limit"] = max_parameters,
+    max_flops_per_sample or worker_memory_bytes) when the seed is larger than this server's
+    configured limits, checked before anything is built; FAILED_PRECONDITION (NO_CUDA_DEVICE)
+    for CUDA on a server without a GPU.
+    """
     GetCompileJob: _grpc.UnaryUnaryMultiCallable[_tezzeret_pb2.GetCompileJobRequest, _tezzeret_pb2.GetCompileJobResponse]
+    """The job now; NOT_FOUND (JOB_NOT_FOUND) when unknown."""
     WatchCompileJob: _grpc.UnaryStreamMultiCallable[_tezzeret_pb2.WatchCompileJobRequest, _tezzeret_pb2.WatchCompileJobResponse]
     """Streams the job's state changes until it reaches a final state."""
     ListCompileJobs: _grpc.UnaryUnaryMultiCallable[_tezzeret_pb2.ListCompileJobsRequest, _tezzeret_pb2.ListCompileJobsResponse]
+    """Jobs in creation order, optionally of one state, one page at a time."""
     CancelCompileJob: _grpc.UnaryUnaryMultiCallable[_tezzeret_pb2.CancelCompileJobRequest, _tezzeret_pb2.CancelCompileJobResponse]
+    """Cancels a queued or running job (its worker is replaced). FAILED_PRECONDITION when it is
+    finished (JOB_FINISHED), storing its result (JOB_STORING) or finishing (JOB_FINISHING).
+    """
 
 @_typing.type_check_only
 class TezzeretServiceAsyncStub(TezzeretServiceStub):
@@ -51,12 +62,23 @@ class TezzeretServiceAsyncStub(TezzeretServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Compile: _aio.UnaryUnaryMultiCallable[_tezzeret_pb2.CompileRequest, _tezzeret_pb2.CompileResponse]  # type: ignore[assignment]
-    """Starts a compile job, or returns the finished job when the artifact already exists."""
+    """Starts a compile job, or returns the finished job when the artifact already exists, or the
+    running job when an identical one is in progress. INVALID_ARGUMENT names a bad field;
+    RESOURCE_EXHAUSTED (reason COMPILE_LIMIT_EXCEEDED, metadata["limit"] = max_parameters,
+    max_flops_per_sample or worker_memory_bytes) when the seed is larger than this server's
+    configured limits, checked before anything is built; FAILED_PRECONDITION (NO_CUDA_DEVICE)
+    for CUDA on a server without a GPU.
+    """
     GetCompileJob: _aio.UnaryUnaryMultiCallable[_tezzeret_pb2.GetCompileJobRequest, _tezzeret_pb2.GetCompileJobResponse]  # type: ignore[assignment]
+    """The job now; NOT_FOUND (JOB_NOT_FOUND) when unknown."""
     WatchCompileJob: _aio.UnaryStreamMultiCallable[_tezzeret_pb2.WatchCompileJobRequest, _tezzeret_pb2.WatchCompileJobResponse]  # type: ignore[assignment]
     """Streams the job's state changes until it reaches a final state."""
     ListCompileJobs: _aio.UnaryUnaryMultiCallable[_tezzeret_pb2.ListCompileJobsRequest, _tezzeret_pb2.ListCompileJobsResponse]  # type: ignore[assignment]
+    """Jobs in creation order, optionally of one state, one page at a time."""
     CancelCompileJob: _aio.UnaryUnaryMultiCallable[_tezzeret_pb2.CancelCompileJobRequest, _tezzeret_pb2.CancelCompileJobResponse]  # type: ignore[assignment]
+    """Cancels a queued or running job (its worker is replaced). FAILED_PRECONDITION when it is
+    finished (JOB_FINISHED), storing its result (JOB_STORING) or finishing (JOB_FINISHING).
+    """
 
 class TezzeretServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tezzeret: compiles (blueprint, input shape, device, dtype) into a validated kernel artifact in
@@ -69,14 +91,21 @@ class TezzeretServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tezzeret_pb2.CompileRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tezzeret_pb2.CompileResponse, _abc.Awaitable[_tezzeret_pb2.CompileResponse]]:
-        """Starts a compile job, or returns the finished job when the artifact already exists."""
+        """Starts a compile job, or returns the finished job when the artifact already exists, or the
+        running job when an identical one is in progress. INVALID_ARGUMENT names a bad field;
+        RESOURCE_EXHAUSTED (reason COMPILE_LIMIT_EXCEEDED, metadata["limit"] = max_parameters,
+        max_flops_per_sample or worker_memory_bytes) when the seed is larger than this server's
+        configured limits, checked before anything is built; FAILED_PRECONDITION (NO_CUDA_DEVICE)
+        for CUDA on a server without a GPU.
+        """
 
     @_abc_1.abstractmethod
     def GetCompileJob(
         self,
         request: _tezzeret_pb2.GetCompileJobRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_tezzeret_pb2.GetCompileJobResponse, _abc.Awaitable[_tezzeret_pb2.GetCompileJobResponse]]: ...
+    ) -> _typing.Union[_tezzeret_pb2.GetCompileJobResponse, _abc.Awaitable[_tezzeret_pb2.GetCompileJobResponse]]:
+        """The job now; NOT_FOUND (JOB_NOT_FOUND) when unknown."""
 
     @_abc_1.abstractmethod
     def WatchCompileJob(
@@ -91,13 +120,17 @@ class TezzeretServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _tezzeret_pb2.ListCompileJobsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_tezzeret_pb2.ListCompileJobsResponse, _abc.Awaitable[_tezzeret_pb2.ListCompileJobsResponse]]: ...
+    ) -> _typing.Union[_tezzeret_pb2.ListCompileJobsResponse, _abc.Awaitable[_tezzeret_pb2.ListCompileJobsResponse]]:
+        """Jobs in creation order, optionally of one state, one page at a time."""
 
     @_abc_1.abstractmethod
     def CancelCompileJob(
         self,
         request: _tezzeret_pb2.CancelCompileJobRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_tezzeret_pb2.CancelCompileJobResponse, _abc.Awaitable[_tezzeret_pb2.CancelCompileJobResponse]]: ...
+    ) -> _typing.Union[_tezzeret_pb2.CancelCompileJobResponse, _abc.Awaitable[_tezzeret_pb2.CancelCompileJobResponse]]:
+        """Cancels a queued or running job (its worker is replaced). FAILED_PRECONDITION when it is
+        finished (JOB_FINISHED), storing its result (JOB_STORING) or finishing (JOB_FINISHING).
+        """
 
 def add_TezzeretServiceServicer_to_server(servicer: TezzeretServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

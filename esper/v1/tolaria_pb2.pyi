@@ -29,27 +29,44 @@ class _RunPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunPhase.Val
     DESCRIPTOR: _descriptor.EnumDescriptor
     RUN_PHASE_UNSPECIFIED: _RunPhase.ValueType  # 0
     RUN_PHASE_STARTING: _RunPhase.ValueType  # 1
+    """Building data, model and services."""
     RUN_PHASE_TRAINING: _RunPhase.ValueType  # 2
+    """Running optimizer steps."""
     RUN_PHASE_VALIDATING: _RunPhase.ValueType  # 3
+    """Evaluating on the validation set."""
     RUN_PHASE_CHECKPOINTING: _RunPhase.ValueType  # 4
+    """Writing a checkpoint."""
     RUN_PHASE_STOPPING: _RunPhase.ValueType  # 5
+    """Finishing after a stop request."""
     RUN_PHASE_COMPLETED: _RunPhase.ValueType  # 6
+    """Trained all epochs."""
     RUN_PHASE_FAILED: _RunPhase.ValueType  # 7
+    """Ended with an error."""
 
-class RunPhase(_RunPhase, metaclass=_RunPhaseEnumTypeWrapper): ...
+class RunPhase(_RunPhase, metaclass=_RunPhaseEnumTypeWrapper):
+    """What the training process is doing."""
 
 RUN_PHASE_UNSPECIFIED: RunPhase.ValueType  # 0
 RUN_PHASE_STARTING: RunPhase.ValueType  # 1
+"""Building data, model and services."""
 RUN_PHASE_TRAINING: RunPhase.ValueType  # 2
+"""Running optimizer steps."""
 RUN_PHASE_VALIDATING: RunPhase.ValueType  # 3
+"""Evaluating on the validation set."""
 RUN_PHASE_CHECKPOINTING: RunPhase.ValueType  # 4
+"""Writing a checkpoint."""
 RUN_PHASE_STOPPING: RunPhase.ValueType  # 5
+"""Finishing after a stop request."""
 RUN_PHASE_COMPLETED: RunPhase.ValueType  # 6
+"""Trained all epochs."""
 RUN_PHASE_FAILED: RunPhase.ValueType  # 7
+"""Ended with an error."""
 Global___RunPhase: _TypeAlias = RunPhase  # noqa: Y015
 
 @_typing.final
 class RunStatus(_message.Message):
+    """A snapshot of the run."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_ID_FIELD_NUMBER: _builtins.int
@@ -69,23 +86,39 @@ class RunStatus(_message.Message):
     ADAPTATION_PAUSED_FIELD_NUMBER: _builtins.int
     PAUSED_REASON_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    """The run's id."""
     phase: Global___RunPhase.ValueType
+    """What the process is doing."""
     epoch: _builtins.int
+    """Current epoch, 0-based."""
     total_epochs: _builtins.int
+    """Epochs the run will train in all."""
     global_step: _builtins.int
+    """Optimizer steps so far."""
     train_loss: _builtins.float
+    """Latest training loss."""
     val_loss: _builtins.float
+    """Latest validation loss."""
     val_accuracy: _builtins.float
+    """Latest validation accuracy, 0..1."""
     best_val_accuracy: _builtins.float
+    """Best validation accuracy so far, 0..1."""
     parameter_count: _builtins.int
+    """Parameters of the model now, seeds included."""
     output_dir: _builtins.str
+    """The run directory."""
     last_checkpoint: _builtins.str
+    """Path of the latest checkpoint; empty before the first."""
     active_seeds: _builtins.int
+    """Seeds between GERMINATED and FINE_TUNING."""
     adaptation_paused: _builtins.bool
     """True while adaptation is paused (e.g. a service is unreachable)."""
     paused_reason: _builtins.str
+    """Why adaptation is paused; empty when it is not."""
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the run started."""
+
     def __init__(
         self,
         *,
@@ -116,6 +149,8 @@ Global___RunStatus: _TypeAlias = RunStatus  # noqa: Y015
 
 @_typing.final
 class GetRunStatusRequest(_message.Message):
+    """Input of GetRunStatus (no parameters)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -131,11 +166,15 @@ Global___GetRunStatusRequest: _TypeAlias = GetRunStatusRequest  # noqa: Y015
 
 @_typing.final
 class GetRunStatusResponse(_message.Message):
+    """Result of GetRunStatus."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATUS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def status(self) -> Global___RunStatus: ...
+    def status(self) -> Global___RunStatus:
+        """The run now."""
+
     def __init__(
         self,
         *,
@@ -151,6 +190,8 @@ Global___GetRunStatusResponse: _TypeAlias = GetRunStatusResponse  # noqa: Y015
 
 @_typing.final
 class StreamMetricsRequest(_message.Message):
+    """Input of StreamMetrics."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     INCLUDE_STEPS_FIELD_NUMBER: _builtins.int
@@ -171,11 +212,15 @@ Global___StreamMetricsRequest: _TypeAlias = StreamMetricsRequest  # noqa: Y015
 
 @_typing.final
 class StreamMetricsResponse(_message.Message):
+    """One message of the StreamMetrics stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     METRICS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def metrics(self) -> _common_pb2.MetricsEvent: ...
+    def metrics(self) -> _common_pb2.MetricsEvent:
+        """Metrics of one step or epoch."""
+
     def __init__(
         self,
         *,
@@ -191,6 +236,8 @@ Global___StreamMetricsResponse: _TypeAlias = StreamMetricsResponse  # noqa: Y015
 
 @_typing.final
 class ListSeedsRequest(_message.Message):
+    """Input of ListSeeds."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     LAYER_NAME_FIELD_NUMBER: _builtins.int
@@ -211,11 +258,15 @@ Global___ListSeedsRequest: _TypeAlias = ListSeedsRequest  # noqa: Y015
 
 @_typing.final
 class ListSeedsResponse(_message.Message):
+    """Result of ListSeeds."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SEEDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def seeds(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SeedSlot]: ...
+    def seeds(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.SeedSlot]:
+        """Every seed slot (of the layer, when one was named), in layer order."""
+
     def __init__(
         self,
         *,
@@ -231,6 +282,8 @@ Global___ListSeedsResponse: _TypeAlias = ListSeedsResponse  # noqa: Y015
 
 @_typing.final
 class RequestCheckpointRequest(_message.Message):
+    """Input of RequestCheckpoint."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TAG_FIELD_NUMBER: _builtins.int
@@ -251,12 +304,16 @@ Global___RequestCheckpointRequest: _TypeAlias = RequestCheckpointRequest  # noqa
 
 @_typing.final
 class RequestCheckpointResponse(_message.Message):
+    """Result of RequestCheckpoint."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CHECKPOINT_PATH_FIELD_NUMBER: _builtins.int
     GLOBAL_STEP_FIELD_NUMBER: _builtins.int
     checkpoint_path: _builtins.str
+    """Directory of the written checkpoint."""
     global_step: _builtins.int
+    """Step at which it was taken."""
     def __init__(
         self,
         *,
@@ -273,10 +330,13 @@ Global___RequestCheckpointResponse: _TypeAlias = RequestCheckpointResponse  # no
 
 @_typing.final
 class StopRequest(_message.Message):
+    """Input of Stop."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
+    """Why, for the run log; a default text when empty."""
     def __init__(
         self,
         *,
@@ -292,6 +352,8 @@ Global___StopRequest: _TypeAlias = StopRequest  # noqa: Y015
 
 @_typing.final
 class StopResponse(_message.Message):
+    """Result of Stop."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CHECKPOINT_PATH_FIELD_NUMBER: _builtins.int
@@ -299,6 +361,7 @@ class StopResponse(_message.Message):
     checkpoint_path: _builtins.str
     """Checkpoint written on the way out."""
     global_step: _builtins.int
+    """Step at which the run stopped."""
     def __init__(
         self,
         *,

@@ -67,7 +67,8 @@ class TolariaServiceServicer:
     """
 
     def GetRunStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Where the run stands now.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -34,6 +34,7 @@ class TolariaServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TolariaServiceAsyncStub: ...
     GetRunStatus: _grpc.UnaryUnaryMultiCallable[_tolaria_pb2.GetRunStatusRequest, _tolaria_pb2.GetRunStatusResponse]
+    """Where the run stands now."""
     StreamMetrics: _grpc.UnaryStreamMultiCallable[_tolaria_pb2.StreamMetricsRequest, _tolaria_pb2.StreamMetricsResponse]
     """Server stream of step and epoch metrics until the run ends or the client cancels."""
     ListSeeds: _grpc.UnaryUnaryMultiCallable[_tolaria_pb2.ListSeedsRequest, _tolaria_pb2.ListSeedsResponse]
@@ -49,6 +50,7 @@ class TolariaServiceAsyncStub(TolariaServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetRunStatus: _aio.UnaryUnaryMultiCallable[_tolaria_pb2.GetRunStatusRequest, _tolaria_pb2.GetRunStatusResponse]  # type: ignore[assignment]
+    """Where the run stands now."""
     StreamMetrics: _aio.UnaryStreamMultiCallable[_tolaria_pb2.StreamMetricsRequest, _tolaria_pb2.StreamMetricsResponse]  # type: ignore[assignment]
     """Server stream of step and epoch metrics until the run ends or the client cancels."""
     ListSeeds: _aio.UnaryUnaryMultiCallable[_tolaria_pb2.ListSeedsRequest, _tolaria_pb2.ListSeedsResponse]  # type: ignore[assignment]
@@ -66,7 +68,8 @@ class TolariaServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _tolaria_pb2.GetRunStatusRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_tolaria_pb2.GetRunStatusResponse, _abc.Awaitable[_tolaria_pb2.GetRunStatusResponse]]: ...
+    ) -> _typing.Union[_tolaria_pb2.GetRunStatusResponse, _abc.Awaitable[_tolaria_pb2.GetRunStatusResponse]]:
+        """Where the run stands now."""
 
     @_abc_1.abstractmethod
     def StreamMetrics(

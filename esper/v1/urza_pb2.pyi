@@ -21,11 +21,15 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class RegisterBlueprintRequest(_message.Message):
+    """Input of RegisterBlueprint."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLUEPRINT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def blueprint(self) -> _common_pb2.BlueprintSpec: ...
+    def blueprint(self) -> _common_pb2.BlueprintSpec:
+        """Required: the blueprint (see BlueprintSpec for every field's rules)."""
+
     def __init__(
         self,
         *,
@@ -41,6 +45,8 @@ Global___RegisterBlueprintRequest: _TypeAlias = RegisterBlueprintRequest  # noqa
 
 @_typing.final
 class RegisterBlueprintResponse(_message.Message):
+    """Result of RegisterBlueprint."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLUEPRINT_FIELD_NUMBER: _builtins.int
@@ -48,7 +54,9 @@ class RegisterBlueprintResponse(_message.Message):
     created: _builtins.bool
     """False when an identical blueprint was already registered."""
     @_builtins.property
-    def blueprint(self) -> _common_pb2.BlueprintSpec: ...
+    def blueprint(self) -> _common_pb2.BlueprintSpec:
+        """The blueprint as stored."""
+
     def __init__(
         self,
         *,
@@ -65,13 +73,16 @@ Global___RegisterBlueprintResponse: _TypeAlias = RegisterBlueprintResponse  # no
 
 @_typing.final
 class GetBlueprintRequest(_message.Message):
+    """Input of GetBlueprint."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLUEPRINT_ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     blueprint_id: _builtins.str
+    """Required: the blueprint's id."""
     version: _builtins.int
-    """0 means the latest version."""
+    """>= 0; 0 means the latest version."""
     def __init__(
         self,
         *,
@@ -88,11 +99,15 @@ Global___GetBlueprintRequest: _TypeAlias = GetBlueprintRequest  # noqa: Y015
 
 @_typing.final
 class GetBlueprintResponse(_message.Message):
+    """Result of GetBlueprint."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLUEPRINT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def blueprint(self) -> _common_pb2.BlueprintSpec: ...
+    def blueprint(self) -> _common_pb2.BlueprintSpec:
+        """The stored blueprint."""
+
     def __init__(
         self,
         *,
@@ -108,6 +123,8 @@ Global___GetBlueprintResponse: _TypeAlias = GetBlueprintResponse  # noqa: Y015
 
 @_typing.final
 class ListBlueprintsRequest(_message.Message):
+    """Input of ListBlueprints. Empty filters match everything."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     FAMILY_FIELD_NUMBER: _builtins.int
@@ -116,9 +133,15 @@ class ListBlueprintsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     family: _builtins.str
+    """Only this family when set."""
     input_kind: _common_pb2.SeedInputKind.ValueType
+    """Only blueprints for this kind of input when set (kind-agnostic blueprints, those with
+    SEED_INPUT_KIND_UNSPECIFIED, always match).
+    """
     page_size: _builtins.int
+    """>= 0; 0 means 100; capped at 1000. A page may hold fewer (the 2 MiB bound)."""
     page_token: _builtins.str
+    """Empty for the first page, else a next_page_token this server returned."""
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Every tag must be present."""
@@ -142,13 +165,18 @@ Global___ListBlueprintsRequest: _TypeAlias = ListBlueprintsRequest  # noqa: Y015
 
 @_typing.final
 class ListBlueprintsResponse(_message.Message):
+    """Result of ListBlueprints."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLUEPRINTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass it as page_token for the next page; empty on the last page."""
     @_builtins.property
-    def blueprints(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.BlueprintSpec]: ...
+    def blueprints(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.BlueprintSpec]:
+        """One page, at most page_size items and 2 MiB."""
+
     def __init__(
         self,
         *,
@@ -165,11 +193,14 @@ Global___ListBlueprintsResponse: _TypeAlias = ListBlueprintsResponse  # noqa: Y0
 
 @_typing.final
 class UploadArtifactRequest(_message.Message):
+    """One message of the UploadArtifact stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     METADATA_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """Next part of the bytes, at most 1 MiB; the total must equal metadata.size_bytes."""
     @_builtins.property
     def metadata(self) -> _common_pb2.KernelArtifact:
         """First message. `sha256` and `size_bytes` are required and checked at the end."""
@@ -192,6 +223,8 @@ Global___UploadArtifactRequest: _TypeAlias = UploadArtifactRequest  # noqa: Y015
 
 @_typing.final
 class UploadArtifactResponse(_message.Message):
+    """Result of UploadArtifact."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACT_FIELD_NUMBER: _builtins.int
@@ -199,7 +232,9 @@ class UploadArtifactResponse(_message.Message):
     created: _builtins.bool
     """False when identical bytes were already stored under this kernel id."""
     @_builtins.property
-    def artifact(self) -> _common_pb2.KernelArtifact: ...
+    def artifact(self) -> _common_pb2.KernelArtifact:
+        """The artifact as stored."""
+
     def __init__(
         self,
         *,
@@ -216,13 +251,16 @@ Global___UploadArtifactResponse: _TypeAlias = UploadArtifactResponse  # noqa: Y0
 
 @_typing.final
 class DownloadArtifactRequest(_message.Message):
+    """Input of DownloadArtifact."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KERNEL_ID_FIELD_NUMBER: _builtins.int
     CHUNK_SIZE_FIELD_NUMBER: _builtins.int
     kernel_id: _builtins.str
+    """Required: see KernelArtifact.kernel_id for the format."""
     chunk_size: _builtins.int
-    """Preferred chunk size in bytes (capped at 1 MiB; 0 for the default)."""
+    """Preferred chunk size in bytes, >= 0 (capped at 1 MiB; 0 for the default, 1 MiB)."""
     def __init__(
         self,
         *,
@@ -239,13 +277,18 @@ Global___DownloadArtifactRequest: _TypeAlias = DownloadArtifactRequest  # noqa: 
 
 @_typing.final
 class DownloadArtifactResponse(_message.Message):
+    """One message of the DownloadArtifact stream."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     METADATA_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
+    """Next part of the verified bytes."""
     @_builtins.property
-    def metadata(self) -> _common_pb2.KernelArtifact: ...
+    def metadata(self) -> _common_pb2.KernelArtifact:
+        """First message: the artifact's metadata."""
+
     def __init__(
         self,
         *,
@@ -264,11 +307,15 @@ Global___DownloadArtifactResponse: _TypeAlias = DownloadArtifactResponse  # noqa
 
 @_typing.final
 class RecordArtifactRequest(_message.Message):
+    """Input of RecordArtifact."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def artifact(self) -> _common_pb2.KernelArtifact: ...
+    def artifact(self) -> _common_pb2.KernelArtifact:
+        """Required: status INVALID (status_reason required) or PENDING; sha256 and size_bytes empty."""
+
     def __init__(
         self,
         *,
@@ -284,11 +331,15 @@ Global___RecordArtifactRequest: _TypeAlias = RecordArtifactRequest  # noqa: Y015
 
 @_typing.final
 class RecordArtifactResponse(_message.Message):
+    """Result of RecordArtifact."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def artifact(self) -> _common_pb2.KernelArtifact: ...
+    def artifact(self) -> _common_pb2.KernelArtifact:
+        """The artifact as stored."""
+
     def __init__(
         self,
         *,
@@ -304,10 +355,13 @@ Global___RecordArtifactResponse: _TypeAlias = RecordArtifactResponse  # noqa: Y0
 
 @_typing.final
 class GetArtifactRequest(_message.Message):
+    """Input of GetArtifact."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KERNEL_ID_FIELD_NUMBER: _builtins.int
     kernel_id: _builtins.str
+    """Required: see KernelArtifact.kernel_id for the format."""
     def __init__(
         self,
         *,
@@ -323,11 +377,15 @@ Global___GetArtifactRequest: _TypeAlias = GetArtifactRequest  # noqa: Y015
 
 @_typing.final
 class GetArtifactResponse(_message.Message):
+    """Result of GetArtifact."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def artifact(self) -> _common_pb2.KernelArtifact: ...
+    def artifact(self) -> _common_pb2.KernelArtifact:
+        """The artifact's metadata."""
+
     def __init__(
         self,
         *,
@@ -343,6 +401,8 @@ Global___GetArtifactResponse: _TypeAlias = GetArtifactResponse  # noqa: Y015
 
 @_typing.final
 class QueryArtifactsRequest(_message.Message):
+    """Input of QueryArtifacts. Unset filters match everything."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLUEPRINT_ID_FIELD_NUMBER: _builtins.int
@@ -354,17 +414,25 @@ class QueryArtifactsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     blueprint_id: _builtins.str
+    """Only artifacts of this blueprint when set."""
     status: _common_pb2.ArtifactStatus.ValueType
+    """Only this status when set."""
     device: _common_pb2.DeviceType.ValueType
+    """Only this device when set."""
     dtype: _common_pb2.DType.ValueType
+    """Only this dtype when set."""
     page_size: _builtins.int
+    """>= 0; 0 means 100; capped at 1000. A page may hold fewer (the 2 MiB bound)."""
     page_token: _builtins.str
+    """Empty for the first page, else a next_page_token this server returned."""
     @_builtins.property
     def input_shape(self) -> _common_pb2.TensorShape:
         """Exact shape match when set."""
 
     @_builtins.property
-    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every tag must be present."""
+
     def __init__(
         self,
         *,
@@ -387,13 +455,18 @@ Global___QueryArtifactsRequest: _TypeAlias = QueryArtifactsRequest  # noqa: Y015
 
 @_typing.final
 class QueryArtifactsResponse(_message.Message):
+    """Result of QueryArtifacts."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ARTIFACTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass it as page_token for the next page; empty on the last page."""
     @_builtins.property
-    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.KernelArtifact]: ...
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.KernelArtifact]:
+        """One page, at most page_size items and 2 MiB."""
+
     def __init__(
         self,
         *,

@@ -28,6 +28,16 @@ if _version_not_supported:
 class UrzaServiceStub:
     """Urza: the library of blueprints and compiled kernel artifacts. Artifact bytes are
     content-addressed by SHA-256, immutable once written and verified on every read.
+
+    Limits that keep one client from breaking listings for everyone: free-text fields are bounded
+    (BlueprintSpec.description 4096 characters, KernelArtifact.status_reason 16384, a blueprint's
+    serialisation 64 KiB, 32 tags, 64 layers), and every list response holds at most 2 MiB of
+    items whatever page_size asked for: fewer items plus a next_page_token, never an error.
+
+    Roles: on a server with per-token principals (--principals-file), only a caller with the
+    "compiler" role (Tezzeret's credentials) may create VALIDATED artifacts; everyone else gets
+    PERMISSION_DENIED (reason COMPILER_ROLE_REQUIRED) for that, and may read everything and store
+    PENDING or INVALID artifacts.
     """
 
     def __init__(self, channel):
@@ -81,6 +91,16 @@ class UrzaServiceStub:
 class UrzaServiceServicer:
     """Urza: the library of blueprints and compiled kernel artifacts. Artifact bytes are
     content-addressed by SHA-256, immutable once written and verified on every read.
+
+    Limits that keep one client from breaking listings for everyone: free-text fields are bounded
+    (BlueprintSpec.description 4096 characters, KernelArtifact.status_reason 16384, a blueprint's
+    serialisation 64 KiB, 32 tags, 64 layers), and every list response holds at most 2 MiB of
+    items whatever page_size asked for: fewer items plus a next_page_token, never an error.
+
+    Roles: on a server with per-token principals (--principals-file), only a caller with the
+    "compiler" role (Tezzeret's credentials) may create VALIDATED artifacts; everyone else gets
+    PERMISSION_DENIED (reason COMPILER_ROLE_REQUIRED) for that, and may read everything and store
+    PENDING or INVALID artifacts.
     """
 
     def RegisterBlueprint(self, request, context):
@@ -93,20 +113,23 @@ class UrzaServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetBlueprint(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One registered blueprint; NOT_FOUND (BLUEPRINT_NOT_FOUND) when unknown.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListBlueprints(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Blueprints matching every filter, ordered by id then version, one page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UploadArtifact(self, request_iterator, context):
         """Client stream: first message `metadata`, then `chunk`s (each at most 1 MiB). The artifact
-        becomes visible only when the stream completes and the SHA-256 matches.
+        becomes visible only when the stream completes and the SHA-256 matches. VALIDATED (the
+        default status) needs the compiler role, else PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -114,27 +137,30 @@ class UrzaServiceServicer:
 
     def DownloadArtifact(self, request, context):
         """Server stream: first message `metadata`, then `chunk`s. DATA_LOSS if the stored bytes do not
-        match their checksum.
+        match their checksum. FAILED_PRECONDITION for an INVALID artifact (reason ARTIFACT_INVALID)
+        and for one without bytes (PENDING; reason ARTIFACT_HAS_NO_BYTES).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RecordArtifact(self, request, context):
-        """Records an artifact without bytes (e.g. INVALID with its reason).
+        """Records an artifact without bytes: INVALID (with its status_reason) or PENDING.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetArtifact(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Metadata of one artifact; NOT_FOUND (ARTIFACT_NOT_FOUND) when unknown.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def QueryArtifacts(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Artifacts matching every given filter, ordered by kernel id, one page at a time.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -193,6 +219,16 @@ def add_UrzaServiceServicer_to_server(servicer, server):
 class UrzaService:
     """Urza: the library of blueprints and compiled kernel artifacts. Artifact bytes are
     content-addressed by SHA-256, immutable once written and verified on every read.
+
+    Limits that keep one client from breaking listings for everyone: free-text fields are bounded
+    (BlueprintSpec.description 4096 characters, KernelArtifact.status_reason 16384, a blueprint's
+    serialisation 64 KiB, 32 tags, 64 layers), and every list response holds at most 2 MiB of
+    items whatever page_size asked for: fewer items plus a next_page_token, never an error.
+
+    Roles: on a server with per-token principals (--principals-file), only a caller with the
+    "compiler" role (Tezzeret's credentials) may create VALIDATED artifacts; everyone else gets
+    PERMISSION_DENIED (reason COMPILER_ROLE_REQUIRED) for that, and may read everything and store
+    PENDING or INVALID artifacts.
     """
 
     @staticmethod

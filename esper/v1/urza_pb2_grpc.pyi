@@ -29,6 +29,16 @@ GRPC_VERSION: str
 class UrzaServiceStub:
     """Urza: the library of blueprints and compiled kernel artifacts. Artifact bytes are
     content-addressed by SHA-256, immutable once written and verified on every read.
+
+    Limits that keep one client from breaking listings for everyone: free-text fields are bounded
+    (BlueprintSpec.description 4096 characters, KernelArtifact.status_reason 16384, a blueprint's
+    serialisation 64 KiB, 32 tags, 64 layers), and every list response holds at most 2 MiB of
+    items whatever page_size asked for: fewer items plus a next_page_token, never an error.
+
+    Roles: on a server with per-token principals (--principals-file), only a caller with the
+    "compiler" role (Tezzeret's credentials) may create VALIDATED artifacts; everyone else gets
+    PERMISSION_DENIED (reason COMPILER_ROLE_REQUIRED) for that, and may read everything and store
+    PENDING or INVALID artifacts.
     """
 
     @_typing.overload
@@ -41,24 +51,40 @@ class UrzaServiceStub:
     is ALREADY_EXISTS.
     """
     GetBlueprint: _grpc.UnaryUnaryMultiCallable[_urza_pb2.GetBlueprintRequest, _urza_pb2.GetBlueprintResponse]
+    """One registered blueprint; NOT_FOUND (BLUEPRINT_NOT_FOUND) when unknown."""
     ListBlueprints: _grpc.UnaryUnaryMultiCallable[_urza_pb2.ListBlueprintsRequest, _urza_pb2.ListBlueprintsResponse]
+    """Blueprints matching every filter, ordered by id then version, one page at a time."""
     UploadArtifact: _grpc.StreamUnaryMultiCallable[_urza_pb2.UploadArtifactRequest, _urza_pb2.UploadArtifactResponse]
     """Client stream: first message `metadata`, then `chunk`s (each at most 1 MiB). The artifact
-    becomes visible only when the stream completes and the SHA-256 matches.
+    becomes visible only when the stream completes and the SHA-256 matches. VALIDATED (the
+    default status) needs the compiler role, else PERMISSION_DENIED.
     """
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_urza_pb2.DownloadArtifactRequest, _urza_pb2.DownloadArtifactResponse]
     """Server stream: first message `metadata`, then `chunk`s. DATA_LOSS if the stored bytes do not
-    match their checksum.
+    match their checksum. FAILED_PRECONDITION for an INVALID artifact (reason ARTIFACT_INVALID)
+    and for one without bytes (PENDING; reason ARTIFACT_HAS_NO_BYTES).
     """
     RecordArtifact: _grpc.UnaryUnaryMultiCallable[_urza_pb2.RecordArtifactRequest, _urza_pb2.RecordArtifactResponse]
-    """Records an artifact without bytes (e.g. INVALID with its reason)."""
+    """Records an artifact without bytes: INVALID (with its status_reason) or PENDING."""
     GetArtifact: _grpc.UnaryUnaryMultiCallable[_urza_pb2.GetArtifactRequest, _urza_pb2.GetArtifactResponse]
+    """Metadata of one artifact; NOT_FOUND (ARTIFACT_NOT_FOUND) when unknown."""
     QueryArtifacts: _grpc.UnaryUnaryMultiCallable[_urza_pb2.QueryArtifactsRequest, _urza_pb2.QueryArtifactsResponse]
+    """Artifacts matching every given filter, ordered by kernel id, one page at a time."""
 
 @_typing.type_check_only
 class UrzaServiceAsyncStub(UrzaServiceStub):
     """Urza: the library of blueprints and compiled kernel artifacts. Artifact bytes are
     content-addressed by SHA-256, immutable once written and verified on every read.
+
+    Limits that keep one client from breaking listings for everyone: free-text fields are bounded
+    (BlueprintSpec.description 4096 characters, KernelArtifact.status_reason 16384, a blueprint's
+    serialisation 64 KiB, 32 tags, 64 layers), and every list response holds at most 2 MiB of
+    items whatever page_size asked for: fewer items plus a next_page_token, never an error.
+
+    Roles: on a server with per-token principals (--principals-file), only a caller with the
+    "compiler" role (Tezzeret's credentials) may create VALIDATED artifacts; everyone else gets
+    PERMISSION_DENIED (reason COMPILER_ROLE_REQUIRED) for that, and may read everything and store
+    PENDING or INVALID artifacts.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -68,23 +94,39 @@ class UrzaServiceAsyncStub(UrzaServiceStub):
     is ALREADY_EXISTS.
     """
     GetBlueprint: _aio.UnaryUnaryMultiCallable[_urza_pb2.GetBlueprintRequest, _urza_pb2.GetBlueprintResponse]  # type: ignore[assignment]
+    """One registered blueprint; NOT_FOUND (BLUEPRINT_NOT_FOUND) when unknown."""
     ListBlueprints: _aio.UnaryUnaryMultiCallable[_urza_pb2.ListBlueprintsRequest, _urza_pb2.ListBlueprintsResponse]  # type: ignore[assignment]
+    """Blueprints matching every filter, ordered by id then version, one page at a time."""
     UploadArtifact: _aio.StreamUnaryMultiCallable[_urza_pb2.UploadArtifactRequest, _urza_pb2.UploadArtifactResponse]  # type: ignore[assignment]
     """Client stream: first message `metadata`, then `chunk`s (each at most 1 MiB). The artifact
-    becomes visible only when the stream completes and the SHA-256 matches.
+    becomes visible only when the stream completes and the SHA-256 matches. VALIDATED (the
+    default status) needs the compiler role, else PERMISSION_DENIED.
     """
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_urza_pb2.DownloadArtifactRequest, _urza_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
     """Server stream: first message `metadata`, then `chunk`s. DATA_LOSS if the stored bytes do not
-    match their checksum.
+    match their checksum. FAILED_PRECONDITION for an INVALID artifact (reason ARTIFACT_INVALID)
+    and for one without bytes (PENDING; reason ARTIFACT_HAS_NO_BYTES).
     """
     RecordArtifact: _aio.UnaryUnaryMultiCallable[_urza_pb2.RecordArtifactRequest, _urza_pb2.RecordArtifactResponse]  # type: ignore[assignment]
-    """Records an artifact without bytes (e.g. INVALID with its reason)."""
+    """Records an artifact without bytes: INVALID (with its status_reason) or PENDING."""
     GetArtifact: _aio.UnaryUnaryMultiCallable[_urza_pb2.GetArtifactRequest, _urza_pb2.GetArtifactResponse]  # type: ignore[assignment]
+    """Metadata of one artifact; NOT_FOUND (ARTIFACT_NOT_FOUND) when unknown."""
     QueryArtifacts: _aio.UnaryUnaryMultiCallable[_urza_pb2.QueryArtifactsRequest, _urza_pb2.QueryArtifactsResponse]  # type: ignore[assignment]
+    """Artifacts matching every given filter, ordered by kernel id, one page at a time."""
 
 class UrzaServiceServicer(metaclass=_abc_1.ABCMeta):
     """Urza: the library of blueprints and compiled kernel artifacts. Artifact bytes are
     content-addressed by SHA-256, immutable once written and verified on every read.
+
+    Limits that keep one client from breaking listings for everyone: free-text fields are bounded
+    (BlueprintSpec.description 4096 characters, KernelArtifact.status_reason 16384, a blueprint's
+    serialisation 64 KiB, 32 tags, 64 layers), and every list response holds at most 2 MiB of
+    items whatever page_size asked for: fewer items plus a next_page_token, never an error.
+
+    Roles: on a server with per-token principals (--principals-file), only a caller with the
+    "compiler" role (Tezzeret's credentials) may create VALIDATED artifacts; everyone else gets
+    PERMISSION_DENIED (reason COMPILER_ROLE_REQUIRED) for that, and may read everything and store
+    PENDING or INVALID artifacts.
     """
 
     @_abc_1.abstractmethod
@@ -103,14 +145,16 @@ class UrzaServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _urza_pb2.GetBlueprintRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_urza_pb2.GetBlueprintResponse, _abc.Awaitable[_urza_pb2.GetBlueprintResponse]]: ...
+    ) -> _typing.Union[_urza_pb2.GetBlueprintResponse, _abc.Awaitable[_urza_pb2.GetBlueprintResponse]]:
+        """One registered blueprint; NOT_FOUND (BLUEPRINT_NOT_FOUND) when unknown."""
 
     @_abc_1.abstractmethod
     def ListBlueprints(
         self,
         request: _urza_pb2.ListBlueprintsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_urza_pb2.ListBlueprintsResponse, _abc.Awaitable[_urza_pb2.ListBlueprintsResponse]]: ...
+    ) -> _typing.Union[_urza_pb2.ListBlueprintsResponse, _abc.Awaitable[_urza_pb2.ListBlueprintsResponse]]:
+        """Blueprints matching every filter, ordered by id then version, one page at a time."""
 
     @_abc_1.abstractmethod
     def UploadArtifact(
@@ -119,7 +163,8 @@ class UrzaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_urza_pb2.UploadArtifactResponse, _abc.Awaitable[_urza_pb2.UploadArtifactResponse]]:
         """Client stream: first message `metadata`, then `chunk`s (each at most 1 MiB). The artifact
-        becomes visible only when the stream completes and the SHA-256 matches.
+        becomes visible only when the stream completes and the SHA-256 matches. VALIDATED (the
+        default status) needs the compiler role, else PERMISSION_DENIED.
         """
 
     @_abc_1.abstractmethod
@@ -129,7 +174,8 @@ class UrzaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_urza_pb2.DownloadArtifactResponse], _abc.AsyncIterator[_urza_pb2.DownloadArtifactResponse]]:
         """Server stream: first message `metadata`, then `chunk`s. DATA_LOSS if the stored bytes do not
-        match their checksum.
+        match their checksum. FAILED_PRECONDITION for an INVALID artifact (reason ARTIFACT_INVALID)
+        and for one without bytes (PENDING; reason ARTIFACT_HAS_NO_BYTES).
         """
 
     @_abc_1.abstractmethod
@@ -138,20 +184,22 @@ class UrzaServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _urza_pb2.RecordArtifactRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_urza_pb2.RecordArtifactResponse, _abc.Awaitable[_urza_pb2.RecordArtifactResponse]]:
-        """Records an artifact without bytes (e.g. INVALID with its reason)."""
+        """Records an artifact without bytes: INVALID (with its status_reason) or PENDING."""
 
     @_abc_1.abstractmethod
     def GetArtifact(
         self,
         request: _urza_pb2.GetArtifactRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_urza_pb2.GetArtifactResponse, _abc.Awaitable[_urza_pb2.GetArtifactResponse]]: ...
+    ) -> _typing.Union[_urza_pb2.GetArtifactResponse, _abc.Awaitable[_urza_pb2.GetArtifactResponse]]:
+        """Metadata of one artifact; NOT_FOUND (ARTIFACT_NOT_FOUND) when unknown."""
 
     @_abc_1.abstractmethod
     def QueryArtifacts(
         self,
         request: _urza_pb2.QueryArtifactsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_urza_pb2.QueryArtifactsResponse, _abc.Awaitable[_urza_pb2.QueryArtifactsResponse]]: ...
+    ) -> _typing.Union[_urza_pb2.QueryArtifactsResponse, _abc.Awaitable[_urza_pb2.QueryArtifactsResponse]]:
+        """Artifacts matching every given filter, ordered by kernel id, one page at a time."""
 
 def add_UrzaServiceServicer_to_server(servicer: UrzaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,6 +10,7 @@ import os
 import sys
 
 from esper.oona import DEFAULT_RETENTION, OonaBus, open_backend
+from esper.oona.metrics import oona_sampler
 from esper.oona.redis_streams import RedisStreamsBackend
 from esper.serving import (
     GrpcServer,
@@ -45,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(backend, RedisStreamsBackend):
             await backend.ping()  # fail at start, not on the first publish
         bus = OonaBus(backend)
-        server.add_service(SERVICE_NAME, OonaServicer(bus), oona_pb2_grpc.add_OonaServiceServicer_to_server)
+        servicer = OonaServicer(bus, max_message_bytes=config.max_message_bytes)
+        server.add_service(SERVICE_NAME, servicer, oona_pb2_grpc.add_OonaServiceServicer_to_server)
         server.add_shutdown_callback(bus.close)
+        if server.metrics is not None:
+            server.metrics.add_sampler(oona_sampler(bus))
 
     return run_server_main(config, setup)
 

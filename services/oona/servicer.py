@@ -14,6 +14,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from esper.errors import InvalidArgumentError
 from esper.oona import Message, OonaBus, OutgoingMessage, StartPosition
 from esper.oona.bus import MAX_BATCH
+from esper.serving.server import DEFAULT_MAX_MESSAGE_BYTES
 from esper.v1 import oona_pb2, oona_pb2_grpc
 
 SERVICE_NAME = "esper.v1.OonaService"
@@ -37,23 +38,42 @@ def envelope(message: Message) -> oona_pb2.Envelope:
                              delivery_attempt=message.delivery_attempt, source=message.source)
 
 
+def _fitting(batch: list[Message], max_count: int, max_bytes: int) -> list[list[oona_pb2.Envelope]]:
+    """`batch` as envelopes in groups of at most `max_count` and `max_bytes` (never empty)."""
+    groups: list[list[oona_pb2.Envelope]] = [[]]
+    size = 0
+    for message in batch:
+        item = envelope(message)
+        item_size = item.ByteSize() + 8  # tag and length prefix in the repeated field
+        if groups[-1] and (len(groups[-1]) >= max_count or size + item_size > max_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(item)
+        size += item_size
+    return [g for g in groups if g]
+
+
 class OonaServicer(oona_pb2_grpc.OonaServiceServicer):
     """Publish / Subscribe / Ack / ListTopics over an `OonaBus`."""
 
-    def __init__(self, bus: OonaBus):
+    def __init__(self, bus: OonaBus, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self.bus = bus
+        # A Subscribe response never grows past this: max_batch is a count, payloads are up to
+        # ~4 MiB each, so a batch is also cut by bytes (a single message always fits on its own).
+        self.max_response_bytes = max_message_bytes - 16 * 1024
 
     async def Publish(self, request: oona_pb2.PublishRequest, context: grpc.aio.ServicerContext
                       ) -> oona_pb2.PublishResponse:
         result = await self.bus.publish(request.topic, request.payload, key=request.key,
                                         content_type=request.content_type, headers=dict(request.headers),
-                                        source=request.source)
+                                        source=request.source, idempotency_key=request.idempotency_key)
         return oona_pb2.PublishResponse(message_id=result.message_id, offset=result.offset)
 
     async def PublishBatch(self, request: oona_pb2.PublishBatchRequest, context: grpc.aio.ServicerContext
                            ) -> oona_pb2.PublishBatchResponse:
         items = [(m.topic, OutgoingMessage(payload=m.payload, key=m.key, content_type=m.content_type,
-                                           headers=dict(m.headers), source=m.source)) for m in request.messages]
+                                           headers=dict(m.headers), source=m.source,
+                                           idempotency_key=m.idempotency_key)) for m in request.messages]
         results = await self.bus.publish_batch(items)
         return oona_pb2.PublishBatchResponse(results=[
             oona_pb2.PublishResponse(message_id=r.message_id, offset=r.offset) for r in results])
@@ -82,8 +102,8 @@ class OonaServicer(oona_pb2_grpc.OonaServiceServicer):
         max_batch = request.max_batch
         async for batch in subscription.batches():
             if max_batch > 1:
-                for i in range(0, len(batch), max_batch):
-                    yield oona_pb2.SubscribeResponse(batch=[envelope(m) for m in batch[i:i + max_batch]])
+                for group in _fitting(batch, max_batch, self.max_response_bytes):
+                    yield oona_pb2.SubscribeResponse(batch=group)
             else:
                 for message in batch:
                     yield oona_pb2.SubscribeResponse(message=envelope(message))

@@ -24,7 +24,8 @@ from esper.serving import (
     server_config_from_args,
     wait_for_serving,
 )
-from esper.tezzeret import CompileJobs, WorkerPool, warm_up_compiler
+from esper.tezzeret import CompileJobs, CompileLimits, WorkerPool, warm_up_compiler
+from esper.tezzeret.metrics import tezzeret_sampler
 from esper.v1 import tezzeret_pb2_grpc
 from services.tezzeret.servicer import SERVICE_NAME, TezzeretServicer
 
@@ -47,6 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="PEM root certificate for TLS connections to Urza and Oona (default: plaintext)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="scratch directory of the compile workers (their TMPDIR); default: the system temp dir")
+    parser.add_argument("--max-parameters", type=int, default=CompileLimits.max_parameters,
+                        help="largest seed (parameters) this server compiles (default %(default)s)")
+    parser.add_argument("--max-flops-per-sample", type=int, default=CompileLimits.max_flops_per_sample,
+                        help="largest forward cost per sample, FLOPs (default %(default)s)")
+    parser.add_argument("--worker-memory-mb", type=int, default=CompileLimits.worker_memory_bytes // 2**20,
+                        help="memory one compile may use in a worker, MiB, estimated before building "
+                             "(default %(default)s)")
+    parser.add_argument("--store-retry-seconds", type=float, default=300.0,
+                        help="how long a compiled result keeps being offered to Urza while Urza is unavailable, "
+                             "with exponential backoff (default %(default)s)")
     parser.add_argument("--urza-wait", type=float, default=30.0,
                         help="seconds to wait at startup for Urza to report SERVING (default %(default)s)")
     return parser
@@ -60,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not 0 < args.default_timeout <= args.max_timeout:
         print("esper-tezzeret: need 0 < --default-timeout <= --max-timeout", file=sys.stderr)
+        return 2
+    try:
+        limits = CompileLimits(max_parameters=args.max_parameters, max_flops_per_sample=args.max_flops_per_sample,
+                               worker_memory_bytes=args.worker_memory_mb * 2**20)
+    except ValueError as exc:
+        print(f"esper-tezzeret: {exc}", file=sys.stderr)
         return 2
     config = server_config_from_args(args)
     if args.work_dir is not None:
@@ -84,9 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         await asyncio.to_thread(pool.start)
         log.info("%d compile workers ready (pids %s)", args.workers, pool.worker_pids)
         jobs = CompileJobs(pool, urza, publisher, default_timeout_s=args.default_timeout,
-                           max_timeout_s=args.max_timeout, cuda_available=torch.cuda.is_available())
+                           max_timeout_s=args.max_timeout, cuda_available=torch.cuda.is_available(), limits=limits,
+                           store_retry_s=args.store_retry_seconds)
         server.add_service(SERVICE_NAME, TezzeretServicer(jobs), tezzeret_pb2_grpc.add_TezzeretServiceServicer_to_server)
         server.add_shutdown_callback(jobs.close)
+        if server.metrics is not None:
+            server.metrics.add_sampler(tezzeret_sampler(jobs))
 
     return run_server_main(config, setup)
 

@@ -19,6 +19,7 @@ from esper.serving import (
     server_config_from_args,
 )
 from esper.urza import UrzaLibrary
+from esper.urza.metrics import urza_sampler
 from esper.v1 import urza_pb2_grpc
 from services.urza.servicer import SERVICE_NAME, UrzaServicer
 
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         servicer = UrzaServicer(library)
         server.add_service(SERVICE_NAME, servicer, urza_pb2_grpc.add_UrzaServiceServicer_to_server)
         server.add_shutdown_callback(servicer.close)
+        if server.metrics is not None:
+            server.metrics.add_sampler(urza_sampler(library))
 
     return run_server_main(config, setup)
 

@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator
 
 from esper.errors import InvalidArgumentError
+from esper.serving.auth import ROLE_COMPILER, current_principal
 from esper.urza import ArtifactUpload, UrzaLibrary
 from esper.v1 import urza_pb2, urza_pb2_grpc
 
@@ -49,7 +50,9 @@ class UrzaServicer(urza_pb2_grpc.UrzaServiceServicer):
                     if kind != "metadata":
                         raise InvalidArgumentError("the first UploadArtifact message must carry metadata",
                                                    field="metadata")
-                    upload = await asyncio.to_thread(self.library.begin_upload, message.metadata)
+                    caller = current_principal()
+                    upload = await asyncio.to_thread(self.library.begin_upload, message.metadata, caller=caller.name,
+                                                     may_certify=caller.has_role(ROLE_COMPILER))
                 elif kind == "chunk":
                     await asyncio.to_thread(upload.write, message.chunk)
                 else:

@@ -59,12 +59,29 @@ def test_override_values_are_typed_by_yaml(tmp_path):
         (["model.name=vit"], "model.name: unknown value 'vit'"),
         (["train.epochs=0"], "train.epochs: expected an int >= 1"),
         (["optim.lr"], "expected KEY=VALUE"),
+        (["controller.policy=oracle"], "controller.policy: unknown value 'oracle'; expected one of: heuristic"),
+        (["controller.cooldown_epochs=soon"], "controller.cooldown_epochs: expected int, got str 'soon'"),
+        (["seeds.blueprints=[residual_mlp]", "controller.blueprints=[conv_3x3]"],
+         "seeds.blueprints ['residual_mlp'] and controller.blueprints ['conv_3x3'] disagree"),
     ],
 )
 def test_bad_overrides_name_key_and_type(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     assert message in str(err.value)
+
+
+def test_controller_section_is_tamiyo_policy_settings():
+    from esper.tamiyo.settings import PolicySettings, policy_settings_from_mapping
+    from esper.tolaria.config import policy_config
+
+    cfg = load_config(None, ["controller.max_concurrent=3", "seeds.blueprints=[residual_mlp]"])
+    assert type(cfg.controller) is PolicySettings  # the type itself, so its defaults are the only ones
+    assert load_config(None).controller == PolicySettings()
+    settings = policy_settings_from_mapping(policy_config(cfg))  # what Tamiyo reads from the run
+    assert settings.max_concurrent == 3 and settings.blueprints == ["residual_mlp"]
+    with pytest.raises(ValueError, match="policy expected one of"):
+        policy_settings_from_mapping({"policy": "oracle"})
 
 
 def test_bad_files(tmp_path):

@@ -15,7 +15,8 @@ import torch
 
 from esper.tolaria import checkpoint as ckpt
 from esper.tolaria.cli import main
-from esper.tolaria.metrics import read_metrics
+from esper.tolaria.loggers import read_metrics
+from esper.v1 import common_pb2
 
 REPO = Path(__file__).resolve().parents[2]
 DEV = str(REPO / "configs" / "development.yaml")
@@ -312,12 +313,55 @@ def test_governor_rolls_back_a_diverging_run(tmp_path):
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rollbacks"] > 0
-    assert "rolled_back" in {a["outcome"] for a in summary["adaptations"]}  # the seed in flight is blamed
+    # The host diverged on its own: the seeds in flight are TRAINING (straight-through, the output is
+    # exactly the host's), so none is blamed; test_governor_blames_only_blended_seeds covers blame.
+    assert "rolled_back" not in {a["outcome"] for a in summary["adaptations"]}
     model_state = ckpt.load_checkpoint(out)["model"]
     for key, value in model_state.items():  # table.contribution uses NaN for "never measured"
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not key.endswith("contribution"):
             assert torch.isfinite(value).all(), key
     assert any(r.get("rollback") for r in read_metrics(out, "event"))
+
+
+def test_governor_blames_only_blended_seeds(tmp_path):
+    from esper.lifecycle import SeedLifecycleState as S
+    from esper.tolaria.config import load_config
+    from esper.tolaria.trainer import Trainer
+
+    cfg = load_config(DEV, ["train.epochs=1", "services.mode=off", *FAST])
+    trainer = Trainer(cfg, tmp_path / "run", progress="none")
+    trainer.prepare()
+    trainer.start()
+    try:
+        morph = trainer.morph
+        (name, layer), (name2, layer2) = morph.driver.sites[:2]
+        for site, lay in ((name, layer), (name2, layer2)):
+            morph.apply_decision(common_pb2.AdaptationDecision(
+                layer_name=site, seed_index=0, blueprint_id="residual_mlp",
+                action=common_pb2.DECISION_ACTION_GERMINATE), 1)
+        assert layer.state_of(0) == layer2.state_of(0) == S.TRAINING  # germinated without services
+        layer2.transition(0, S.GRAFTING, "test")
+        assert morph.lifecycle_changed  # the trainer re-takes the governor's snapshot after this
+        # The most recent adaptation (site 2) blends into the output, so it is the one blamed ...
+        assert morph.roll_back_culprit(0, 1, "spike") == f"{name2}[0]"
+        assert layer2.state_of(0) == S.DORMANT and not layer2.seed_parameters(0)  # rolled back, slot freed
+        # ... and a TRAINING seed (output exactly the host's) is never blamed.
+        assert morph.roll_back_culprit(0, 1, "spike") is None
+        assert layer.state_of(0) == S.TRAINING
+    finally:
+        trainer.metrics.close()
+
+
+def test_governor_spike_needs_an_absolute_excess():
+    from esper.tolaria.config import GovernorConfig
+    from esper.tolaria.governor import Governor
+
+    gov = Governor(GovernorConfig(spike_warmup_steps=5))
+    for _ in range(30):
+        assert gov.anomaly(0.001) is None
+    assert gov.anomaly(0.005) is None  # 5 x and many sd above a converged loss, but 0.004 nats is noise
+    assert "spike" in gov.anomaly(3.0)  # a real divergence still fires
+    assert "non-finite" in gov.anomaly(float("nan"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when CUDA is missing")

@@ -223,7 +223,7 @@ def test_record_invalid_and_pending_then_complete(library):
     stored = library.record_artifact(bad)
     assert stored.status == INVALID and stored.sha256 == ""
     assert library.record_artifact(bad) == stored  # identical record: no-op
-    with pytest.raises(FailedPreconditionError, match="has no bytes"):
+    with pytest.raises(FailedPreconditionError, match="is INVALID"):
         library.open_download("kern-inv")
     with pytest.raises(AlreadyExistsError):
         library.upload_bytes(artifact("kern-inv"), b"bytes")

@@ -21,10 +21,16 @@ The cycle of one adaptation:
    slices between training steps (`esper.tolaria.slices`);
 4. next step boundary: the seed gets a fresh copy of the loaded module and goes on through its
    lifecycle; its parameters join the optimizer;
-5. a compile that fails cancels the seed with the reason (GERMINATED seeds cannot be culled: they
-   never touched the host) and that kernel id is not tried again in this run; a kernel that has
-   not arrived ``services.germination_timeout_s`` seconds after the decision (when > 0) cancels
-   the seed too;
+5. a kernel the compiler rejects (an INVALID artifact: the blueprint does not fit, a failed
+   preservation check) cancels the seed with the reason (GERMINATED seeds cannot be culled: they
+   never touched the host) and that kernel id is not tried again in this run. Any other failure
+   (a crashed or timed-out job, Urza unavailable past Tezzeret's store retries, bytes that never
+   verify) is asked again with backoff (`pipeline.KERNEL_ATTEMPTS`); only then are its seeds
+   cancelled, reported as ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE (Tamiyo does not count them
+   against max_adaptations), and a later decision may try the kernel again. A kernel that has not
+   arrived ``services.germination_timeout_s`` seconds (or ``lifecycle.germination_timeout_epochs``
+   epochs) after the decision cancels the seed too, but time and epochs spent while Urza or
+   Tezzeret was down do not count: germination waits for a restarting service;
 6. lifecycle transitions, decisions and epoch metrics are published on Oona; the outcome of every
    germination is reported to Tamiyo as a `FieldReport` (`reporting`).
 
@@ -38,6 +44,6 @@ kernels are retried until they arrive or their seed is cancelled.
 from esper.tolaria.adaptation.controller import RemoteController
 from esper.tolaria.adaptation.kernels import KernelStore
 from esper.tolaria.adaptation.links import channel_config
-from esper.tolaria.adaptation.pipeline import CompileFailed, KernelPipeline
+from esper.tolaria.adaptation.pipeline import CompileFailed, KernelPipeline, KernelUnavailable
 
-__all__ = ["CompileFailed", "KernelPipeline", "KernelStore", "RemoteController", "channel_config"]
+__all__ = ["CompileFailed", "KernelPipeline", "KernelStore", "KernelUnavailable", "RemoteController", "channel_config"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from esper.kasmina import (
 )
 from esper.kasmina.growth.errors import GrowthError
 from esper.lifecycle import SeedLifecycleState as S
+from esper.tamiyo.costs import blueprint_costs_at
 from esper.tezzeret.kernel_ids import kernel_id_for
 from esper.tolaria.adaptation.kernels import KernelStore, kernel_target
 from esper.tolaria.adaptation.links import open_links
@@ -46,6 +47,11 @@ OUTCOMES = {
     S.CULLED: common_pb2.ADAPTATION_OUTCOME_CULLED,
     S.ROLLED_BACK: common_pb2.ADAPTATION_OUTCOME_ROLLED_BACK,
 }
+# The services a germinating seed waits for: while one is down its timeouts do not run out.
+KERNEL_SERVICES = ("urza", "tezzeret")
+# Reason prefixes of cancellations that are reported to Tamiyo by `_compile_failed` itself.
+COMPILE_FAILED_PREFIX = "compile failed"
+UNAVAILABLE_PREFIX = "kernel unavailable"
 
 class RemoteController(BoundaryHook):
     """Adaptation through the services; see the module docstring."""
@@ -71,12 +77,15 @@ class RemoteController(BoundaryHook):
         self.events: list[dict[str, Any]] = []
         self._decide_future = None
         self._last_graph_nodes: dict[tuple[str, int], common_pb2.GraphNode] = {}
+        self._last_graph = common_pb2.ModelGraphState()
         self._last_signals = common_pb2.TrainingSignals()
         self._step = 0
+        self._last_drain = time.perf_counter()
         self._status_listener: Callable[[bool, str], None] | None = None
         for _, layer in morph.driver.sites:
             layer.add_listener(self._on_lifecycle)
         morph.germinate_hook = self._germinate
+        morph.driver.germination_grace = self._germination_grace
 
     # ---------------------------------------------------------------- lifecycle of the controller
 
@@ -155,6 +164,7 @@ class RemoteController(BoundaryHook):
     async def _decide(self, graph: common_pb2.ModelGraphState, submitted: float) -> None:
         link = self.links.get("tamiyo")
         self._last_graph_nodes = {(n.layer_name, n.seed.seed_index): n for n in graph.nodes}
+        self._last_graph = graph
         self._last_signals = graph.signals
         if link is None or not link.may_call():
             return
@@ -184,6 +194,13 @@ class RemoteController(BoundaryHook):
         for a in state.get("adaptations", []):
             record = Adaptation.from_dict(a)
             self._adaptations[record.key] = record
+        # A governor rollback loads this after the model: a slot it reverted to DORMANT waits for
+        # no kernel any more (one arriving later would otherwise find the slot moved on).
+        for key, pending in list(self._pending.items()):
+            if self.morph.driver.site(pending.layer).state_of(pending.seed) != S.GERMINATED:
+                del self._pending[key]
+                self._note(f"{pending.layer}[{pending.seed}] no longer waits for kernel {pending.kernel_id}: "
+                           "the governor's rollback reverted its germination")
 
     def before_restore(self, payload: dict[str, Any]) -> None:
         """Before a checkpoint is loaded: seeds that ran a compiled kernel get that kernel back.
@@ -215,7 +232,8 @@ class RemoteController(BoundaryHook):
                     action=common_pb2.DECISION_ACTION_GERMINATE)
                 pending = Adaptation(name, i, kernel_id, spec.blueprint_id, decision, time.perf_counter(), self._step,
                                      record.telemetry_before if record else common_pb2.SeedTelemetry(),
-                                     record.signals_before if record else common_pb2.TrainingSignals())
+                                     record.signals_before if record else common_pb2.TrainingSignals(),
+                                     graph_before=record.graph_before if record else common_pb2.ModelGraphState())
                 self._pending[pending.key] = pending
                 self._adaptations[pending.key] = pending
                 self.pipeline.request(kernel_id, spec, shape, device, dtype)
@@ -223,6 +241,42 @@ class RemoteController(BoundaryHook):
         if count:
             self._note(f"resume: {count} germinated seed(s) waiting for their kernels again")
         return count
+
+    def prefetch_first_kernels(self, blueprints: Sequence[str], parameter_budget: float,
+                               compute_budget: float) -> list[str]:
+        """Before training: start obtaining, at each site, the kernel of the blueprint the heuristic
+        policy picks first there (the largest allowed one within the initial budget); their ids.
+
+        A cold compile takes seconds, as long as many epochs of a small model: without this the
+        first seed arrives after the host has converged and has nothing left to contribute. A kernel
+        the policy never asks for costs one compile; one it asks for attaches warm (or joins the
+        fetch under way). Sites with the same chunk shape share one kernel id, so one request.
+        """
+        if self.pipeline is None or not self.morph.enabled:
+            return []
+        state = self.morph.graph_state(0, 0, 1, float("nan"), float("nan"), 0.0, [])
+        params_left = parameter_budget * state.signals.initial_parameter_count
+        flops_left = compute_budget * self.morph.flops_initial
+        requested: list[str] = []
+        for node in state.nodes:
+            if node.seed.state != S.DORMANT:
+                continue
+            fitting = [c for c in blueprint_costs_at(node, tuple(blueprints))
+                       if c.parameters <= params_left and c.flops <= flops_left]
+            if not fitting:
+                continue
+            best = max(fitting, key=lambda c: (c.parameters, -c.order))
+            layer = self.morph.driver.site(node.layer_name)
+            spec = get_blueprint(best.blueprint_id)
+            shape, device, dtype = self._kernel_target(node.layer_name, layer)
+            kernel_id = kernel_id_for(spec, shape, device, dtype)
+            if kernel_id in requested or kernel_id in self._failed_kernels:
+                continue
+            requested.append(kernel_id)
+            self.pipeline.request(kernel_id, spec, shape, device, dtype)
+        if requested:
+            self._note(f"prefetching the likely first kernel(s): {', '.join(requested)}")
+        return requested
 
     # ---------------------------------------------------------------- trainer hooks
 
@@ -244,8 +298,27 @@ class RemoteController(BoundaryHook):
     def _phase(self) -> str:
         return self.pipeline.phase() if self.pipeline is not None else ""
 
+    def _kernel_services_down(self) -> bool:
+        return any(not self.links[name].up for name in KERNEL_SERVICES if name in self.links)
+
+    def _track_outages(self, epoch: int) -> None:
+        """Charge the time since the last boundary to every waiting germination while Urza or
+        Tezzeret is down: a restarting service extends the wait instead of ending it."""
+        now = time.perf_counter()
+        if self._pending and self._kernel_services_down():
+            for pending in self._pending.values():
+                pending.outage_s += now - self._last_drain
+                pending.outage_epochs.add(epoch)
+        self._last_drain = now
+
+    def _germination_grace(self, layer: str, seed: int) -> int:
+        """Epochs the driver adds to this seed's germination timeout: those it waited through an outage."""
+        pending = self._pending.get((layer, seed))
+        return len(pending.outage_epochs) if pending is not None else 0
+
     def _drain(self, trainer: Any, epoch: int) -> None:
         self._step = trainer.state.global_step
+        self._track_outages(epoch)
         self._cancel_overdue()
         changed = False
         for item in self.outbox.drain():
@@ -254,7 +327,7 @@ class RemoteController(BoundaryHook):
             elif isinstance(item, KernelLoaded):
                 changed |= self._attach(item.kernel_id)
             elif isinstance(item, KernelFailed):
-                self._compile_failed(item.kernel_id, item.reason)
+                self._compile_failed(item.kernel_id, item.reason, item.deterministic)
             elif isinstance(item, Note):
                 self._note(item.line)
         if changed:
@@ -310,7 +383,7 @@ class RemoteController(BoundaryHook):
         node = self._last_graph_nodes.get(key)
         pending = Adaptation(layer.layer_name, d.seed_index, kernel_id, d.blueprint_id, d, time.perf_counter(),
                              self._step, node.seed.telemetry if node is not None else common_pb2.SeedTelemetry(),
-                             self._last_signals)
+                             self._last_signals, graph_before=self._last_graph)
         self._adaptations[key] = pending
         cached = self.kernels.get(kernel_id, self.morph.device, layer.seed_dtype())
         if cached is not None:
@@ -326,11 +399,11 @@ class RemoteController(BoundaryHook):
     def _cancel_overdue(self) -> None:
         """Cancel seeds whose kernel has not arrived within services.germination_timeout_s (wall clock)."""
         limit = self.settings.germination_timeout_s
-        if limit <= 0 or not self._pending:
-            return
+        if limit <= 0 or not self._pending or self._kernel_services_down():
+            return  # while a service the kernel needs is down, germinations wait for it
         now = time.perf_counter()
         for key, pending in list(self._pending.items()):
-            if now - pending.decided_at < limit:
+            if now - pending.decided_at - pending.outage_s < limit:
                 continue
             layer = self.morph.driver.site(pending.layer)
             if layer.state_of(pending.seed) == S.GERMINATED:
@@ -368,16 +441,23 @@ class RemoteController(BoundaryHook):
         self._note(f"{pending.layer}[{pending.seed}] active with kernel {pending.kernel_id} ({path}, via {via}) "
                    f"{latency:.2f} s after the decision, {steps} training steps meanwhile")
 
-    def _compile_failed(self, kernel_id: str, reason: str) -> None:
-        self._failed_kernels[kernel_id] = reason
+    def _compile_failed(self, kernel_id: str, reason: str, deterministic: bool = True) -> None:
+        """Cancel the seeds waiting for `kernel_id`. Only the compiler's verdict (`deterministic`)
+        puts the kernel on the run-long failed list; an outage's casualties are reported as
+        SERVICE_UNAVAILABLE, which Tamiyo does not count against max_adaptations."""
+        if deterministic:
+            self._failed_kernels[kernel_id] = reason
+        prefix = COMPILE_FAILED_PREFIX if deterministic else UNAVAILABLE_PREFIX
+        outcome = (common_pb2.ADAPTATION_OUTCOME_COMPILE_FAILED if deterministic
+                   else common_pb2.ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE)
         for key, pending in list(self._pending.items()):
             if pending.kernel_id != kernel_id:
                 continue
             del self._pending[key]
             layer = self.morph.driver.site(pending.layer)
             if layer.state_of(pending.seed) == S.GERMINATED:
-                layer.cancel(pending.seed, f"compile failed: {reason}")
-            self._report(pending, common_pb2.ADAPTATION_OUTCOME_COMPILE_FAILED, reason)
+                layer.cancel(pending.seed, f"{prefix}: {reason}")
+            self._report(pending, outcome, reason)
 
     # ---------------------------------------------------------------- outcomes
 
@@ -386,9 +466,11 @@ class RemoteController(BoundaryHook):
         self.reporter.publish_lifecycle(event)
         key = (event.layer, event.seed)
         outcome = OUTCOMES.get(S(event.to_state))
-        if event.to_state == S.CANCELLED and not event.reason.startswith("compile failed"):
-            outcome = common_pb2.ADAPTATION_OUTCOME_CANCELLED
         pending = self._adaptations.get(key)
+        if event.to_state == S.CANCELLED and not event.reason.startswith((COMPILE_FAILED_PREFIX, UNAVAILABLE_PREFIX)):
+            waited_out_an_outage = pending is not None and (pending.outage_s > 0 or pending.outage_epochs)
+            outcome = (common_pb2.ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE if waited_out_an_outage
+                       else common_pb2.ADAPTATION_OUTCOME_CANCELLED)
         if outcome is not None and pending is not None:
             self._pending.pop(key, None)
             self._report(pending, outcome, event.reason)

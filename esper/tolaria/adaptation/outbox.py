@@ -25,10 +25,17 @@ class KernelLoaded:
 
 @dataclass(frozen=True)
 class KernelFailed:
-    """A kernel will not arrive (compile failed, INVALID, bad bytes); its seeds are cancelled."""
+    """A kernel will not arrive; its seeds are cancelled.
+
+    `deterministic`: the compiler rejected the blueprint (INVALID artifact, a failed preservation
+    check): asking again gives the same, so the kernel is not tried again in this run. Otherwise
+    (services unavailable past the retries, a worker crash, a timeout, bad bytes) the seeds are
+    cancelled as casualties of an outage and a later decision may try the kernel again.
+    """
 
     kernel_id: str
     reason: str
+    deterministic: bool = True
 
 
 @dataclass(frozen=True)

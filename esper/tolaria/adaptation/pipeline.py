@@ -20,7 +20,7 @@ import torch
 from esper.clients import AsyncUrzaClient, OonaClient, ServiceLink, TezzeretClient, is_outage
 from esper.clients.tezzeret import FAILED_JOB_STATES
 from esper.clients.topics import KERNEL_READY_TOPIC
-from esper.errors import DataLossError, EsperError, NotFoundError
+from esper.errors import DataLossError, EsperError, FailedPreconditionError, NotFoundError
 from esper.kasmina import seed_from_kernel
 from esper.tolaria.adaptation.kernels import KernelStore
 from esper.tolaria.adaptation.outbox import KernelFailed, KernelLoaded, Note, Outbox
@@ -39,16 +39,32 @@ DOWNLOAD_ATTEMPTS = 3
 SUBSCRIBE_DEADLINE_S = 3600.0
 
 
+# A kernel whose compile or download fails for a reason other than the compiler's verdict (a
+# worker crash, a timeout, Urza unavailable past Tezzeret's store retries, bad bytes) is asked for
+# again this many times, with the links' backoff between attempts, before its seeds are cancelled.
+KERNEL_ATTEMPTS = 4
+
+
 class CompileFailed(RuntimeError):
-    """Tezzeret reported the kernel INVALID, failed or timed out (or its bytes never verified)."""
+    """The compiler rejected the kernel: an INVALID artifact (the blueprint does not fit, a failed
+    function-preservation check). Deterministic: asking again gives the same answer."""
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel did not arrive for a reason that may pass (a failed or timed-out job without an
+    INVALID artifact, a cancelled job, bytes that never verified): worth asking again."""
 
 
 def _job_done(job: tezzeret_pb2.CompileJob) -> bool:
-    """True once the job succeeded; CompileFailed once it failed; False while it runs."""
+    """True once the job succeeded; False while it runs. A failed job raises CompileFailed when its
+    artifact is INVALID (the compiler's verdict), else KernelUnavailable."""
     if job.state == tezzeret_pb2.COMPILE_JOB_STATE_SUCCEEDED:
         return True
     if job.state in FAILED_JOB_STATES:
-        raise CompileFailed(job.error or tezzeret_pb2.CompileJobState.Name(job.state))
+        reason = job.error or tezzeret_pb2.CompileJobState.Name(job.state)
+        if job.artifact.status == common_pb2.ARTIFACT_STATUS_INVALID:
+            raise CompileFailed(reason)
+        raise KernelUnavailable(reason)
     return False
 
 
@@ -97,35 +113,51 @@ class KernelPipeline:
     async def _obtain(self, kernel_id: str, spec, shape, device, dtype) -> None:
         try:
             if self.urza is None or self.tezzeret is None:
-                raise CompileFailed("the run has no Urza or Tezzeret address")
-            via = "urza"
-            artifact = await self.urza.call(
-                lambda c: c.find_artifact(kernel_id, timeout=self.settings.call_timeout_s))
-            if artifact is None or artifact.status != common_pb2.ARTIFACT_STATUS_VALIDATED:
-                if artifact is not None and artifact.status == common_pb2.ARTIFACT_STATUS_INVALID:
-                    raise CompileFailed(artifact.status_reason or "artifact is INVALID in Urza")
-                self.compiles_in_flight += 1
+                raise KernelUnavailable("the run has no Urza or Tezzeret address")
+            for attempt in range(1, KERNEL_ATTEMPTS + 1):
                 try:
-                    via = await self._compile(kernel_id, spec, shape, device, dtype)
-                finally:
-                    self.compiles_in_flight -= 1
-            self.loads_in_flight += 1
-            try:
-                artifact, data = await self._download(kernel_id)
-                module = await asyncio.to_thread(self.slices.run, self._load, kernel_id, spec, data, artifact.sha256)
-            finally:
-                self.loads_in_flight -= 1
+                    module, via = await self._obtain_once(kernel_id, spec, shape, device, dtype)
+                    break
+                except KernelUnavailable as exc:
+                    if attempt == KERNEL_ATTEMPTS or self._stopping():
+                        raise
+                    wait = min(self.settings.retry_max_s, self.settings.retry_initial_s * 2 ** attempt)
+                    self._note(f"kernel {kernel_id} did not arrive ({exc}); asking again in {wait:g} s "
+                               f"(attempt {attempt + 1} of {KERNEL_ATTEMPTS})")
+                    await asyncio.sleep(wait)
             self.loaded[kernel_id] = (module, via)
             self.outbox.put(KernelLoaded(kernel_id))
         except CompileFailed as exc:
-            self.outbox.put(KernelFailed(kernel_id, str(exc)))
+            self.outbox.put(KernelFailed(kernel_id, str(exc), deterministic=True))
+        except KernelUnavailable as exc:
+            self.outbox.put(KernelFailed(kernel_id, str(exc), deterministic=False))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a bug or bad bytes: this kernel fails, training goes on
+        except Exception as exc:  # a bug: this kernel fails for now, training goes on
             log.exception("obtaining kernel %s failed", kernel_id)
-            self.outbox.put(KernelFailed(kernel_id, f"{type(exc).__name__}: {exc}"))
+            self.outbox.put(KernelFailed(kernel_id, f"{type(exc).__name__}: {exc}", deterministic=False))
         finally:
             self._fetching.discard(kernel_id)
+
+    async def _obtain_once(self, kernel_id: str, spec, shape, device, dtype) -> tuple[torch.nn.Module, str]:
+        """Find or compile, download, load: the kernel and how it came (raises on failure)."""
+        via = "urza"
+        artifact = await self.urza.call(lambda c: c.find_artifact(kernel_id, timeout=self.settings.call_timeout_s))
+        if artifact is None or artifact.status != common_pb2.ARTIFACT_STATUS_VALIDATED:
+            if artifact is not None and artifact.status == common_pb2.ARTIFACT_STATUS_INVALID:
+                raise CompileFailed(artifact.status_reason or "artifact is INVALID in Urza")
+            self.compiles_in_flight += 1
+            try:
+                via = await self._compile(kernel_id, spec, shape, device, dtype)
+            finally:
+                self.compiles_in_flight -= 1
+        self.loads_in_flight += 1
+        try:
+            artifact, data = await self._download(kernel_id)
+            module = await asyncio.to_thread(self.slices.run, self._load, kernel_id, spec, data, artifact.sha256)
+        finally:
+            self.loads_in_flight -= 1
+        return module, via
 
     async def _compile(self, kernel_id: str, spec, shape, device, dtype) -> str:
         """Request the compile and wait until kernel-ready arrives on Oona or the job ends; the path."""
@@ -152,7 +184,7 @@ class KernelPipeline:
             if ready.is_set():
                 return "oona"
             if failure.done() and not failure.cancelled():
-                _job_done(failure.result())  # a failed job: raises CompileFailed
+                _job_done(failure.result())  # a failed job: raises CompileFailed or KernelUnavailable
             try:
                 job = await self.tezzeret.call(lambda c, job_id=job.job_id: c.get_compile_job(job_id, timeout=timeout))
             except NotFoundError:
@@ -188,10 +220,13 @@ class KernelPipeline:
                 if is_outage(exc):
                     await link.failed(exc)
                     continue
-                raise CompileFailed(f"Urza download of {kernel_id} failed: {exc}") from None
+                if isinstance(exc, FailedPreconditionError) and exc.reason == "ARTIFACT_INVALID":
+                    # INVALID in Urza: the compiler's verdict
+                    raise CompileFailed(f"Urza refused the download of {kernel_id}: {exc}") from None
+                raise KernelUnavailable(f"Urza download of {kernel_id} failed: {exc}") from None
             link.ok()
             return result
-        raise CompileFailed(f"kernel {kernel_id}: downloaded bytes never matched their SHA-256")
+        raise KernelUnavailable(f"kernel {kernel_id}: downloaded bytes never matched their SHA-256")
 
     def _load(self, kernel_id: str, spec: common_pb2.BlueprintSpec, data: bytes, sha256: str) -> torch.nn.Module:
         """Worker thread, in slices granted between training steps (`StepSlices`): verify, keep the

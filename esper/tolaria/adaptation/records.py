@@ -25,6 +25,12 @@ class Adaptation:
     signals_before: common_pb2.TrainingSignals = field(default_factory=common_pb2.TrainingSignals)
     # "cold" (compiled for this run), "warm" (kernel cache) or "library" (already in Urza).
     path: str = "cold"
+    # Time and epochs this germination waited while Urza or Tezzeret was down: they extend its
+    # germination timeouts, and a cancellation after such a wait is a casualty of the outage.
+    outage_s: float = 0.0
+    outage_epochs: set[int] = field(default_factory=set)
+    # The whole graph Tamiyo decided on, for the field report (offline policy learning).
+    graph_before: common_pb2.ModelGraphState = field(default_factory=common_pb2.ModelGraphState)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -36,7 +42,7 @@ class Adaptation:
                 "blueprint_id": self.blueprint_id, "decision": self.decision.SerializeToString().hex(),
                 "telemetry_before": self.telemetry_before.SerializeToString().hex(),
                 "signals_before": self.signals_before.SerializeToString().hex(), "path": self.path,
-                "decided_step": self.decided_step}
+                "decided_step": self.decided_step, "graph_before": self.graph_before.SerializeToString().hex()}
 
     @classmethod
     def from_dict(cls, a: dict[str, Any]) -> Adaptation:
@@ -44,4 +50,5 @@ class Adaptation:
         return cls(a["layer"], int(a["seed"]), a["kernel_id"], a["blueprint_id"],
                    common_pb2.AdaptationDecision.FromString(bytes.fromhex(a["decision"])), time.perf_counter(),
                    int(a["decided_step"]), common_pb2.SeedTelemetry.FromString(bytes.fromhex(a["telemetry_before"])),
-                   common_pb2.TrainingSignals.FromString(bytes.fromhex(a["signals_before"])), a["path"])
+                   common_pb2.TrainingSignals.FromString(bytes.fromhex(a["signals_before"])), a["path"],
+                   graph_before=common_pb2.ModelGraphState.FromString(bytes.fromhex(a.get("graph_before", ""))))

@@ -117,6 +117,7 @@ def field_report(run_id: str, adaptation: Adaptation, outcome: int, epoch: int, 
     report = common_pb2.FieldReport(run_id=run_id, decision=adaptation.decision, outcome=outcome, epoch=epoch)
     report.telemetry_before.CopyFrom(adaptation.telemetry_before)
     report.signals_before.CopyFrom(adaptation.signals_before)
+    report.graph.CopyFrom(adaptation.graph_before)
     if row is not None:
         report.telemetry_after.CopyFrom(row.to_proto().telemetry)
         if row.last_contribution is not None:

@@ -1,0 +1,249 @@
+"""A `ModelGraphState` as a `torch_geometric.data.Data`: the input of learned Tamiyo policies.
+
+`graph_to_data` is a pure function of the message (and the blueprint catalog): the same graph
+always gives the same tensors, so a policy decides the same way on the same input and a replay
+file can be re-featurised later.
+
+Nodes are seed slots in message order. Node features (`node_feature_names()`):
+  telemetry     activation mean (signed log), log variance, dead fraction, log gradient norm,
+                gradient norm relative to the mean over all nodes
+  lifecycle     one-hot of the 11 `SeedLifecycleState`s, alpha, epochs in state, embargo left,
+                last counterfactual contribution and whether there is one
+  structure     depth (fraction of the deepest site), width (log2 channels), chunk size (log2),
+                seeds per layer, spatial size (log2), layer kind one-hot, the seed's own parameters
+  candidates    for every growth action (mode x blueprint, `action_names()`): whether it fits the
+                site, its parameters and FLOPs relative to the host, whether it fits the budget left
+Edges follow the data flow (`GraphEdge`, source -> target) and are kept in that direction in
+`edge_index`; `edge_index_reverse` holds the same edges reversed, so a policy can pass messages
+both ways and still know which way the data flows.
+Global features (`global_feature_names()`, tensor `u` of shape [1, G]): epoch fraction, losses,
+loss and accuracy trends, generalisation gap, validation accuracy, budgets left, adaptations in
+flight, host size.
+
+The action space per node is [wait, cull, grow(mode, blueprint) for every mode and blueprint]
+(`action_names()`); `mask` says which are legal at that node now. Growth modes are a list so
+width and depth growth can join without changing the layout of the existing entries; a change
+of this layout or of the features bumps `FEATURE_SCHEMA`, and policies trained on another schema
+are refused when loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch_geometric.data import Data
+
+from esper.lifecycle import SeedLifecycleState as S
+from esper.v1 import common_pb2
+
+FEATURE_SCHEMA = "tamiyo-graph/1"
+
+# Growth modes a policy chooses between. Branch growth plants a catalog blueprint as a residual
+# side branch; width/depth modes are appended here when Kasmina grows that way.
+GROWTH_MODES: tuple[str, ...] = ("branch",)
+
+LIFECYCLE_STATES: tuple[S, ...] = tuple(s for s in S if s != S.UNSPECIFIED)
+# A seed that is live in the host can be culled by the policy.
+_STATE_VALUES = tuple(int(s) for s in LIFECYCLE_STATES)
+CULLABLE = frozenset(int(s) for s in (S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING))
+LAYER_KINDS: tuple[str, ...] = ("linear", "conv1d", "conv2d")
+
+WAIT, CULL, FIRST_GROW = 0, 1, 2
+
+_TELEMETRY = ("activation_mean", "log_activation_variance", "dead_fraction", "log_gradient_norm",
+              "gradient_norm_rel")
+_LIFECYCLE_EXTRA = ("alpha", "epochs_in_state", "embargo_epochs_left", "last_contribution", "has_contribution")
+_STRUCTURE = ("depth_fraction", "log2_width", "log2_chunk", "seeds_per_layer", "log2_spatial",
+              *(f"kind_{k}" for k in LAYER_KINDS), "kind_other", "seed_params_rel")
+_CANDIDATE = ("fits", "params_rel", "flops_rel", "in_budget")
+_GLOBAL = ("epoch_fraction", "log_train_loss", "log_val_loss", "loss_trend_1", "loss_trend_3", "gap",
+           "val_accuracy", "accuracy_trend_1", "accuracy_trend_3", "parameter_budget_left",
+           "compute_budget_left", "active_adaptations", "log10_host_params", "log10_host_flops",
+           "log2_nodes")
+
+
+def catalog_blueprints() -> tuple[str, ...]:
+    """Blueprint ids in catalog order: the blueprint axis of the action space."""
+    from esper.kasmina.blueprints import CATALOG
+
+    return tuple(CATALOG)
+
+
+def action_names(blueprints: Sequence[str] | None = None) -> list[str]:
+    """Names of the per-node actions, in the order of the policy's output columns."""
+    bps = catalog_blueprints() if blueprints is None else tuple(blueprints)
+    return ["wait", "cull", *(f"grow:{m}:{b}" for m in GROWTH_MODES for b in bps)]
+
+
+def node_feature_names(blueprints: Sequence[str] | None = None) -> list[str]:
+    """Names of the node feature columns (see the module docstring)."""
+    bps = catalog_blueprints() if blueprints is None else tuple(blueprints)
+    names = [*_TELEMETRY, *(f"state_{s.name.lower()}" for s in LIFECYCLE_STATES), *_LIFECYCLE_EXTRA, *_STRUCTURE]
+    names += [f"{m}:{b}:{c}" for m in GROWTH_MODES for b in bps for c in _CANDIDATE]
+    return names
+
+
+def global_feature_names() -> list[str]:
+    return list(_GLOBAL)
+
+
+def _slog(value: float) -> float:
+    """Signed log1p: keeps sign and order, tames heavy tails."""
+    return math.copysign(math.log1p(abs(value)), value)
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+def _trend(history: Sequence[float], lag: int, higher_is_better: bool) -> float:
+    """Relative improvement over the last `lag` epochs (0 without enough history)."""
+    if len(history) < lag + 1:
+        return 0.0
+    before, now = history[-lag - 1], history[-1]
+    change = (now - before) if higher_is_better else (before - now)
+    return max(-1.0, min(1.0, change / max(abs(before), 1e-6)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _site_costs(chunk: int, shape: tuple[int, ...], blueprints: tuple[str, ...]) -> tuple[tuple[int, int] | None, ...]:
+    """(parameters, FLOPs per sample) of each blueprint at a chunk shape; None where it does not fit.
+    Cached: the same site shapes recur at every epoch boundary of every run."""
+    from esper.kasmina.blueprints import CATALOG, BlueprintError, blueprint_cost
+
+    out: list[tuple[int, int] | None] = []
+    for bid in blueprints:
+        spec = CATALOG.get(bid)
+        if spec is None:
+            out.append(None)
+            continue
+        try:
+            cost = blueprint_cost(spec, chunk, [-1, chunk, *shape])
+        except (BlueprintError, ValueError):
+            out.append(None)
+            continue
+        out.append((int(cost.parameter_count), int(cost.flops_per_sample)))
+    return tuple(out)
+
+
+def budget_fractions(signals: common_pb2.TrainingSignals, parameter_budget: float,
+                     compute_budget: float) -> tuple[float, float]:
+    """(parameters, forward FLOPs per sample) still allowed by the budgets (as in the rails). The
+    budgets the graph carries win over the arguments, so a stored graph is read as it was seen."""
+    parameter_budget = signals.parameter_budget or parameter_budget
+    compute_budget = signals.compute_budget or compute_budget
+    params = signals.parameter_budget_left * parameter_budget * signals.initial_parameter_count
+    flops = signals.compute_budget_left * compute_budget * signals.initial_flops_per_sample
+    return params, flops
+
+
+class GraphError(ValueError):
+    """A ModelGraphState that cannot be turned into policy input (names the field)."""
+
+
+def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float = 1.0,
+                  compute_budget: float = 1.0, allowed_blueprints: Sequence[str] = (),
+                  blueprints: Sequence[str] | None = None) -> Data:
+    """The policy input for `state` (see the module docstring).
+
+    `parameter_budget`/`compute_budget` are the rails' budgets (multiples of the host), used to
+    mark candidates that fit what is left when the graph does not carry its own; `allowed_blueprints` (empty: all) restricts growth as
+    the run's config does. Extra attributes: `u` [1, G] global features, `mask` [N, A] legal
+    actions, `edge_index_reverse`, and `node_keys` (layer name, seed index) per node.
+    """
+    bps = catalog_blueprints() if blueprints is None else tuple(blueprints)
+    nodes = list(state.nodes)
+    if not nodes:
+        raise GraphError("graph.nodes is empty; expected one node per seed site")
+    sig = state.signals
+    host_params = max(1.0, float(sig.initial_parameter_count))
+    host_flops = max(1.0, float(sig.initial_flops_per_sample))
+    params_left, flops_left = budget_fractions(sig, parameter_budget, compute_budget)
+    max_depth = max(1, max(n.depth for n in nodes))
+    grads = [max(0.0, _finite(n.seed.telemetry.gradient_norm)) for n in nodes]
+    mean_grad = sum(grads) / len(grads)
+    per_layer: dict[str, int] = {}
+    for n in nodes:
+        per_layer[n.layer_name] = per_layer.get(n.layer_name, 0) + 1
+    allowed = set(allowed_blueprints)
+    num_actions = FIRST_GROW + len(GROWTH_MODES) * len(bps)
+
+    rows: list[list[float]] = []
+    mask_rows: list[list[bool]] = []
+    # Candidate features and growth legality depend on the site's shape only: computed once per
+    # distinct shape in the graph (a deep graph repeats a handful of shapes).
+    by_shape: dict[tuple[int, tuple[int, ...]], tuple[list[float], list[bool]]] = {}
+    dormant = int(S.DORMANT)
+    for i, n in enumerate(nodes):
+        seed, t = n.seed, n.seed.telemetry
+        if seed.chunk_size <= 0:
+            raise GraphError(f"graph node {n.node_id!r}: seed.chunk_size is {seed.chunk_size}; expected > 0")
+        dims = list(n.output_shape.dims)
+        width = dims[1] if len(dims) >= 2 else seed.chunk_size
+        spatial = math.prod(dims[2:]) if len(dims) > 2 else 1
+        state_value = seed.state
+        row = [
+            _slog(_finite(t.activation_mean)), math.log1p(max(0.0, _finite(t.activation_variance))),
+            _finite(t.dead_fraction), math.log1p(grads[i]), grads[i] / mean_grad if mean_grad > 0 else 0.0,
+        ]
+        row += [1.0 if state_value == s else 0.0 for s in _STATE_VALUES]
+        row += [_finite(seed.alpha), min(seed.epochs_in_state, 20) / 10.0, min(seed.embargo_epochs_left, 10) / 5.0,
+                max(-1.0, min(1.0, 10.0 * _finite(seed.last_contribution))), 1.0 if seed.has_contribution else 0.0]
+        kind = n.layer_kind.lower()
+        row += [n.depth / max_depth, math.log2(max(1, width)) / 10.0, math.log2(seed.chunk_size) / 10.0,
+                per_layer[n.layer_name] / 8.0, math.log2(max(1, spatial)) / 10.0,
+                *(1.0 if kind == k else 0.0 for k in LAYER_KINDS), 0.0 if kind in LAYER_KINDS else 1.0,
+                seed.parameter_count / host_params]
+        key = (int(seed.chunk_size), tuple(int(d) for d in dims[2:]))
+        cached = by_shape.get(key)
+        if cached is None:
+            feats: list[float] = []
+            grow: list[bool] = []
+            costs = _site_costs(key[0], key[1], bps)
+            for _mode in GROWTH_MODES:
+                for b_index, bid in enumerate(bps):
+                    cost = costs[b_index]
+                    if cost is None:
+                        feats += [0.0, 0.0, 0.0, 0.0]
+                        grow.append(False)
+                        continue
+                    p, f = cost
+                    in_budget = p <= params_left and f <= flops_left
+                    feats += [1.0, p / host_params, f / host_flops, 1.0 if in_budget else 0.0]
+                    grow.append(in_budget and (not allowed or bid in allowed))
+            cached = by_shape[key] = (feats, grow)
+        row += cached[0]
+        free = state_value == dormant and seed.embargo_epochs_left == 0
+        mask_rows.append([True, state_value in CULLABLE, *(cached[1] if free else [False] * len(cached[1]))])
+        rows.append(row)
+    mask = torch.tensor(mask_rows, dtype=torch.bool).reshape(len(nodes), num_actions)
+
+    index = {n.node_id: i for i, n in enumerate(nodes)}
+    edges = []
+    for e in state.edges:
+        if e.source_node_id not in index or e.target_node_id not in index:
+            raise GraphError(f"graph edge {e.source_node_id!r} -> {e.target_node_id!r} names a node that is not "
+                             "in graph.nodes")
+        edges.append((index[e.source_node_id], index[e.target_node_id]))
+    edge_index = torch.tensor(edges, dtype=torch.long).t().contiguous() if edges else torch.zeros((2, 0), dtype=torch.long)
+
+    loss_hist = [_finite(v) for v in sig.val_loss_history]
+    acc_hist = [_finite(v) for v in sig.val_accuracy_history]
+    total = max(1, sig.total_epochs)
+    gap = (sig.val_loss - sig.train_loss) / max(abs(sig.val_loss), 1e-6) if sig.val_loss else 0.0
+    u = [
+        min(1.0, sig.epoch / total), math.log1p(max(0.0, _finite(sig.train_loss))),
+        math.log1p(max(0.0, _finite(sig.val_loss))), _trend(loss_hist, 1, False), _trend(loss_hist, 3, False),
+        max(-1.0, min(1.0, _finite(gap))), _finite(sig.val_accuracy), _trend(acc_hist, 1, True),
+        _trend(acc_hist, 3, True), sig.parameter_budget_left, sig.compute_budget_left,
+        sig.active_adaptations / len(nodes), math.log10(host_params) / 6.0, math.log10(host_flops) / 8.0,
+        math.log2(len(nodes)) / 6.0,
+    ]
+    data = Data(x=torch.tensor(rows, dtype=torch.float32), edge_index=edge_index,
+                edge_index_reverse=edge_index.flip(0), u=torch.tensor([u], dtype=torch.float32), mask=mask)
+    data.node_keys = [(n.layer_name, int(n.seed.seed_index)) for n in nodes]
+    data.num_nodes = len(nodes)
+    return data

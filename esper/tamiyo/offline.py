@@ -1,0 +1,305 @@
+"""Offline training of the Tamiyo GNN from field reports: advantage-weighted regression (AWR).
+
+Each field report is one logged decision: the graph s, the executed action a (wait, cull a seed,
+grow a site with a mode and blueprint) and its reward r (`esper.tamiyo.reward`; the reward
+already covers the decision's whole consequence, from germination to fossilization or cull, so
+the problem is treated as one-step: returns are not bootstrapped). AWR suits logged data because
+it never evaluates actions the logging policy did not take:
+
+    value      V(s) fitted to r by squared error
+    policy     maximise  sum_i  w_i * log pi(a_i | s_i),   w_i = min(exp((r_i - V(s_i)) / beta), w_max)
+
+so logged actions that did better than the state's average are imitated, and worse ones barely
+are. beta is in reward units (accuracy points).
+
+Reports are split into training and validation **by run** (`run_id`), never by report, so no run
+contributes to both. The checkpoint kept is the one whose greedy policy has the best estimated mean
+reward on the validation runs (self-normalised inverse propensity weighting with the logging
+policy's recorded probabilities); when the reports carry none, the lowest validation AWR loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch_geometric.data import Batch, Data
+
+from esper.tamiyo.exploration import locate_action
+from esper.tamiyo.graph import (
+    WAIT,
+    GraphError,
+    action_names,
+    global_feature_names,
+    graph_to_data,
+    node_feature_names,
+)
+from esper.tamiyo.replay import FILE_NAME, ReplayFileError, read_replay_file
+from esper.tamiyo.reward import REWARD_DEFINITION
+from esper.v1 import common_pb2
+
+
+class ReplayDataError(ValueError):
+    """Replay data that cannot train a policy; the message says what was wrong and what was expected."""
+
+
+@dataclass
+class ReplayData:
+    samples: list[Data]
+    files: list[str]
+    data_sha256: str
+    skipped: dict[str, int] = field(default_factory=dict)
+    # Tasks, seeds and behaviours of the collection episodes (from their done.json), so a benchmark
+    # can tell held-out tasks and seeds from training ones.
+    provenance: dict[str, list] = field(default_factory=dict)
+
+    @property
+    def runs(self) -> list[str]:
+        return sorted({s.run_id for s in self.samples})
+
+
+def replay_files(paths: Iterable[Path | str]) -> list[Path]:
+    """Replay files under `paths` (a file itself, or every field_reports.bin below a directory)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.rglob(FILE_NAME))
+            if not found:
+                raise ReplayDataError(f"{p}: no {FILE_NAME} below this directory; expected the --out directory of "
+                                      "esper-tamiyo collect or a Tamiyo --replay-dir")
+            out.extend(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ReplayDataError(f"{p}: no such file or directory")
+    return out
+
+
+def sample_from_report(report: common_pb2.FieldReport) -> Data:
+    """The training sample of one report: graph features, logged action, reward."""
+    data = graph_to_data(report.graph)
+    node, column = locate_action(report.graph, report.decision)
+    if node is not None and not bool(data.mask[node, column]):
+        raise GraphError(f"logged action {action_names()[column]} at node {node} is not legal in its own graph")
+    # The logged action as an index into the node rows (-1 for WAIT) and a column.
+    data.action_node = torch.tensor([-1 if node is None else node], dtype=torch.long)
+    data.action_column = torch.tensor([WAIT if node is None else column], dtype=torch.long)
+    data.reward = torch.tensor([float(report.reward)], dtype=torch.float32)
+    data.behavior_probability = torch.tensor([float(report.behavior_probability)], dtype=torch.float32)
+    data.run_id = report.run_id
+    del data.node_keys  # strings do not batch; decisions need them, training does not
+    return data
+
+
+def load_replay(paths: Iterable[Path | str], echo: Callable[[str], None] = lambda s: None) -> ReplayData:
+    """Samples from every usable report under `paths`; ReplayDataError when none is usable."""
+    files = replay_files(paths)
+    digest = hashlib.sha256()
+    samples: list[Data] = []
+    skipped = {"no_graph": 0, "no_reward": 0, "unusable_graph": 0}
+    tasks: set[str] = set()
+    seeds: set[int] = set()
+    behaviours: set[str] = set()
+    for path in files:
+        done = path.parent / "done.json"
+        if done.is_file():
+            try:
+                record = json.loads(done.read_text())
+                tasks.add(str(record["task"]))
+                seeds.add(int(record["seed"]))
+                behaviours.add(str(record["behaviour"]))
+            except (OSError, ValueError, KeyError):
+                tasks.add("unknown")
+        else:
+            tasks.add("unknown")
+        try:
+            reports, tail = read_replay_file(path)
+        except ReplayFileError as exc:
+            raise ReplayDataError(str(exc)) from None
+        if tail:
+            echo(f"warning: {path}: {tail} bytes after the last intact record ignored (torn tail)")
+        for i, report in enumerate(reports):
+            if report.reward_definition and report.reward_definition != REWARD_DEFINITION:
+                raise ReplayDataError(
+                    f"{path}: report {i} is scored with reward {report.reward_definition!r}; this trainer uses "
+                    f"{REWARD_DEFINITION!r}; expected reports collected with the same reward definition")
+            if not report.graph.nodes:
+                skipped["no_graph"] += 1
+                continue
+            if not report.reward_definition:
+                skipped["no_reward"] += 1
+                continue
+            try:
+                samples.append(sample_from_report(report))
+            except GraphError:
+                skipped["unusable_graph"] += 1
+                continue
+            digest.update(report.SerializeToString(deterministic=True))
+    if not samples:
+        raise ReplayDataError(
+            f"no usable field report in {len(files)} file(s) (skipped: {skipped}); expected reports that carry a "
+            f"graph and a {REWARD_DEFINITION!r} reward, as written by esper-tamiyo collect")
+    provenance = {"tasks": sorted(tasks), "seeds": sorted(seeds), "behaviours": sorted(behaviours)}
+    return ReplayData(samples, [str(f) for f in files], digest.hexdigest(), skipped, provenance)
+
+
+def split_by_run(runs: list[str], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """(training runs, validation runs): a seeded shuffle of the run ids, never splitting a run."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = sorted(runs)
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(val_fraction * len(order))) if len(order) > 1 else 0
+    return set(order[n_val:]), set(order[:n_val])
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    beta: float = 1.0
+    max_weight: float = 20.0
+    value_coef: float = 0.5
+    hidden: int = 64
+    layers: int = 3
+    val_fraction: float = 0.2
+    seed: int = 0
+
+
+def batch_losses(model, batch: Batch, settings: TrainSettings) -> dict[str, torch.Tensor]:
+    """AWR policy loss, value loss and diagnostics over one batch of samples."""
+    from esper.tamiyo.gnn import flat_log_probs
+
+    num_graphs = batch.num_graphs
+    scores, value = model(batch.x, batch.edge_index, batch.edge_index_reverse, batch.u, batch.batch, num_graphs)
+    node_logp, wait_logp = flat_log_probs(scores, batch.mask, batch.batch, num_graphs)
+    action_node = batch.action_node
+    is_wait = action_node < 0
+    # action_node is local to each graph; Batch offsets node indices by graph via `ptr`.
+    global_node = (action_node + batch.ptr[:-1]).clamp(min=0)
+    logp = torch.where(is_wait, wait_logp, node_logp[global_node, batch.action_column])
+    reward = batch.reward
+    advantage = reward - value.detach()
+    weight = torch.clamp(torch.exp(advantage / settings.beta), max=settings.max_weight)
+    policy_loss = -(weight * logp).mean()
+    value_loss = torch.mean((value - reward) ** 2)
+    # Greedy action of the current policy, to compare with the logged one.
+    flat_best = torch.full((num_graphs,), -math.inf)
+    flat_best = flat_best.scatter_reduce(0, batch.batch, node_logp.max(dim=1).values, reduce="amax")
+    greedy_wait = wait_logp >= flat_best
+    logged_is_greedy = torch.where(is_wait, greedy_wait, ~greedy_wait & (logp >= flat_best - 1e-6))
+    return {"policy_loss": policy_loss, "value_loss": value_loss, "loss": policy_loss + settings.value_coef * value_loss,
+            "weight_mean": weight.mean(), "logged_is_greedy": logged_is_greedy.float(), "reward": reward,
+            "greedy_wait": greedy_wait.float(), "behavior_probability": batch.behavior_probability}
+
+
+def evaluate(model, batches: list[Batch], settings: TrainSettings) -> dict[str, float]:
+    """Validation metrics: AWR losses, agreement with the logged action, and off-policy estimates
+    of the greedy policy's mean reward (matched-action mean, and inverse propensity where known)."""
+    if not batches:
+        return {}
+    model.eval()
+    totals = {"policy_loss": 0.0, "value_loss": 0.0}
+    matched_reward, matched, ips_sum, ips_n, ips_weights, greedy_wait = 0.0, 0, 0.0, 0, 0.0, 0.0
+    rewards = 0.0
+    n = 0
+    with torch.no_grad():
+        for batch in batches:
+            out = batch_losses(model, batch, settings)
+            size = batch.num_graphs
+            n += size
+            rewards += float(out["reward"].sum())
+            for k in totals:
+                totals[k] += float(out[k]) * size
+            hit = out["logged_is_greedy"]
+            matched_reward += float((hit * out["reward"]).sum())
+            matched += int(hit.sum())
+            pb = out["behavior_probability"]
+            known = pb > 0
+            w = (hit / pb.clamp(min=1e-6))[known]
+            ips_sum += float((w * out["reward"][known]).sum())
+            ips_weights += float(w.sum())
+            ips_n += int(known.sum())
+            greedy_wait += float(out["greedy_wait"].sum())
+    return {"policy_loss": totals["policy_loss"] / n, "value_loss": totals["value_loss"] / n,
+            "agreement": matched / n, "greedy_wait_rate": greedy_wait / n,
+            "matched_mean_reward": matched_reward / matched if matched else 0.0,
+            "ips_mean_reward": ips_sum / ips_n if ips_n else 0.0,
+            "snips_mean_reward": ips_sum / ips_weights if ips_weights else 0.0, "logged_mean_reward": rewards / n}
+
+
+def train(data: ReplayData, settings: TrainSettings, *, on_epoch: Callable[[int, dict[str, float]], None] | None = None
+          ) -> tuple[Any, dict[str, Any]]:
+    """Fits a TamiyoGNN by AWR; returns (the best model on the validation runs, report)."""
+    import copy
+
+    from esper.tamiyo.gnn import Architecture, TamiyoGNN
+
+    torch.manual_seed(settings.seed)
+    train_runs, val_runs = split_by_run(data.runs, settings.val_fraction, settings.seed)
+    train_set = [s for s in data.samples if s.run_id in train_runs]
+    val_set = [s for s in data.samples if s.run_id in val_runs]
+    if not train_set:
+        raise ReplayDataError(f"no training samples after the split by run ({len(data.runs)} runs); expected more runs")
+    arch = Architecture(node_features=len(node_feature_names()), global_features=len(global_feature_names()),
+                        actions=len(action_names()), hidden=settings.hidden, layers=settings.layers)
+    model = TamiyoGNN(arch)
+    opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    rng = random.Random(settings.seed)
+    # Collating graphs into a Batch is the slow part of a step (Python per graph): the training set
+    # is cut into fixed random mini-batches once, and only their order is shuffled per epoch.
+    order = list(range(len(train_set)))
+    rng.shuffle(order)
+    batches = [Batch.from_data_list([train_set[i] for i in order[start:start + settings.batch_size]])
+               for start in range(0, len(order), settings.batch_size)]
+    val_batches = [Batch.from_data_list(val_set[start:start + 256]) for start in range(0, len(val_set), 256)]
+    best: tuple[float, int, dict[str, Any], dict[str, float]] | None = None
+    history = []
+    for epoch in range(1, settings.epochs + 1):
+        model.train()
+        rng.shuffle(batches)
+        sums = {"policy_loss": 0.0, "value_loss": 0.0, "weight_mean": 0.0}
+        for batch in batches:
+            out = batch_losses(model, batch, settings)
+            opt.zero_grad()
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            for k in sums:
+                sums[k] += out[k].item()
+        metrics = {f"train/{k}": v / max(1, len(batches)) for k, v in sums.items()}
+        val = evaluate(model, val_batches, settings)
+        metrics.update({f"val/{k}": v for k, v in val.items()})
+        history.append({"epoch": epoch, **metrics})
+        # Model selection by the self-normalised importance-sampling estimate of the greedy policy's
+        # mean reward on the validation runs (what the policy is for); the AWR loss is no criterion,
+        # its weights move with the value estimate. Without behaviour probabilities: lowest loss.
+        score = -val["snips_mean_reward"] if val.get("snips_mean_reward") else val.get(
+            "policy_loss", metrics["train/policy_loss"])
+        if best is None or score < best[0]:
+            best = (score, epoch, copy.deepcopy(model.state_dict()), metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+    assert best is not None
+    model.load_state_dict(best[2])
+    model.eval()
+    report = {
+        "method": "AWR (one-step advantage-weighted regression with a learned value baseline)",
+        "settings": settings.__dict__, "architecture": arch.to_dict(), "best_epoch": best[1],
+        "best_metrics": best[3], "history": history,
+        "data": {"files": len(data.files), "samples": len(data.samples), "runs": len(data.runs),
+                 "train_runs": len(train_runs), "val_runs": len(val_runs), "train_samples": len(train_set),
+                 "val_samples": len(val_set), "skipped": data.skipped, "sha256": data.data_sha256,
+                 **data.provenance,
+                 "val_run_ids": sorted(val_runs)},
+    }
+    return model, report
