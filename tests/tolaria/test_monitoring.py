@@ -62,7 +62,7 @@ def parse(*argv: str):
 def test_wandb_offline_run_files_hold_config_metrics_events_summary_and_model(tmp_path, offline_wandb, capsys):
     out = tmp_path / "run"
     assert main(["--quick-start", "digits", "--output-dir", str(out), "--progress", "plain", "--wandb",
-                 "--epochs", "2", *FAST]) == 0
+                 "--epochs", "4", *FAST]) == 0
     stdout = capsys.readouterr().out
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1, list((out / "wandb").iterdir())
@@ -80,7 +80,7 @@ def test_wandb_offline_run_files_hold_config_metrics_events_summary_and_model(tm
     val_acc = [float(r["epoch/val_acc"]) for r in rows if "epoch/val_acc" in r]
     assert val_acc == pytest.approx([r["val_acc"] for r in read_metrics(out, "epoch")])
     events = (out / "events.jsonl").read_text().splitlines()
-    assert events, "the digits preset germinates within two epochs"
+    assert events, "the digits preset germinates within four epochs (a seed must be able to finish)"
     tables = [r for r in rows if "lifecycle_events/nrows" in r]
     assert len(tables) == 1 and int(tables[0]["lifecycle_events/nrows"]) == len(events)
     assert any(r.get("seed_timeline/_type") == '"image-file"' for r in rows)
@@ -232,7 +232,7 @@ def test_trainer_metrics_export_kernel_cache_stats():
 def test_profile_writes_a_valid_chrome_trace_and_prints_the_table(tmp_path, capsys):
     out = tmp_path / "run"
     # Warm-up past the first epoch (36 steps): the window sees seeds that germinated at its end.
-    assert main(["--config", DEV, "--output-dir", str(out), "--progress", "none", "--epochs", "2",
+    assert main(["--config", DEV, "--output-dir", str(out), "--progress", "none", "--epochs", "4",
                  "--profile", "10", "logging.profile_warmup_steps=40", *FAST]) == 0
     stdout = capsys.readouterr().out
     trace = json.loads((out / "profile" / "trace.json").read_text())
