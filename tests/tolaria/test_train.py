@@ -328,7 +328,8 @@ def test_governor_blames_only_blended_seeds(tmp_path):
     from esper.tolaria.config import load_config
     from esper.tolaria.trainer import Trainer
 
-    cfg = load_config(DEV, ["train.epochs=1", "services.mode=off", *FAST])
+    # 4 epochs: a seed germinated now can still finish (no germination that cannot)
+    cfg = load_config(DEV, ["train.epochs=4", "services.mode=off", *FAST])
     trainer = Trainer(cfg, tmp_path / "run", progress="none")
     trainer.prepare()
     trainer.start()
