@@ -21,6 +21,7 @@ from esper.tamiyo.policy import (
     make_decision,
     wait,
 )
+from esper.v1 import common_pb2
 
 RANDOM_VERSION = "random/1"
 
@@ -46,7 +47,8 @@ def decision_for(state: ModelGraphState, node: int, column: int, reason: str, ve
     if GROWTH_MODES[mode_index] != "branch":  # pragma: no cover - only branch growth exists so far
         raise NotImplementedError(f"growth mode {GROWTH_MODES[mode_index]!r}")
     return make_decision(Action.DECISION_ACTION_GERMINATE, reason, version, layer=n.layer_name,
-                         seed=n.seed.seed_index, blueprint=bps[b_index], confidence=confidence)
+                         seed=n.seed.seed_index, blueprint=bps[b_index], confidence=confidence,
+                         growth_mode=common_pb2.GROWTH_MODE_BRANCH)
 
 
 class RandomPolicy:

@@ -42,7 +42,8 @@ from esper.v1 import common_pb2
 FEATURE_SCHEMA = "tamiyo-graph/1"
 
 # Growth modes a policy chooses between. Branch growth plants a catalog blueprint as a residual
-# side branch; width/depth modes are appended here when Kasmina grows that way.
+# side branch. Kasmina also grows width and depth now (GraphNode.width / .deepen); adding them
+# here (with their features) is feature schema 2 and needs a new collection.
 GROWTH_MODES: tuple[str, ...] = ("branch",)
 
 LIFECYCLE_STATES: tuple[S, ...] = tuple(s for s in S if s != S.UNSPECIFIED)

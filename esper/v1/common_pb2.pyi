@@ -985,6 +985,7 @@ class DepthSite(_message.Message):
     block_parameters: _builtins.int
     """Cost of one more block: parameters and forward FLOPs per sample."""
     block_flops: _builtins.int
+    """forward FLOPs per sample of one more block"""
     available: _builtins.bool
     """False while a seed of the site is in flight or fossilized."""
     def __init__(
@@ -1020,9 +1021,11 @@ class WidthSite(_message.Message):
     input_dim: _builtins.int
     """Features (or channels) the producer reads and the consumer writes."""
     output_dim: _builtins.int
+    """features (or channels) the consumer writes"""
     unit_parameters: _builtins.int
     """Cost of one more unit: parameters and forward FLOPs per sample."""
     unit_flops: _builtins.int
+    """forward FLOPs per sample of one more unit"""
     available: _builtins.bool
     """False while a seed of the site is in flight or fossilized (width cannot grow there now)."""
     def __init__(
@@ -1122,6 +1125,7 @@ class TrainingSignals(_message.Message):
     extra parameters, extra forward FLOPs per sample.
     """
     compute_budget: _builtins.float
+    """extra forward FLOPs per sample, as a multiple of the host's"""
     @_builtins.property
     def val_loss_history(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Recent validation losses, oldest first."""
@@ -1240,11 +1244,13 @@ class AdaptationDecision(_message.Message):
     policy_version: _builtins.str
     """Version of the policy that decided."""
     growth_mode: Global___GrowthMode.ValueType
+    """How a GERMINATE grows the host (GROWTH_MODE_UNSPECIFIED: a residual branch from blueprint_id)."""
     growth_units: _builtins.int
     """Width growth: units to add (0: the trainer's default) and the initialisation
     ("gradmax", "tiny", "random"; empty: the trainer's default).
     """
     growth_init: _builtins.str
+    """width growth initialisation, see growth_units"""
     def __init__(
         self,
         *,

@@ -328,14 +328,15 @@ def test_governor_blames_only_blended_seeds(tmp_path):
     from esper.tolaria.config import load_config
     from esper.tolaria.trainer import Trainer
 
-    cfg = load_config(DEV, ["train.epochs=40", "services.mode=off", *FAST])  # room for a whole lifecycle
+    # 4 epochs: a seed germinated now can still finish (no germination that cannot)
+    cfg = load_config(DEV, ["train.epochs=4", "services.mode=off", *FAST])
     trainer = Trainer(cfg, tmp_path / "run", progress="none")
     trainer.prepare()
     trainer.start()
     try:
         morph = trainer.morph
         (name, layer), (name2, layer2) = morph.driver.sites[:2]
-        for site in (name, name2):
+        for site, lay in ((name, layer), (name2, layer2)):
             morph.apply_decision(common_pb2.AdaptationDecision(
                 layer_name=site, seed_index=0, blueprint_id="residual_mlp",
                 action=common_pb2.DECISION_ACTION_GERMINATE), 1)
