@@ -336,7 +336,7 @@ def test_governor_blames_only_blended_seeds(tmp_path):
     try:
         morph = trainer.morph
         (name, layer), (name2, layer2) = morph.driver.sites[:2]
-        for site, lay in ((name, layer), (name2, layer2)):
+        for site in (name, name2):
             morph.apply_decision(common_pb2.AdaptationDecision(
                 layer_name=site, seed_index=0, blueprint_id="residual_mlp",
                 action=common_pb2.DECISION_ACTION_GERMINATE), 1)
