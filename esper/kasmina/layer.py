@@ -622,6 +622,11 @@ class KasminaLayer(nn.Module):
     def _where(self, index: int) -> str:
         return f"layer {self.layer_name!r} seed {index}"
 
+    def seed_metadata(self) -> dict:
+        """The seeds' specs, kernel ids and blueprint ids as plain JSON-able data (what a checkpoint
+        stores beside the state table; also what replicas compare across ranks)."""
+        return self.get_extra_state()
+
     def get_extra_state(self) -> dict:
         return {
             "version": _EXTRA_STATE_VERSION,

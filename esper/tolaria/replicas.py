@@ -51,7 +51,7 @@ def replica_digests(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
     parts = {n: _digest(t) for n, t in model.state_dict().items() if isinstance(t, torch.Tensor)}
     for name, layer in seed_layers(model):
         parts[f"seeds:{name}"] = hashlib.sha256(
-            json.dumps(layer.get_extra_state(), sort_keys=True).encode()).hexdigest()[:16]
+            json.dumps(layer.seed_metadata(), sort_keys=True).encode()).hexdigest()[:16]
     if optimizer is not None:
         parts["optimizer:groups"] = ",".join(str(g.get("name")) for g in optimizer.param_groups)
     return parts
