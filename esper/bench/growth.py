@@ -109,15 +109,16 @@ def run_seed(config_path: str, seed: int, overrides: list[str], workdir: str) ->
     return out
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
+def mean_sd(values: list[float]) -> tuple[float, float]:
     mean = statistics.fmean(values)
     sd = statistics.stdev(values) if len(values) > 1 else float("nan")
     return mean, sd
 
 
-def _paired(a: list[float], b: list[float]) -> dict[str, float]:
+def paired(a: list[float], b: list[float]) -> dict[str, float]:
+    """Mean and sd of a - b, wins of a, ties, and the two-sided paired t-test p-value."""
     diffs = [x - y for x, y in zip(a, b, strict=True)]
-    mean, sd = _mean_sd(diffs)
+    mean, sd = mean_sd(diffs)
     p = float("nan")
     if len(diffs) > 1:
         from scipy import stats
@@ -135,10 +136,10 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
         flops = [r[arm]["flops"]["total"] for r in per_seed]
         wall = [r[arm]["wall_s"] for r in per_seed]
         params = [r[arm]["params_final"] for r in per_seed]
-        arms[arm] = {"test_acc": _mean_sd(acc), "flops": _mean_sd(flops), "wall_s": _mean_sd(wall),
-                     "params": _mean_sd(params), "test_acc_per_seed": acc}
+        arms[arm] = {"test_acc": mean_sd(acc), "flops": mean_sd(flops), "wall_s": mean_sd(wall),
+                     "params": mean_sd(params), "test_acc_per_seed": acc}
     esper = arms["esper"]["test_acc_per_seed"]
-    diffs = {f"esper - {arm}": _paired(esper, arms[arm]["test_acc_per_seed"]) for arm in ARMS if arm != "esper"}
+    diffs = {f"esper - {arm}": paired(esper, arms[arm]["test_acc_per_seed"]) for arm in ARMS if arm != "esper"}
     outcomes: dict[str, int] = {}
     for r in per_seed:
         for a in r["esper"]["adaptations"]:

@@ -30,6 +30,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from esper.bench.growth import mean_sd, paired
+
 POLICIES = ("gnn", "heuristic", "random")
 PAIRS = (("gnn", "heuristic"), ("gnn", "random"), ("heuristic", "random"))
 
@@ -55,23 +57,6 @@ def run_episode_for(task: str, size: str, seed: int, policy: str, policy_path: s
             "params_final": summary["params_final"], "wall_s": time.perf_counter() - t0}
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else float("nan")
-
-
-def paired(a: list[float], b: list[float]) -> dict[str, float]:
-    """Mean and sd of a - b, wins of a, ties, and the two-sided paired t-test p-value."""
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    mean, sd = _mean_sd(diffs)
-    p = float("nan")
-    if len(diffs) > 1:
-        from scipy import stats
-
-        p = 1.0 if all(d == 0 for d in diffs) else float(stats.ttest_rel(a, b).pvalue)
-    return {"mean": mean, "sd": sd, "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
-            "n": len(diffs), "p_value": p}
-
-
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per task: per-policy means and paired differences (accuracy in points, FLOPs in percent)."""
     out: dict[str, Any] = {}
@@ -85,7 +70,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
             acc = [100 * r["test_acc"] for r in by[p]]
             flops = [r["flops"] for r in by[p]]
             germ = sum(r["germinations"] for r in by[p])
-            policies[p] = {"test_acc": _mean_sd(acc), "flops": _mean_sd(flops),
+            policies[p] = {"test_acc": mean_sd(acc), "flops": mean_sd(flops),
                            "germinations_per_run": germ / max(1, len(by[p])),
                            "fossilization_rate": sum(r["fossilized"] for r in by[p]) / germ if germ else float("nan")}
         diffs = {}
