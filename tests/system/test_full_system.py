@@ -57,10 +57,12 @@ def assert_no_step_lost(run_dir, summary) -> None:
 
 def test_full_cycle_compiled_kernel_fossilizes(tmp_path, train_process):
     run_dir = tmp_path / "run"
-    # A narrow host, where grown capacity usually earns a positive contribution. No prefetch: the
-    # first kernel is compiled on the first decision, so steps run during its compile and load.
+    # A narrow host. No prefetch: the first kernel is compiled on the first decision, so steps run
+    # during its compile and load. The contribution gate is opened: this test is about the compiled
+    # kernel's path to FOSSILIZED, and the refit counterfactual (issue 11) often scores a digits seed
+    # at exactly 0, which culls it (seen in 1 of 2 fresh-clone CI runs).
     proc = train_process(run_dir, "--config", DEV, "train.epochs=40", "model.width=8",
-                         "services.prefetch_kernels=false", *COMMON)
+                         "services.prefetch_kernels=false", "lifecycle.min_contribution=-1.0", *COMMON)
     assert proc.wait(900) == 0, proc.output()[-5000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     services = summary["services"]
