@@ -22,12 +22,14 @@ import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from esper.tolaria import checkpoint as ckpt
 from esper.tolaria.config import (
     Config,
     ConfigError,
     DatasetName,
+    LoggingConfig,
     ModelName,
     apply_override,
     from_dict,
@@ -242,8 +244,16 @@ def _without_nproc(argv: list[str]) -> list[str]:
 class _NoServices:
     """Ranks other than 0 never talk to the services (rank 0 does, and broadcasts what matters)."""
 
-    def install(self, trainer) -> None:
+    server_metrics = None
+
+    def partition_cpus(self) -> None:
         pass
+
+    def controller_factory(self, morphogenetic: bool) -> None:
+        return None
+
+    def hooks(self) -> list:
+        return []
 
     def attach(self, trainer) -> None:
         pass
@@ -261,10 +271,16 @@ class _NoServices:
 def _run_rank(args: argparse.Namespace, config: Config, run_dir: Path, ranks, trainer_cls) -> int:
     from esper.tolaria.services import RunServices
 
-    services = RunServices(config, run_dir) if ranks.is_writer else _NoServices()
-    trainer = trainer_cls(config, run_dir, morphogenetic=not args.no_morphogenetic, verbose=args.verbose,
-                          progress=args.progress if ranks.is_writer else "none", resume=args.resume, ranks=ranks)
-    services.install(trainer)
+    services: Any = _NoServices()
+    monitors = Monitors(config.logging if ranks.is_writer else None, run_dir, lambda: services)
+    if ranks.is_writer:
+        services = RunServices(config, run_dir, server_metrics=monitors.server_metrics)
+    services.partition_cpus()
+    morphogenetic = not args.no_morphogenetic
+    trainer = trainer_cls(config, run_dir, morphogenetic=morphogenetic, verbose=args.verbose,
+                          progress=args.progress if ranks.is_writer else "none", resume=args.resume, ranks=ranks,
+                          controller=services.controller_factory(morphogenetic and config.morphogenetic),
+                          hooks=[*monitors.hooks, *services.hooks()])
     trainer.prepare()  # validates config, data, model and checkpoint; writes nothing
     if args.resume is None and not args.dry_run and _holds_run(run_dir):
         raise UsageError(
@@ -292,7 +308,7 @@ def _run_rank(args: argparse.Namespace, config: Config, run_dir: Path, ranks, tr
     if trainer.payload is not None:
         print(f"resuming from {trainer.payload['path']} (epoch {trainer.state.epoch}, step {trainer.state.global_step})",
               flush=True)
-    closers = install_monitors(trainer, services)
+    closers = monitors.start()
     try:
         with services:
             services.attach(trainer)
@@ -306,31 +322,48 @@ def _run_rank(args: argparse.Namespace, config: Config, run_dir: Path, ranks, tr
     return 0
 
 
-def install_monitors(trainer, services) -> list[Callable[[], object]]:
-    """The profiler (--profile) and the Prometheus endpoint (--metrics-port) as trainer hooks;
-    returns what to call after training (a profile window the run cut short is written then)."""
-    settings = trainer.config.logging
-    closers: list[Callable[[], object]] = []
-    if settings.profile_steps > 0:
-        from esper.tolaria.profiling import StepProfiler
+class Monitors:
+    """The profiler (--profile) and the Prometheus endpoint (--metrics-port) of a run: trainer
+    hooks built before the trainer, started (`start`) once the run directory exists."""
 
-        profiler = StepProfiler(trainer.run_dir, settings.profile_steps, settings.profile_warmup_steps)
-        trainer.hooks.append(profiler)
-        closers.append(profiler.finish)
-    if settings.prometheus_port >= 0:
-        from esper.serving.metrics import ServerMetrics
-        from esper.tolaria.trainer_metrics import TrainerMetrics
+    def __init__(self, settings: LoggingConfig | None, run_dir: Path, services: Callable[[], Any]) -> None:
+        """`settings` None: no monitors (ranks other than 0). `services()` is the run's `RunServices`
+        (the kernel cache of its remote controller is scraped)."""
+        self.settings = settings
+        self.hooks: list[Any] = []
+        self.server_metrics = None
+        self.profiler = None
+        self.metrics = None
+        if settings is None:
+            return
+        if settings.profile_steps > 0:
+            from esper.tolaria.profiling import StepProfiler
 
-        def kernel_stats():
-            return services.remote.kernels.stats() if services.remote is not None else None
+            self.profiler = StepProfiler(run_dir, settings.profile_steps, settings.profile_warmup_steps)
+            self.hooks.append(self.profiler)
+        if settings.prometheus_port >= 0:
+            from esper.serving.metrics import ServerMetrics
+            from esper.tolaria.trainer_metrics import TrainerMetrics
 
-        metrics = TrainerMetrics(kernel_stats, window_steps=settings.log_every_steps)
-        services.server_metrics = ServerMetrics(registry=metrics.registry)  # TolariaService's RPCs
-        endpoint = metrics.serve(settings.prometheus_host, settings.prometheus_port)
-        print(f"metrics: {endpoint.url}", flush=True)
-        trainer.hooks.append(metrics)
-        closers.append(metrics.close)
-    return closers
+            def kernel_stats():
+                remote = getattr(services(), "remote", None)
+                return remote.kernels.stats() if remote is not None else None
+
+            self.metrics = TrainerMetrics(kernel_stats, window_steps=settings.log_every_steps)
+            self.server_metrics = ServerMetrics(registry=self.metrics.registry)  # TolariaService's RPCs
+            self.hooks.append(self.metrics)
+
+    def start(self) -> list[Callable[[], object]]:
+        """Serves the metrics endpoint; returns what to call after training (a profile window the
+        run cut short is written then)."""
+        closers: list[Callable[[], object]] = []
+        if self.profiler is not None:
+            closers.append(self.profiler.finish)
+        if self.metrics is not None and self.settings is not None:
+            endpoint = self.metrics.serve(self.settings.prometheus_host, self.settings.prometheus_port)
+            print(f"metrics: {endpoint.url}", flush=True)
+            closers.append(self.metrics.close)
+        return closers
 
 
 def _holds_run(run_dir: Path) -> bool:

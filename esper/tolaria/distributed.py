@@ -204,10 +204,10 @@ class RankGroup:
 
     # ------------------------------------------------------------------ the model
 
-    def attach(self, trainer: Any) -> None:
-        """After the model and the controller exist: decisions come from rank 0 only."""
-        if self.active and trainer.morph is not None:
-            trainer.morph.controller = BroadcastDecisions(trainer.morph.controller, self)
+    def controller(self, controller: Any) -> Any:
+        """The controller this rank's morphogenesis uses: under torchrun, rank 0's decisions
+        (`controller` decides on rank 0 only), broadcast to every rank; else `controller` itself."""
+        return BroadcastDecisions(controller, self) if self.active else controller
 
     def broadcast_model(self, model: nn.Module, buffers: bool = True) -> None:
         """Parameters (and buffers) of rank 0 on every rank: at start, after a resume, after growth."""

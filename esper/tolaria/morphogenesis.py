@@ -26,8 +26,8 @@ from torch import nn
 from esper.kasmina import KasminaLayer, LifecycleDriver, seed_sites, wrap
 from esper.kasmina.lifecycle import ACTIVE_STATES, LifecycleEvent
 from esper.lifecycle import SeedLifecycleState as S
-from esper.tamiyo.settings import policy_settings_from_mapping
-from esper.tolaria.config import Config, ConfigError, policy_config
+from esper.tolaria.config import Config, ConfigError
+from esper.tolaria.controllers import Controller, policy_controller
 from esper.tolaria.growth_modes import RunGrowth
 from esper.tolaria.hosts import count_parameters, forward_flops_per_sample
 from esper.v1 import common_pb2
@@ -63,7 +63,10 @@ class Morphogenesis:
     """Seeds of one run; `enabled=False` keeps the seed sites but never germinates (the baseline)."""
 
     def __init__(self, host: nn.Module, cfg: Config, run_id: str, input_shape: tuple[int, ...],
-                 device: torch.device, params_initial: int, flops_initial: float, enabled: bool) -> None:
+                 device: torch.device, params_initial: int, flops_initial: float, enabled: bool,
+                 controller: Callable[[Morphogenesis], Controller] | None = None) -> None:
+        """`controller(self)` builds the run's controller once the seed sites exist (it may need
+        them); by default the in-process policy of the config's ``controller`` section."""
         self.cfg = cfg
         self.run_id = run_id
         self.enabled = enabled
@@ -87,14 +90,11 @@ class Morphogenesis:
         if per_site_unknown:
             raise ConfigError(f"lifecycle.min_contribution_per_site: {per_site_unknown} are not seed sites; expected some of {sites}")
         self._evaluate_acc: Callable[[], float] = lambda: 0.0
-        self.driver = LifecycleDriver(self.model, cfg.lifecycle, evaluate=lambda: self._evaluate_acc())
+        self.driver = LifecycleDriver(self.model, cfg.lifecycle, evaluate=lambda: self._evaluate_acc(),
+                                      germination_grace=self._germination_grace)
         self.driver.add_listener(self._on_event)
         self.output_shapes = self._probe_output_shapes()
-        # The same policy and rails Tamiyo builds from this run's policy config.
-        try:
-            self.controller = policy_settings_from_mapping(policy_config(cfg)).controller(flops_initial)
-        except ValueError as exc:  # e.g. a learned policy that cannot be loaded
-            raise ConfigError(f"controller: {exc}") from None
+        self.controller: Controller = (controller or policy_controller)(self)
         self.steps_per_epoch = 1
         # Steps of the whole run (set by the trainer; 0 = unknown): germinations whose lifecycle
         # cannot reach a verdict in the steps left are refused (see LifecycleDriver.can_finish).
@@ -111,8 +111,6 @@ class Morphogenesis:
         self.lifecycle_changed = False
         # Set by the trainer under --verbose: prints every lifecycle transition as it happens.
         self.echo: Callable[[str], None] | None = None
-        # Set by esper.tolaria.adaptation.RemoteController: germinates awaiting a compiled kernel.
-        self.germinate_hook: Callable[[KasminaLayer, common_pb2.AdaptationDecision], None] | None = None
         self._flops_cache: tuple[tuple, float] | None = None
         # Validation accuracy per epoch, for the accuracy trend learned policies read.
         self._accuracy_history: list[float] = []
@@ -144,6 +142,10 @@ class Morphogenesis:
         elif resume_step is None and path.exists():
             path.unlink()
         self._event_log = path.open("a")
+
+    def _germination_grace(self, layer: str, seed: int) -> int:
+        """Epochs the driver adds to a germinating seed's timeout: the controller knows (outages)."""
+        return self.controller.germination_grace(layer, seed)
 
     def _probe_output_shapes(self) -> dict[str, list[int]]:
         shapes: dict[str, list[int]] = {}
@@ -228,7 +230,7 @@ class Morphogenesis:
         return flops
 
     def apply_decision(self, d: common_pb2.AdaptationDecision, epoch: int) -> float:
-        """Carry out one controller decision (germinate through `germinate_hook` when one is set);
+        """Carry out one controller decision (a branch seed germinates through the controller);
         returns the FLOPs it spent (a width seed's statistics pass), which are also added to the
         growth FLOPs the next `epoch_end` reports (decisions the remote controller applies between
         epoch boundaries included). Raises IllegalTransitionError / BlueprintError / GrowthError
@@ -263,10 +265,8 @@ class Morphogenesis:
                 if mode == "width" and self.growth.direct_width:
                     self._record_direct_growth(epoch, count_parameters(self.model) - params_before)
                     return flops
-            elif self.germinate_hook is not None:
-                self.germinate_hook(layer, d)
             else:
-                layer.germinate(d.seed_index, d.blueprint_id, reason=d.reason)
+                self.controller.germinate(layer, d)
             self._adaptations[-1]["parameters"] = sum(p.numel() for p in layer.seed_parameters(d.seed_index))
         elif action == common_pb2.DECISION_ACTION_CULL:
             layer.cull(d.seed_index, f"controller: {d.reason}")

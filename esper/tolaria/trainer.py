@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from esper.tolaria import checkpoint as ckpt
 from esper.tolaria.config import Config, ConfigError, architecture_of, from_dict, to_dict, to_yaml
+from esper.tolaria.controllers import Controller, ControllerFactory, policy_controller
 from esper.tolaria.data import (
     Dataset,
     eval_batches,
@@ -89,7 +91,11 @@ class Trainer:
     """Runs one training job; see `esper.tolaria.cli` for the command line around it."""
 
     def __init__(self, config: Config, run_dir: Path, morphogenetic: bool = True, verbose: bool = False,
-                 progress: str = "auto", resume: str | None = None, ranks: RankGroup | None = None) -> None:
+                 progress: str = "auto", resume: str | None = None, ranks: RankGroup | None = None,
+                 controller: ControllerFactory | None = None, hooks: Sequence[TrainerHook] = ()) -> None:
+        """`controller` builds the run's controller once the model is wrapped (default: the config's
+        policy in process, `esper.tolaria.controllers.policy_controller`); `hooks` are called after
+        the controller, in order, on the training thread (see `esper.tolaria.hooks`)."""
         self.config = config
         # This process's place in a torchrun job (esper.tolaria.distributed); one process by default.
         self.ranks = ranks if ranks is not None else RankGroup()
@@ -102,14 +108,11 @@ class Trainer:
         self.payload: dict[str, Any] | None = None
         self.morph = None
         self._display = None
-        # Extension points (esper.tolaria.hooks.TrainerHook: esper.tolaria.server.ServedRunHooks,
-        # esper.tolaria.adaptation.RemoteController), called on the training thread.
-        self.hooks: list[TrainerHook] = []
+        self.controller_factory: ControllerFactory = controller or policy_controller
+        # Extension points (esper.tolaria.hooks.TrainerHook: the profiler, the Prometheus metrics,
+        # esper.tolaria.server.ServedRunHooks); prepare() puts the run's controller first.
+        self.hooks: list[TrainerHook] = list(hooks)
         self.stop_requested = False
-        # Called in prepare() once the model is wrapped, before a checkpoint is restored (the
-        # services wiring installs the remote controller there); hooks with `before_restore`
-        # see the checkpoint payload before the model loads it.
-        self.setup_hooks: list[Any] = []
 
     # ------------------------------------------------------------------ setup
 
@@ -137,13 +140,14 @@ class Trainer:
         self.morph = Morphogenesis(
             self.model, cfg, run_id=cfg.run_name, input_shape=self.input_shape, device=self.device,
             params_initial=self.params_initial, flops_initial=self.host_flops, enabled=self.morphogenetic,
+            controller=self._build_controller,
         )
         self.model = self.morph.model
+        # The controller is the first hook: it sees a checkpoint before the model loads it and
+        # applies what its services sent before the other hooks look at the step.
+        self.hooks.insert(0, self.morph.controller)
         if self.payload is not None:
             self.morph.restore_structure(self.payload["morph"])  # merged width, before the optimizer
-        for setup in self.setup_hooks:
-            setup(self)
-        self.ranks.attach(self)
         self.steps_per_epoch = num_train_batches(len(self.data.train), cfg.data.batch_size)
         self.morph.steps_per_epoch = self.steps_per_epoch
         total = cfg.train.epochs * self.steps_per_epoch
@@ -167,6 +171,10 @@ class Trainer:
         if self.payload is not None:
             self._restore(self.payload)
         self.ranks.broadcast_model(self.model)
+
+    def _build_controller(self, morph: Any) -> Controller:
+        """The run's controller for `morph`; under torchrun, rank 0's decisions broadcast to all."""
+        return self.ranks.controller(self.controller_factory(morph, self.display_line))
 
     def _find_resume_payload(self) -> dict[str, Any] | None:
         spec = self.resume_spec

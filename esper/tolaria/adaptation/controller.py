@@ -1,5 +1,7 @@
 """`RemoteController`: adaptation through Tamiyo, Urza, Tezzeret and Oona, as the morphogenesis
-controller (``morph.controller``: `decide` / `state_dict` / `load_state_dict`) and a trainer hook
+controller (`esper.tolaria.controllers.Controller`: `decide` / `germinate` / `germination_grace` /
+`state_dict` / `load_state_dict`, given to `Morphogenesis` by the factory of
+`esper.tolaria.services.RunServices`) and so the trainer's first hook
 (`after_step` / `after_epoch` / `before_restore`). It decides (asks Tamiyo), applies (at step
 boundaries, the only place the model changes) and keeps the state of in-flight adaptations; the
 network work is the worker's (`AdaptationWorker`), kernels are the pipeline's (`KernelPipeline`),
@@ -85,8 +87,6 @@ class RemoteController(BoundaryHook):
         self._status_listener: Callable[[bool, str], None] | None = None
         for _, layer in morph.driver.sites:
             layer.add_listener(self._on_lifecycle)
-        morph.germinate_hook = self._germinate
-        morph.driver.germination_grace = self._germination_grace
 
     # ---------------------------------------------------------------- lifecycle of the controller
 
@@ -313,7 +313,7 @@ class RemoteController(BoundaryHook):
                 pending.outage_epochs.add(epoch)
         self._last_drain = now
 
-    def _germination_grace(self, layer: str, seed: int) -> int:
+    def germination_grace(self, layer: str, seed: int) -> int:
         """Epochs the driver adds to this seed's germination timeout: those it waited through an outage."""
         pending = self._pending.get((layer, seed))
         return len(pending.outage_epochs) if pending is not None else 0
@@ -376,8 +376,8 @@ class RemoteController(BoundaryHook):
     def _kernel_target(self, name: str, layer: Any) -> tuple[list[int], int, int]:
         return kernel_target(layer, self.morph.output_shapes.get(name), self.morph.device)
 
-    def _germinate(self, layer: Any, d: common_pb2.AdaptationDecision) -> None:
-        """Morphogenesis' germinate hook: warm kernels attach at once, cold ones are fetched/compiled."""
+    def germinate(self, layer: Any, d: common_pb2.AdaptationDecision) -> None:
+        """A branch seed's germination: warm kernels attach at once, cold ones are fetched/compiled."""
         spec = get_blueprint(d.blueprint_id)
         shape, device, dtype = self._kernel_target(layer.layer_name, layer)
         kernel_id = kernel_id_for(spec, shape, device, dtype)
