@@ -35,10 +35,14 @@ from esper.tolaria.hosts import build_host, count_parameters, forward_flops_per_
 from esper.tolaria.loggers import RunLoggers, build_loggers
 from esper.tolaria.schedule import LRSchedule, build_optimizer
 from esper.tolaria.seed_groups import sync_seed_groups
-
-
-class ResumeError(ValueError):
-    """A resume that cannot continue this run (foreign checkpoint, architecture changed)."""
+from esper.tolaria.states import (
+    Attribute,
+    ModelState,
+    OptimizerGroups,
+    ResumeError,
+    RngState,
+    StateRegistry,
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,6 +89,12 @@ class RunState:
     growth_flops: float = 0.0
     wall_s: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(RunState(**state).__dict__)
 
 
 class Trainer:
@@ -146,8 +156,8 @@ class Trainer:
         # The controller is the first hook: it sees a checkpoint before the model loads it and
         # applies what its services sent before the other hooks look at the step.
         self.hooks.insert(0, self.morph.controller)
-        if self.payload is not None:
-            self.morph.restore_structure(self.payload["morph"])  # merged width, before the optimizer
+        if self.payload is not None:  # merged width, before the optimizer (a missing state: see _restore)
+            self.morph.restore_structure(self.payload.get("morph", {}))
         self.steps_per_epoch = num_train_batches(len(self.data.train), cfg.data.batch_size)
         self.morph.steps_per_epoch = self.steps_per_epoch
         total = cfg.train.epochs * self.steps_per_epoch
@@ -168,6 +178,7 @@ class Trainer:
 
         self.morph.total_steps = self.total_steps
         self.morph.driver.counterfactual = build_counterfactual(self)
+        self.states = self._register_states()
         if self.payload is not None:
             self._restore(self.payload)
         self.ranks.broadcast_model(self.model)
@@ -198,33 +209,26 @@ class Trainer:
                     "expected the same model, dataset and seed sites as the checkpoint"
                 )
 
+    def _register_states(self) -> StateRegistry:
+        """The run's stateful components under their checkpoint keys, in restore order: the seeds'
+        morphogenesis after the model, the seed groups before the optimizer's state."""
+        states = StateRegistry()
+        states.register("model", ModelState(self.model))
+        states.register("morph", self.morph, snapshot=True)
+        states.register("optimizer_groups", OptimizerGroups(self.optimizer, self._rebuild_seed_groups))
+        states.register("optimizer", self.optimizer)
+        states.register("schedule", self.schedule)
+        states.register("scaler", self.scaler, snapshot=True)
+        states.register("governor", self.governor)
+        states.register("run_state", self.state)
+        states.register("params_initial", Attribute(self, "params_initial", int))
+        states.register("rng", RngState())
+        return states
+
     def _restore(self, payload: dict[str, Any]) -> None:
         for hook in self.hooks:
             hook.before_restore(payload)
-        try:
-            # The Kasmina layers rebuild their grown seeds from the state dict's extra state.
-            self.model.load_state_dict(payload["model"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ResumeError(f"checkpoint '{payload['path']}' does not fit the model: {first}") from None
-        self.morph.load_state_dict(payload["morph"])
-        self._rebuild_seed_groups(payload["optimizer_groups"])
-        groups = [g.get("name") for g in self.optimizer.param_groups]
-        if groups != payload["optimizer_groups"]:
-            raise ResumeError(
-                f"checkpoint '{payload['path']}': optimizer groups {payload['optimizer_groups']} do not match the "
-                f"rebuilt model's {groups}; expected a checkpoint of this run"
-            )
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.schedule.load_state_dict(payload["schedule"])
-        self.scaler.load_state_dict(payload["scaler"])
-        self.governor.load_state_dict(payload["governor"])
-        self.state = RunState(**payload["run_state"])
-        self.params_initial = int(payload["params_initial"])
-        rng = payload["rng"]
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available() and rng.get("cuda"):
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.states.load_state_dict(payload, source=str(payload.get("path")))
 
     def _rebuild_seed_groups(self, order: list[str]) -> None:
         """One optimizer group per live seed module (after a load or rollback), in `order` first
@@ -440,13 +444,13 @@ class Trainer:
         sync_seed_groups(self.optimizer, self.morph.param_groups(), self.config.optim.lr)
 
     def _snapshot_extra(self) -> dict[str, Any]:
-        return {"morph": self.morph.state_dict(), "scaler": self.scaler.state_dict()}
+        """What the governor's snapshot keeps besides the model and optimizer."""
+        return self.states.state_dict(snapshot=True)
 
     def _rollback(self, epoch: int, reason: str) -> None:
         snap = self.governor.restore(self.model)
         if snap is not None:
-            self.morph.load_state_dict(snap["extra"]["morph"])
-            self.scaler.load_state_dict(snap["extra"]["scaler"])
+            self.states.load_state_dict(snap["extra"], source="the governor's snapshot", snapshot=True)
             self._rebuild_seed_groups(snap["groups"])
             if [g.get("name") for g in self.optimizer.param_groups] == snap["groups"]:
                 self.optimizer.load_state_dict(snap["optimizer"])
@@ -475,25 +479,14 @@ class Trainer:
         if not self.ranks.is_writer:
             return None
         payload = {
+            # What the run is (read before anything is built, or by esper-export); not restored.
             "config": to_dict(self.config),
             "architecture": architecture_of(self.config),
-            "model": self.model.state_dict(),
             "seed_manifest": self.morph.manifest(),
-            "morph": self.morph.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_groups": [g.get("name") for g in self.optimizer.param_groups],
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "governor": self.governor.state_dict(),
-            "run_state": dict(self.state.__dict__),
-            "params_initial": self.params_initial,
             "input_shape": list(self.input_shape),
             "num_classes": self.data.num_classes,
             "world_size": self.ranks.world_size,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            **self.states.state_dict(),
         }
         return ckpt.save_checkpoint(self.run_dir, self.state.epoch, payload, self.config.checkpoint.keep_last, best_metric)
 
