@@ -376,7 +376,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from esper.tolaria.data import DataError
     from esper.tolaria.hosts import ModelConfigError
     from esper.tolaria.services import ServicesError
-    from esper.tolaria.trainer import ResumeError
+    from esper.tolaria.states import ResumeError
 
     return (ServicesError, ConfigError, UsageError, CheckpointError, DataError, ModelConfigError, ResumeError)
 

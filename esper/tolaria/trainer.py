@@ -11,7 +11,6 @@ import gc
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from esper.tolaria import checkpoint as ckpt
-from esper.tolaria.config import Config, ConfigError, architecture_of, from_dict, to_dict, to_yaml
+from esper.tolaria.config import Config, architecture_of, to_dict, to_yaml
 from esper.tolaria.controllers import Controller, ControllerFactory, policy_controller
 from esper.tolaria.data import (
     Dataset,
     eval_batches,
     load_dataset,
     num_train_batches,
+    reshape_dataset,
     train_batches,
 )
 from esper.tolaria.distributed import RankGroup
@@ -33,68 +33,19 @@ from esper.tolaria.governor import Governor
 from esper.tolaria.hooks import TrainerHook
 from esper.tolaria.hosts import build_host, count_parameters, forward_flops_per_sample, model_input_shape
 from esper.tolaria.loggers import RunLoggers, build_loggers
+from esper.tolaria.resume import check_architecture, find_resume_payload
+from esper.tolaria.run_state import EpochRecord, RunState
+from esper.tolaria.runtime import resolve_device, seed_everything
 from esper.tolaria.schedule import LRSchedule, build_optimizer
 from esper.tolaria.seed_groups import sync_seed_groups
 from esper.tolaria.states import (
     Attribute,
     ModelState,
     OptimizerGroups,
-    ResumeError,
     RngState,
     StateRegistry,
 )
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when available else cpu; asking for cuda without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' was requested but no CUDA device is available; expected auto or cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    """Seeds torch (CPU and CUDA) and makes cuDNN deterministic."""
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    train_acc: float
-    val_loss: float
-    val_acc: float
-    lr: float
-    params: int
-    wall_s: float
-
-
-@dataclass
-class RunState:
-    """Counters of the run that a checkpoint carries besides the tensors."""
-
-    epoch: int = 0  # epochs completed
-    global_step: int = 0
-    best_val_loss: float = float("inf")
-    best_val_acc: float = 0.0
-    epochs_without_improvement: int = 0
-    train_flops: float = 0.0
-    eval_flops: float = 0.0
-    growth_flops: float = 0.0
-    wall_s: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(RunState(**state).__dict__)
+from esper.tolaria.summary import run_summary
 
 
 class Trainer:
@@ -129,9 +80,9 @@ class Trainer:
     def prepare(self) -> None:
         """Validates everything and builds the model, data and optimizer; writes nothing."""
         cfg = self.config
-        self.payload = self._find_resume_payload()
+        self.payload = find_resume_payload(self.resume_spec, self.run_dir)
         if self.payload is not None:
-            self._check_architecture(self.payload)
+            check_architecture(self.payload, cfg)
         self.device = self.ranks.place(resolve_device(cfg.train.device))
         self.ranks.check_global_batch(cfg.data.batch_size)
         if cfg.train.torch_threads > 0:
@@ -139,7 +90,7 @@ class Trainer:
         seed_everything(cfg.train.seed)
         dataset = load_dataset(cfg.data, cfg.train.seed)
         self.input_shape = model_input_shape(cfg.model, dataset.input_shape)
-        self.data: Dataset = _reshape_dataset(dataset, self.input_shape).to(self.device)
+        self.data: Dataset = reshape_dataset(dataset, self.input_shape).to(self.device)
         self.model = build_host(cfg.model, self.input_shape, self.data.num_classes).to(self.device)
         self.params_initial = count_parameters(self.model)
         self.host_flops = forward_flops_per_sample(self.model, self.input_shape, self.device)
@@ -186,28 +137,6 @@ class Trainer:
     def _build_controller(self, morph: Any) -> Controller:
         """The run's controller for `morph`; under torchrun, rank 0's decisions broadcast to all."""
         return self.ranks.controller(self.controller_factory(morph, self.display_line))
-
-    def _find_resume_payload(self) -> dict[str, Any] | None:
-        spec = self.resume_spec
-        if spec is None:
-            return None
-        if spec == "auto":
-            latest = ckpt.latest_checkpoint(self.run_dir)
-            return None if latest is None else ckpt.load_checkpoint(latest)
-        return ckpt.load_checkpoint(Path(spec))
-
-    def _check_architecture(self, payload: dict[str, Any]) -> None:
-        stored = payload.get("architecture")
-        if not isinstance(stored, dict):
-            raise ResumeError(f"checkpoint '{payload.get('path')}' has no architecture record; expected one written by esper-train")
-        current = architecture_of(self.config)
-        for key in sorted(set(stored) | set(current)):
-            if stored.get(key) != current.get(key):
-                raise ResumeError(
-                    f"--resume: the config changes the architecture at '{key}' "
-                    f"(checkpoint has {stored.get(key)!r}, config has {current.get(key)!r}); "
-                    "expected the same model, dataset and seed sites as the checkpoint"
-                )
 
     def _register_states(self) -> StateRegistry:
         """The run's stateful components under their checkpoint keys, in restore order: the seeds'
@@ -282,13 +211,7 @@ class Trainer:
                         self._rollback(epoch, f"non-finite validation loss ({val_loss})")
                         val_loss, val_acc = self.evaluate(self.data.val)
                         self._account_eval(len(self.data.val))
-                    improved = val_loss < self.state.best_val_loss
-                    if improved:
-                        self.state.best_val_loss = val_loss
-                        self.state.epochs_without_improvement = 0
-                    else:
-                        self.state.epochs_without_improvement += 1
-                    self.state.best_val_acc = max(self.state.best_val_acc, val_acc)
+                    self.state.record_validation(val_loss, val_acc)
                     self.ranks.reduce_telemetry(self.model)
                     growth = self.morph.epoch_end(
                         epoch=epoch, global_step=self.state.global_step, total_epochs=cfg.train.epochs,
@@ -448,14 +371,7 @@ class Trainer:
         return self.states.state_dict(snapshot=True)
 
     def _rollback(self, epoch: int, reason: str) -> None:
-        snap = self.governor.restore(self.model)
-        if snap is not None:
-            self.states.load_state_dict(snap["extra"], source="the governor's snapshot", snapshot=True)
-            self._rebuild_seed_groups(snap["groups"])
-            if [g.get("name") for g in self.optimizer.param_groups] == snap["groups"]:
-                self.optimizer.load_state_dict(snap["optimizer"])
-            else:
-                self.optimizer.state.clear()
+        self.governor.roll_back(self.model, self.optimizer, self.states, self._rebuild_seed_groups)
         blamed = self.morph.roll_back_culprit(epoch, self.state.global_step, reason)
         self._sync_param_groups()
         self.metrics.log_metrics("event", self.state.global_step, epoch + 1, {"rollback": reason, "culled": blamed or ""})
@@ -493,51 +409,6 @@ class Trainer:
     # ------------------------------------------------------------------ summary
 
     def summary(self, test_loss: float, test_acc: float, stopped_early: bool) -> dict[str, Any]:
-        hist = self.state.history
-        return {
-            "run_name": self.config.run_name,
-            "morphogenetic": self.morphogenetic,
-            "dataset": self.config.data.name,
-            "model": self.config.model.name,
-            "device": str(self.device),
-            "epochs": self.state.epoch,
-            "global_step": self.state.global_step,
-            "stopped_early": stopped_early,
-            "final_val_acc": hist[-1]["val_acc"] if hist else None,
-            "final_val_loss": hist[-1]["val_loss"] if hist else None,
-            "best_val_acc": self.state.best_val_acc,
-            "best_val_loss": self.state.best_val_loss,
-            "test_acc": test_acc,
-            "test_loss": test_loss,
-            "params_initial": self.params_initial,
-            "params_final": count_parameters(self.model),
-            "flops": {
-                "train": self.state.train_flops,
-                "eval": self.state.eval_flops,
-                "growth_overhead": self.state.growth_flops,
-                "total": self.state.train_flops + self.state.eval_flops + self.state.growth_flops,
-                "forward_per_sample_initial": self.host_flops,
-                "forward_per_sample_final": self.morph.eval_flops_per_sample(),
-            },
-            "seeds": self.morph.state_counts(),
-            "adaptations": self.morph.adaptations(),
-            "rollbacks": self.governor.rollbacks,
-            "ranks": self.ranks.report(),
-            "wall_s": self.state.wall_s,
-        }
+        """What summary.json records about the run (see `esper.tolaria.summary`)."""
+        return run_summary(self, test_loss, test_acc, stopped_early)
 
-
-def _reshape_dataset(ds: Dataset, shape: tuple[int, ...]) -> Dataset:
-    from esper.tolaria.data import Split
-
-    def view(split: Split) -> Split:
-        return Split(split.x.reshape(split.x.shape[0], *shape), split.y)
-
-    if tuple(ds.input_shape) == tuple(shape):
-        return ds
-    return Dataset(ds.name, view(ds.train), view(ds.val), view(ds.test), ds.num_classes, tuple(shape), ds.mean, ds.std)
-
-
-def config_from_checkpoint(payload: dict[str, Any]) -> Config:
-    """The config a checkpoint was written with."""
-    return from_dict(payload["config"])
