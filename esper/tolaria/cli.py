@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from esper.tolaria.config import (
     Config,
     ConfigError,
     DatasetName,
-    LoggingConfig,
     ModelName,
     apply_override,
     from_dict,
@@ -210,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace, config: Config) -> int:
-    from esper.tolaria.distributed import launch, launched_by_torchrun
+    from esper.tolaria.torchrun import launch, launched_by_torchrun
 
     if launched_by_torchrun():
         raise UsageError("--nproc inside a torchrun job; expected either --nproc N or torchrun, not both")
@@ -269,6 +267,7 @@ class _NoServices:
 
 
 def _run_rank(args: argparse.Namespace, config: Config, run_dir: Path, ranks, trainer_cls) -> int:
+    from esper.tolaria.monitors import Monitors
     from esper.tolaria.services import RunServices
 
     services: Any = _NoServices()
@@ -322,50 +321,6 @@ def _run_rank(args: argparse.Namespace, config: Config, run_dir: Path, ranks, tr
     return 0
 
 
-class Monitors:
-    """The profiler (--profile) and the Prometheus endpoint (--metrics-port) of a run: trainer
-    hooks built before the trainer, started (`start`) once the run directory exists."""
-
-    def __init__(self, settings: LoggingConfig | None, run_dir: Path, services: Callable[[], Any]) -> None:
-        """`settings` None: no monitors (ranks other than 0). `services()` is the run's `RunServices`
-        (the kernel cache of its remote controller is scraped)."""
-        self.settings = settings
-        self.hooks: list[Any] = []
-        self.server_metrics = None
-        self.profiler = None
-        self.metrics = None
-        if settings is None:
-            return
-        if settings.profile_steps > 0:
-            from esper.tolaria.profiling import StepProfiler
-
-            self.profiler = StepProfiler(run_dir, settings.profile_steps, settings.profile_warmup_steps)
-            self.hooks.append(self.profiler)
-        if settings.prometheus_port >= 0:
-            from esper.serving.metrics import ServerMetrics
-            from esper.tolaria.trainer_metrics import TrainerMetrics
-
-            def kernel_stats():
-                remote = getattr(services(), "remote", None)
-                return remote.kernels.stats() if remote is not None else None
-
-            self.metrics = TrainerMetrics(kernel_stats, window_steps=settings.log_every_steps)
-            self.server_metrics = ServerMetrics(registry=self.metrics.registry)  # TolariaService's RPCs
-            self.hooks.append(self.metrics)
-
-    def start(self) -> list[Callable[[], object]]:
-        """Serves the metrics endpoint; returns what to call after training (a profile window the
-        run cut short is written then)."""
-        closers: list[Callable[[], object]] = []
-        if self.profiler is not None:
-            closers.append(self.profiler.finish)
-        if self.metrics is not None and self.settings is not None:
-            endpoint = self.metrics.serve(self.settings.prometheus_host, self.settings.prometheus_port)
-            print(f"metrics: {endpoint.url}", flush=True)
-            closers.append(self.metrics.close)
-        return closers
-
-
 def _holds_run(run_dir: Path) -> bool:
     return (run_dir / "summary.json").exists() or bool(ckpt.list_checkpoints(run_dir)) or (run_dir / "metrics.jsonl").exists()
 
@@ -410,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         print("esper-train: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from esper.tolaria.distributed import describe_rank_failure
+        from esper.tolaria.torchrun import describe_rank_failure
 
         message = describe_rank_failure(exc)
         if message is None:

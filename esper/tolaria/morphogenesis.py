@@ -28,11 +28,11 @@ from esper.kasmina.lifecycle import ACTIVE_STATES, LifecycleEvent
 from esper.lifecycle import SeedLifecycleState as S
 from esper.tolaria.config import Config, ConfigError
 from esper.tolaria.controllers import Controller, policy_controller
+from esper.tolaria.graph_state import model_graph_state, probe_output_shapes
 from esper.tolaria.growth_modes import RunGrowth
 from esper.tolaria.hosts import count_parameters, forward_flops_per_sample
 from esper.v1 import common_pb2
 
-IN_FLIGHT = frozenset({S.GERMINATED, S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
 # In-flight states whose seed changes the host's output (`h + alpha * s`). GERMINATED has no module
 # and TRAINING is straight-through (exactly `h`), so neither can cause a loss anomaly.
 BLENDED = frozenset({S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
@@ -93,7 +93,7 @@ class Morphogenesis:
         self.driver = LifecycleDriver(self.model, cfg.lifecycle, evaluate=lambda: self._evaluate_acc(),
                                       germination_grace=self._germination_grace)
         self.driver.add_listener(self._on_event)
-        self.output_shapes = self._probe_output_shapes()
+        self.output_shapes = probe_output_shapes(self.model, self.driver.sites, self.input_shape, self.device)
         self.controller: Controller = (controller or policy_controller)(self)
         self.steps_per_epoch = 1
         # Steps of the whole run (set by the trainer; 0 = unknown): germinations whose lifecycle
@@ -113,7 +113,7 @@ class Morphogenesis:
         self.echo: Callable[[str], None] | None = None
         self._flops_cache: tuple[tuple, float] | None = None
         # Validation accuracy per epoch, for the accuracy trend learned policies read.
-        self._accuracy_history: list[float] = []
+        self.accuracy_history: list[float] = []
         if enabled:
             for _, layer in self.driver.sites:
                 layer.set_telemetry_probe(True)  # the controller needs health of dormant sites too
@@ -146,27 +146,6 @@ class Morphogenesis:
     def _germination_grace(self, layer: str, seed: int) -> int:
         """Epochs the driver adds to a germinating seed's timeout: the controller knows (outages)."""
         return self.controller.germination_grace(layer, seed)
-
-    def _probe_output_shapes(self) -> dict[str, list[int]]:
-        shapes: dict[str, list[int]] = {}
-        hooks = [layer.register_forward_hook(
-            lambda mod, args, out, name=name: shapes.__setitem__(name, [-1, *out.shape[1:]]))
-            for name, layer in self.driver.sites]
-        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
-        was_training = self.model.training
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                self.model(torch.zeros((2, *self.input_shape), device=self.device))
-        finally:
-            for h in hooks:
-                h.remove()
-            with torch.no_grad():
-                for n, b in self.model.named_buffers():
-                    if n in buffers:
-                        b.copy_(buffers[n])
-            self.model.train(was_training)
-        return shapes
 
     def _on_event(self, event: LifecycleEvent) -> None:
         self.lifecycle_changed = True
@@ -208,8 +187,8 @@ class Morphogenesis:
         self.driver.set_position(global_step, epoch)
         self.driver.end_epoch(baseline=val_acc)
         if self.growth is not None and self.growth.merge_fossilized():
-            self.output_shapes = self._probe_output_shapes()
-        self._accuracy_history.append(val_acc)
+            self.output_shapes = probe_output_shapes(self.model, self.driver.sites, self.input_shape, self.device)
+        self.accuracy_history.append(val_acc)
         if self.enabled:
             state = self.graph_state(epoch + 1, global_step, total_epochs, train_loss, val_loss, val_acc, history)
             for decision in self.controller.decide(state):
@@ -281,7 +260,7 @@ class Morphogenesis:
         record = self._adaptations[-1]
         record.update(outcome="fossilized", resolved_epoch=float(epoch), parameters=parameters,
                       reason="merged at once (growth.width_lifecycle: direct)")
-        self.output_shapes = self._probe_output_shapes()
+        self.output_shapes = probe_output_shapes(self.model, self.driver.sites, self.input_shape, self.device)
         if self._event_log is not None:
             self._event_log.write(json.dumps({
                 "step": self.driver.global_step, "epoch": float(epoch), "layer": record["layer"], "seed": -1,
@@ -291,53 +270,8 @@ class Morphogenesis:
 
     def graph_state(self, epoch: int, global_step: int, total_epochs: int, train_loss: float, val_loss: float,
                     val_acc: float, history: list[float]) -> common_pb2.ModelGraphState:
-        """The ModelGraphState Tamiyo sees: one node per seed slot, edges in forward order."""
-        msg = common_pb2.ModelGraphState(run_id=self.run_id)
-        previous: list[str] = []
-        for depth, (name, layer) in enumerate(self.driver.sites):
-            kind = type(layer.host).__name__.lower()
-            current = []
-            for row in layer.seed_table():
-                node_id = f"{name}[{row.seed}]"
-                node = msg.nodes.add(node_id=node_id, layer_name=name, layer_kind=kind, depth=depth)
-                node.seed.CopyFrom(row.to_proto())
-                node.output_shape.dims.extend(self.output_shapes.get(name, []))
-                width = self.growth.width_site(name) if self.growth is not None else None
-                if width is not None:
-                    node.width.CopyFrom(width)
-                deepen = self.growth.depth_site(name) if self.growth is not None else None
-                if deepen is not None:
-                    node.deepen.CopyFrom(deepen)
-                current.append(node_id)
-            for src in previous:
-                for dst in current:
-                    msg.edges.add(source_node_id=src, target_node_id=dst)
-            previous = current
-        params = count_parameters(self.model)
-        flops = self.eval_flops_per_sample()
-        ctl = self.cfg.controller
-        param_frac = (params - self.params_initial) / max(1e-12, ctl.parameter_budget * self.params_initial)
-        flop_frac = (flops - self.flops_initial) / max(1e-12, ctl.compute_budget * self.flops_initial)
-        sig = msg.signals
-        sig.epoch = epoch
-        sig.total_epochs = total_epochs
-        sig.global_step = global_step
-        sig.train_loss = train_loss
-        sig.val_loss = val_loss
-        sig.val_accuracy = val_acc
-        sig.val_loss_history.extend(history)
-        sig.parameter_count = params
-        sig.initial_parameter_count = self.params_initial
-        sig.initial_flops_per_sample = float(self.flops_initial)
-        sig.val_accuracy_history.extend(self._accuracy_history)
-        sig.parameter_budget_left = min(1.0, max(0.0, 1.0 - param_frac))
-        sig.compute_budget_left = min(1.0, max(0.0, 1.0 - flop_frac))
-        sig.parameter_budget = ctl.parameter_budget
-        sig.compute_budget = ctl.compute_budget
-        sig.active_adaptations = sum(1 for _, layer in self.driver.sites for i in range(layer.num_seeds)
-                                     if layer.state_of(i) in IN_FLIGHT)
-        msg.create_time.GetCurrentTime()
-        return msg
+        """The ModelGraphState Tamiyo sees (see `esper.tolaria.graph_state`)."""
+        return model_graph_state(self, epoch, global_step, total_epochs, train_loss, val_loss, val_acc, history)
 
     # ---------------------------------------------------------------- governor support
 
@@ -439,7 +373,7 @@ class Morphogenesis:
             "timeline": [dict(r) for r in self._timeline],
             "clock": {"global_step": self.driver.global_step, "epoch": self.driver.epoch},
             "growth": self.growth.state_dict() if self.growth is not None else None,
-            "accuracy_history": list(self._accuracy_history),
+            "accuracy_history": list(self.accuracy_history),
         }
 
     def restore_structure(self, state: dict[str, Any]) -> None:
@@ -453,14 +387,14 @@ class Morphogenesis:
                 self.growth.restore_structure(recorded)
             except ValueError as exc:
                 raise ConfigError(f"growth.modes: {exc}") from None
-            self.output_shapes = self._probe_output_shapes()
+            self.output_shapes = probe_output_shapes(self.model, self.driver.sites, self.input_shape, self.device)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state["controller"])
         self._adaptations = [dict(r) for r in state["adaptations"]]
         self._timeline = [dict(r) for r in state["timeline"]]
         self.driver.set_position(state["clock"]["global_step"], state["clock"]["epoch"])
-        self._accuracy_history = list(state.get("accuracy_history", []))  # absent in older checkpoints
+        self.accuracy_history = list(state.get("accuracy_history", []))  # absent in older checkpoints
         self._flops_cache = None
 
 

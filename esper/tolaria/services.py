@@ -1,6 +1,6 @@
 """The services of a training run: start or find them, watch them, wire them into the trainer.
 
-``services.mode`` (see `esper.tolaria.config.ServicesConfig`):
+``services.mode`` (see `esper.tolaria.services_config.ServicesConfig`):
 
 - ``local`` (default): Urza, Oona, Tezzeret and Tamiyo are started as child processes on
   loopback with ephemeral ports by `esper.local_stack.LocalStack` (the same launcher as
@@ -30,9 +30,11 @@ from typing import Any
 import yaml
 
 from esper.durable import write_json_atomic
-from esper.tolaria.config import SERVICE_NAMES, Config, policy_config
+from esper.tolaria.adaptation.timing import step_time_stats
+from esper.tolaria.config import Config, policy_config
 from esper.tolaria.controllers import Controller, ControllerFactory
 from esper.tolaria.hooks import TrainerHook
+from esper.tolaria.services_config import SERVICE_NAMES
 
 log = logging.getLogger("esper.tolaria.services")
 
@@ -388,28 +390,3 @@ def services_command(cfg: Config, run_dir: Path, check: bool) -> int:
         return 0
     finally:
         services.stop()
-
-
-def step_time_stats(samples: list[tuple[float, str, int]]) -> dict[str, Any]:
-    """Median, p95 and slowest step (ms): overall, with no kernel in flight, while Tezzeret compiled
-    a kernel for the run, and while the trainer downloaded and loaded one; the ten slowest steps."""
-    import statistics
-
-    def stats(values: list[float]) -> dict[str, float]:
-        if not values:
-            return {"n": 0}
-        ordered = sorted(values)
-        return {"n": len(values), "median_ms": statistics.median(values) * 1000,
-                "p95_ms": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] * 1000,
-                "max_ms": ordered[-1] * 1000}
-
-    everything = [dt for dt, _, _ in samples]
-    out: dict[str, Any] = {"all": stats(everything)}
-    for key, phase in (("no_adaptation", ""), ("during_compile", "compile"), ("during_load", "load")):
-        values = [dt for dt, p, _ in samples if p == phase]
-        out[key] = stats(values)
-        if everything and values and key != "no_adaptation":
-            out[f"max_{key}_over_median"] = max(values) / statistics.median(everything)
-    out["slowest"] = [{"step": step, "ms": dt * 1000, "phase": phase or "none"}
-                      for dt, phase, step in sorted(samples, reverse=True)[:10]]
-    return out

@@ -18,7 +18,6 @@ from esper.serving import open_sync_channel
 from esper.tolaria.cli import (
     CONFIG_DIR,
     PRESETS,
-    Monitors,
     UsageError,
     _profile_default,
     build_parser,
@@ -29,6 +28,7 @@ from esper.tolaria.config import Config, load_config
 from esper.tolaria.hooks import BoundaryHook
 from esper.tolaria.loggers import read_metrics
 from esper.tolaria.loggers.wandb_logger import choose_mode
+from esper.tolaria.monitors import Monitors
 from esper.tolaria.services import RunServices
 from esper.tolaria.trainer import Trainer
 from esper.tolaria.trainer_metrics import TrainerMetrics
