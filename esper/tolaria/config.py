@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
 from esper.kasmina.growth.config import GrowthConfig, check_growth_config
 from esper.kasmina.lifecycle import LifecycleConfig
-from esper.tamiyo.settings import PolicySettings
+from esper.tamiyo.settings import LEGACY_GROWTH_KEYS, PolicySettings
 from esper.tolaria.config_parsing import (
     ConfigError,
     apply_override,
@@ -211,7 +211,15 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     services: ServicesConfig = field(default_factory=ServicesConfig)
-    growth: GrowthConfig = field(default_factory=GrowthConfig)
+
+    # The growth section is written `growth.*` but is the controller's own `growth` (Tamiyo's
+    # policy settings carry Kasmina's GrowthConfig): one object, one set of defaults.
+    SECTION_ALIASES: ClassVar[dict[str, str]] = {"growth": "controller.growth"}
+
+    @property
+    def growth(self) -> GrowthConfig:
+        """The run's growth section (``growth.*``): the controller's `PolicySettings.growth`."""
+        return self.controller.growth
 
 
 # Keys that define the model's architecture: a resume must not change them.
@@ -226,13 +234,11 @@ ARCHITECTURE_KEYS = (
 
 
 def policy_config(cfg: Config) -> dict[str, Any]:
-    """The Tamiyo policy knobs of a run: its controller section plus the allowed blueprints (the
-    mapping `esper.tamiyo.settings.policy_settings_from_mapping` reads, in-process or in Tamiyo)."""
+    """The Tamiyo policy knobs of a run: its controller section (its growth section included) plus
+    the allowed blueprints (the mapping `esper.tamiyo.settings.policy_settings_from_mapping` reads,
+    in-process or in Tamiyo)."""
     section = dataclasses.asdict(cfg.controller)
     section["blueprints"] = list(cfg.seeds.blueprints or cfg.controller.blueprints)
-    section["growth_modes"] = list(cfg.growth.modes)
-    section["width_units"] = cfg.growth.width_units
-    section["width_factor"] = cfg.growth.width_factor
     return section
 
 
@@ -300,11 +306,22 @@ def _validate_mnist1d(m: Mnist1dConfig) -> None:
         raise ConfigError(f"data.mnist1d.max_translation: expected an int >= 0, got {m.max_translation}")
 
 
+def _without_legacy_keys(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` without the controller's flat growth keys that esper-train wrote into config.yaml
+    and checkpoints before the growth section became the controller's (they never took effect:
+    the growth section always won), so those runs still resume and export."""
+    controller = values.get("controller")
+    if not isinstance(controller, dict) or not set(controller) & set(LEGACY_GROWTH_KEYS):
+        return values
+    kept = {k: v for k, v in controller.items() if k not in LEGACY_GROWTH_KEYS}
+    return {**values, "controller": kept}
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Builds the resolved config: defaults, then the YAML file, then the dotted overrides."""
     config = Config()
     if path is not None:
-        merge(config, load_yaml(path), "")
+        merge(config, _without_legacy_keys(load_yaml(path)), "")
     for text in overrides or []:
         key, value = parse_override(text)
         apply_override(config, key, value)
@@ -315,14 +332,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def from_dict(values: dict[str, Any]) -> Config:
     """Rebuilds a config from `to_dict` output (e.g. the copy stored in a checkpoint)."""
     config = Config()
-    merge(config, values, "")
+    merge(config, _without_legacy_keys(values), "")
     validate(config)
     return config
 
 
 def to_dict(config: Config) -> dict[str, Any]:
-    """The config as plain nested dicts (YAML/JSON serialisable)."""
-    return dataclasses.asdict(config)
+    """The config as plain nested dicts (YAML/JSON serialisable), sections as users write them
+    (the growth section at the top level, last)."""
+    values = dataclasses.asdict(config)
+    for alias, path in Config.SECTION_ALIASES.items():
+        owner, _, name = path.partition(".")
+        values[alias] = values[owner].pop(name)
+    return values
 
 
 def to_yaml(config: Config) -> str:
