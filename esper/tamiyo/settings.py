@@ -24,6 +24,11 @@ from esper.tamiyo.rails import Controller, SafetyRails
 PolicyName = Literal["heuristic", "random", "gnn"]
 
 
+# The policy's and the rails' own defaults, which the settings' flat keys take (defined once there).
+_HEURISTIC = HeuristicConfig()
+_RAILS = RailsConfig()
+
+
 @dataclass
 class PolicySettings:
     """The Tamiyo policy and the safety rails that apply to every policy (Tolaria's ``controller``)."""
@@ -34,18 +39,18 @@ class PolicySettings:
     policy_path: str = ""
     random_seed: int = 0
     # No germination before this epoch (the host gets a head start).
-    start_epoch: int = 1
+    start_epoch: int = _HEURISTIC.start_epoch
     # Plateau: relative improvement of val loss over `plateau_window` epochs below the threshold.
-    plateau_window: int = 2
-    plateau_threshold: float = 0.01
+    plateau_window: int = _HEURISTIC.plateau_window
+    plateau_threshold: float = _HEURISTIC.plateau_threshold
     # Germinate without waiting for a plateau (forces growth, e.g. in tests and demos).
-    grow_without_plateau: bool = False
-    cooldown_epochs: int = 1
-    max_concurrent: int = 1
+    grow_without_plateau: bool = _HEURISTIC.grow_without_plateau
+    cooldown_epochs: int = _RAILS.cooldown_epochs
+    max_concurrent: int = _RAILS.max_concurrent
     # Growth budgets relative to the host: extra parameters and extra FLOPs per sample.
-    parameter_budget: float = 1.0
-    compute_budget: float = 1.0
-    max_adaptations: int = 8
+    parameter_budget: float = _RAILS.parameter_budget
+    compute_budget: float = _RAILS.compute_budget
+    max_adaptations: int = _RAILS.max_adaptations
     # Blueprints the policy may choose from (empty = every one fitting the site).
     blueprints: list[str] = field(default_factory=list)
     # Growth modes the policy may choose and the size of a width seed: the run's growth section

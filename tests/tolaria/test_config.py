@@ -180,3 +180,13 @@ def test_policy_config_mappings_read_the_growth_section_and_the_old_flat_keys():
         policy_settings_from_mapping({"growth": {"depth": 1}})
     with pytest.raises(ValueError, match="both set"):
         policy_settings_from_mapping({"growth_modes": ["width"], "growth": {"modes": ["branch"]}})
+
+
+def test_policy_settings_take_the_policy_and_rails_defaults():
+    from esper.tamiyo.policy import HeuristicConfig, RailsConfig
+    from esper.tamiyo.settings import PolicySettings
+
+    # Tolaria's controller section is PolicySettings; its flat knobs default to the heuristic's and
+    # the rails' own defaults (defined there only), so an empty section builds exactly those.
+    assert PolicySettings().heuristic() == HeuristicConfig()
+    assert PolicySettings().rails() == RailsConfig()
