@@ -64,9 +64,12 @@ class Morphogenesis:
 
     def __init__(self, host: nn.Module, cfg: Config, run_id: str, input_shape: tuple[int, ...],
                  device: torch.device, params_initial: int, flops_initial: float, enabled: bool,
-                 controller: Callable[[Morphogenesis], Controller] | None = None) -> None:
+                 controller: Callable[[Morphogenesis], Controller] | None = None, steps_per_epoch: int = 1,
+                 total_steps: int = 0) -> None:
         """`controller(self)` builds the run's controller once the seed sites exist (it may need
-        them); by default the in-process policy of the config's ``controller`` section."""
+        them); by default the in-process policy of the config's ``controller`` section.
+        `total_steps`: steps of the whole run (0 = unknown): germinations whose lifecycle cannot
+        reach a verdict in the steps left are refused (see LifecycleDriver.can_finish)."""
         self.cfg = cfg
         self.run_id = run_id
         self.enabled = enabled
@@ -95,10 +98,8 @@ class Morphogenesis:
         self.driver.add_listener(self._on_event)
         self.output_shapes = probe_output_shapes(self.model, self.driver.sites, self.input_shape, self.device)
         self.controller: Controller = (controller or policy_controller)(self)
-        self.steps_per_epoch = 1
-        # Steps of the whole run (set by the trainer; 0 = unknown): germinations whose lifecycle
-        # cannot reach a verdict in the steps left are refused (see LifecycleDriver.can_finish).
-        self.total_steps = 0
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
         self.refused: list[dict[str, Any]] = []
         self._adaptations: list[dict[str, Any]] = []
         self._timeline: list[dict[str, Any]] = [

@@ -94,6 +94,9 @@ class Trainer:
         self.model = build_host(cfg.model, self.input_shape, self.data.num_classes).to(self.device)
         self.params_initial = count_parameters(self.model)
         self.host_flops = forward_flops_per_sample(self.model, self.input_shape, self.device)
+        self.steps_per_epoch = num_train_batches(len(self.data.train), cfg.data.batch_size)
+        total = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
         from esper.tolaria.morphogenesis import Morphogenesis
 
         # The seeds are planted in every run (the baseline too) so both have the same architecture;
@@ -101,7 +104,7 @@ class Trainer:
         self.morph = Morphogenesis(
             self.model, cfg, run_id=cfg.run_name, input_shape=self.input_shape, device=self.device,
             params_initial=self.params_initial, flops_initial=self.host_flops, enabled=self.morphogenetic,
-            controller=self._build_controller,
+            controller=self._build_controller, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
         )
         self.model = self.morph.model
         # The controller is the first hook: it sees a checkpoint before the model loads it and
@@ -109,12 +112,6 @@ class Trainer:
         self.hooks.insert(0, self.morph.controller)
         if self.payload is not None:  # merged width, before the optimizer (a missing state: see _restore)
             self.morph.restore_structure(self.payload.get("morph", {}))
-        self.steps_per_epoch = num_train_batches(len(self.data.train), cfg.data.batch_size)
-        self.morph.steps_per_epoch = self.steps_per_epoch
-        total = cfg.train.epochs * self.steps_per_epoch
-        if cfg.train.max_steps > 0:
-            total = min(total, cfg.train.max_steps)
-        self.total_steps = total
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         if self.morph.growth is not None:
             self.morph.growth.optimizer = self.optimizer
@@ -127,7 +124,6 @@ class Trainer:
         self.governor = Governor(cfg.governor)
         from esper.tolaria.counterfactual import build_counterfactual
 
-        self.morph.total_steps = self.total_steps
         self.morph.driver.counterfactual = build_counterfactual(self)
         self.states = self._register_states()
         if self.payload is not None:
@@ -250,7 +246,7 @@ class Trainer:
                         break
             test_loss, test_acc = self.evaluate(self.data.test)
             self.state.wall_s = time.perf_counter() - wall_start
-            summary = self.summary(test_loss, test_acc, stopped_early)
+            summary = run_summary(self, test_loss, test_acc, stopped_early)
             if self.ranks.is_writer:
                 write_summary(self.run_dir, summary, self.morph.timeline(), plot=cfg.logging.timeline_plot,
                               echo=display)
@@ -405,10 +401,4 @@ class Trainer:
             **self.states.state_dict(),
         }
         return ckpt.save_checkpoint(self.run_dir, self.state.epoch, payload, self.config.checkpoint.keep_last, best_metric)
-
-    # ------------------------------------------------------------------ summary
-
-    def summary(self, test_loss: float, test_acc: float, stopped_early: bool) -> dict[str, Any]:
-        """What summary.json records about the run (see `esper.tolaria.summary`)."""
-        return run_summary(self, test_loss, test_acc, stopped_early)
 
