@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,9 @@ from esper.kasmina.growth.pair import PairModules
 from esper.kasmina.growth.seed import WidthSeed, apply_post
 from esper.kasmina.growth.statistics import PairStatistics
 
-INITS = ("gradmax", "tiny", "random")
+GrowthInit = Literal["gradmax", "tiny", "random"]
+"""How a width seed's new units are initialised (the one list: `INITS` is derived from it)."""
+INITS: tuple[str, ...] = get_args(GrowthInit)
 TINY_SCALES = tuple(4.0 ** -i for i in range(0, 10))
 """Line-search grid of TINY's scale gamma."""
 
