@@ -34,8 +34,13 @@ def _germinating(events: list[dict]) -> list[tuple[str, int]]:
 def test_each_service_killed_while_a_seed_germinates_and_a_seed_still_fossilizes(tmp_path, train_process):
     run_dir = tmp_path / "run"
     # No governor: on digits' tiny late losses its rollbacks would end seeds before they can
-    # fossilize; room for many adaptations, since the run goes on until a seed fossilizes.
-    proc = train_process(run_dir, "--config", DEV, "train.epochs=100000", "model.width=8", "controller.start_epoch=2",
+    # fossilize; room for many adaptations, since the run goes on until a seed fossilizes: six
+    # seed slots and a budget far above the config's 2x, so that even if every seed germinated
+    # around the four kills fossilizes, a slot and budget are left for the one after the restarts
+    # (with two slots and 2x the run could fill both and then wait for a germination forever).
+    proc = train_process(run_dir, "--config", DEV, "train.epochs=100000", "model.width=8", "model.depth=3",
+                         "seeds.num_seeds=2", "controller.parameter_budget=50.0",
+                         "controller.compute_budget=50.0", "controller.start_epoch=2",
                          "controller.max_adaptations=1000", "governor.enabled=false",
                          "logging.tensorboard=false", "logging.timeline_plot=false",
                          "lifecycle.germination_timeout_epochs=200")
