@@ -94,13 +94,14 @@ class TamiyoCore:
             log.error("policy %s at %s not loaded, keeping %s: %s", version, self.settings.policy_path,
                       self.loaded.version, exc)
             return False
+        from esper.tamiyo.exploration import GrowthSpace
         from esper.tamiyo.gnn_policy import GNNPolicy
 
         with self._lock:
             old = self.loaded.version
             self.loaded = new
             for controller in self._controllers.values():
-                controller.policy = GNNPolicy(new, controller.rails.cfg, tuple(self.settings.blueprints))
+                controller.policy = GNNPolicy(new, controller.rails.cfg, GrowthSpace.of(self.settings))
             self.policy_swaps += 1
         log.info("policy swapped: %s -> %s (%s)", old, new.version, self.settings.policy_path)
         return True
