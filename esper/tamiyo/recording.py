@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from esper.tamiyo.costs import cost_of
+from esper.tamiyo.costs import cost_of, decision_cost
 from esper.tamiyo.policy import Action, AdaptationDecision, ModelGraphState
 from esper.tamiyo.reward import (
     REWARD_DEFINITION,
@@ -95,7 +95,7 @@ def field_reports(records: list[Recorded], summary: dict[str, Any], *, train_sam
                 continue
             outcome = record["outcome"]
             end = float(record.get("resolved_epoch") or total_epochs)
-            cost = cost_of(node, d.blueprint_id)
+            cost = decision_cost(node, d)  # branch, width (units) or depth (one block)
             seed_flops = float(cost.flops) if cost is not None else 0.0
             flop_cost = seed_flop_cost(seed_flops, end - (epoch - 1), train_samples, val_samples)
             contribution = record.get("contribution")
