@@ -26,8 +26,8 @@ PolicyName = Literal["heuristic", "random", "gnn"]
 class PolicySettings:
     """The Tamiyo policy and the safety rails that apply to every policy (Tolaria's ``controller``)."""
 
-    # heuristic, random (seeded by random_seed) or gnn (a learned policy loaded from policy_path,
-    # e.g. esper-train --tamiyo-policy PATH).
+    # heuristic, random (seeded by random_seed) or gnn (a learned policy loaded from policy_path: a
+    # directory or urza://HOST:PORT/NAME[@VERSION], e.g. esper-train --tamiyo-policy PATH).
     policy: PolicyName = "heuristic"
     policy_path: str = ""
     random_seed: int = 0
