@@ -4,7 +4,8 @@
 boundary, the graph and the decision that was executed (after the rails). When the run has
 ended, `field_reports` pairs each decision with what happened to it (the run's adaptation
 records: outcome, counterfactual contribution, the epoch it resolved) and scores it with
-`esper.tamiyo.reward`. WAITs are reported too (reward 0): they are the reference action.
+`esper.tamiyo.reward`. WAITs are reported too (reward 0): they are the reference action. A
+germination Tolaria refused (too late to finish its lifecycle) is reported as CANCELLED, reward 0.
 """
 
 from __future__ import annotations
@@ -91,7 +92,13 @@ def field_reports(records: list[Recorded], summary: dict[str, Any], *, train_sam
             report.telemetry_before.CopyFrom(node.seed.telemetry)
         if d.action == Action.DECISION_ACTION_GERMINATE and node is not None:
             record = adaptations.get((epoch, d.layer_name, d.seed_index))
-            if record is None:  # applied but not recorded (cannot happen in-process): skip rather than guess
+            if record is None:
+                # Tolaria refused it (a seed that could not finish its lifecycle in the steps left):
+                # nothing was grown or spent, so it scores like a WAIT, as a cancelled adaptation.
+                report.outcome = common_pb2.ADAPTATION_OUTCOME_CANCELLED
+                report.reward = 0.0
+                report.create_time.GetCurrentTime()
+                out.append(report)
                 continue
             outcome = record["outcome"]
             end = float(record.get("resolved_epoch") or total_epochs)
