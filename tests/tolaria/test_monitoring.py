@@ -170,7 +170,7 @@ class _ScrapeEachEpoch(BoundaryHook):
 
 @pytest.mark.integration
 def test_trainer_metrics_scraped_during_a_run_follow_the_steps(tmp_path):
-    config = load_config(DEV, ["train.epochs=4", "logging.prometheus_port=0", "logging.log_every_steps=5", *FAST])
+    config = load_config(DEV, ["train.epochs=4", "model.width=32", "logging.prometheus_port=0", "logging.log_every_steps=5", *FAST])
     trainer = Trainer(config, tmp_path / "run", progress="none")
     services = RunServices(config, tmp_path / "run")
     services.install(trainer)
@@ -269,7 +269,7 @@ def test_quick_start_preset_passes_dry_run(preset, tmp_path, capsys):
 def test_precedence_defaults_file_flags_overrides():
     assert Config().data.batch_size == 64
     from_file = resolve_config(parse("--config", DEV))
-    assert from_file.data.batch_size == 32 and from_file.model.width == 32  # file beats defaults
+    assert from_file.data.batch_size == 32 and from_file.model.width == 8  # file beats defaults
     flags = resolve_config(parse("--config", DEV, "--batch-size", "16", "--learning-rate", "0.2", "--epochs", "4",
                                  "--model", "cnn1d", "--dataset", "mnist1d", "--device", "cpu"))
     assert (flags.data.batch_size, flags.optim.lr, flags.train.epochs) == (16, 0.2, 4)  # flags beat the file
