@@ -51,6 +51,10 @@ class GrowthSpace:
                              width_units=self.width_units, width_factor=self.width_factor)
 
 
+# What a run allows unless its config says more (growth.modes defaults to branch only).
+BRANCH_ONLY = GrowthSpace()
+
+
 def legal_actions(state: ModelGraphState, rails: RailsConfig, space: GrowthSpace
                   ) -> tuple[list[tuple[int, int]], list[int]]:
     """(node index, action column) of every legal non-wait action, in node then column order, and
@@ -106,7 +110,7 @@ class RandomPolicy:
     version = RANDOM_VERSION
 
     def __init__(self, rails: RailsConfig, seed: int = 0, wait_probability: float = 0.5,
-                 space: GrowthSpace = GrowthSpace()) -> None:
+                 space: GrowthSpace = BRANCH_ONLY) -> None:
         if not 0.0 <= wait_probability <= 1.0:
             raise ValueError(f"wait_probability must be in [0, 1], got {wait_probability}")
         self.rails = rails

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from esper.tamiyo.exploration import GrowthSpace, decision_for
+from esper.tamiyo.exploration import BRANCH_ONLY, GrowthSpace, decision_for
 from esper.tamiyo.graph import WAIT, global_feature_names, node_feature_names
 from esper.tamiyo.policy import AdaptationDecision, ModelGraphState, RailsConfig, wait
 from esper.tamiyo.policy_store import LoadedPolicy
@@ -26,7 +26,7 @@ REASON_FEATURES = 3
 class GNNPolicy:
     """A loaded GNN behind the Policy interface (see the module docstring)."""
 
-    def __init__(self, loaded: LoadedPolicy, rails: RailsConfig, space: GrowthSpace = GrowthSpace()) -> None:
+    def __init__(self, loaded: LoadedPolicy, rails: RailsConfig, space: GrowthSpace = BRANCH_ONLY) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.rails = rails
