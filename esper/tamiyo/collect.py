@@ -95,6 +95,7 @@ def plan(tasks: list[str], seeds: list[int], behaviours: list[str], sizes: list[
 
 def _exploration_controller(spec: EpisodeSpec):
     from esper.tamiyo.exploration import EpsilonGreedyPolicy, GrowthSpace, RandomPolicy
+    from esper.tamiyo.rails import Controller
     from esper.tamiyo.recording import RecordingController
 
     eps = parse_behaviour(spec.behaviour)
@@ -103,8 +104,8 @@ def _exploration_controller(spec: EpisodeSpec):
         rails = controller.rails.cfg
         # The config's heuristic knows what the run lets a policy grow (blueprints, growth modes).
         explore = RandomPolicy(rails, seed=spec.seed * 1009 + 17, space=GrowthSpace.of(controller.policy.cfg))
-        controller.policy = explore if eps is None else EpsilonGreedyPolicy(controller.policy, explore, eps, spec.seed)
-        return RecordingController(controller)
+        policy = explore if eps is None else EpsilonGreedyPolicy(controller.policy, explore, eps, spec.seed)
+        return RecordingController(Controller(policy, controller.rails))
 
     return wrap
 

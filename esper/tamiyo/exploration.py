@@ -10,9 +10,10 @@ reports can carry it for off-policy corrections. They are seeded and determinist
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from esper.kasmina.growth.config import GrowthConfig
 from esper.tamiyo.graph import CULL, FIRST_GROW, WAIT, catalog_blueprints, graph_to_data, width_column
 from esper.tamiyo.policy import (
     Action,
@@ -30,25 +31,21 @@ RANDOM_VERSION = "random/1"
 
 @dataclass(frozen=True)
 class GrowthSpace:
-    """What a run lets a policy grow: blueprints (empty: all), growth modes and the size of a width
-    seed (`growth.width_units` / `growth.width_factor`)."""
+    """What a run lets a policy grow: blueprints (empty: all) and the run's growth config (modes,
+    size of a width seed)."""
 
     blueprints: tuple[str, ...] = ()
-    modes: tuple[str, ...] = ("branch",)
-    width_units: int = 0
-    width_factor: float = 1.0
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
 
     @classmethod
     def of(cls, cfg: Any) -> GrowthSpace:
-        """From anything with blueprints, growth_modes, width_units and width_factor (PolicySettings,
-        HeuristicConfig)."""
-        return cls(tuple(cfg.blueprints), tuple(cfg.growth_modes), int(cfg.width_units), float(cfg.width_factor))
+        """From anything with `blueprints` and `growth` (PolicySettings, HeuristicConfig)."""
+        return cls(tuple(cfg.blueprints), cfg.growth)
 
     def graph(self, state: ModelGraphState, rails: RailsConfig):
         """`graph_to_data` of `state` under this space and the rails' budgets."""
         return graph_to_data(state, parameter_budget=rails.parameter_budget, compute_budget=rails.compute_budget,
-                             allowed_blueprints=self.blueprints, growth_modes=self.modes,
-                             width_units=self.width_units, width_factor=self.width_factor)
+                             allowed_blueprints=self.blueprints, growth=self.growth)
 
 
 # What a run allows unless its config says more (growth.modes defaults to branch only).

@@ -27,8 +27,8 @@ flight, host size.
 The action space per node is [wait, cull, grow:branch:<b> for every blueprint, grow:width,
 grow:depth] (`action_names()`); `mask` says which are legal at that node now: growth only at a
 free site, only in the run's growth modes, only within the budget left. grow:width adds k units
-to the site's width pair, k = `units_to_add(width_units, width_factor)` shrunk to the largest count
-that fits the budget (`data.width_units` per node); grow:depth adds one block after the site.
+to the site's width pair, k = `units_to_add(growth, units)` (growth.width_units, or
+growth.width_factor x the current units) shrunk to the largest count that fits the budget (`data.width_units` per node); grow:depth adds one block after the site.
 A change of this layout or of the features bumps `FEATURE_SCHEMA`, and policies trained on
 another schema are refused when loaded. Schema 1 had branch growth only and no alignment.
 """
@@ -42,6 +42,7 @@ from collections.abc import Sequence
 import torch
 from torch_geometric.data import Data
 
+from esper.kasmina.growth.config import GrowthConfig, units_to_add
 from esper.lifecycle import SeedLifecycleState as S
 from esper.v1 import common_pb2
 
@@ -157,17 +158,16 @@ class GraphError(ValueError):
     """A ModelGraphState that cannot be turned into policy input (names the field)."""
 
 
-def _width_candidate(node: common_pb2.GraphNode, width_units: int, width_factor: float, params_left: float,
-                     flops_left: float, host_params: float, host_flops: float) -> tuple[list[float], int]:
+def _width_candidate(node: common_pb2.GraphNode, growth: GrowthConfig, params_left: float, flops_left: float,
+                     host_params: float, host_flops: float) -> tuple[list[float], int]:
     """(candidate features, units) of growing the node's width pair by the configured units,
     shrunk to what fits the budget left (units 0: not possible or nothing fits)."""
-    from esper.kasmina.growth.config import GrowthConfig, units_to_add
     from esper.tamiyo.costs import units_that_fit
 
     w = node.width
     if not node.HasField("width") or w.units <= 0 or not w.available:
         return [0.0, 0.0, 0.0, 0.0], 0
-    wanted = units_to_add(GrowthConfig(width_units=width_units, width_factor=width_factor), int(w.units))
+    wanted = units_to_add(growth, int(w.units))
     units = units_that_fit(node, wanted, params_left, flops_left)
     shown = units or wanted  # the cost of what was wanted when nothing fits
     return [1.0, shown * w.unit_parameters / host_params, shown * w.unit_flops / host_flops,
@@ -186,21 +186,21 @@ def _depth_candidate(node: common_pb2.GraphNode, params_left: float, flops_left:
 
 def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float = 1.0,
                   compute_budget: float = 1.0, allowed_blueprints: Sequence[str] = (),
-                  blueprints: Sequence[str] | None = None, growth_modes: Sequence[str] = ("branch",),
-                  width_units: int = 0, width_factor: float = 1.0) -> Data:
+                  blueprints: Sequence[str] | None = None, growth: GrowthConfig | None = None) -> Data:
     """The policy input for `state` (see the module docstring).
 
     `parameter_budget`/`compute_budget` are the rails' budgets (multiples of the host), used to
     mark candidates that fit what is left when the graph does not carry its own;
-    `allowed_blueprints` (empty: all) and `growth_modes` restrict growth as the run's config does
-    (the features describe every mode either way); `width_units`/`width_factor` size a width seed
-    as `growth.width_units`/`growth.width_factor` do. Extra attributes: `u` [1, G] global
+    `allowed_blueprints` (empty: all) and `growth.modes` restrict growth as the run's config does
+    (the features describe every mode either way; None: the default GrowthConfig, branch only);
+    `growth.width_units`/`width_factor` size a width seed. Extra attributes: `u` [1, G] global
     features, `mask` [N, A] legal actions, `edge_index_reverse`, `node_keys` (layer name, seed
     index) and `width_units` (units grow:width adds) per node.
     """
-    unknown = [m for m in growth_modes if m not in GROWTH_MODES]
+    growth = GrowthConfig() if growth is None else growth
+    unknown = [m for m in growth.modes if m not in GROWTH_MODES]
     if unknown:
-        raise GraphError(f"growth_modes {unknown}; expected some of {list(GROWTH_MODES)}")
+        raise GraphError(f"growth.modes has {unknown}; expected some of {list(GROWTH_MODES)}")
     bps = catalog_blueprints() if blueprints is None else tuple(blueprints)
     nodes = list(state.nodes)
     if not nodes:
@@ -217,7 +217,7 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
         per_layer[n.layer_name] = per_layer.get(n.layer_name, 0) + 1
     allowed = set(allowed_blueprints)
     num_actions = FIRST_GROW + len(bps) + 2
-    branch_ok, width_ok, depth_ok = (m in growth_modes for m in GROWTH_MODES)
+    branch_ok, width_ok, depth_ok = (m in growth.modes for m in GROWTH_MODES)
     grow_units: list[int] = []
 
     rows: list[list[float]] = []
@@ -269,14 +269,13 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
                 feats += [1.0, p / host_params, f / host_flops, 1.0 if in_budget else 0.0]
                 grow.append(branch_ok and in_budget and (not allowed or bid in allowed))
             cached = by_shape[key] = (feats, grow)
-        width_feats, units = _width_candidate(n, width_units, width_factor, params_left, flops_left, host_params,
-                                              host_flops)
+        width_feats, units = _width_candidate(n, growth, params_left, flops_left, host_params, host_flops)
         depth_feats, depth_fits = _depth_candidate(n, params_left, flops_left, host_params, host_flops)
         row += cached[0] + width_feats + depth_feats
         grow_units.append(units)
         free = state_value == dormant and seed.embargo_epochs_left == 0
-        growth = [*cached[1], width_ok and units > 0, depth_ok and depth_fits]
-        mask_rows.append([True, state_value in CULLABLE, *(growth if free else [False] * len(growth))])
+        legal_growth = [*cached[1], width_ok and units > 0, depth_ok and depth_fits]
+        mask_rows.append([True, state_value in CULLABLE, *(legal_growth if free else [False] * len(legal_growth))])
         rows.append(row)
     mask = torch.tensor(mask_rows, dtype=torch.bool).reshape(len(nodes), num_actions)
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch_geometric.data import Batch, Data
 
+from esper.kasmina.growth.config import GrowthConfig
 from esper.tamiyo.exploration import locate_action
 from esper.tamiyo.graph import (
     GROWTH_MODES,
@@ -86,7 +87,7 @@ def replay_files(paths: Iterable[Path | str]) -> list[Path]:
 def sample_from_report(report: common_pb2.FieldReport) -> Data:
     """The training sample of one report: graph features, logged action, reward."""
     # Every growth mode is legal here: the mask only has to admit what any run may have logged.
-    data = graph_to_data(report.graph, growth_modes=GROWTH_MODES)
+    data = graph_to_data(report.graph, growth=GrowthConfig(modes=list(GROWTH_MODES)))
     node, column = locate_action(report.graph, report.decision)
     if node is not None and not bool(data.mask[node, column]):
         raise GraphError(f"logged action {action_names()[column]} at node {node} is not legal in its own graph")

@@ -9,6 +9,7 @@ import collections
 
 import pytest
 
+from esper.kasmina.growth.config import GrowthConfig
 from esper.tamiyo import Controller, HeuristicConfig, HeuristicPolicy, SafetyRails
 from esper.tamiyo.exploration import GrowthSpace, RandomPolicy, locate_action
 from esper.tamiyo.gnn_policy import GNNPolicy
@@ -18,7 +19,7 @@ from esper.tamiyo.policy_store import load_policy
 from esper.v1 import common_pb2
 from tests.tamiyo.policy_helpers import always_grow_gnn, chain_graph, with_growth_sites, write_policy
 
-ALL = ("branch", "width", "depth")
+ALL = GrowthConfig(modes=["branch", "width", "depth"])
 RAILS = RailsConfig(parameter_budget=2.0, compute_budget=2.0, cooldown_epochs=0)
 WIDTH, DEPTH = common_pb2.GROWTH_MODE_WIDTH, common_pb2.GROWTH_MODE_DEPTH
 
@@ -32,7 +33,7 @@ def test_actions_and_features_cover_width_and_depth():
         assert f in features, f
     g = with_growth_sites(chain_graph())
     g.nodes[1].seed.telemetry.gradient_alignment, g.nodes[1].seed.telemetry.has_gradient_alignment = 0.3, True
-    data = graph_to_data(g, growth_modes=ALL)
+    data = graph_to_data(g, growth=ALL)
     w = width_column()
     assert data.mask[:, w].all() and data.mask[:, w + 1].all()
     assert data.width_units == [32, 32, 32]  # width_factor 1.0 doubles the 32 units
@@ -44,10 +45,11 @@ def test_actions_and_features_cover_width_and_depth():
     branch_only = graph_to_data(g)
     assert not branch_only.mask[:, w:].any() and branch_only.x.tolist() == data.x.tolist()
     # A budget too small for 32 units shrinks the width action to what fits; depth does not fit at all.
-    tight = graph_to_data(with_growth_sites(chain_graph(budget_left=0.05)), growth_modes=ALL, width_units=32)
+    tight = graph_to_data(with_growth_sites(chain_graph(budget_left=0.05)),
+                          growth=GrowthConfig(modes=ALL.modes, width_units=32))
     assert tight.width_units == [7, 7, 7] and tight.mask[:, w].all() and not tight.mask[:, w + 1].any()
-    with pytest.raises(ValueError, match=r"growth_modes \['sideways'\]"):
-        graph_to_data(g, growth_modes=("sideways",))
+    with pytest.raises(ValueError, match=r"growth.modes has \['sideways'\]"):
+        graph_to_data(g, growth=GrowthConfig(modes=["sideways"]))
 
 
 @pytest.mark.parametrize(("action", "mode", "units"), [("grow:width", WIDTH, 4), ("grow:depth", DEPTH, 0)])
@@ -55,7 +57,7 @@ def test_gnn_emits_width_and_depth_growth_only_where_the_run_allows_it(tmp_path,
     write_policy(tmp_path / "p", always_grow_gnn(action=action))
     loaded = load_policy(tmp_path / "p")
     g = with_growth_sites(chain_graph(epoch=5))
-    space = GrowthSpace(modes=ALL, width_units=4)
+    space = GrowthSpace(growth=GrowthConfig(modes=ALL.modes, width_units=4))
     controller = Controller(GNNPolicy(loaded, RAILS, space), SafetyRails(RAILS, 20_000.0))
     (d,) = controller.decide(g)  # the rails let it through
     assert d.action == common_pb2.DECISION_ACTION_GERMINATE and (d.growth_mode, d.growth_units) == (mode, units)
@@ -67,7 +69,7 @@ def test_gnn_emits_width_and_depth_growth_only_where_the_run_allows_it(tmp_path,
 
 def test_random_policy_explores_every_allowed_mode_with_its_probability():
     g = with_growth_sites(chain_graph(epoch=5))
-    policy = RandomPolicy(RAILS, seed=3, wait_probability=0.0, space=GrowthSpace(modes=ALL))
+    policy = RandomPolicy(RAILS, seed=3, wait_probability=0.0, space=GrowthSpace(growth=ALL))
     seen = collections.Counter()
     for _ in range(120):
         (d,) = policy.decide(g)
@@ -83,7 +85,8 @@ def test_random_policy_explores_every_allowed_mode_with_its_probability():
 
 def test_heuristic_emits_depth_when_depth_is_the_mode_allowed():
     g = with_growth_sites(chain_graph(epoch=5))
-    policy = HeuristicPolicy(HeuristicConfig(grow_without_plateau=True, growth_modes=("depth",)), RAILS, 20_000.0)
+    policy = HeuristicPolicy(HeuristicConfig(grow_without_plateau=True, growth=GrowthConfig(modes=["depth"])), RAILS,
+                             20_000.0)
     (d,) = policy.decide(g)
     assert d.action == common_pb2.DECISION_ACTION_GERMINATE and d.growth_mode == DEPTH
 
