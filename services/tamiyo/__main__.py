@@ -3,8 +3,10 @@
 The policy (heuristic, random or a learned GNN) behind the safety rails (`esper.tamiyo`),
 configured by ``--policy-config`` (a YAML/JSON mapping with the keys of a Tolaria config's
 ``controller`` section and a ``growth`` mapping, or a whole Tolaria config whose ``controller``,
-``growth`` and ``seeds.blueprints`` are used); ``--policy DIR`` serves the GNN policy in DIR and checks it every ``--policy-poll-s``
-seconds for a newer version, which replaces the running one without a restart. Field reports go
+``growth`` and ``seeds.blueprints`` are used); ``--policy DIR`` serves the GNN policy in DIR
+(``--policy urza://HOST:PORT/NAME[@VERSION]``: from Urza, the newest version unless pinned) and
+checks it every ``--policy-poll-s`` seconds for a newer version, which replaces the running one
+without a restart. Field reports go
 to the replay buffer in ``--replay-dir``. Prints ``LISTENING host:port`` on stdout once SERVING.
 
 ``esper-tamiyo collect ...`` runs exploration episodes instead (`esper.tamiyo.collect`).
