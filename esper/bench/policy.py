@@ -2,7 +2,8 @@
 
 For each evaluation task and each seed, the same run (same data split, batch order and host) is
 trained three times, with ``controller.policy`` = gnn, heuristic and random (the random policy
-seeded by the run seed); everything else, the safety rails included, is the task's config.
+seeded by the run seed); everything else, the safety rails included, is the task's config, except
+``--growth-modes``, which sets ``growth.modes`` for all three alike (default: the task's own).
 Evaluate on seeds and tasks the policy never saw: the collection seeds and tasks are recorded
 in the policy's manifest (`training.data`), and a task marked ``--heldout-task`` must be absent
 from the training data (the benchmark refuses to run otherwise).
@@ -36,8 +37,10 @@ POLICIES = ("gnn", "heuristic", "random")
 PAIRS = (("gnn", "heuristic"), ("gnn", "random"), ("heuristic", "random"))
 
 
-def run_episode_for(task: str, size: str, seed: int, policy: str, policy_path: str, workdir: str) -> dict[str, Any]:
-    """One run of `task` at `size` with `policy`; the figures the benchmark reports."""
+def run_episode_for(task: str, size: str, seed: int, policy: str, policy_path: str, workdir: str,
+                    growth_modes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """One run of `task` at `size` with `policy` (and `growth_modes` when given); the figures the
+    benchmark reports."""
     import torch
 
     from esper.tamiyo.episodes import run_episode, task_config
@@ -46,13 +49,17 @@ def run_episode_for(task: str, size: str, seed: int, policy: str, policy_path: s
     extra = [f"controller.policy={policy}", f"controller.random_seed={seed}"]
     if policy == "gnn":
         extra.append(f"controller.policy_path={policy_path}")
+    if growth_modes:
+        extra.append(f"growth.modes=[{','.join(growth_modes)}]")
     cfg = task_config(task, size, seed, tuple(extra))
     run_dir = Path(workdir) / f"{task}.{size}.s{seed}.{policy}"
     t0 = time.perf_counter()
     summary = run_episode(cfg, run_dir).summary
     adaptations = summary["adaptations"]
     fossilized = sum(1 for a in adaptations if a["outcome"] == "fossilized")
+    modes = {m: sum(1 for a in adaptations if a.get("mode", "branch") == m) for m in ("branch", "width", "depth")}
     return {"task": task, "size": size, "seed": seed, "policy": policy, "test_acc": summary["test_acc"],
+            "germinations_by_mode": modes,
             "flops": summary["flops"]["total"], "germinations": len(adaptations), "fossilized": fossilized,
             "params_final": summary["params_final"], "wall_s": time.perf_counter() - t0}
 
@@ -72,6 +79,9 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
             germ = sum(r["germinations"] for r in by[p])
             policies[p] = {"test_acc": mean_sd(acc), "flops": mean_sd(flops),
                            "germinations_per_run": germ / max(1, len(by[p])),
+                           "germinations_by_mode_per_run": {
+                               m: sum(r.get("germinations_by_mode", {}).get(m, 0) for r in by[p]) / max(1, len(by[p]))
+                               for m in ("branch", "width", "depth")},
                            "fossilization_rate": sum(r["fossilized"] for r in by[p]) / germ if germ else float("nan")}
         diffs = {}
         for a, b in PAIRS:
@@ -91,7 +101,7 @@ def decision_latency(policy_path: str, decisions: int) -> dict[str, float]:
     from esper.lifecycle import SeedLifecycleState as S
     from esper.tamiyo.gnn_policy import GNNPolicy
     from esper.tamiyo.policy import RailsConfig
-    from esper.tamiyo.policy_store import load_policy
+    from esper.tamiyo.policy_source import load_policy_ref
     from esper.v1 import common_pb2
 
     torch.set_num_threads(1)
@@ -118,7 +128,7 @@ def decision_latency(policy_path: str, decisions: int) -> dict[str, float]:
     sig.val_accuracy_history.extend([0.6, 0.65, 0.7, 0.71, 0.71])
     sig.initial_parameter_count, sig.initial_flops_per_sample = 200_000, 400_000.0
     sig.parameter_budget_left = sig.compute_budget_left = 0.8
-    policy = GNNPolicy(load_policy(policy_path), RailsConfig(parameter_budget=1.0, compute_budget=1.0))
+    policy = GNNPolicy(load_policy_ref(policy_path), RailsConfig(parameter_budget=1.0, compute_budget=1.0))
     for _ in range(30):
         policy.decide(graph)
     times, cpu = [], []
@@ -143,16 +153,20 @@ def decision_latency(policy_path: str, decisions: int) -> dict[str, float]:
 def to_markdown(result: dict[str, Any], command: str) -> str:
     lines = ["# Tamiyo policy benchmark: gnn vs heuristic vs random", "", f"Command: `{command}`", "",
              f"Policy: `{result['policy_path']}` version `{result['policy_version']}`; training tasks "
-             f"{result['training_tasks']}; held-out task(s): {result['heldout_tasks']}; wall {result['wall_s']:.0f} s.",
+             f"{result['training_tasks']}; held-out task(s): {result['heldout_tasks']}; growth modes: "
+             f"{result.get('growth_modes', 'task config')}; wall {result['wall_s']:.0f} s.",
              "Accuracy is test accuracy in percent (the test split is never seen by training or any decision); "
              "FLOPs are the run's total (training, validation, counterfactual evaluations).", ""]
     for key, agg in result["aggregate"].items():
         tag = " (held-out task)" if key.split(":")[0] in result["heldout_tasks"] else " (held-out seeds)"
         lines += [f"## {key}{tag}: {len(agg['seeds'])} paired seeds", "",
-                  "| policy | test acc (%) | FLOPs | germinations/run | fossilization rate |", "|---|---|---|---|---|"]
+                  "| policy | test acc (%) | FLOPs | germinations/run | branch/width/depth per run | fossilization rate |",
+                  "|---|---|---|---|---|---|"]
         for p, v in agg["policies"].items():
+            by_mode = "/".join(f"{x:.2f}" for x in v.get("germinations_by_mode_per_run", {}).values())
             lines.append(f"| {p} | {v['test_acc'][0]:.2f} ± {v['test_acc'][1]:.2f} | {v['flops'][0]:.3e} ± "
-                         f"{v['flops'][1]:.1e} | {v['germinations_per_run']:.2f} | {v['fossilization_rate']:.2f} |")
+                         f"{v['flops'][1]:.1e} | {v['germinations_per_run']:.2f} | {by_mode} | "
+                         f"{v['fossilization_rate']:.2f} |")
         lines += ["", "| paired difference | acc mean (points) | sd | wins/N | p | FLOPs mean (%) | p (FLOPs) |",
                   "|---|---|---|---|---|---|---|"]
         for name, d in agg["paired"].items():
@@ -175,9 +189,9 @@ def _training_tasks(manifest: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from esper.tamiyo.policy_store import load_policy
+    from esper.tamiyo.policy_source import is_urza_ref, load_policy_ref
 
-    loaded = load_policy(args.policy)
+    loaded = load_policy_ref(args.policy)
     manifest = loaded.manifest
     training_tasks = _training_tasks(manifest)
     heldout = [t for t in args.heldout_task]
@@ -191,8 +205,10 @@ def run(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     tasks = [t.split(":", 1) for t in args.tasks.split(",") if t]
     workdir = args.workdir or tempfile.mkdtemp(prefix="esper-bench-policy-")
-    policy_path = str(Path(args.policy).resolve())
-    jobs = [(task, size, seed, p, policy_path, workdir) for task, size in tasks for seed in seeds for p in POLICIES]
+    policy_path = args.policy if is_urza_ref(args.policy) else str(Path(args.policy).resolve())
+    modes = tuple(m for m in args.growth_modes.split(",") if m)
+    jobs = [(task, size, seed, p, policy_path, workdir, modes) for task, size in tasks for seed in seeds
+            for p in POLICIES]
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     if args.jobs > 1:
@@ -211,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
                   f"{100 * r['test_acc']:.2f}, {r['germinations']} germinations ({r['wall_s']:.1f} s)", flush=True)
     result = {"policy_path": policy_path, "policy_version": loaded.version, "training_tasks": training_tasks,
               "heldout_tasks": heldout, "seeds": seeds, "tasks": [":".join(t) for t in tasks],
+              "growth_modes": list(modes) or "task config",
               "wall_s": time.perf_counter() - start, "aggregate": aggregate(rows), "rows": rows}
     if args.latency_decisions > 0:
         result["latency"] = decision_latency(policy_path, args.latency_decisions)
@@ -228,7 +245,10 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `esper-bench policy`."""
-    p.add_argument("--policy", required=True, help="directory of the learned policy (esper-tamiyo-train --out)")
+    p.add_argument("--policy", required=True,
+                   help="the learned policy: its directory (esper-tamiyo-train --out) or urza://HOST:PORT/NAME[@VERSION]")
+    p.add_argument("--growth-modes", default="",
+                   help="growth.modes for every policy, e.g. branch,width,depth (default: each task's config)")
     p.add_argument("--tasks", default="digits-mlp:w32,mnist1d-cnn1d:w8",
                    help="comma-separated task:size pairs (esper.tamiyo.episodes.TASKS)")
     p.add_argument("--heldout-task", action="append", default=[],

@@ -87,6 +87,28 @@ class UrzaClient(SyncClient):
             if not token:
                 return found
 
+    def publish_policy(self, name: str, manifest_json: str, weights: bytes) -> tuple[urza_pb2.PolicyRecord, bool]:
+        """Stores a learned policy as the next version of `name`; (stored record, created). The same
+        manifest and weights again return the version already stored."""
+        record = urza_pb2.PolicyRecord(name=name, manifest_json=manifest_json,
+                                       weights_sha256=hashlib.sha256(weights).hexdigest())
+        reply = self._unary(self._stub.PublishPolicy, urza_pb2.PublishPolicyRequest(policy=record, weights=weights),
+                            idempotent=True, timeout=self._transfer_timeout)
+        return reply.policy, reply.created
+
+    def get_policy(self, name: str, version: int = 0, *, metadata_only: bool = False
+                   ) -> tuple[urza_pb2.PolicyRecord, bytes]:
+        """One version of a policy (0: the newest) and its weights, verified here against their
+        SHA-256 (DataLossError on mismatch); NotFoundError for an unknown name or version."""
+        reply = self._unary(self._stub.GetPolicy, urza_pb2.GetPolicyRequest(name=name, version=version,
+                                                                             metadata_only=metadata_only),
+                            idempotent=True, timeout=self._transfer_timeout)
+        if not metadata_only and hashlib.sha256(reply.weights).hexdigest() != reply.policy.weights_sha256:
+            raise DataLossError(f"policy {name!r} version {reply.policy.version} arrived corrupted: its weights do "
+                                "not match the SHA-256 Urza reported", reason="CHECKSUM_MISMATCH",
+                                metadata={"name": name, "version": str(reply.policy.version)})
+        return reply.policy, reply.weights
+
     def get_blueprint(self, blueprint_id: str, version: int = 0) -> common_pb2.BlueprintSpec:
         return self._unary(self._stub.GetBlueprint,
                            urza_pb2.GetBlueprintRequest(blueprint_id=blueprint_id, version=version),

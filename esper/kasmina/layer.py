@@ -117,6 +117,8 @@ class SeedRow:
                 dead_fraction=t.get("dead_fraction", 0.0),
                 gradient_norm=t.get("gradient_norm", 0.0),
                 samples=int(t.get("samples", 0)),
+                gradient_alignment=t.get("alignment", 0.0),
+                has_gradient_alignment="alignment" in t,
             ),
             last_contribution=self.last_contribution if self.last_contribution is not None else 0.0,
             has_contribution=self.last_contribution is not None,
@@ -203,6 +205,9 @@ class KasminaLayer(nn.Module):
         self._listeners: list[LifecycleListener] = []
         self._specs: dict[int, BlueprintSpec] = {}
         self._kernel_ids: dict[int, str] = {}
+        # Cosine of the last alignment window the TRAINING gate read, per seed: exported in the
+        # seed table as telemetry for learned policies (the accumulators are reset by each read).
+        self._last_alignment: dict[int, float] = {}
         self._blueprint_ids: list[str] = []
         self._probe = False
         # Seed modules built by something other than a blueprint (e.g. width seeds), by spec family:
@@ -472,6 +477,7 @@ class KasminaLayer(nn.Module):
             ops.telemetry_reset_(table.telemetry[index : index + 1])
             self._specs.pop(index, None)
             self._kernel_ids.pop(index, None)
+            self._last_alignment.pop(index, None)
         table.state[index] = int(to_state)
         table.steps_in_state[index] = 0
         table.epochs_in_state[index] = 0
@@ -527,7 +533,9 @@ class KasminaLayer(nn.Module):
         index = self._check_index(seed_index)
         gs, gg, ss = self.table.alignment[index].tolist()
         self.table.alignment[index] = 0.0
-        return AlignmentWindow(gs, gg, ss)
+        window = AlignmentWindow(gs, gg, ss)
+        self._last_alignment[index] = window.cosine
+        return window
 
     def record_contribution(self, seed_index: int, contribution: float) -> None:
         self.table.contribution[self._check_index(seed_index)] = float(contribution)
@@ -581,7 +589,8 @@ class KasminaLayer(nn.Module):
                     last_contribution=None if math.isnan(contribution[i]) else float(contribution[i]),
                     chunk_size=self.chunk_size,
                     parameter_count=sum(p.numel() for p in module.parameters()) if module is not None else 0,
-                    telemetry={k: float(v[i]) for k, v in readout.items()},
+                    telemetry={k: float(v[i]) for k, v in readout.items()}
+                    | ({"alignment": self._last_alignment[i]} if i in self._last_alignment else {}),
                 )
             )
         return rows

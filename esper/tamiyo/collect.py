@@ -5,6 +5,8 @@
 The plan is every (task, size, seed, behaviour) combination. Behaviours:
   random        `RandomPolicy` (wait with probability 0.5, else a uniform legal action)
   eps<E>        epsilon-greedy around the heuristic, e.g. eps0.3 (a random legal action with probability E)
+Episodes run with ``growth.modes`` set to `--growth-modes` (default branch, width and depth), so
+both behaviours explore every growth mode the run allows (the heuristic chooses among them too).
 Each episode is one in-process run (`esper.tamiyo.episodes`); its decisions become field reports
 (`esper.tamiyo.recording`: whole graph, outcome, FLOP cost, reward) in
 ``<out>/episodes/<episode id>/field_reports.bin`` (the replay-buffer format), and a ``done.json``
@@ -92,7 +94,7 @@ def plan(tasks: list[str], seeds: list[int], behaviours: list[str], sizes: list[
 
 
 def _exploration_controller(spec: EpisodeSpec):
-    from esper.tamiyo.exploration import EpsilonGreedyPolicy, RandomPolicy
+    from esper.tamiyo.exploration import EpsilonGreedyPolicy, GrowthSpace, RandomPolicy
     from esper.tamiyo.rails import Controller
     from esper.tamiyo.recording import RecordingController
 
@@ -100,16 +102,19 @@ def _exploration_controller(spec: EpisodeSpec):
 
     def wrap(controller):
         rails = controller.rails.cfg
-        allowed = tuple(controller.policy.cfg.blueprints)  # the config's heuristic: its allowed blueprints
-        explore = RandomPolicy(rails, seed=spec.seed * 1009 + 17, blueprints=allowed)
+        # The config's heuristic knows what the run lets a policy grow (blueprints, growth modes).
+        explore = RandomPolicy(rails, seed=spec.seed * 1009 + 17, space=GrowthSpace.of(controller.policy.cfg))
         policy = explore if eps is None else EpsilonGreedyPolicy(controller.policy, explore, eps, spec.seed)
         return RecordingController(Controller(policy, controller.rails))
 
     return wrap
 
 
-def run_one(spec: EpisodeSpec, out_dir: str) -> dict:
-    """Runs one episode and writes its reports; returns its done record."""
+DEFAULT_GROWTH_MODES = ("branch", "width", "depth")
+
+
+def run_one(spec: EpisodeSpec, out_dir: str, growth_modes: tuple[str, ...] = DEFAULT_GROWTH_MODES) -> dict:
+    """Runs one episode with `growth_modes` allowed and writes its reports; returns its done record."""
     import torch
 
     from esper.tamiyo.episodes import run_episode, task_config
@@ -122,7 +127,7 @@ def run_one(spec: EpisodeSpec, out_dir: str) -> dict:
         shutil.rmtree(root)  # an incomplete earlier attempt
     work = root / "run"
     t0 = time.perf_counter()
-    cfg = task_config(spec.task, spec.size, spec.seed)
+    cfg = task_config(spec.task, spec.size, spec.seed, (f"growth.modes=[{','.join(growth_modes)}]",))
     cfg.run_name = spec.episode_id
     episode = run_episode(cfg, work, _exploration_controller(spec))
     reports = field_reports(episode.records, episode.summary, train_samples=episode.train_samples,
@@ -137,7 +142,8 @@ def run_one(spec: EpisodeSpec, out_dir: str) -> dict:
     done = {**asdict(spec), "episode_id": spec.episode_id, "reports": len(reports),
             "germinations": sum(1 for r in reports if r.decision.action == 2),
             "test_acc": episode.summary["test_acc"], "flops_total": episode.summary["flops"]["total"],
-            "seeds": episode.summary["seeds"], "wall_s": round(time.perf_counter() - t0, 3)}
+            "seeds": episode.summary["seeds"], "growth_modes": list(growth_modes),
+            "wall_s": round(time.perf_counter() - t0, 3)}
     (root / "done.json").write_text(json.dumps(done, sort_keys=True))
     return done
 
@@ -146,7 +152,8 @@ def is_done(spec: EpisodeSpec, out_dir: Path) -> bool:
     return (out_dir / "episodes" / spec.episode_id / "done.json").is_file()
 
 
-def collect(specs: list[EpisodeSpec], out_dir: Path, jobs: int = 1, echo=print) -> dict:
+def collect(specs: list[EpisodeSpec], out_dir: Path, jobs: int = 1, echo=print,
+            growth_modes: tuple[str, ...] = DEFAULT_GROWTH_MODES) -> dict:
     """Runs the episodes not yet complete in `out_dir`; returns totals (also in ``collection.json``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [s for s in specs if not is_done(s, out_dir)]
@@ -157,13 +164,13 @@ def collect(specs: list[EpisodeSpec], out_dir: Path, jobs: int = 1, echo=print) 
     finished = 0
     if jobs <= 1:
         for spec in todo:
-            done = run_one(spec, str(out_dir))
+            done = run_one(spec, str(out_dir), growth_modes)
             finished += 1
             echo(f"  [{finished}/{len(todo)}] {spec.episode_id}: {done['reports']} reports, "
                  f"{done['germinations']} germinations, test acc {done['test_acc']:.4f} ({done['wall_s']:.1f} s)")
     else:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(run_one, spec, str(out_dir)): spec for spec in todo}
+            futures = {pool.submit(run_one, spec, str(out_dir), growth_modes): spec for spec in todo}
             for fut in as_completed(futures):
                 spec = futures[fut]
                 finished += 1
@@ -179,7 +186,7 @@ def collect(specs: list[EpisodeSpec], out_dir: Path, jobs: int = 1, echo=print) 
                for s in specs if is_done(s, out_dir)]
     totals = {"episodes_planned": len(specs), "episodes_complete": len(records),
               "reports": sum(r["reports"] for r in records),
-              "germinations": sum(r["germinations"] for r in records),
+              "germinations": sum(r["germinations"] for r in records), "growth_modes": list(growth_modes),
               "tasks": sorted({s.task for s in specs}), "behaviours": sorted({s.behaviour for s in specs}),
               "seeds": sorted({s.seed for s in specs}), "wall_s_this_call": round(time.perf_counter() - t0, 1),
               "episode_wall_s_sum": round(sum(r["wall_s"] for r in records), 1), "failures": failures}
@@ -197,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0-4", help="run seeds, e.g. 0-9 or 0,2,4")
     p.add_argument("--behaviours", default="random,eps0.3", help=f"comma-separated; each is {BEHAVIOURS_HELP}")
     p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.add_argument("--growth-modes", default=",".join(DEFAULT_GROWTH_MODES),
+                   help="comma-separated growth modes the episodes allow (growth.modes): some of branch, width, depth")
     return p
 
 
@@ -208,10 +217,14 @@ def main(argv: list[str] | None = None) -> int:
         specs = plan([t.strip() for t in args.tasks.split(",") if t.strip()], parse_seeds(args.seeds),
                      [b.strip() for b in args.behaviours.split(",") if b.strip()],
                      [s.strip() for s in args.sizes.split(",") if s.strip()] or None)
+        modes = tuple(m.strip() for m in args.growth_modes.split(",") if m.strip())
+        bad = [m for m in modes if m not in DEFAULT_GROWTH_MODES]
+        if bad or not modes:
+            raise ValueError(f"--growth-modes: {args.growth_modes!r}; expected some of {', '.join(DEFAULT_GROWTH_MODES)}")
     except ValueError as exc:
         print(f"esper-tamiyo collect: error: {exc}", file=sys.stderr)
         return 2
-    totals = collect(specs, args.out, args.jobs)
+    totals = collect(specs, args.out, args.jobs, growth_modes=modes)
     print(json.dumps(totals, indent=2, sort_keys=True))
     return 1 if totals["failures"] else 0
 

@@ -1,8 +1,8 @@
 """The learned Tamiyo policy: a `TamiyoGNN` choosing among the legal actions of a model graph.
 
 `decide` featurises the graph (`esper.tamiyo.graph.graph_to_data`), scores it, and takes the
-most probable legal action: WAIT, CULL a live seed, or GROW a free site with a growth mode and
-blueprint. It is deterministic for a given graph (no sampling, no dropout). The decision carries
+most probable legal action: WAIT, CULL a live seed, or GROW a free site by a branch blueprint,
+by width units or by a block (as the run's growth modes allow). It is deterministic for a given graph (no sampling, no dropout). The decision carries
 the action's probability as its confidence and a reason naming the features that drove it:
 the largest input-times-gradient attributions of the chosen action's score, over the chosen
 node's features and the global ones. The safety rails are applied around it by the Controller,
@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from esper.tamiyo.exploration import decision_for
-from esper.tamiyo.graph import WAIT, global_feature_names, graph_to_data, node_feature_names
+from esper.tamiyo.exploration import BRANCH_ONLY, GrowthSpace, decision_for
+from esper.tamiyo.graph import WAIT, global_feature_names, node_feature_names
 from esper.tamiyo.policy import AdaptationDecision, ModelGraphState, RailsConfig, wait
 from esper.tamiyo.policy_store import LoadedPolicy
 
@@ -26,11 +26,11 @@ REASON_FEATURES = 3
 class GNNPolicy:
     """A loaded GNN behind the Policy interface (see the module docstring)."""
 
-    def __init__(self, loaded: LoadedPolicy, rails: RailsConfig, blueprints: tuple[str, ...] = ()) -> None:
+    def __init__(self, loaded: LoadedPolicy, rails: RailsConfig, space: GrowthSpace = BRANCH_ONLY) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.rails = rails
-        self.blueprints = tuple(blueprints)
+        self.space = space
         self.version = loaded.version
         self.decisions_made = 0
         self._node_names = node_feature_names()
@@ -41,8 +41,7 @@ class GNNPolicy:
         on the inputs so a reason can be attributed."""
         from esper.tamiyo.gnn import flat_log_probs
 
-        data = graph_to_data(state, parameter_budget=self.rails.parameter_budget,
-                             compute_budget=self.rails.compute_budget, allowed_blueprints=self.blueprints)
+        data = self.space.graph(state, self.rails)
         data.x.requires_grad_(True)
         data.u.requires_grad_(True)
         batch = torch.zeros(data.num_nodes, dtype=torch.long)
@@ -72,7 +71,7 @@ class GNNPolicy:
             d.confidence = confidence
             return [d]
         self.decisions_made += 1
-        return [decision_for(state, node, column, reason, self.version, confidence)]
+        return [decision_for(state, node, column, reason, self.version, confidence, data.width_units[node])]
 
     def _drivers(self, data, target: torch.Tensor, node: int | None) -> str:
         """The REASON_FEATURES largest input x gradient attributions of `target`, named."""

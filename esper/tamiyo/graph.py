@@ -6,13 +6,17 @@ file can be re-featurised later.
 
 Nodes are seed slots in message order. Node features (`node_feature_names()`):
   telemetry     activation mean (signed log), log variance, dead fraction, log gradient norm,
-                gradient norm relative to the mean over all nodes
+                gradient norm relative to the mean over all nodes, the seed's gradient alignment
+                (cosine with the descent direction at its last TRAINING gate) and whether it has one
   lifecycle     one-hot of the 11 `SeedLifecycleState`s, alpha, epochs in state, embargo left,
                 last counterfactual contribution and whether there is one
   structure     depth (fraction of the deepest site), width (log2 channels), chunk size (log2),
-                seeds per layer, spatial size (log2), layer kind one-hot, the seed's own parameters
-  candidates    for every growth action (mode x blueprint, `action_names()`): whether it fits the
-                site, its parameters and FLOPs relative to the host, whether it fits the budget left
+                seeds per layer, spatial size (log2), layer kind one-hot, the seed's own parameters,
+                the site's width pair (units, log2; narrow: fewer units than it reads and writes)
+                and the blocks already added after it by depth growth
+  candidates    for every growth action (`action_names()`: branch x blueprint, width by k units,
+                depth by one block): whether it is possible at the site, its parameters and FLOPs
+                relative to the host, whether it fits the budget left
 Edges follow the data flow (`GraphEdge`, source -> target) and are kept in that direction in
 `edge_index`; `edge_index_reverse` holds the same edges reversed, so a policy can pass messages
 both ways and still know which way the data flows.
@@ -20,11 +24,13 @@ Global features (`global_feature_names()`, tensor `u` of shape [1, G]): epoch fr
 loss and accuracy trends, generalisation gap, validation accuracy, budgets left, adaptations in
 flight, host size.
 
-The action space per node is [wait, cull, grow(mode, blueprint) for every mode and blueprint]
-(`action_names()`); `mask` says which are legal at that node now. Growth modes are a list so
-width and depth growth can join without changing the layout of the existing entries; a change
-of this layout or of the features bumps `FEATURE_SCHEMA`, and policies trained on another schema
-are refused when loaded.
+The action space per node is [wait, cull, grow:branch:<b> for every blueprint, grow:width,
+grow:depth] (`action_names()`); `mask` says which are legal at that node now: growth only at a
+free site, only in the run's growth modes, only within the budget left. grow:width adds k units
+to the site's width pair, k = `units_to_add(growth, units)` (growth.width_units, or
+growth.width_factor x the current units) shrunk to the largest count that fits the budget (`data.width_units` per node); grow:depth adds one block after the site.
+A change of this layout or of the features bumps `FEATURE_SCHEMA`, and policies trained on
+another schema are refused when loaded. Schema 1 had branch growth only and no alignment.
 """
 
 from __future__ import annotations
@@ -36,15 +42,15 @@ from collections.abc import Sequence
 import torch
 from torch_geometric.data import Data
 
+from esper.kasmina.growth.config import GrowthConfig, units_to_add
 from esper.lifecycle import SeedLifecycleState as S
 from esper.v1 import common_pb2
 
-FEATURE_SCHEMA = "tamiyo-graph/1"
+FEATURE_SCHEMA = "tamiyo-graph/2"
 
-# Growth modes a policy chooses between. Branch growth plants a catalog blueprint as a residual
-# side branch. Kasmina also grows width and depth now (GraphNode.width / .deepen); adding them
-# here (with their features) is feature schema 2 and needs a new collection.
-GROWTH_MODES: tuple[str, ...] = ("branch",)
+# Growth modes a policy chooses between: a catalog blueprint as a residual side branch, new units
+# in the site's width pair (GraphNode.width), a new block after the site (GraphNode.deepen).
+GROWTH_MODES: tuple[str, ...] = ("branch", "width", "depth")
 
 LIFECYCLE_STATES: tuple[S, ...] = tuple(s for s in S if s != S.UNSPECIFIED)
 # A seed that is live in the host can be culled by the policy.
@@ -55,10 +61,11 @@ LAYER_KINDS: tuple[str, ...] = ("linear", "conv1d", "conv2d")
 WAIT, CULL, FIRST_GROW = 0, 1, 2
 
 _TELEMETRY = ("activation_mean", "log_activation_variance", "dead_fraction", "log_gradient_norm",
-              "gradient_norm_rel")
+              "gradient_norm_rel", "gradient_alignment", "has_gradient_alignment")
 _LIFECYCLE_EXTRA = ("alpha", "epochs_in_state", "embargo_epochs_left", "last_contribution", "has_contribution")
 _STRUCTURE = ("depth_fraction", "log2_width", "log2_chunk", "seeds_per_layer", "log2_spatial",
-              *(f"kind_{k}" for k in LAYER_KINDS), "kind_other", "seed_params_rel")
+              *(f"kind_{k}" for k in LAYER_KINDS), "kind_other", "seed_params_rel",
+              "log2_width_units", "width_narrow", "depth_blocks")
 _CANDIDATE = ("fits", "params_rel", "flops_rel", "in_budget")
 _GLOBAL = ("epoch_fraction", "log_train_loss", "log_val_loss", "loss_trend_1", "loss_trend_3", "gap",
            "val_accuracy", "accuracy_trend_1", "accuracy_trend_3", "parameter_budget_left",
@@ -76,14 +83,20 @@ def catalog_blueprints() -> tuple[str, ...]:
 def action_names(blueprints: Sequence[str] | None = None) -> list[str]:
     """Names of the per-node actions, in the order of the policy's output columns."""
     bps = catalog_blueprints() if blueprints is None else tuple(blueprints)
-    return ["wait", "cull", *(f"grow:{m}:{b}" for m in GROWTH_MODES for b in bps)]
+    return ["wait", "cull", *(f"grow:branch:{b}" for b in bps), "grow:width", "grow:depth"]
+
+
+def width_column(blueprints: Sequence[str] | None = None) -> int:
+    """Column of grow:width (after the branch blueprints); grow:depth is the next one."""
+    return FIRST_GROW + len(catalog_blueprints() if blueprints is None else tuple(blueprints))
 
 
 def node_feature_names(blueprints: Sequence[str] | None = None) -> list[str]:
     """Names of the node feature columns (see the module docstring)."""
     bps = catalog_blueprints() if blueprints is None else tuple(blueprints)
     names = [*_TELEMETRY, *(f"state_{s.name.lower()}" for s in LIFECYCLE_STATES), *_LIFECYCLE_EXTRA, *_STRUCTURE]
-    names += [f"{m}:{b}:{c}" for m in GROWTH_MODES for b in bps for c in _CANDIDATE]
+    names += [f"branch:{b}:{c}" for b in bps for c in _CANDIDATE]
+    names += [f"width:{c}" for c in _CANDIDATE] + [f"depth:{c}" for c in _CANDIDATE]
     return names
 
 
@@ -145,16 +158,49 @@ class GraphError(ValueError):
     """A ModelGraphState that cannot be turned into policy input (names the field)."""
 
 
+def _width_candidate(node: common_pb2.GraphNode, growth: GrowthConfig, params_left: float, flops_left: float,
+                     host_params: float, host_flops: float) -> tuple[list[float], int]:
+    """(candidate features, units) of growing the node's width pair by the configured units,
+    shrunk to what fits the budget left (units 0: not possible or nothing fits)."""
+    from esper.tamiyo.costs import units_that_fit
+
+    w = node.width
+    if not node.HasField("width") or w.units <= 0 or not w.available:
+        return [0.0, 0.0, 0.0, 0.0], 0
+    wanted = units_to_add(growth, int(w.units))
+    units = units_that_fit(node, wanted, params_left, flops_left)
+    shown = units or wanted  # the cost of what was wanted when nothing fits
+    return [1.0, shown * w.unit_parameters / host_params, shown * w.unit_flops / host_flops,
+            1.0 if units > 0 else 0.0], units
+
+
+def _depth_candidate(node: common_pb2.GraphNode, params_left: float, flops_left: float, host_params: float,
+                     host_flops: float) -> tuple[list[float], bool]:
+    """(candidate features, fits the budget) of one more block after the node."""
+    d = node.deepen
+    if not node.HasField("deepen") or not d.available:
+        return [0.0, 0.0, 0.0, 0.0], False
+    fits = d.block_parameters <= params_left and d.block_flops <= flops_left
+    return [1.0, d.block_parameters / host_params, d.block_flops / host_flops, 1.0 if fits else 0.0], fits
+
+
 def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float = 1.0,
                   compute_budget: float = 1.0, allowed_blueprints: Sequence[str] = (),
-                  blueprints: Sequence[str] | None = None) -> Data:
+                  blueprints: Sequence[str] | None = None, growth: GrowthConfig | None = None) -> Data:
     """The policy input for `state` (see the module docstring).
 
     `parameter_budget`/`compute_budget` are the rails' budgets (multiples of the host), used to
-    mark candidates that fit what is left when the graph does not carry its own; `allowed_blueprints` (empty: all) restricts growth as
-    the run's config does. Extra attributes: `u` [1, G] global features, `mask` [N, A] legal
-    actions, `edge_index_reverse`, and `node_keys` (layer name, seed index) per node.
+    mark candidates that fit what is left when the graph does not carry its own;
+    `allowed_blueprints` (empty: all) and `growth.modes` restrict growth as the run's config does
+    (the features describe every mode either way; None: the default GrowthConfig, branch only);
+    `growth.width_units`/`width_factor` size a width seed. Extra attributes: `u` [1, G] global
+    features, `mask` [N, A] legal actions, `edge_index_reverse`, `node_keys` (layer name, seed
+    index) and `width_units` (units grow:width adds) per node.
     """
+    growth = GrowthConfig() if growth is None else growth
+    unknown = [m for m in growth.modes if m not in GROWTH_MODES]
+    if unknown:
+        raise GraphError(f"growth.modes has {unknown}; expected some of {list(GROWTH_MODES)}")
     bps = catalog_blueprints() if blueprints is None else tuple(blueprints)
     nodes = list(state.nodes)
     if not nodes:
@@ -170,7 +216,9 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
     for n in nodes:
         per_layer[n.layer_name] = per_layer.get(n.layer_name, 0) + 1
     allowed = set(allowed_blueprints)
-    num_actions = FIRST_GROW + len(GROWTH_MODES) * len(bps)
+    num_actions = FIRST_GROW + len(bps) + 2
+    branch_ok, width_ok, depth_ok = (m in growth.modes for m in GROWTH_MODES)
+    grow_units: list[int] = []
 
     rows: list[list[float]] = []
     mask_rows: list[list[bool]] = []
@@ -189,6 +237,7 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
         row = [
             _slog(_finite(t.activation_mean)), math.log1p(max(0.0, _finite(t.activation_variance))),
             _finite(t.dead_fraction), math.log1p(grads[i]), grads[i] / mean_grad if mean_grad > 0 else 0.0,
+            max(-1.0, min(1.0, _finite(t.gradient_alignment))), 1.0 if t.has_gradient_alignment else 0.0,
         ]
         row += [1.0 if state_value == s else 0.0 for s in _STATE_VALUES]
         row += [_finite(seed.alpha), min(seed.epochs_in_state, 20) / 10.0, min(seed.embargo_epochs_left, 10) / 5.0,
@@ -198,27 +247,35 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
                 per_layer[n.layer_name] / 8.0, math.log2(max(1, spatial)) / 10.0,
                 *(1.0 if kind == k else 0.0 for k in LAYER_KINDS), 0.0 if kind in LAYER_KINDS else 1.0,
                 seed.parameter_count / host_params]
+        w = n.width
+        has_width = n.HasField("width") and w.units > 0
+        row += [math.log2(max(1, w.units)) / 10.0 if has_width else 0.0,
+                1.0 if has_width and w.units < min(w.input_dim, w.output_dim) else 0.0,
+                min(n.deepen.blocks, 8) / 4.0 if n.HasField("deepen") else 0.0]
         key = (int(seed.chunk_size), tuple(int(d) for d in dims[2:]))
         cached = by_shape.get(key)
         if cached is None:
             feats: list[float] = []
             grow: list[bool] = []
             costs = _site_costs(key[0], key[1], bps)
-            for _mode in GROWTH_MODES:
-                for b_index, bid in enumerate(bps):
-                    cost = costs[b_index]
-                    if cost is None:
-                        feats += [0.0, 0.0, 0.0, 0.0]
-                        grow.append(False)
-                        continue
-                    p, f = cost
-                    in_budget = p <= params_left and f <= flops_left
-                    feats += [1.0, p / host_params, f / host_flops, 1.0 if in_budget else 0.0]
-                    grow.append(in_budget and (not allowed or bid in allowed))
+            for b_index, bid in enumerate(bps):
+                cost = costs[b_index]
+                if cost is None:
+                    feats += [0.0, 0.0, 0.0, 0.0]
+                    grow.append(False)
+                    continue
+                p, f = cost
+                in_budget = p <= params_left and f <= flops_left
+                feats += [1.0, p / host_params, f / host_flops, 1.0 if in_budget else 0.0]
+                grow.append(branch_ok and in_budget and (not allowed or bid in allowed))
             cached = by_shape[key] = (feats, grow)
-        row += cached[0]
+        width_feats, units = _width_candidate(n, growth, params_left, flops_left, host_params, host_flops)
+        depth_feats, depth_fits = _depth_candidate(n, params_left, flops_left, host_params, host_flops)
+        row += cached[0] + width_feats + depth_feats
+        grow_units.append(units)
         free = state_value == dormant and seed.embargo_epochs_left == 0
-        mask_rows.append([True, state_value in CULLABLE, *(cached[1] if free else [False] * len(cached[1]))])
+        legal_growth = [*cached[1], width_ok and units > 0, depth_ok and depth_fits]
+        mask_rows.append([True, state_value in CULLABLE, *(legal_growth if free else [False] * len(legal_growth))])
         rows.append(row)
     mask = torch.tensor(mask_rows, dtype=torch.bool).reshape(len(nodes), num_actions)
 
@@ -246,5 +303,6 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
     data = Data(x=torch.tensor(rows, dtype=torch.float32), edge_index=edge_index,
                 edge_index_reverse=edge_index.flip(0), u=torch.tensor([u], dtype=torch.float32), mask=mask)
     data.node_keys = [(n.layer_name, int(n.seed.seed_index)) for n in nodes]
+    data.width_units = grow_units
     data.num_nodes = len(nodes)
     return data

@@ -32,8 +32,10 @@ from typing import Any
 import torch
 from torch_geometric.data import Batch, Data
 
+from esper.kasmina.growth.config import GrowthConfig
 from esper.tamiyo.exploration import locate_action
 from esper.tamiyo.graph import (
+    GROWTH_MODES,
     WAIT,
     GraphError,
     action_names,
@@ -84,7 +86,8 @@ def replay_files(paths: Iterable[Path | str]) -> list[Path]:
 
 def sample_from_report(report: common_pb2.FieldReport) -> Data:
     """The training sample of one report: graph features, logged action, reward."""
-    data = graph_to_data(report.graph)
+    # Every growth mode is legal here: the mask only has to admit what any run may have logged.
+    data = graph_to_data(report.graph, growth=GrowthConfig(modes=list(GROWTH_MODES)))
     node, column = locate_action(report.graph, report.decision)
     if node is not None and not bool(data.mask[node, column]):
         raise GraphError(f"logged action {action_names()[column]} at node {node} is not legal in its own graph")
@@ -94,7 +97,7 @@ def sample_from_report(report: common_pb2.FieldReport) -> Data:
     data.reward = torch.tensor([float(report.reward)], dtype=torch.float32)
     data.behavior_probability = torch.tensor([float(report.behavior_probability)], dtype=torch.float32)
     data.run_id = report.run_id
-    del data.node_keys  # strings do not batch; decisions need them, training does not
+    del data.node_keys, data.width_units  # lists do not batch; decisions need them, training does not
     return data
 
 

@@ -17,21 +17,21 @@ POLICY_KINDS = ("heuristic", "random", "gnn")
 def build_policy(settings: Any, rails: RailsConfig, host_flops: float, loaded: Any = None) -> Policy:
     """The policy `settings.policy` names (see `esper.tamiyo.settings.PolicySettings`)."""
     kind = settings.policy
-    blueprints = tuple(settings.blueprints)
     if kind == "heuristic":
         return HeuristicPolicy(settings.heuristic(), rails, host_flops)
     if kind == "random":
-        from esper.tamiyo.exploration import RandomPolicy
+        from esper.tamiyo.exploration import GrowthSpace, RandomPolicy
 
-        return RandomPolicy(rails, seed=settings.random_seed, blueprints=blueprints)
+        return RandomPolicy(rails, seed=settings.random_seed, space=GrowthSpace.of(settings))
     if kind == "gnn":
+        from esper.tamiyo.exploration import GrowthSpace
         from esper.tamiyo.gnn_policy import GNNPolicy
-        from esper.tamiyo.policy_store import load_policy
+        from esper.tamiyo.policy_source import load_policy_ref
 
         if loaded is None:
             if not settings.policy_path:
                 raise ValueError("policy is gnn but policy_path is empty; expected the directory of a policy written "
-                                 "by esper-tamiyo-train")
-            loaded = load_policy(settings.policy_path)
-        return GNNPolicy(loaded, rails, blueprints)
+                                 "by esper-tamiyo-train or urza://HOST:PORT/NAME[@VERSION]")
+            loaded = load_policy_ref(settings.policy_path)
+        return GNNPolicy(loaded, rails, GrowthSpace.of(settings))
     raise ValueError(f"policy {kind!r} is unknown; expected one of {list(POLICY_KINDS)}")

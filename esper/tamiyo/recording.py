@@ -4,7 +4,8 @@
 boundary, the graph and the decision that was executed (after the rails). When the run has
 ended, `field_reports` pairs each decision with what happened to it (the run's adaptation
 records: outcome, counterfactual contribution, the epoch it resolved) and scores it with
-`esper.tamiyo.reward`. WAITs are reported too (reward 0): they are the reference action.
+`esper.tamiyo.reward`. WAITs are reported too (reward 0): they are the reference action. A
+germination Tolaria refused (too late to finish its lifecycle) is reported as CANCELLED, reward 0.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from esper.tamiyo.costs import cost_of
+from esper.tamiyo.costs import cost_of, decision_cost
 from esper.tamiyo.policy import Action, AdaptationDecision, ModelGraphState
 from esper.tamiyo.reward import (
     REWARD_DEFINITION,
@@ -91,11 +92,17 @@ def field_reports(records: list[Recorded], summary: dict[str, Any], *, train_sam
             report.telemetry_before.CopyFrom(node.seed.telemetry)
         if d.action == Action.DECISION_ACTION_GERMINATE and node is not None:
             record = adaptations.get((epoch, d.layer_name, d.seed_index))
-            if record is None:  # applied but not recorded (cannot happen in-process): skip rather than guess
+            if record is None:
+                # Tolaria refused it (a seed that could not finish its lifecycle in the steps left):
+                # nothing was grown or spent, so it scores like a WAIT, as a cancelled adaptation.
+                report.outcome = common_pb2.ADAPTATION_OUTCOME_CANCELLED
+                report.reward = 0.0
+                report.create_time.GetCurrentTime()
+                out.append(report)
                 continue
             outcome = record["outcome"]
             end = float(record.get("resolved_epoch") or total_epochs)
-            cost = cost_of(node, d.blueprint_id)
+            cost = decision_cost(node, d)  # branch, width (units) or depth (one block)
             seed_flops = float(cost.flops) if cost is not None else 0.0
             flop_cost = seed_flop_cost(seed_flops, end - (epoch - 1), train_samples, val_samples)
             contribution = record.get("contribution")

@@ -51,9 +51,9 @@ class TamiyoCore:
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
         if settings.policy == "gnn":
-            from esper.tamiyo.policy_store import load_policy
+            from esper.tamiyo.policy_source import load_policy_ref
 
-            self.loaded = load_policy(settings.policy_path)
+            self.loaded = load_policy_ref(settings.policy_path)
 
     @property
     def version(self) -> str:
@@ -78,29 +78,32 @@ class TamiyoCore:
                 "feature_schema": loaded.manifest["feature_schema"] if loaded is not None else ""}
 
     def reload_policy(self) -> bool:
-        """Loads the policy at policy_path if its version differs from the one in force and swaps
-        every run's controller to it (rails state kept). A policy that fails to load is logged and
-        the current one stays. True when a swap happened."""
+        """Loads the policy at policy_path (a directory, or a name in Urza: its newest version unless
+        pinned) if its version differs from the one in force and swaps every run's controller to it
+        (rails state kept). A policy that fails to load is logged and the current one stays. True
+        when a swap happened."""
         if self.loaded is None:
             return False
-        from esper.tamiyo.policy_store import PolicyLoadError, load_policy, manifest_version
+        from esper.tamiyo.policy_source import current_version, load_policy_ref
+        from esper.tamiyo.policy_store import PolicyLoadError
 
-        version = manifest_version(self.settings.policy_path)
+        version = current_version(self.settings.policy_path)
         if version is None or version == self.loaded.version:
             return False
         try:
-            new = load_policy(self.settings.policy_path)
+            new = load_policy_ref(self.settings.policy_path)
         except PolicyLoadError as exc:
             log.error("policy %s at %s not loaded, keeping %s: %s", version, self.settings.policy_path,
                       self.loaded.version, exc)
             return False
+        from esper.tamiyo.exploration import GrowthSpace
         from esper.tamiyo.gnn_policy import GNNPolicy
 
         with self._lock:
             old = self.loaded.version
             self.loaded = new
             for controller in self._controllers.values():
-                controller.policy = GNNPolicy(new, controller.rails.cfg, tuple(self.settings.blueprints))
+                controller.policy = GNNPolicy(new, controller.rails.cfg, GrowthSpace.of(self.settings))
             self.policy_swaps += 1
         log.info("policy swapped: %s -> %s (%s)", old, new.version, self.settings.policy_path)
         return True

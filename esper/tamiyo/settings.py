@@ -33,8 +33,8 @@ _RAILS = RailsConfig()
 class PolicySettings:
     """The Tamiyo policy and the safety rails that apply to every policy (Tolaria's ``controller``)."""
 
-    # heuristic, random (seeded by random_seed) or gnn (a learned policy loaded from policy_path,
-    # e.g. esper-train --tamiyo-policy PATH).
+    # heuristic, random (seeded by random_seed) or gnn (a learned policy loaded from policy_path: a
+    # directory or urza://HOST:PORT/NAME[@VERSION], e.g. esper-train --tamiyo-policy PATH).
     policy: PolicyName = "heuristic"
     policy_path: str = ""
     random_seed: int = 0
@@ -140,5 +140,5 @@ def policy_settings_from_mapping(values: Mapping[str, Any], *, ignore_unknown: t
         raise ValueError(f"policy config: policy {settings.policy!r} is unknown; expected one of {list(POLICY_KINDS)}")
     if settings.policy == "gnn" and not settings.policy_path:
         raise ValueError("policy config: policy is gnn but policy_path is empty; expected the directory of a policy "
-                         "written by esper-tamiyo-train")
+                         "written by esper-tamiyo-train or urza://HOST:PORT/NAME[@VERSION]")
     return settings

@@ -7,7 +7,9 @@ training and validation, trains, keeps the epoch whose greedy policy scores best
 writes the policy directory (safetensors + manifest, `esper.tamiyo.policy_store`) and
 ``train_report.json`` next to it. Progress: a rich bar on a terminal, one line per epoch
 otherwise; TensorBoard scalars with ``--tensorboard``. Bad or foreign replay files exit with
-status 2 and a message naming the file.
+status 2 and a message naming the file. ``--publish-urza HOST:PORT`` then stores the policy in
+that Urza as the next version of ``--publish-name`` (default gnn) and prints the reference
+(``urza://HOST:PORT/gnn@N``) that ``controller.policy_path`` and ``esper-tamiyo --policy`` accept.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from esper.errors import EsperError
 from esper.tamiyo.offline import ReplayDataError, TrainSettings, load_replay, train
 
 
@@ -26,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="esper-tamiyo-train", description="Train the Tamiyo GNN policy offline (AWR).")
     p.add_argument("--replay", nargs="+", required=True, type=Path, help="replay files or directories")
     p.add_argument("--out", required=True, type=Path, help="policy directory to write (replaced atomically)")
+    p.add_argument("--publish-urza", metavar="HOST:PORT", default="",
+                   help="also publish the trained policy to this Urza as the next version of --publish-name")
+    p.add_argument("--publish-name", default="gnn", help="policy name in Urza (default: gnn)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -117,6 +123,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  best epoch {report['best_epoch']}/{settings.epochs}: " +
               ", ".join(f"{k} {v:.4g}" for k, v in best.items()))
         print(f"  trained in {report['train_seconds']} s; report: {args.out / 'train_report.json'}")
+    if args.publish_urza:
+        from esper.tamiyo.policy_source import UrzaPolicyRef, publish_to_urza
+
+        record, created = publish_to_urza(args.out, args.publish_urza, args.publish_name)
+        ref = UrzaPolicyRef(args.publish_urza, record.name, record.version)
+        print(f"{'published' if created else 'already in Urza as'} {ref} ({record.policy_version})", flush=True)
     return 0
 
 
@@ -127,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ReplayDataError, ValueError) as exc:
         print(f"esper-tamiyo-train: error: {exc}", file=sys.stderr)
         return 2
+    except EsperError as exc:  # publishing to Urza failed (unreachable, refused)
+        print(f"esper-tamiyo-train: error: --publish-urza {args.publish_urza}: {exc.message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     morph = p.add_argument_group("morphogenetic")
     morph.add_argument("--tamiyo-policy", metavar="PATH",
                        help="[controller.policy=gnn, controller.policy_path] let the learned Tamiyo policy in PATH "
-                            "decide")
+                            "(a directory, or urza://HOST:PORT/NAME[@VERSION]) decide")
     morph.add_argument("--no-morphogenetic", action="store_true",
                        help="same run, seeds never germinate (the static baseline)")
     control = p.add_argument_group("training control")
@@ -126,7 +126,9 @@ def flag_overrides(args: argparse.Namespace) -> list[str]:
     if args.wandb:
         out.append("logging.wandb=true")
     if getattr(args, "tamiyo_policy", None):
-        out += ["controller.policy=gnn", f"controller.policy_path={json.dumps(str(Path(args.tamiyo_policy).resolve()))}"]
+        ref = args.tamiyo_policy  # a directory (made absolute) or an Urza reference (kept as given)
+        ref = ref if ref.startswith("urza://") else str(Path(ref).resolve())
+        out += ["controller.policy=gnn", f"controller.policy_path={json.dumps(ref)}"]
     if getattr(args, "mixed_precision", None):
         out += ["train.amp=true", f"train.amp_dtype={'bfloat16' if args.mixed_precision == 'bf16' else 'float16'}"]
     return out

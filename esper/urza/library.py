@@ -39,6 +39,7 @@ from esper.errors import (
 )
 from esper.urza import metadata as md
 from esper.urza.blobs import BlobStore, is_sha256_hex
+from esper.urza.policies import PolicyShelf
 from esper.v1 import common_pb2
 
 KernelArtifact = common_pb2.KernelArtifact
@@ -295,6 +296,8 @@ class UrzaLibrary:
         self.engine = md.create_metadata_engine(self.database_url)
         self.blobs = BlobStore(self.data_dir / "blobs")
         self.max_artifact_bytes = max_artifact_bytes
+        # Learned Tamiyo policies share the database and the blob store.
+        self.policies = PolicyShelf(self)
 
     def close(self) -> None:
         """Release database connections."""

@@ -58,6 +58,21 @@ artifact_tags = sa.Table(
     sa.Column("tag", sa.String(128), primary_key=True, index=True),
 )
 
+# Learned Tamiyo policies: one row per (name, version); the weights are a blob in the same store.
+policies = sa.Table(
+    "policies", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("manifest_json", sa.Text, nullable=False),
+    # SHA-256 of the manifest text and of the weights together: the identity of a publication.
+    sa.Column("content_sha256", sa.String(64), nullable=False, index=True),
+    sa.Column("weights_sha256", sa.String(64), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("feature_schema", sa.String(128), nullable=False),
+    sa.Column("policy_version", sa.String(200), nullable=False),
+    sa.Column("create_time", sa.DateTime(timezone=True), nullable=False),
+)
+
 
 def normalise_database_url(url: str) -> str:
     """Use the psycopg 3 driver for plain ``postgresql://`` URLs (psycopg2 is not installed)."""

@@ -435,6 +435,8 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """FAILED_PRECONDITION: the job is finishing and can no longer be cancelled."""
     ERROR_REASON_SUBSCRIBER_LAGGED: _ErrorReason.ValueType  # 33
     """RESOURCE_EXHAUSTED: an offset subscriber fell behind retention."""
+    ERROR_REASON_POLICY_NOT_FOUND: _ErrorReason.ValueType  # 34
+    """NOT_FOUND: no such learned policy name or version in Urza."""
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """The values of google.rpc.ErrorInfo.reason (domain "esper.v1") that Esper servers send with a
@@ -510,6 +512,8 @@ ERROR_REASON_JOB_FINISHING: ErrorReason.ValueType  # 32
 """FAILED_PRECONDITION: the job is finishing and can no longer be cancelled."""
 ERROR_REASON_SUBSCRIBER_LAGGED: ErrorReason.ValueType  # 33
 """RESOURCE_EXHAUSTED: an offset subscriber fell behind retention."""
+ERROR_REASON_POLICY_NOT_FOUND: ErrorReason.ValueType  # 34
+"""NOT_FOUND: no such learned policy name or version in Urza."""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
 
 @_typing.final
@@ -809,6 +813,8 @@ class SeedTelemetry(_message.Message):
     DEAD_FRACTION_FIELD_NUMBER: _builtins.int
     GRADIENT_NORM_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
+    GRADIENT_ALIGNMENT_FIELD_NUMBER: _builtins.int
+    HAS_GRADIENT_ALIGNMENT_FIELD_NUMBER: _builtins.int
     activation_mean: _builtins.float
     """Mean of the host activations in the seed's chunk over the epoch."""
     activation_variance: _builtins.float
@@ -819,6 +825,13 @@ class SeedTelemetry(_message.Message):
     """Norm of the gradient reaching the seed's chunk of the host output."""
     samples: _builtins.int
     """Samples the statistics were accumulated over."""
+    gradient_alignment: _builtins.float
+    """Cosine between the seed's output and the descent direction (-dL/dh) over the last gradient
+    window the TRAINING gate read: > 0 means the seed lowers the loss to first order. 0 when
+    has_gradient_alignment is false.
+    """
+    has_gradient_alignment: _builtins.bool
+    """Whether gradient_alignment was measured (the seed reached a TRAINING gate since it germinated)."""
     def __init__(
         self,
         *,
@@ -827,10 +840,12 @@ class SeedTelemetry(_message.Message):
         dead_fraction: _builtins.float = ...,
         gradient_norm: _builtins.float = ...,
         samples: _builtins.int = ...,
+        gradient_alignment: _builtins.float = ...,
+        has_gradient_alignment: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_mean", b"activation_mean", "activation_variance", b"activation_variance", "dead_fraction", b"dead_fraction", "gradient_norm", b"gradient_norm", "samples", b"samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activation_mean", b"activation_mean", "activation_variance", b"activation_variance", "dead_fraction", b"dead_fraction", "gradient_alignment", b"gradient_alignment", "gradient_norm", b"gradient_norm", "has_gradient_alignment", b"has_gradient_alignment", "samples", b"samples"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,47 +23,58 @@ _sym_db = _symbol_database.Default()
 
 
 from esper.v1 import common_pb2 as esper_dot_v1_dot_common__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65sper/v1/urza.proto\x12\x08\x65sper.v1\x1a\x15\x65sper/v1/common.proto\"F\n\x18RegisterBlueprintRequest\x12*\n\tblueprint\x18\x01 \x01(\x0b\x32\x17.esper.v1.BlueprintSpec\"X\n\x19RegisterBlueprintResponse\x12*\n\tblueprint\x18\x01 \x01(\x0b\x32\x17.esper.v1.BlueprintSpec\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"<\n\x13GetBlueprintRequest\x12\x14\n\x0c\x62lueprint_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"B\n\x14GetBlueprintResponse\x12*\n\tblueprint\x18\x01 \x01(\x0b\x32\x17.esper.v1.BlueprintSpec\"\x89\x01\n\x15ListBlueprintsRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12+\n\ninput_kind\x18\x02 \x01(\x0e\x32\x17.esper.v1.SeedInputKind\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"^\n\x16ListBlueprintsResponse\x12+\n\nblueprints\x18\x01 \x03(\x0b\x32\x17.esper.v1.BlueprintSpec\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x15UploadArtifactRequest\x12,\n\x08metadata\x18\x01 \x01(\x0b\x32\x18.esper.v1.KernelArtifactH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"U\n\x16UploadArtifactResponse\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x18.esper.v1.KernelArtifact\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"@\n\x17\x44ownloadArtifactRequest\x12\x11\n\tkernel_id\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\"d\n\x18\x44ownloadArtifactResponse\x12,\n\x08metadata\x18\x01 \x01(\x0b\x32\x18.esper.v1.KernelArtifactH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"C\n\x15RecordArtifactRequest\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x18.esper.v1.KernelArtifact\"D\n\x16RecordArtifactResponse\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x18.esper.v1.KernelArtifact\"\'\n\x12GetArtifactRequest\x12\x11\n\tkernel_id\x18\x01 \x01(\t\"A\n\x13GetArtifactResponse\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x18.esper.v1.KernelArtifact\"\xfe\x01\n\x15QueryArtifactsRequest\x12\x14\n\x0c\x62lueprint_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.esper.v1.ArtifactStatus\x12*\n\x0binput_shape\x18\x03 \x01(\x0b\x32\x15.esper.v1.TensorShape\x12$\n\x06\x64\x65vice\x18\x04 \x01(\x0e\x32\x14.esper.v1.DeviceType\x12\x1e\n\x05\x64type\x18\x05 \x01(\x0e\x32\x0f.esper.v1.DType\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\"^\n\x16QueryArtifactsResponse\x12+\n\tartifacts\x18\x01 \x03(\x0b\x32\x18.esper.v1.KernelArtifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xb9\x05\n\x0bUrzaService\x12\\\n\x11RegisterBlueprint\x12\".esper.v1.RegisterBlueprintRequest\x1a#.esper.v1.RegisterBlueprintResponse\x12M\n\x0cGetBlueprint\x12\x1d.esper.v1.GetBlueprintRequest\x1a\x1e.esper.v1.GetBlueprintResponse\x12S\n\x0eListBlueprints\x12\x1f.esper.v1.ListBlueprintsRequest\x1a .esper.v1.ListBlueprintsResponse\x12U\n\x0eUploadArtifact\x12\x1f.esper.v1.UploadArtifactRequest\x1a .esper.v1.UploadArtifactResponse(\x01\x12[\n\x10\x44ownloadArtifact\x12!.esper.v1.DownloadArtifactRequest\x1a\".esper.v1.DownloadArtifactResponse0\x01\x12S\n\x0eRecordArtifact\x12\x1f.esper.v1.RecordArtifactRequest\x1a .esper.v1.RecordArtifactResponse\x12J\n\x0bGetArtifact\x12\x1c.esper.v1.GetArtifactRequest\x1a\x1d.esper.v1.GetArtifactResponse\x12S\n\x0eQueryArtifacts\x12\x1f.esper.v1.QueryArtifactsRequest\x1a .esper.v1.QueryArtifactsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x65sper/v1/urza.proto\x12\x08\x65sper.v1\x1a\x15\x65sper/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"F\n\x18RegisterBlueprintRequest\x12*\n\tblueprint\x18\x01 \x01(\x0b\x32\x17.esper.v1.BlueprintSpec\"X\n\x19RegisterBlueprintResponse\x12*\n\tblueprint\x18\x01 \x01(\x0b\x32\x17.esper.v1.BlueprintSpec\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"<\n\x13GetBlueprintRequest\x12\x14\n\x0c\x62lueprint_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"B\n\x14GetBlueprintResponse\x12*\n\tblueprint\x18\x01 \x01(\x0b\x32\x17.esper.v1.BlueprintSpec\"\x89\x01\n\x15ListBlueprintsRequest\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12+\n\ninput_kind\x18\x02 \x01(\x0e\x32\x17.esper.v1.SeedInputKind\x12\x0c\n\x04tags\x18\x03 \x03(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"^\n\x16ListBlueprintsResponse\x12+\n\nblueprints\x18\x01 \x03(\x0b\x32\x17.esper.v1.BlueprintSpec\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"a\n\x15UploadArtifactRequest\x12,\n\x08metadata\x18\x01 \x01(\x0b\x32\x18.esper.v1.KernelArtifactH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"U\n\x16UploadArtifactResponse\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x18.esper.v1.KernelArtifact\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"@\n\x17\x44ownloadArtifactRequest\x12\x11\n\tkernel_id\x18\x01 \x01(\t\x12\x12\n\nchunk_size\x18\x02 \x01(\x05\"d\n\x18\x44ownloadArtifactResponse\x12,\n\x08metadata\x18\x01 \x01(\x0b\x32\x18.esper.v1.KernelArtifactH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07\x63ontent\"C\n\x15RecordArtifactRequest\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x18.esper.v1.KernelArtifact\"D\n\x16RecordArtifactResponse\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x18.esper.v1.KernelArtifact\"\'\n\x12GetArtifactRequest\x12\x11\n\tkernel_id\x18\x01 \x01(\t\"A\n\x13GetArtifactResponse\x12*\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x18.esper.v1.KernelArtifact\"\xfe\x01\n\x15QueryArtifactsRequest\x12\x14\n\x0c\x62lueprint_id\x18\x01 \x01(\t\x12(\n\x06status\x18\x02 \x01(\x0e\x32\x18.esper.v1.ArtifactStatus\x12*\n\x0binput_shape\x18\x03 \x01(\x0b\x32\x15.esper.v1.TensorShape\x12$\n\x06\x64\x65vice\x18\x04 \x01(\x0e\x32\x14.esper.v1.DeviceType\x12\x1e\n\x05\x64type\x18\x05 \x01(\x0e\x32\x0f.esper.v1.DType\x12\x0c\n\x04tags\x18\x06 \x03(\t\x12\x11\n\tpage_size\x18\x07 \x01(\x05\x12\x12\n\npage_token\x18\x08 \x01(\t\"^\n\x16QueryArtifactsResponse\x12+\n\tartifacts\x18\x01 \x03(\x0b\x32\x18.esper.v1.KernelArtifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xd1\x01\n\x0cPolicyRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x15\n\rmanifest_json\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\x12\x16\n\x0e\x66\x65\x61ture_schema\x18\x06 \x01(\t\x12\x16\n\x0epolicy_version\x18\x07 \x01(\t\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"O\n\x14PublishPolicyRequest\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.esper.v1.PolicyRecord\x12\x0f\n\x07weights\x18\x02 \x01(\x0c\"P\n\x15PublishPolicyResponse\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.esper.v1.PolicyRecord\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"H\n\x10GetPolicyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x15\n\rmetadata_only\x18\x03 \x01(\x08\"L\n\x11GetPolicyResponse\x12&\n\x06policy\x18\x01 \x01(\x0b\x32\x16.esper.v1.PolicyRecord\x12\x0f\n\x07weights\x18\x02 \x01(\x0c\x32\xd1\x06\n\x0bUrzaService\x12\\\n\x11RegisterBlueprint\x12\".esper.v1.RegisterBlueprintRequest\x1a#.esper.v1.RegisterBlueprintResponse\x12M\n\x0cGetBlueprint\x12\x1d.esper.v1.GetBlueprintRequest\x1a\x1e.esper.v1.GetBlueprintResponse\x12S\n\x0eListBlueprints\x12\x1f.esper.v1.ListBlueprintsRequest\x1a .esper.v1.ListBlueprintsResponse\x12U\n\x0eUploadArtifact\x12\x1f.esper.v1.UploadArtifactRequest\x1a .esper.v1.UploadArtifactResponse(\x01\x12[\n\x10\x44ownloadArtifact\x12!.esper.v1.DownloadArtifactRequest\x1a\".esper.v1.DownloadArtifactResponse0\x01\x12S\n\x0eRecordArtifact\x12\x1f.esper.v1.RecordArtifactRequest\x1a .esper.v1.RecordArtifactResponse\x12J\n\x0bGetArtifact\x12\x1c.esper.v1.GetArtifactRequest\x1a\x1d.esper.v1.GetArtifactResponse\x12S\n\x0eQueryArtifacts\x12\x1f.esper.v1.QueryArtifactsRequest\x1a .esper.v1.QueryArtifactsResponse\x12P\n\rPublishPolicy\x12\x1e.esper.v1.PublishPolicyRequest\x1a\x1f.esper.v1.PublishPolicyResponse\x12\x44\n\tGetPolicy\x12\x1a.esper.v1.GetPolicyRequest\x1a\x1b.esper.v1.GetPolicyResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'esper.v1.urza_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REGISTERBLUEPRINTREQUEST']._serialized_start=56
-  _globals['_REGISTERBLUEPRINTREQUEST']._serialized_end=126
-  _globals['_REGISTERBLUEPRINTRESPONSE']._serialized_start=128
-  _globals['_REGISTERBLUEPRINTRESPONSE']._serialized_end=216
-  _globals['_GETBLUEPRINTREQUEST']._serialized_start=218
-  _globals['_GETBLUEPRINTREQUEST']._serialized_end=278
-  _globals['_GETBLUEPRINTRESPONSE']._serialized_start=280
-  _globals['_GETBLUEPRINTRESPONSE']._serialized_end=346
-  _globals['_LISTBLUEPRINTSREQUEST']._serialized_start=349
-  _globals['_LISTBLUEPRINTSREQUEST']._serialized_end=486
-  _globals['_LISTBLUEPRINTSRESPONSE']._serialized_start=488
-  _globals['_LISTBLUEPRINTSRESPONSE']._serialized_end=582
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=584
-  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=681
-  _globals['_UPLOADARTIFACTRESPONSE']._serialized_start=683
-  _globals['_UPLOADARTIFACTRESPONSE']._serialized_end=768
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=770
-  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=834
-  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=836
-  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=936
-  _globals['_RECORDARTIFACTREQUEST']._serialized_start=938
-  _globals['_RECORDARTIFACTREQUEST']._serialized_end=1005
-  _globals['_RECORDARTIFACTRESPONSE']._serialized_start=1007
-  _globals['_RECORDARTIFACTRESPONSE']._serialized_end=1075
-  _globals['_GETARTIFACTREQUEST']._serialized_start=1077
-  _globals['_GETARTIFACTREQUEST']._serialized_end=1116
-  _globals['_GETARTIFACTRESPONSE']._serialized_start=1118
-  _globals['_GETARTIFACTRESPONSE']._serialized_end=1183
-  _globals['_QUERYARTIFACTSREQUEST']._serialized_start=1186
-  _globals['_QUERYARTIFACTSREQUEST']._serialized_end=1440
-  _globals['_QUERYARTIFACTSRESPONSE']._serialized_start=1442
-  _globals['_QUERYARTIFACTSRESPONSE']._serialized_end=1536
-  _globals['_URZASERVICE']._serialized_start=1539
-  _globals['_URZASERVICE']._serialized_end=2236
+  _globals['_REGISTERBLUEPRINTREQUEST']._serialized_start=89
+  _globals['_REGISTERBLUEPRINTREQUEST']._serialized_end=159
+  _globals['_REGISTERBLUEPRINTRESPONSE']._serialized_start=161
+  _globals['_REGISTERBLUEPRINTRESPONSE']._serialized_end=249
+  _globals['_GETBLUEPRINTREQUEST']._serialized_start=251
+  _globals['_GETBLUEPRINTREQUEST']._serialized_end=311
+  _globals['_GETBLUEPRINTRESPONSE']._serialized_start=313
+  _globals['_GETBLUEPRINTRESPONSE']._serialized_end=379
+  _globals['_LISTBLUEPRINTSREQUEST']._serialized_start=382
+  _globals['_LISTBLUEPRINTSREQUEST']._serialized_end=519
+  _globals['_LISTBLUEPRINTSRESPONSE']._serialized_start=521
+  _globals['_LISTBLUEPRINTSRESPONSE']._serialized_end=615
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_start=617
+  _globals['_UPLOADARTIFACTREQUEST']._serialized_end=714
+  _globals['_UPLOADARTIFACTRESPONSE']._serialized_start=716
+  _globals['_UPLOADARTIFACTRESPONSE']._serialized_end=801
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=803
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=867
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=869
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=969
+  _globals['_RECORDARTIFACTREQUEST']._serialized_start=971
+  _globals['_RECORDARTIFACTREQUEST']._serialized_end=1038
+  _globals['_RECORDARTIFACTRESPONSE']._serialized_start=1040
+  _globals['_RECORDARTIFACTRESPONSE']._serialized_end=1108
+  _globals['_GETARTIFACTREQUEST']._serialized_start=1110
+  _globals['_GETARTIFACTREQUEST']._serialized_end=1149
+  _globals['_GETARTIFACTRESPONSE']._serialized_start=1151
+  _globals['_GETARTIFACTRESPONSE']._serialized_end=1216
+  _globals['_QUERYARTIFACTSREQUEST']._serialized_start=1219
+  _globals['_QUERYARTIFACTSREQUEST']._serialized_end=1473
+  _globals['_QUERYARTIFACTSRESPONSE']._serialized_start=1475
+  _globals['_QUERYARTIFACTSRESPONSE']._serialized_end=1569
+  _globals['_POLICYRECORD']._serialized_start=1572
+  _globals['_POLICYRECORD']._serialized_end=1781
+  _globals['_PUBLISHPOLICYREQUEST']._serialized_start=1783
+  _globals['_PUBLISHPOLICYREQUEST']._serialized_end=1862
+  _globals['_PUBLISHPOLICYRESPONSE']._serialized_start=1864
+  _globals['_PUBLISHPOLICYRESPONSE']._serialized_end=1944
+  _globals['_GETPOLICYREQUEST']._serialized_start=1946
+  _globals['_GETPOLICYREQUEST']._serialized_end=2018
+  _globals['_GETPOLICYRESPONSE']._serialized_start=2020
+  _globals['_GETPOLICYRESPONSE']._serialized_end=2096
+  _globals['_URZASERVICE']._serialized_start=2099
+  _globals['_URZASERVICE']._serialized_end=2948
 # @@protoc_insertion_point(module_scope)

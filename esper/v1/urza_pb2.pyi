@@ -7,6 +7,7 @@ from collections import abc as _abc
 from esper.v1 import common_pb2 as _common_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -480,3 +481,173 @@ class QueryArtifactsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___QueryArtifactsResponse: _TypeAlias = QueryArtifactsResponse  # noqa: Y015
+
+@_typing.final
+class PolicyRecord(_message.Message):
+    """A learned Tamiyo policy stored in Urza: the manifest and weights that `esper.tamiyo.policy_store`
+    writes to a directory, under a name and a version number Urza assigns.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    MANIFEST_JSON_FIELD_NUMBER: _builtins.int
+    WEIGHTS_SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    FEATURE_SCHEMA_FIELD_NUMBER: _builtins.int
+    POLICY_VERSION_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required: 1-64 characters of lowercase letters, digits, _ and -, starting with a letter, e.g. "gnn"."""
+    version: _builtins.int
+    """Assigned by Urza on publish: 1 for the first policy of a name, then one more each time."""
+    manifest_json: _builtins.str
+    """Required: the policy's manifest.json, a JSON object of at most 256 KiB."""
+    weights_sha256: _builtins.str
+    """Required on publish: hex SHA-256 of the weights (64 lowercase hex characters); it must also
+    be the manifest's weights_sha256.
+    """
+    size_bytes: _builtins.int
+    """Size of the weights in bytes; set by Urza."""
+    feature_schema: _builtins.str
+    """The manifest's feature_schema, e.g. "tamiyo-graph/2"; set by Urza from the manifest."""
+    policy_version: _builtins.str
+    """The manifest's own version string (e.g. "gnn-20261129T000344-033cfcc8"); set by Urza."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Set by Urza when stored; ignored on input."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        manifest_json: _builtins.str = ...,
+        weights_sha256: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        feature_schema: _builtins.str = ...,
+        policy_version: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "feature_schema", b"feature_schema", "manifest_json", b"manifest_json", "name", b"name", "policy_version", b"policy_version", "size_bytes", b"size_bytes", "version", b"version", "weights_sha256", b"weights_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyRecord: _TypeAlias = PolicyRecord  # noqa: Y015
+
+@_typing.final
+class PublishPolicyRequest(_message.Message):
+    """Input of PublishPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    weights: _builtins.bytes
+    """Required: the safetensors weights, at most 3 MiB (one message)."""
+    @_builtins.property
+    def policy(self) -> Global___PolicyRecord:
+        """Required: name, manifest_json and weights_sha256 (version and the fields Urza sets are ignored)."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___PolicyRecord | None = ...,
+        weights: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishPolicyRequest: _TypeAlias = PublishPolicyRequest  # noqa: Y015
+
+@_typing.final
+class PublishPolicyResponse(_message.Message):
+    """Result of PublishPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when the same manifest and weights were already stored under this name."""
+    @_builtins.property
+    def policy(self) -> Global___PolicyRecord:
+        """The policy as stored, with its version."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___PolicyRecord | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishPolicyResponse: _TypeAlias = PublishPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetPolicyRequest(_message.Message):
+    """Input of GetPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    METADATA_ONLY_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Required: the policy's name."""
+    version: _builtins.int
+    """>= 0; 0 for the newest version."""
+    metadata_only: _builtins.bool
+    """Only the record, without the weights (e.g. to poll for a newer version)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        metadata_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metadata_only", b"metadata_only", "name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyRequest: _TypeAlias = GetPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetPolicyResponse(_message.Message):
+    """Result of GetPolicy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    weights: _builtins.bytes
+    """The verified weights; empty when metadata_only was set."""
+    @_builtins.property
+    def policy(self) -> Global___PolicyRecord:
+        """The policy's record."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___PolicyRecord | None = ...,
+        weights: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPolicyResponse: _TypeAlias = GetPolicyResponse  # noqa: Y015

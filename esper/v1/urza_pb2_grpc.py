@@ -86,6 +86,16 @@ class UrzaServiceStub:
                 request_serializer=esper_dot_v1_dot_urza__pb2.QueryArtifactsRequest.SerializeToString,
                 response_deserializer=esper_dot_v1_dot_urza__pb2.QueryArtifactsResponse.FromString,
                 _registered_method=True)
+        self.PublishPolicy = channel.unary_unary(
+                '/esper.v1.UrzaService/PublishPolicy',
+                request_serializer=esper_dot_v1_dot_urza__pb2.PublishPolicyRequest.SerializeToString,
+                response_deserializer=esper_dot_v1_dot_urza__pb2.PublishPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/esper.v1.UrzaService/GetPolicy',
+                request_serializer=esper_dot_v1_dot_urza__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=esper_dot_v1_dot_urza__pb2.GetPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class UrzaServiceServicer:
@@ -165,6 +175,24 @@ class UrzaServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PublishPolicy(self, request, context):
+        """Stores a learned Tamiyo policy (manifest and weights) as the next version of its name; the
+        same manifest and weights again return the version already stored (created false).
+        INVALID_ARGUMENT names the offending field (bad name, manifest or checksum).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """One version of a policy (version 0: the newest) with its weights unless metadata_only;
+        NOT_FOUND (POLICY_NOT_FOUND) for an unknown name or version. DATA_LOSS if the stored weights
+        no longer match their checksum.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UrzaServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -207,6 +235,16 @@ def add_UrzaServiceServicer_to_server(servicer, server):
                     servicer.QueryArtifacts,
                     request_deserializer=esper_dot_v1_dot_urza__pb2.QueryArtifactsRequest.FromString,
                     response_serializer=esper_dot_v1_dot_urza__pb2.QueryArtifactsResponse.SerializeToString,
+            ),
+            'PublishPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.PublishPolicy,
+                    request_deserializer=esper_dot_v1_dot_urza__pb2.PublishPolicyRequest.FromString,
+                    response_serializer=esper_dot_v1_dot_urza__pb2.PublishPolicyResponse.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=esper_dot_v1_dot_urza__pb2.GetPolicyRequest.FromString,
+                    response_serializer=esper_dot_v1_dot_urza__pb2.GetPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -437,6 +475,60 @@ class UrzaService:
             '/esper.v1.UrzaService/QueryArtifacts',
             esper_dot_v1_dot_urza__pb2.QueryArtifactsRequest.SerializeToString,
             esper_dot_v1_dot_urza__pb2.QueryArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PublishPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esper.v1.UrzaService/PublishPolicy',
+            esper_dot_v1_dot_urza__pb2.PublishPolicyRequest.SerializeToString,
+            esper_dot_v1_dot_urza__pb2.PublishPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/esper.v1.UrzaService/GetPolicy',
+            esper_dot_v1_dot_urza__pb2.GetPolicyRequest.SerializeToString,
+            esper_dot_v1_dot_urza__pb2.GetPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,16 @@ class UrzaServiceStub:
     """Metadata of one artifact; NOT_FOUND (ARTIFACT_NOT_FOUND) when unknown."""
     QueryArtifacts: _grpc.UnaryUnaryMultiCallable[_urza_pb2.QueryArtifactsRequest, _urza_pb2.QueryArtifactsResponse]
     """Artifacts matching every given filter, ordered by kernel id, one page at a time."""
+    PublishPolicy: _grpc.UnaryUnaryMultiCallable[_urza_pb2.PublishPolicyRequest, _urza_pb2.PublishPolicyResponse]
+    """Stores a learned Tamiyo policy (manifest and weights) as the next version of its name; the
+    same manifest and weights again return the version already stored (created false).
+    INVALID_ARGUMENT names the offending field (bad name, manifest or checksum).
+    """
+    GetPolicy: _grpc.UnaryUnaryMultiCallable[_urza_pb2.GetPolicyRequest, _urza_pb2.GetPolicyResponse]
+    """One version of a policy (version 0: the newest) with its weights unless metadata_only;
+    NOT_FOUND (POLICY_NOT_FOUND) for an unknown name or version. DATA_LOSS if the stored weights
+    no longer match their checksum.
+    """
 
 @_typing.type_check_only
 class UrzaServiceAsyncStub(UrzaServiceStub):
@@ -113,6 +123,16 @@ class UrzaServiceAsyncStub(UrzaServiceStub):
     """Metadata of one artifact; NOT_FOUND (ARTIFACT_NOT_FOUND) when unknown."""
     QueryArtifacts: _aio.UnaryUnaryMultiCallable[_urza_pb2.QueryArtifactsRequest, _urza_pb2.QueryArtifactsResponse]  # type: ignore[assignment]
     """Artifacts matching every given filter, ordered by kernel id, one page at a time."""
+    PublishPolicy: _aio.UnaryUnaryMultiCallable[_urza_pb2.PublishPolicyRequest, _urza_pb2.PublishPolicyResponse]  # type: ignore[assignment]
+    """Stores a learned Tamiyo policy (manifest and weights) as the next version of its name; the
+    same manifest and weights again return the version already stored (created false).
+    INVALID_ARGUMENT names the offending field (bad name, manifest or checksum).
+    """
+    GetPolicy: _aio.UnaryUnaryMultiCallable[_urza_pb2.GetPolicyRequest, _urza_pb2.GetPolicyResponse]  # type: ignore[assignment]
+    """One version of a policy (version 0: the newest) with its weights unless metadata_only;
+    NOT_FOUND (POLICY_NOT_FOUND) for an unknown name or version. DATA_LOSS if the stored weights
+    no longer match their checksum.
+    """
 
 class UrzaServiceServicer(metaclass=_abc_1.ABCMeta):
     """Urza: the library of blueprints and compiled kernel artifacts. Artifact bytes are
@@ -201,5 +221,27 @@ class UrzaServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_urza_pb2.QueryArtifactsResponse, _abc.Awaitable[_urza_pb2.QueryArtifactsResponse]]:
         """Artifacts matching every given filter, ordered by kernel id, one page at a time."""
+
+    @_abc_1.abstractmethod
+    def PublishPolicy(
+        self,
+        request: _urza_pb2.PublishPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_urza_pb2.PublishPolicyResponse, _abc.Awaitable[_urza_pb2.PublishPolicyResponse]]:
+        """Stores a learned Tamiyo policy (manifest and weights) as the next version of its name; the
+        same manifest and weights again return the version already stored (created false).
+        INVALID_ARGUMENT names the offending field (bad name, manifest or checksum).
+        """
+
+    @_abc_1.abstractmethod
+    def GetPolicy(
+        self,
+        request: _urza_pb2.GetPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_urza_pb2.GetPolicyResponse, _abc.Awaitable[_urza_pb2.GetPolicyResponse]]:
+        """One version of a policy (version 0: the newest) with its weights unless metadata_only;
+        NOT_FOUND (POLICY_NOT_FOUND) for an unknown name or version. DATA_LOSS if the stored weights
+        no longer match their checksum.
+        """
 
 def add_UrzaServiceServicer_to_server(servicer: UrzaServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

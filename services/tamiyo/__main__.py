@@ -3,8 +3,10 @@
 The policy (heuristic, random or a learned GNN) behind the safety rails (`esper.tamiyo`),
 configured by ``--policy-config`` (a YAML/JSON mapping with the keys of a Tolaria config's
 ``controller`` section and a ``growth`` mapping, or a whole Tolaria config whose ``controller``,
-``growth`` and ``seeds.blueprints`` are used); ``--policy DIR`` serves the GNN policy in DIR and checks it every ``--policy-poll-s``
-seconds for a newer version, which replaces the running one without a restart. Field reports go
+``growth`` and ``seeds.blueprints`` are used); ``--policy DIR`` serves the GNN policy in DIR
+(``--policy urza://HOST:PORT/NAME[@VERSION]``: from Urza, the newest version unless pinned) and
+checks it every ``--policy-poll-s`` seconds for a newer version, which replaces the running one
+without a restart. Field reports go
 to the replay buffer in ``--replay-dir``. Prints ``LISTENING host:port`` on stdout once SERVING.
 
 ``esper-tamiyo collect ...`` runs exploration episodes instead (`esper.tamiyo.collect`).
@@ -42,10 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--replay-dir", type=Path, required=True, help="directory of the on-disk replay buffer")
     parser.add_argument("--policy-config", type=Path, default=None,
                         help="YAML/JSON policy knobs (a Tolaria 'controller' section or a whole Tolaria config)")
-    parser.add_argument("--policy", type=Path, default=None,
-                        help="serve the learned GNN policy in this directory (sets policy: gnn, policy_path)")
+    parser.add_argument("--policy", default=None, metavar="DIR|urza://HOST:PORT/NAME[@VERSION]",
+                        help="serve this learned GNN policy: a directory, or a policy in Urza by name and version "
+                             "(newest when no version; sets policy: gnn, policy_path)")
     parser.add_argument("--policy-poll-s", type=float, default=2.0,
-                        help="seconds between checks of the policy directory for a newer version (0: never)")
+                        help="seconds between checks of the policy (directory or Urza name) for a newer version "
+                             "(0: never)")
     return parser
 
 
@@ -85,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_policy_settings(args.policy_config)
         if args.policy is not None:
             settings.policy = "gnn"
-            settings.policy_path = str(args.policy.resolve())
-        if settings.policy == "gnn":
-            from esper.tamiyo.policy_store import load_policy
+            from esper.tamiyo.policy_source import is_urza_ref
 
-            load_policy(settings.policy_path)  # refuse a bad policy before listening
+            settings.policy_path = args.policy if is_urza_ref(args.policy) else str(Path(args.policy).resolve())
+        if settings.policy == "gnn":
+            from esper.tamiyo.policy_source import load_policy_ref
+
+            load_policy_ref(settings.policy_path)  # refuse a bad policy before listening
             import torch
 
             # One small graph per decision: intra-op threads would only contend with the trainer's CPUs.

@@ -100,3 +100,14 @@ class UrzaServicer(urza_pb2_grpc.UrzaServiceServicer):
             input_shape=list(request.input_shape.dims), device=request.device, dtype=request.dtype,
             tags=list(request.tags), page_size=request.page_size, page_token=request.page_token)
         return urza_pb2.QueryArtifactsResponse(artifacts=artifacts, next_page_token=token)
+
+    async def PublishPolicy(self, request, context):
+        if not request.HasField("policy"):
+            raise InvalidArgumentError("policy is required", field="policy")
+        record, created = await asyncio.to_thread(self.library.policies.publish, request.policy, request.weights)
+        return urza_pb2.PublishPolicyResponse(policy=record, created=created)
+
+    async def GetPolicy(self, request, context):
+        record, weights = await asyncio.to_thread(self.library.policies.get, request.name, request.version,
+                                                  metadata_only=request.metadata_only)
+        return urza_pb2.GetPolicyResponse(policy=record, weights=weights)

@@ -8,7 +8,7 @@ import torch
 
 from esper.lifecycle import SeedLifecycleState as S
 from esper.tamiyo.gnn import Architecture, TamiyoGNN
-from esper.tamiyo.graph import FIRST_GROW, WAIT, action_names, global_feature_names, node_feature_names
+from esper.tamiyo.graph import WAIT, action_names, global_feature_names, node_feature_names
 from esper.tamiyo.policy_store import save_policy
 from esper.v1 import common_pb2
 
@@ -47,16 +47,28 @@ def untrained_gnn(seed: int = 0, hidden: int = 16, layers: int = 2) -> TamiyoGNN
     return TamiyoGNN(arch).eval()
 
 
-def always_grow_gnn(blueprint: str = "residual_mlp") -> TamiyoGNN:
-    """A network whose scores make growing with `blueprint` overwhelmingly likely wherever it is legal."""
+def always_grow_gnn(blueprint: str = "residual_mlp", action: str = "") -> TamiyoGNN:
+    """A network whose scores make growing with `blueprint` (or the named `action`, e.g.
+    "grow:width") overwhelmingly likely wherever it is legal."""
     model = untrained_gnn()
     last = model.node_head[-1]
     with torch.no_grad():
         last.weight.zero_()
         last.bias.fill_(-50.0)
-        last.bias[FIRST_GROW + action_names()[FIRST_GROW:].index(f"grow:branch:{blueprint}")] = 50.0
+        last.bias[action_names().index(action or f"grow:branch:{blueprint}")] = 50.0
         last.bias[WAIT] = -50.0
     return model
+
+
+def with_growth_sites(msg: common_pb2.ModelGraphState, units: int = 32, depth_available: bool = True
+                      ) -> common_pb2.ModelGraphState:
+    """`msg` with a width pair (narrow: `units` < 64 in and out) and a deepen site at every node."""
+    for node in msg.nodes:
+        node.width.units, node.width.input_dim, node.width.output_dim = units, 64, 64
+        node.width.unit_parameters, node.width.unit_flops, node.width.available = 129, 256, True
+        node.deepen.block_parameters, node.deepen.block_flops = 1056, 2048
+        node.deepen.available = depth_available
+    return msg
 
 
 def write_policy(directory: Path, model: TamiyoGNN | None = None, version: str | None = None) -> dict:

@@ -10,6 +10,7 @@ import torch
 
 from esper.lifecycle import SeedLifecycleState as S
 from esper.tamiyo.gnn_policy import GNNPolicy
+from esper.tamiyo.graph import FEATURE_SCHEMA
 from esper.tamiyo.policy import RailsConfig
 from esper.tamiyo.policy_store import MANIFEST, PolicyLoadError, load_policy
 from esper.tamiyo.rails import Controller, SafetyRails
@@ -34,7 +35,8 @@ def test_save_load_round_trip(tmp_path):
     files = sorted(p.name for p in (tmp_path / "p").iterdir())
     assert files == [MANIFEST, manifest["weights_file"]] and manifest["weights_file"].endswith(".safetensors")
     loaded = load_policy(tmp_path / "p")
-    assert loaded.version == manifest["version"] and loaded.manifest["feature_schema"] == "tamiyo-graph/1"
+    assert loaded.version == manifest["version"]
+    assert loaded.manifest["feature_schema"] == FEATURE_SCHEMA == "tamiyo-graph/2"
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
     rails = RailsConfig(parameter_budget=2.0, compute_budget=2.0)
@@ -54,7 +56,7 @@ def _edit_manifest(directory, **changes):
 def test_refuses_mismatched_schema_layout_and_corruption(tmp_path):
     write_policy(tmp_path / "p")
     _edit_manifest(tmp_path / "p", feature_schema="tamiyo-graph/0")
-    with pytest.raises(PolicyLoadError, match=r"feature schema 'tamiyo-graph/0'.*builds 'tamiyo-graph/1'"):
+    with pytest.raises(PolicyLoadError, match=r"feature schema 'tamiyo-graph/0'.*builds 'tamiyo-graph/2'"):
         load_policy(tmp_path / "p")
     manifest = write_policy(tmp_path / "q")
     _edit_manifest(tmp_path / "q", actions=manifest["actions"][:-1])
