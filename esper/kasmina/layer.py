@@ -228,39 +228,53 @@ class KasminaLayer(nn.Module):
             )
         out = h
         if self._num_active:
-            c = self.chunk_size
-            pieces = []
-            for i, state in enumerate(self._states):
-                if state not in ACTIVE_STATES:
-                    pieces.append(None)
-                    continue
-                seed = self.seeds[str(i)]
-                if getattr(seed, "blends_elsewhere", False):
-                    # A width seed adds to the consumer of this layer, not to this output.
-                    pieces.append(None)
-                    continue
-                x = h[:, i * c : (i + 1) * c]
-                if state in FROZEN_STATES:
-                    with torch.no_grad():
-                        s = seed(x.detach())
-                elif state == S.TRAINING:
-                    s = seed(x.detach())
-                    if s.requires_grad and torch.is_grad_enabled():
-                        s.register_hook(functools.partial(self._alignment_hook, i, s.detach()))
-                else:
-                    s = seed(x)
-                pieces.append(s)
-            template = next((p for p in pieces if p is not None), None)
-            if template is not None:
-                filled = [p if p is not None else template.new_zeros(template.shape) for p in pieces]
-                seed_out = filled[0] if len(filled) == 1 else torch.cat(filled, dim=1)
-                out = ops.seed_blend(h, seed_out.to(h.dtype), self.table.state, self.table.alpha)
+            if self.num_seeds == 1:
+                out = self._blend_whole(h)
+            else:
+                out = self._blend_chunks(h)
         if self.training:
             with torch.no_grad():
                 ops.telemetry_accumulate_(h.detach(), self.table.telemetry, self.dead_threshold)
             if out.requires_grad and torch.is_grad_enabled():
                 out.register_hook(self._grad_telemetry_hook)
         return out
+
+    def _seed_output(self, i: int, state: S, x: torch.Tensor) -> torch.Tensor:
+        seed = self.seeds[str(i)]
+        if state in FROZEN_STATES:
+            with torch.no_grad():
+                return seed(x.detach())
+        if state == S.TRAINING:
+            s = seed(x.detach())
+            if s.requires_grad and torch.is_grad_enabled():
+                s.register_hook(functools.partial(self._alignment_hook, i, s.detach()))
+            return s
+        return seed(x)
+
+    def _blend_whole(self, h: torch.Tensor) -> torch.Tensor:
+        # One slot owning every channel (the common case): no chunking, and the blend of a seed
+        # past GRAFTING in native ops (ops.seed_blend_whole).
+        state = self._states[0]
+        if getattr(self.seeds._modules.get("0"), "blends_elsewhere", False):
+            return h  # a width or depth seed adds to the consumer of this layer, not to this output
+        s = self._seed_output(0, state, h)
+        return ops.seed_blend_whole(h, s.to(h.dtype), state, self.table.state, self.table.alpha)
+
+    def _blend_chunks(self, h: torch.Tensor) -> torch.Tensor:
+        c = self.chunk_size
+        pieces = []
+        for i, state in enumerate(self._states):
+            if state not in ACTIVE_STATES or getattr(self.seeds[str(i)], "blends_elsewhere", False):
+                # Inactive, or a width seed that adds to the consumer of this layer, not to this output.
+                pieces.append(None)
+                continue
+            pieces.append(self._seed_output(i, state, h[:, i * c : (i + 1) * c]))
+        template = next((p for p in pieces if p is not None), None)
+        if template is None:
+            return h
+        filled = [p if p is not None else template.new_zeros(template.shape) for p in pieces]
+        seed_out = filled[0] if len(filled) == 1 else torch.cat(filled, dim=1)
+        return ops.seed_blend(h, seed_out.to(h.dtype), self.table.state, self.table.alpha)
 
     def _grad_telemetry_hook(self, grad: torch.Tensor) -> None:
         with torch.no_grad():
