@@ -205,6 +205,9 @@ class KasminaLayer(nn.Module):
         self._kernel_ids: dict[int, str] = {}
         self._blueprint_ids: list[str] = []
         self._probe = False
+        # Bumped whenever a seed module or the host module is replaced, added or dropped: what
+        # the model computes per sample can only change then (Morphogenesis caches FLOPs on it).
+        self.structure_version = 0
         # Seed modules built by something other than a blueprint (e.g. width seeds), by spec family:
         # builder(spec, slot index) -> module.
         self.seed_builders: dict[str, Callable[[BlueprintSpec, int], nn.Module]] = {}
@@ -398,6 +401,7 @@ class KasminaLayer(nn.Module):
         if kernel_id:
             self._kernel_ids[index] = kernel_id
         self.seeds[str(index)] = module
+        self.structure_version += 1
         how = "built locally" if not self._kernel_ids.get(index) else f"kernel {self._kernel_ids[index]}"
         self.transition(index, S.TRAINING, f"seed module attached ({how})")
 
@@ -452,6 +456,7 @@ class KasminaLayer(nn.Module):
             raise RuntimeError(f"layer {self.layer_name!r}: cannot resize the host from {self.channels} to {channels} "
                                "channels while a residual seed is active on it")
         self.host = module
+        self.structure_version += 1
         self.channels = channels
         self.chunk_size = channels // self.num_seeds
 
@@ -460,6 +465,7 @@ class KasminaLayer(nn.Module):
         if release is not None:
             release()
         del self.seeds[key]
+        self.structure_version += 1
 
     def _enter(self, index: int, to_state: S, reason: str) -> LifecycleEvent:
         from_state = self._states[index]
@@ -557,6 +563,11 @@ class KasminaLayer(nn.Module):
         finally:
             self.table.alpha[index].copy_(saved)
 
+    def structure_changed(self) -> None:
+        """Records that what this site computes changed outside its own modules (e.g. a width or
+        depth seed's hooks were installed on other modules of the model)."""
+        self.structure_version += 1
+
     def set_telemetry_probe(self, enabled: bool) -> None:
         """Collect telemetry even when no seed is active (turns the dormant fast path off)."""
         self._probe = bool(enabled)
@@ -626,6 +637,7 @@ class KasminaLayer(nn.Module):
         """Before a checkpoint loads: use `module` (e.g. the compiled kernel the seed ran) as slot
         `seed_index`'s seed; loading keeps a module whose `blueprint_id` matches the checkpoint's."""
         self.seeds[str(self._check_index(seed_index))] = module
+        self.structure_version += 1
 
     def _build(self, spec: BlueprintSpec, index: int) -> nn.Module:
         if spec.family in self.seed_builders:
@@ -677,6 +689,7 @@ class KasminaLayer(nn.Module):
                 if current is not None:
                     self._drop_module(str(i))
                 self.seeds[str(i)] = self._build(specs[i], i)
+                self.structure_version += 1
 
     @staticmethod
     def _after_load(module: KasminaLayer, incompatible_keys) -> None:
