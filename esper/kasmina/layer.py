@@ -236,8 +236,10 @@ class KasminaLayer(nn.Module):
             else:
                 out = self._blend_chunks(h)
         if self.training:
-            with torch.no_grad():
-                ops.telemetry_accumulate_(h.detach(), self.table.telemetry, self.dead_threshold)
+            # No no_grad() context here or in the hook: the op reads a detached tensor and writes a
+            # buffer, so autograd has nothing to record, and the two context switches were a
+            # third of the telemetry's cost per layer and step on small hosts.
+            ops.telemetry_accumulate_(h.detach(), self.table.telemetry, self.dead_threshold)
             if out.requires_grad and torch.is_grad_enabled():
                 out.register_hook(self._grad_telemetry_hook)
         return out
@@ -280,8 +282,8 @@ class KasminaLayer(nn.Module):
         return ops.seed_blend(h, seed_out.to(h.dtype), self.table.state, self.table.alpha)
 
     def _grad_telemetry_hook(self, grad: torch.Tensor) -> None:
-        with torch.no_grad():
-            ops.grad_telemetry_accumulate_(grad, self.table.telemetry)
+        # The gradient only requires grad in a double backward (create_graph=True).
+        ops.grad_telemetry_accumulate_(grad.detach() if grad.requires_grad else grad, self.table.telemetry)
 
     def _alignment_hook(self, index: int, seed_out: torch.Tensor, grad: torch.Tensor) -> None:
         with torch.no_grad():
