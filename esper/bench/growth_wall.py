@@ -6,6 +6,12 @@ same seed and schedule. Each run is profiled with cProfile; the report gives bot
 FLOPs and wall time per FLOP, their ratio (the issue-11 target is <= 1.25x), and the functions of
 the `esper` package where the Esper run spends the most cumulative time, next to the same
 functions in the static run (so what growth itself costs stands out).
+
+Two more measurements per round, because the profiled wall ratio is biased and noisy: cProfile
+adds a cost per Python call, and an Esper run makes about twice the calls of a static one; on a
+shared machine other processes stretch wall time unevenly. So each run also reports its process
+CPU time, and (unless `--no-unprofiled`) the pair is run once more without the profiler; the
+report gives the ratio of wall and of CPU time per FLOP for those runs too.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import shlex
 import statistics
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,17 +33,27 @@ QUIET = ["logging.tensorboard=false", "logging.timeline_plot=false", "checkpoint
          "checkpoint.keep_last=1", "checkpoint.save_best=false", "services.mode=off", "train.torch_threads=1"]
 
 
-def _profiled_run(config, run_dir: Path, morphogenetic: bool) -> tuple[dict[str, Any], pstats.Stats]:
+def _run(config, run_dir: Path, morphogenetic: bool, profiled: bool) -> tuple[dict[str, Any], pstats.Stats | None]:
+    """One training run: its summary, with the process CPU time of `train()` as "cpu_s", and its
+    profile (None when not `profiled`)."""
     from esper.tolaria.trainer import Trainer
 
     trainer = Trainer(config, run_dir, morphogenetic=morphogenetic, progress="none")
     trainer.prepare()
     trainer.start()
-    profile = cProfile.Profile()
-    profile.enable()
+    profile = cProfile.Profile() if profiled else None
+    cpu = time.process_time()
+    if profile is not None:
+        profile.enable()
     summary = trainer.train()
-    profile.disable()
-    return summary, pstats.Stats(profile)
+    if profile is not None:
+        profile.disable()
+    summary["cpu_s"] = time.process_time() - cpu
+    return summary, pstats.Stats(profile) if profile is not None else None
+
+
+def _per_flop_ratio(esper: dict[str, Any], static: dict[str, Any], key: str) -> float:
+    return (esper[key] / esper["flops"]["total"]) / (static[key] / static["flops"]["total"])
 
 
 def _esper_functions(stats: pstats.Stats) -> dict[str, tuple[int, float]]:
@@ -65,26 +82,40 @@ def run(args: argparse.Namespace) -> int:
     esper_fns: list[dict[str, tuple[int, float]]] = []
     static_fns: list[dict[str, tuple[int, float]]] = []
     for r in range(args.rounds):
-        esper, e_stats = _profiled_run(esper_cfg, workdir / f"esper{r}", True)
+        esper, e_stats = _run(esper_cfg, workdir / f"esper{r}", True, profiled=True)
         width = geometry.width_for_params(esper["params_final"])
         static_cfg = replace(static_base, model=replace(static_base.model, width=width))
-        static, s_stats = _profiled_run(static_cfg, workdir / f"static{r}", False)
-        e_per = esper["wall_s"] / esper["flops"]["total"]
-        s_per = static["wall_s"] / static["flops"]["total"]
-        rounds.append({"width": width, "esper_wall_s": esper["wall_s"], "esper_flops": esper["flops"]["total"],
-                       "esper_params": esper["params_final"], "esper_test_acc": esper["test_acc"],
-                       "static_wall_s": static["wall_s"], "static_flops": static["flops"]["total"],
-                       "static_params": static["params_final"], "static_test_acc": static["test_acc"],
-                       "ratio": e_per / s_per})
+        static, s_stats = _run(static_cfg, workdir / f"static{r}", False, profiled=True)
+        row = {"width": width, "esper_wall_s": esper["wall_s"], "esper_flops": esper["flops"]["total"],
+               "esper_params": esper["params_final"], "esper_test_acc": esper["test_acc"],
+               "static_wall_s": static["wall_s"], "static_flops": static["flops"]["total"],
+               "static_params": static["params_final"], "static_test_acc": static["test_acc"],
+               "ratio": _per_flop_ratio(esper, static, "wall_s"),
+               "esper_cpu_s": esper["cpu_s"], "static_cpu_s": static["cpu_s"],
+               "cpu_ratio": _per_flop_ratio(esper, static, "cpu_s")}
+        if args.unprofiled:
+            esper_u, _ = _run(esper_cfg, workdir / f"esper{r}u", True, profiled=False)
+            static_u, _ = _run(static_cfg, workdir / f"static{r}u", False, profiled=False)
+            row |= {"unprofiled_esper_wall_s": esper_u["wall_s"], "unprofiled_static_wall_s": static_u["wall_s"],
+                    "unprofiled_esper_cpu_s": esper_u["cpu_s"], "unprofiled_static_cpu_s": static_u["cpu_s"],
+                    "unprofiled_ratio": _per_flop_ratio(esper_u, static_u, "wall_s"),
+                    "unprofiled_cpu_ratio": _per_flop_ratio(esper_u, static_u, "cpu_s")}
+        rounds.append(row)
         esper_fns.append(_esper_functions(e_stats))
         static_fns.append(_esper_functions(s_stats))
+        extra = (f"; unprofiled {row['unprofiled_ratio']:.2f}x (CPU {row['unprofiled_cpu_ratio']:.2f}x)"
+                 if args.unprofiled else "")
         print(f"round {r}: esper {esper['wall_s']:.1f}s {esper['flops']['total']:.3e} FLOPs, static width {width} "
-              f"{static['wall_s']:.1f}s {static['flops']['total']:.3e} FLOPs: ratio {rounds[-1]['ratio']:.2f}x",
-              flush=True)
+              f"{static['wall_s']:.1f}s {static['flops']['total']:.3e} FLOPs: ratio {row['ratio']:.2f}x "
+              f"(CPU {row['cpu_ratio']:.2f}x){extra}", flush=True)
     top = sorted(esper_fns[-1].items(), key=lambda kv: -kv[1][1])[: args.top]
     report = {"config": args.config, "seed": args.seed, "overrides": args.override,
               "esper_overrides": args.esper_override, "rounds": rounds,
               "ratio_median": statistics.median(r["ratio"] for r in rounds),
+              "cpu_ratio_median": statistics.median(r["cpu_ratio"] for r in rounds),
+              **({"unprofiled_ratio_median": statistics.median(r["unprofiled_ratio"] for r in rounds),
+                  "unprofiled_cpu_ratio_median": statistics.median(r["unprofiled_cpu_ratio"] for r in rounds)}
+                 if args.unprofiled else {}),
               "top": [{"function": f, "esper_calls": c, "esper_cum_s": t,
                        "static_cum_s": static_fns[-1].get(f, (0, 0.0))[1]} for f, (c, t) in top]}
     command = "esper-bench growth-wall " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[2:]))
@@ -92,14 +123,28 @@ def run(args: argparse.Namespace) -> int:
              f"Command: `{command}`", "",
              "One torch thread, runs interleaved in one process (Esper, then the static width closest to its final "
              "parameter count, same seed and schedule), each under cProfile (which adds the same per-call cost to "
-             "both).", "",
+             "both; Esper makes more calls, so this ratio is biased against it). CPU time is the process's "
+             "CPU seconds in `train()`, less stretched than wall time by other processes on a shared machine.",
+             "",
              "| round | static width | esper wall (s) | esper FLOPs | static wall (s) | static FLOPs | esper acc | "
-             "static acc | wall/FLOP ratio |", "|---|---|---|---|---|---|---|---|---|"]
+             "static acc | wall/FLOP ratio | CPU/FLOP ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rounds):
         lines.append(f"| {i} | {r['width']} | {r['esper_wall_s']:.1f} | {r['esper_flops']:.3e} | {r['static_wall_s']:.1f} "
                      f"| {r['static_flops']:.3e} | {100 * r['esper_test_acc']:.1f} | {100 * r['static_test_acc']:.1f} "
-                     f"| {r['ratio']:.2f}x |")
-    lines += ["", f"Median ratio: **{report['ratio_median']:.2f}x** (target <= 1.25x).", "",
+                     f"| {r['ratio']:.2f}x | {r['cpu_ratio']:.2f}x |")
+    lines += ["", f"Median ratio: **{report['ratio_median']:.2f}x** (target <= 1.25x); CPU time per FLOP: "
+              f"{report['cpu_ratio_median']:.2f}x.", ""]
+    if args.unprofiled:
+        lines += ["The same pair again without the profiler:", "",
+                  "| round | esper wall (s) | static wall (s) | esper CPU (s) | static CPU (s) | wall/FLOP ratio | "
+                  "CPU/FLOP ratio |", "|---|---|---|---|---|---|---|"]
+        for i, r in enumerate(rounds):
+            lines.append(f"| {i} | {r['unprofiled_esper_wall_s']:.1f} | {r['unprofiled_static_wall_s']:.1f} | "
+                         f"{r['unprofiled_esper_cpu_s']:.1f} | {r['unprofiled_static_cpu_s']:.1f} | "
+                         f"{r['unprofiled_ratio']:.2f}x | {r['unprofiled_cpu_ratio']:.2f}x |")
+        lines += ["", f"Median without the profiler: wall **{report['unprofiled_ratio_median']:.2f}x**, CPU "
+                  f"**{report['unprofiled_cpu_ratio_median']:.2f}x**.", ""]
+    lines += [
               "Where the Esper run spends its time (cumulative seconds of `esper` functions, last round; a "
               "function's time includes what it calls):", "",
               "| function | calls | esper cum (s) | static cum (s) |", "|---|---|---|---|"]
@@ -122,6 +167,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for both runs")
     p.add_argument("--esper-override", action="append", default=[], metavar="KEY=VALUE", help="for the Esper run")
     p.add_argument("--top", type=int, default=25, help="rows of the profile table")
+    p.add_argument("--no-unprofiled", dest="unprofiled", action="store_false",
+                   help="skip the second, unprofiled run of each pair")
     p.add_argument("--workdir", help="run directories (default: a temporary directory)")
     p.add_argument("--output", help="write <OUTPUT>.md and <OUTPUT>.json")
 
