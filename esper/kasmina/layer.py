@@ -231,10 +231,7 @@ class KasminaLayer(nn.Module):
             )
         out = h
         if self._num_active:
-            if self.num_seeds == 1:
-                out = self._blend_whole(h)
-            else:
-                out = self._blend_chunks(h)
+            out = self._blend_whole(h) if self.num_seeds == 1 else self._blend_chunks(h)
         if self.training:
             # No no_grad() context here or in the hook: the op reads a detached tensor and writes a
             # buffer, so autograd has nothing to record, and the two context switches were a
