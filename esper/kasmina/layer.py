@@ -254,8 +254,8 @@ class KasminaLayer(nn.Module):
         return seed(x)
 
     def _blend_whole(self, h: torch.Tensor) -> torch.Tensor:
-        # One slot owning every channel (the common case): no chunking, and the blend of a seed
-        # past GRAFTING in native ops (ops.seed_blend_whole).
+        # One slot owning every channel (the common case): no chunking, and the blend in native
+        # ops (ops.seed_blend_whole).
         state = self._states[0]
         if getattr(self.seeds._modules.get("0"), "blends_elsewhere", False):
             return h  # a width or depth seed adds to the consumer of this layer, not to this output

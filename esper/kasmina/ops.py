@@ -153,25 +153,35 @@ def seed_blend(
     return torch.ops.esper.seed_blend(host, seed, state, alpha)
 
 
-# States whose alpha is exactly 1 (set on entry; only GRAFTING ramps it) or 0 (forced for a
-# counterfactual): there `host + alpha * finite(seed)` has the same bits however it is evaluated.
-UNIT_ALPHA_STATES = frozenset({SeedLifecycleState.STABILIZATION, SeedLifecycleState.EVALUATING,
-                               SeedLifecycleState.FINE_TUNING, SeedLifecycleState.FOSSILIZED})
+# States whose seed output is added with weight alpha (forward and backward).
+_ALPHA_BLENDED = frozenset({SeedLifecycleState.GRAFTING, SeedLifecycleState.STABILIZATION,
+                            SeedLifecycleState.EVALUATING, SeedLifecycleState.FINE_TUNING,
+                            SeedLifecycleState.FOSSILIZED})
 
 
 def seed_blend_whole(host: torch.Tensor, seed: torch.Tensor, state: SeedLifecycleState,
                      state_row: torch.Tensor, alpha_row: torch.Tensor) -> torch.Tensor:
     """`seed_blend` for one seed that owns every channel of `host`, its `state` known on the host side.
 
-    state_row, alpha_row: that seed's rows of the state table (int64[1], float32[1]). In the
-    states of `UNIT_ALPHA_STATES`, for float32/float64, it is `host + alpha * nan_to_num(seed)`
-    in three native ops: the same values and gradients as the fused op (nan_to_num's gradient is
-    zero where the seed is not finite, exactly `seed_blend_backward`'s mask), without the Python
-    autograd wrapper a custom op goes through, which cost more than the blend itself on small
-    layers (about 60 us forward + 40 us backward per call). Every other case calls `seed_blend`.
+    state_row, alpha_row: that seed's rows of the state table (int64[1], float32[1]). For
+    float32/float64 it runs as native ops, without the Python autograd wrapper a custom op goes
+    through (on small layers that wrapper cost more than the blend itself: ~60 us forward and
+    ~40 us backward per call). With f = nan_to_num(seed), whose gradient is zero where the seed
+    is not finite (exactly `seed_blend_backward`'s mask):
+
+    - GRAFTING .. FOSSILIZED: `host + alpha * f`, the fused op's values and gradients bit for bit
+      on CPU (tested; a CUDA kernel that contracts to FMA may differ in the last bit);
+    - TRAINING: `host + (f - f.detach())`: the value is `host` (a -0.0 may come out as +0.0),
+      the seed gets the task gradient (straight-through).
+
+    Reduced precision and every other state call `seed_blend`.
     """
-    if state in UNIT_ALPHA_STATES and host.dtype == seed.dtype and host.dtype in (torch.float32, torch.float64):
-        return host + alpha_row * torch.nan_to_num(seed, nan=0.0, posinf=0.0, neginf=0.0)
+    if host.dtype == seed.dtype and host.dtype in (torch.float32, torch.float64):
+        if state in _ALPHA_BLENDED:
+            return host + alpha_row * torch.nan_to_num(seed, nan=0.0, posinf=0.0, neginf=0.0)
+        if state == SeedLifecycleState.TRAINING:
+            finite = torch.nan_to_num(seed, nan=0.0, posinf=0.0, neginf=0.0)
+            return host + (finite - finite.detach())
     return seed_blend(host, seed, state_row, alpha_row)
 
 

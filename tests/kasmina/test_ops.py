@@ -597,10 +597,12 @@ def test_cpu_isa_builds_agree_bitwise(tmp_path):
 @pytest.mark.parametrize("state", [S.TRAINING, *BLENDED, S.DORMANT])
 @pytest.mark.parametrize("alpha_value", [0.0, 1.0, 0.37])
 def test_seed_blend_whole_has_the_fused_ops_values_and_gradients(dtype, state, alpha_value):
-    # The native fast path (unit-alpha states, float32/64) must be bit-identical to the fused op,
-    # non-finite seed values included; the other cases are the fused op itself.
+    # The native path (TRAINING .. FOSSILIZED, float32/64) must give the fused op's values (equal
+    # as numbers: TRAINING may turn a -0.0 into +0.0) and bit-identical gradients, non-finite seed
+    # values included; the other cases are the fused op itself.
     g = torch.Generator().manual_seed(int(state) * 7 + int(alpha_value * 100))
     host = torch.randn(5, 6, 4, generator=g).to(dtype)
+    host[0, 0, 0] = -0.0
     seed = with_non_finite(torch.randn(5, 6, 4, generator=g), g).to(dtype)
     grad_out = torch.randn(5, 6, 4, generator=g).to(dtype)
     table_state = torch.tensor([int(state)])
