@@ -35,12 +35,17 @@ QUIET = ["logging.tensorboard=false", "logging.timeline_plot=false", "checkpoint
 
 def _run(config, run_dir: Path, morphogenetic: bool, profiled: bool) -> tuple[dict[str, Any], pstats.Stats | None]:
     """One training run: its summary, with the process CPU time of `train()` as "cpu_s", and its
-    profile (None when not `profiled`)."""
+    profile (None when `profiled` is false; then the summary has "phases", the CPU time per step
+    by lifecycle phase, see esper.bench.wall_phases)."""
+    from esper.bench.wall_phases import PhaseClock
     from esper.tolaria.trainer import Trainer
 
     trainer = Trainer(config, run_dir, morphogenetic=morphogenetic, progress="none")
     trainer.prepare()
     trainer.start()
+    clock = None if profiled else PhaseClock()
+    if clock is not None:
+        trainer.hooks.append(clock)
     profile = cProfile.Profile() if profiled else None
     cpu = time.process_time()
     if profile is not None:
@@ -49,6 +54,8 @@ def _run(config, run_dir: Path, morphogenetic: bool, profiled: bool) -> tuple[di
     if profile is not None:
         profile.disable()
     summary["cpu_s"] = time.process_time() - cpu
+    if clock is not None:
+        summary["phases"] = clock.summary(summary["cpu_s"])
     return summary, pstats.Stats(profile) if profile is not None else None
 
 
@@ -99,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
             row |= {"unprofiled_esper_wall_s": esper_u["wall_s"], "unprofiled_static_wall_s": static_u["wall_s"],
                     "unprofiled_esper_cpu_s": esper_u["cpu_s"], "unprofiled_static_cpu_s": static_u["cpu_s"],
                     "unprofiled_ratio": _per_flop_ratio(esper_u, static_u, "wall_s"),
-                    "unprofiled_cpu_ratio": _per_flop_ratio(esper_u, static_u, "cpu_s")}
+                    "unprofiled_cpu_ratio": _per_flop_ratio(esper_u, static_u, "cpu_s"),
+                    "esper_phases": esper_u["phases"], "static_phases": static_u["phases"]}
         rounds.append(row)
         esper_fns.append(_esper_functions(e_stats))
         static_fns.append(_esper_functions(s_stats))
@@ -144,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
                          f"{r['unprofiled_ratio']:.2f}x | {r['unprofiled_cpu_ratio']:.2f}x |")
         lines += ["", f"Median without the profiler: wall **{report['unprofiled_ratio_median']:.2f}x**, CPU "
                   f"**{report['unprofiled_cpu_ratio_median']:.2f}x**.", ""]
+        lines += _phase_lines(rounds[-1])
     lines += [
               "Where the Esper run spends its time (cumulative seconds of `esper` functions, last round; a "
               "function's time includes what it calls):", "",
@@ -157,6 +166,25 @@ def run(args: argparse.Namespace) -> int:
         Path(f"{args.output}.md").write_text(text)
         Path(f"{args.output}.json").write_text(json.dumps(report, indent=2))
     return 0
+
+
+def _phase_lines(r: dict[str, Any]) -> list[str]:
+    """The last unprofiled pair's CPU time per step by lifecycle phase, against the static run's step."""
+    static_step = statistics.median(p["median_s"] for p in r["static_phases"]["phases"].values())
+    lines = ["CPU time per training step of the last unprofiled Esper run, by the lifecycle states of its "
+             "seeds at that step (esper.bench.wall_phases; the first step of each epoch is left out, it carries "
+             f"the epoch boundary), against the static run's median step ({1e3 * static_step:.3f} ms):", "",
+             "| seeds' states | steps | median step (ms) | x static step | CPU total (s) |", "|---|---|---|---|---|"]
+    for name, p in r["esper_phases"]["phases"].items():
+        lines.append(f"| {name} | {p['steps']} | {1e3 * p['median_s']:.3f} | {p['median_s'] / static_step:.2f}x | "
+                     f"{p['total_s']:.2f} |")
+    static_steps = sum(p["total_s"] for p in r["static_phases"]["phases"].values())
+    esper_steps = sum(p["total_s"] for p in r["esper_phases"]["phases"].values())
+    lines += ["", f"Timed steps: Esper {esper_steps:.2f} s, static {static_steps:.2f} s. The rest of `train()` (epoch "
+              f"boundaries: validation, controller, counterfactual, snapshots, statistics passes; the untimed first "
+              f"steps; the final test evaluation and checkpoint): Esper {r['esper_phases']['boundary_s']:.2f} s, "
+              f"static {r['static_phases']['boundary_s']:.2f} s.", ""]
+    return lines
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

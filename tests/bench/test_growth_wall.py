@@ -23,6 +23,14 @@ def test_growth_wall_reports_the_ratio_and_where_esper_spends_time(tmp_path):
     assert r["unprofiled_cpu_ratio"] == ((r["unprofiled_esper_cpu_s"] / r["esper_flops"])
                                          / (r["unprofiled_static_cpu_s"] / r["static_flops"]))
     assert report["unprofiled_cpu_ratio_median"] == r["unprofiled_cpu_ratio"]
+    # Per-phase step times: every timed step is filed once, and the rest is the boundaries' time.
+    for side in ("esper", "static"):
+        phases = r[f"{side}_phases"]
+        timed = sum(p["total_s"] for p in phases["phases"].values())
+        assert phases["boundary_s"] == r[f"unprofiled_{side}_cpu_s"] - timed
+        steps = sum(p["steps"] for p in phases["phases"].values())
+        assert 0 < steps < 4 * 10  # 4 epochs of 10 steps, the first step of each not timed
+    assert list(r["static_phases"]["phases"]) == ["all dormant"]
     assert r["esper_params"] > 0 and r["static_params"] > 0
     functions = [t["function"] for t in report["top"]]
     assert len(functions) == 10 and any("trainer.py" in f for f in functions)
