@@ -64,7 +64,7 @@ def bench_decisions(work_dir: Path, calls: int, warmup: int) -> dict[str, Any]:
     from esper.clients import TamiyoClient
     from esper.serving import ServerProcess
     from esper.tolaria.adaptation import RemoteController
-    from esper.tolaria.config import ServicesConfig
+    from esper.tolaria.services_config import ServicesConfig
 
     trainer, graph = real_graph_and_trainer(work_dir)
     policy = work_dir / "policy.yaml"
@@ -111,7 +111,7 @@ def bench_decisions(work_dir: Path, calls: int, warmup: int) -> dict[str, Any]:
                 if i >= warmup:
                     samples.append((time.perf_counter() - t0) * 1000)
                 controller.outbox.drain()
-                controller._decide_future.result(timeout=10)  # the worker finished that call
+                controller.decisions.future.result(timeout=10)  # the worker finished that call
             results["round_trip_tolaria"] = _summary_ms(samples)
         finally:
             controller.close()

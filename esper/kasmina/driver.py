@@ -53,6 +53,7 @@ class LifecycleDriver:
         listeners: Iterable[LifecycleListener] = (),
         min_contribution_per_site: dict[str, float] | None = None,
         counterfactual: RefitCounterfactual | None = None,
+        germination_grace: Callable[[str, int], int] | None = None,
     ) -> None:
         self.model = model
         self.config = config or LifecycleConfig()
@@ -64,8 +65,8 @@ class LifecycleDriver:
                                               else min_contribution_per_site)
         self.clock = LifecycleClock()
         # Extra epochs a GERMINATED seed may wait, e.g. the epochs the kernel's compiler was down
-        # (set by a controller that knows; (site name, seed index) -> epochs).
-        self.germination_grace: Callable[[str, int], int] | None = None
+        # (from a controller that knows; (site name, seed index) -> epochs).
+        self.germination_grace = germination_grace
         self.events: list[LifecycleEvent] = []
         self._listeners = list(listeners)
         self.sites: list[tuple[str, KasminaLayer]] = []

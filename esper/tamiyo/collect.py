@@ -93,6 +93,7 @@ def plan(tasks: list[str], seeds: list[int], behaviours: list[str], sizes: list[
 
 def _exploration_controller(spec: EpisodeSpec):
     from esper.tamiyo.exploration import EpsilonGreedyPolicy, RandomPolicy
+    from esper.tamiyo.rails import Controller
     from esper.tamiyo.recording import RecordingController
 
     eps = parse_behaviour(spec.behaviour)
@@ -101,8 +102,8 @@ def _exploration_controller(spec: EpisodeSpec):
         rails = controller.rails.cfg
         allowed = tuple(controller.policy.cfg.blueprints)  # the config's heuristic: its allowed blueprints
         explore = RandomPolicy(rails, seed=spec.seed * 1009 + 17, blueprints=allowed)
-        controller.policy = explore if eps is None else EpsilonGreedyPolicy(controller.policy, explore, eps, spec.seed)
-        return RecordingController(controller)
+        policy = explore if eps is None else EpsilonGreedyPolicy(controller.policy, explore, eps, spec.seed)
+        return RecordingController(Controller(policy, controller.rails))
 
     return wrap
 

@@ -82,13 +82,15 @@ class Episode:
 def run_episode(cfg: Any, run_dir: Path, wrap_controller: Callable[[Any], Any] | None = None) -> Episode:
     """Trains one run of `cfg` in `run_dir`; `wrap_controller(controller)` may replace the run's
     controller (e.g. by a `RecordingController` around an exploration policy)."""
+    from esper.tolaria.controllers import policy_controller
     from esper.tolaria.trainer import Trainer
 
-    trainer = Trainer(cfg, run_dir, morphogenetic=True, progress="none")
+    def controller(morph: Any, echo: Callable[[str], None]) -> Any:
+        return policy_controller(morph, echo, wrap=wrap_controller)
+
+    trainer = Trainer(cfg, run_dir, morphogenetic=True, progress="none", controller=controller)
     trainer.prepare()
-    if wrap_controller is not None:
-        trainer.morph.controller = wrap_controller(trainer.morph.controller)
     trainer.start()
     summary = trainer.train()
-    records = list(getattr(trainer.morph.controller, "records", []))
+    records = list(getattr(trainer.morph.controller.inner, "records", []))
     return Episode(summary, records, len(trainer.data.train), len(trainer.data.val), cfg.train.epochs)

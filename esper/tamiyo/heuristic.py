@@ -5,8 +5,8 @@
 2. Where: among DORMANT, non-embargoed seed slots, the one with the worst health from telemetry:
    need = gradient norm relative to the mean over candidate sites (the loss is most sensitive
    there) + dead fraction (capacity the host has lost there). Ties go to the shallower site.
-3. How (growth mode) and what: the options allowed by `growth_modes` that fit the budget left --
-   the largest blueprint ("branch", the rule from before growth modes), `width_units` (or
+3. How (growth mode) and what: the options allowed by `growth.modes` that fit the budget left --
+   the largest blueprint ("branch", the rule from before growth modes), `growth.width_units` (or
    `width_factor` x the current units, shrunk to fit the budget) new units ("width"), one identity
    block after the site ("depth") -- are scored by expected gain per FLOP, with the prior
    gain = need x sqrt(added parameters) (returns diminish with size; it is a prior, not a
@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from esper.kasmina.growth.config import GrowthConfig, units_to_add
+from esper.kasmina.growth.config import units_to_add
 from esper.lifecycle import SeedLifecycleState as S
 from esper.tamiyo.costs import SiteCost, budget_left, growth_options
 from esper.tamiyo.policy import (
@@ -112,9 +112,8 @@ class HeuristicPolicy:
         """(mode, cost, units, why) of the best option at `node`, or None if nothing fits."""
         wanted = 0
         if node.HasField("width") and node.width.units > 0:
-            growth = GrowthConfig(width_units=self.cfg.width_units, width_factor=self.cfg.width_factor)
-            wanted = units_to_add(growth, int(node.width.units))
-        options = [o for o in growth_options(node, self.cfg.growth_modes, self.cfg.blueprints, wanted,
+            wanted = units_to_add(self.cfg.growth, int(node.width.units))
+        options = [o for o in growth_options(node, self.cfg.growth.modes, self.cfg.blueprints, wanted,
                                              params_left, flops_left) if o.cost.flops > 0]
         branches = [o for o in options if o.mode == "branch"]
         if branches:

@@ -7,9 +7,10 @@ directly) or behind the TamiyoService gRPC server without translation.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from esper.kasmina.growth.config import GrowthConfig
 from esper.v1 import common_pb2
 
 ModelGraphState = common_pb2.ModelGraphState
@@ -55,11 +56,9 @@ class HeuristicConfig:
     grow_without_plateau: bool = False
     # Blueprints to choose from (empty: every catalog blueprint that fits the site).
     blueprints: tuple[str, ...] = ()
-    # Growth modes to choose from ("branch", "width"); width seeds add width_units units, or
-    # round(width_factor * current units) when width_units is 0.
-    growth_modes: tuple[str, ...] = ("branch",)
-    width_units: int = 0
-    width_factor: float = 1.0
+    # Growth modes to choose from (growth.modes) and the size of a width seed (growth.width_units,
+    # or growth.width_factor x the current units when width_units is 0).
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
 
 
 def make_decision(action: int, reason: str, version: str, layer: str = "", seed: int = 0,

@@ -20,8 +20,8 @@ import argparse
 import json
 import sys
 import typing
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from esper.tolaria import checkpoint as ckpt
 from esper.tolaria.config import (
@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace, config: Config) -> int:
-    from esper.tolaria.distributed import launch, launched_by_torchrun
+    from esper.tolaria.torchrun import launch, launched_by_torchrun
 
     if launched_by_torchrun():
         raise UsageError("--nproc inside a torchrun job; expected either --nproc N or torchrun, not both")
@@ -242,8 +242,16 @@ def _without_nproc(argv: list[str]) -> list[str]:
 class _NoServices:
     """Ranks other than 0 never talk to the services (rank 0 does, and broadcasts what matters)."""
 
-    def install(self, trainer) -> None:
+    server_metrics = None
+
+    def partition_cpus(self) -> None:
         pass
+
+    def controller_factory(self, morphogenetic: bool) -> None:
+        return None
+
+    def hooks(self) -> list:
+        return []
 
     def attach(self, trainer) -> None:
         pass
@@ -259,12 +267,19 @@ class _NoServices:
 
 
 def _run_rank(args: argparse.Namespace, config: Config, run_dir: Path, ranks, trainer_cls) -> int:
+    from esper.tolaria.monitors import Monitors
     from esper.tolaria.services import RunServices
 
-    services = RunServices(config, run_dir) if ranks.is_writer else _NoServices()
-    trainer = trainer_cls(config, run_dir, morphogenetic=not args.no_morphogenetic, verbose=args.verbose,
-                          progress=args.progress if ranks.is_writer else "none", resume=args.resume, ranks=ranks)
-    services.install(trainer)
+    services: Any = _NoServices()
+    monitors = Monitors(config.logging if ranks.is_writer else None, run_dir, lambda: services)
+    if ranks.is_writer:
+        services = RunServices(config, run_dir, server_metrics=monitors.server_metrics)
+    services.partition_cpus()
+    morphogenetic = not args.no_morphogenetic
+    trainer = trainer_cls(config, run_dir, morphogenetic=morphogenetic, verbose=args.verbose,
+                          progress=args.progress if ranks.is_writer else "none", resume=args.resume, ranks=ranks,
+                          controller=services.controller_factory(morphogenetic and config.morphogenetic),
+                          hooks=[*monitors.hooks, *services.hooks()])
     trainer.prepare()  # validates config, data, model and checkpoint; writes nothing
     if args.resume is None and not args.dry_run and _holds_run(run_dir):
         raise UsageError(
@@ -292,7 +307,7 @@ def _run_rank(args: argparse.Namespace, config: Config, run_dir: Path, ranks, tr
     if trainer.payload is not None:
         print(f"resuming from {trainer.payload['path']} (epoch {trainer.state.epoch}, step {trainer.state.global_step})",
               flush=True)
-    closers = install_monitors(trainer, services)
+    closers = monitors.start()
     try:
         with services:
             services.attach(trainer)
@@ -306,33 +321,6 @@ def _run_rank(args: argparse.Namespace, config: Config, run_dir: Path, ranks, tr
     return 0
 
 
-def install_monitors(trainer, services) -> list[Callable[[], object]]:
-    """The profiler (--profile) and the Prometheus endpoint (--metrics-port) as trainer hooks;
-    returns what to call after training (a profile window the run cut short is written then)."""
-    settings = trainer.config.logging
-    closers: list[Callable[[], object]] = []
-    if settings.profile_steps > 0:
-        from esper.tolaria.profiling import StepProfiler
-
-        profiler = StepProfiler(trainer.run_dir, settings.profile_steps, settings.profile_warmup_steps)
-        trainer.hooks.append(profiler)
-        closers.append(profiler.finish)
-    if settings.prometheus_port >= 0:
-        from esper.serving.metrics import ServerMetrics
-        from esper.tolaria.trainer_metrics import TrainerMetrics
-
-        def kernel_stats():
-            return services.remote.kernels.stats() if services.remote is not None else None
-
-        metrics = TrainerMetrics(kernel_stats, window_steps=settings.log_every_steps)
-        services.server_metrics = ServerMetrics(registry=metrics.registry)  # TolariaService's RPCs
-        endpoint = metrics.serve(settings.prometheus_host, settings.prometheus_port)
-        print(f"metrics: {endpoint.url}", flush=True)
-        trainer.hooks.append(metrics)
-        closers.append(metrics.close)
-    return closers
-
-
 def _holds_run(run_dir: Path) -> bool:
     return (run_dir / "summary.json").exists() or bool(ckpt.list_checkpoints(run_dir)) or (run_dir / "metrics.jsonl").exists()
 
@@ -343,7 +331,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from esper.tolaria.data import DataError
     from esper.tolaria.hosts import ModelConfigError
     from esper.tolaria.services import ServicesError
-    from esper.tolaria.trainer import ResumeError
+    from esper.tolaria.states import ResumeError
 
     return (ServicesError, ConfigError, UsageError, CheckpointError, DataError, ModelConfigError, ResumeError)
 
@@ -377,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         print("esper-train: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        from esper.tolaria.distributed import describe_rank_failure
+        from esper.tolaria.torchrun import describe_rank_failure
 
         message = describe_rank_failure(exc)
         if message is None:

@@ -72,32 +72,61 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
 
 
+def section_aliases(obj: Any) -> dict[str, str]:
+    """A schema's top-level sections that live inside another section: {section: "owner.field"}
+    (the class attribute ``SECTION_ALIASES``). Users write the section; its owner's field is the
+    one object, and it is not written a second time under the owner."""
+    return dict(getattr(type(obj), "SECTION_ALIASES", {}))
+
+
+def _resolve(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def merge(obj: Any, values: dict[str, Any], prefix: str) -> None:
     """Writes `values` (a nested dict) into the dataclass `obj`, checking names and types."""
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {type(values).__name__}")
     hints = typing.get_type_hints(type(obj))
     names = {f.name for f in dataclasses.fields(obj)}
+    aliases = section_aliases(obj)
     for name, value in values.items():
         key = f"{prefix}{name}"
+        if name in aliases:
+            merge(_resolve(obj, aliases[name]), value, f"{key}.")
+            continue
         if name not in names:
             raise ConfigError(
-                f"unknown config key '{key}'; expected one of: {', '.join(sorted(names))}"
+                f"unknown config key '{key}'; expected one of: {', '.join(sorted(names | set(aliases)))}"
             )
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
+            for alias, path in aliases.items():
+                owner, _, field_name = path.partition(".")
+                if owner == name and isinstance(value, dict) and field_name in value:
+                    raise ConfigError(f"{key}.{field_name}: this is the {alias} section; expected it written as "
+                                      f"{prefix}{alias} (e.g. {prefix}{alias}.<key>)")
             merge(getattr(obj, name), value, f"{key}.")
         else:
             setattr(obj, name, coerce(key, value, tp))
 
 
-def check_choices(obj: Any, prefix: str) -> None:
-    """Every Literal-typed field holds one of its values (defaults and environment included)."""
+def check_choices(obj: Any, prefix: str, skip: frozenset[str] = frozenset()) -> None:
+    """Every Literal-typed field holds one of its values (defaults and environment included);
+    fields named in `skip` are left out (an aliased section is checked under its alias)."""
     hints = typing.get_type_hints(type(obj))
+    aliases = section_aliases(obj)
+    for alias, path in aliases.items():
+        check_choices(_resolve(obj, path), f"{prefix}{alias}.")
     for f in dataclasses.fields(obj):
+        if f.name in skip:
+            continue
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            check_choices(value, f"{prefix}{f.name}.")
+            hidden = frozenset(p.partition(".")[2] for p in aliases.values() if p.partition(".")[0] == f.name)
+            check_choices(value, f"{prefix}{f.name}.", hidden)
         elif typing.get_origin(hints[f.name]) is Literal:
             coerce(f"{prefix}{f.name}", value, hints[f.name])
 

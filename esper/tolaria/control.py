@@ -65,6 +65,11 @@ class RunControl:
 
     # ------------------------------------------------------------ trainer side (training thread)
 
+    def mark_started(self) -> None:
+        """The run starts now (its server is up, training follows): the status's start time."""
+        with self._lock:
+            self._status.start_time.GetCurrentTime()
+
     def update_status(self, **values: Any) -> None:
         """Set RunStatus fields (names as in the proto)."""
         with self._lock:

@@ -242,6 +242,17 @@ def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     return ds
 
 
+def reshape_dataset(ds: Dataset, shape: tuple[int, ...]) -> Dataset:
+    """`ds` with its samples viewed in the model's input shape (the same tensors when it fits)."""
+
+    def view(split: Split) -> Split:
+        return Split(split.x.reshape(split.x.shape[0], *shape), split.y)
+
+    if tuple(ds.input_shape) == tuple(shape):
+        return ds
+    return Dataset(ds.name, view(ds.train), view(ds.val), view(ds.test), ds.num_classes, tuple(shape), ds.mean, ds.std)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The permutation of the training set used in `epoch` (a pure function of seed and epoch)."""
     return torch.randperm(n, generator=_split_generator(seed, 10_000 + epoch))

@@ -30,9 +30,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
-from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -53,47 +50,9 @@ from esper.tolaria.replicas import (
     replica_digests,
     seed_layers,
 )
+from esper.tolaria.torchrun import launched_by_torchrun
 
 DEFAULT_TIMEOUT_S = 30.0
-
-
-def launched_by_torchrun() -> bool:
-    """True inside a process that torchrun (or any launcher setting WORLD_SIZE > 1) started."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def launch(nproc: int, argv: Sequence[str]) -> int:
-    """Runs `esper-train argv` as `nproc` ranks under torchrun on this machine; returns its exit status."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc-per-node", str(nproc), "--max-restarts", "0", "-m", "esper.tolaria.cli", *argv]
-    env = dict(os.environ)
-    # torchrun would otherwise warn and default to 1; RankGroup.start sets the real value per rank.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    try:
-        return subprocess.run(cmd, env=env).returncode
-    except KeyboardInterrupt:  # torchrun got the same SIGINT and stops the ranks itself
-        return 130
-
-
-def describe_rank_failure(exc: BaseException) -> str | None:
-    """The one-line message of a rank that stops because the job cannot go on, else None.
-
-    A dead peer surfaces in the survivors as an error of whichever collective they were in
-    (gloo: connection closed or reset; any backend: the collective timeout).
-    """
-    if not launched_by_torchrun():
-        return None
-    where = f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')}"
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    if isinstance(exc, DistributedError):
-        return f"{where}: {first}"
-    if isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError) and any(
-            word in str(exc) for word in ("Connection closed", "Connection reset", "Timed out", "timed out",
-                                          "Broken pipe", "gloo", "NCCL"))):
-        return (f"{where}: a collective failed: another rank stopped or cannot be reached "
-                f"({type(exc).__name__}: {first}); the job stops. Continue from the last checkpoint "
-                "with --resume auto")
-    return None
 
 
 def _is_seed_table(name: str) -> bool:
@@ -204,10 +163,10 @@ class RankGroup:
 
     # ------------------------------------------------------------------ the model
 
-    def attach(self, trainer: Any) -> None:
-        """After the model and the controller exist: decisions come from rank 0 only."""
-        if self.active and trainer.morph is not None:
-            trainer.morph.controller = BroadcastDecisions(trainer.morph.controller, self)
+    def controller(self, controller: Any) -> Any:
+        """The controller this rank's morphogenesis uses: under torchrun, rank 0's decisions
+        (`controller` decides on rank 0 only), broadcast to every rank; else `controller` itself."""
+        return BroadcastDecisions(controller, self) if self.active else controller
 
     def broadcast_model(self, model: nn.Module, buffers: bool = True) -> None:
         """Parameters (and buffers) of rank 0 on every rank: at start, after a resume, after growth."""

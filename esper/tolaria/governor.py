@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from esper.tolaria.config import GovernorConfig
+from esper.tolaria.states import StateRegistry
 
 
 class Governor:
@@ -79,6 +81,22 @@ class Governor:
         self.ema_var = 0.0
         self.seen = 0
         return copy.deepcopy({k: v for k, v in snap.items() if k != "model"})
+
+    def roll_back(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, states: StateRegistry,
+                  rebuild_groups: Callable[[list[str]], None]) -> bool:
+        """Restores the snapshot: the model, the states registered for the snapshot, the seed
+        groups (`rebuild_groups(order)`) and the optimizer's state when its groups match (else it
+        starts afresh). False when there is no snapshot."""
+        snap = self.restore(model)
+        if snap is None:
+            return False
+        states.load_state_dict(snap["extra"], source="the governor's snapshot", snapshot=True)
+        rebuild_groups(snap["groups"])
+        if [g.get("name") for g in optimizer.param_groups] == snap["groups"]:
+            optimizer.load_state_dict(snap["optimizer"])
+        else:
+            optimizer.state.clear()
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {"ema": self.ema, "ema_var": self.ema_var, "seen": self.seen, "rollbacks": self.rollbacks}

@@ -1,8 +1,10 @@
 """The trainer's extension points: `TrainerHook`, called on the training thread between steps.
 
-A hook never waits on the network (the remote controller and the Tolaria server's hooks hand work
-to their own threads). `after_step` / `after_epoch` returning True ends the run gracefully (a
-Stop request); `before_restore` sees a checkpoint's payload before the model loads it.
+Hooks are given to the trainer's constructor (`Trainer(hooks=...)`); the run's controller
+(`esper.tolaria.controllers.Controller`) is always the first. A hook never waits on the network
+(the remote controller and the Tolaria server's hooks hand work to their own threads).
+`after_step` / `after_epoch` returning True ends the run gracefully (a Stop request);
+`before_restore` sees a checkpoint's payload before the model loads it.
 """
 
 from __future__ import annotations

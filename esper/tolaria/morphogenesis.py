@@ -26,13 +26,13 @@ from torch import nn
 from esper.kasmina import KasminaLayer, LifecycleDriver, seed_sites, wrap
 from esper.kasmina.lifecycle import ACTIVE_STATES, LifecycleEvent
 from esper.lifecycle import SeedLifecycleState as S
-from esper.tamiyo.settings import policy_settings_from_mapping
-from esper.tolaria.config import Config, ConfigError, policy_config
+from esper.tolaria.config import Config, ConfigError
+from esper.tolaria.controllers import Controller, policy_controller
+from esper.tolaria.graph_state import model_graph_state, probe_output_shapes
 from esper.tolaria.growth_modes import RunGrowth
 from esper.tolaria.hosts import count_parameters, forward_flops_per_sample
 from esper.v1 import common_pb2
 
-IN_FLIGHT = frozenset({S.GERMINATED, S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
 # In-flight states whose seed changes the host's output (`h + alpha * s`). GERMINATED has no module
 # and TRAINING is straight-through (exactly `h`), so neither can cause a loss anomaly.
 BLENDED = frozenset({S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
@@ -63,7 +63,13 @@ class Morphogenesis:
     """Seeds of one run; `enabled=False` keeps the seed sites but never germinates (the baseline)."""
 
     def __init__(self, host: nn.Module, cfg: Config, run_id: str, input_shape: tuple[int, ...],
-                 device: torch.device, params_initial: int, flops_initial: float, enabled: bool) -> None:
+                 device: torch.device, params_initial: int, flops_initial: float, enabled: bool,
+                 controller: Callable[[Morphogenesis], Controller] | None = None, steps_per_epoch: int = 1,
+                 total_steps: int = 0) -> None:
+        """`controller(self)` builds the run's controller once the seed sites exist (it may need
+        them); by default the in-process policy of the config's ``controller`` section.
+        `total_steps`: steps of the whole run (0 = unknown): germinations whose lifecycle cannot
+        reach a verdict in the steps left are refused (see LifecycleDriver.can_finish)."""
         self.cfg = cfg
         self.run_id = run_id
         self.enabled = enabled
@@ -87,18 +93,13 @@ class Morphogenesis:
         if per_site_unknown:
             raise ConfigError(f"lifecycle.min_contribution_per_site: {per_site_unknown} are not seed sites; expected some of {sites}")
         self._evaluate_acc: Callable[[], float] = lambda: 0.0
-        self.driver = LifecycleDriver(self.model, cfg.lifecycle, evaluate=lambda: self._evaluate_acc())
+        self.driver = LifecycleDriver(self.model, cfg.lifecycle, evaluate=lambda: self._evaluate_acc(),
+                                      germination_grace=self._germination_grace)
         self.driver.add_listener(self._on_event)
-        self.output_shapes = self._probe_output_shapes()
-        # The same policy and rails Tamiyo builds from this run's policy config.
-        try:
-            self.controller = policy_settings_from_mapping(policy_config(cfg)).controller(flops_initial)
-        except ValueError as exc:  # e.g. a learned policy that cannot be loaded
-            raise ConfigError(f"controller: {exc}") from None
-        self.steps_per_epoch = 1
-        # Steps of the whole run (set by the trainer; 0 = unknown): germinations whose lifecycle
-        # cannot reach a verdict in the steps left are refused (see LifecycleDriver.can_finish).
-        self.total_steps = 0
+        self.output_shapes = probe_output_shapes(self.model, self.driver.sites, self.input_shape, self.device)
+        self.controller: Controller = (controller or policy_controller)(self)
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
         self.refused: list[dict[str, Any]] = []
         self._adaptations: list[dict[str, Any]] = []
         self._timeline: list[dict[str, Any]] = [
@@ -111,11 +112,9 @@ class Morphogenesis:
         self.lifecycle_changed = False
         # Set by the trainer under --verbose: prints every lifecycle transition as it happens.
         self.echo: Callable[[str], None] | None = None
-        # Set by esper.tolaria.adaptation.RemoteController: germinates awaiting a compiled kernel.
-        self.germinate_hook: Callable[[KasminaLayer, common_pb2.AdaptationDecision], None] | None = None
         self._flops_cache: tuple[tuple, float] | None = None
         # Validation accuracy per epoch, for the accuracy trend learned policies read.
-        self._accuracy_history: list[float] = []
+        self.accuracy_history: list[float] = []
         if enabled:
             for _, layer in self.driver.sites:
                 layer.set_telemetry_probe(True)  # the controller needs health of dormant sites too
@@ -145,26 +144,9 @@ class Morphogenesis:
             path.unlink()
         self._event_log = path.open("a")
 
-    def _probe_output_shapes(self) -> dict[str, list[int]]:
-        shapes: dict[str, list[int]] = {}
-        hooks = [layer.register_forward_hook(
-            lambda mod, args, out, name=name: shapes.__setitem__(name, [-1, *out.shape[1:]]))
-            for name, layer in self.driver.sites]
-        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
-        was_training = self.model.training
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                self.model(torch.zeros((2, *self.input_shape), device=self.device))
-        finally:
-            for h in hooks:
-                h.remove()
-            with torch.no_grad():
-                for n, b in self.model.named_buffers():
-                    if n in buffers:
-                        b.copy_(buffers[n])
-            self.model.train(was_training)
-        return shapes
+    def _germination_grace(self, layer: str, seed: int) -> int:
+        """Epochs the driver adds to a germinating seed's timeout: the controller knows (outages)."""
+        return self.controller.germination_grace(layer, seed)
 
     def _on_event(self, event: LifecycleEvent) -> None:
         self.lifecycle_changed = True
@@ -206,8 +188,8 @@ class Morphogenesis:
         self.driver.set_position(global_step, epoch)
         self.driver.end_epoch(baseline=val_acc)
         if self.growth is not None and self.growth.merge_fossilized():
-            self.output_shapes = self._probe_output_shapes()
-        self._accuracy_history.append(val_acc)
+            self.output_shapes = probe_output_shapes(self.model, self.driver.sites, self.input_shape, self.device)
+        self.accuracy_history.append(val_acc)
         if self.enabled:
             state = self.graph_state(epoch + 1, global_step, total_epochs, train_loss, val_loss, val_acc, history)
             for decision in self.controller.decide(state):
@@ -228,7 +210,7 @@ class Morphogenesis:
         return flops
 
     def apply_decision(self, d: common_pb2.AdaptationDecision, epoch: int) -> float:
-        """Carry out one controller decision (germinate through `germinate_hook` when one is set);
+        """Carry out one controller decision (a branch seed germinates through the controller);
         returns the FLOPs it spent (a width seed's statistics pass), which are also added to the
         growth FLOPs the next `epoch_end` reports (decisions the remote controller applies between
         epoch boundaries included). Raises IllegalTransitionError / BlueprintError / GrowthError
@@ -263,10 +245,8 @@ class Morphogenesis:
                 if mode == "width" and self.growth.direct_width:
                     self._record_direct_growth(epoch, count_parameters(self.model) - params_before)
                     return flops
-            elif self.germinate_hook is not None:
-                self.germinate_hook(layer, d)
             else:
-                layer.germinate(d.seed_index, d.blueprint_id, reason=d.reason)
+                self.controller.germinate(layer, d)
             self._adaptations[-1]["parameters"] = sum(p.numel() for p in layer.seed_parameters(d.seed_index))
         elif action == common_pb2.DECISION_ACTION_CULL:
             layer.cull(d.seed_index, f"controller: {d.reason}")
@@ -281,7 +261,7 @@ class Morphogenesis:
         record = self._adaptations[-1]
         record.update(outcome="fossilized", resolved_epoch=float(epoch), parameters=parameters,
                       reason="merged at once (growth.width_lifecycle: direct)")
-        self.output_shapes = self._probe_output_shapes()
+        self.output_shapes = probe_output_shapes(self.model, self.driver.sites, self.input_shape, self.device)
         if self._event_log is not None:
             self._event_log.write(json.dumps({
                 "step": self.driver.global_step, "epoch": float(epoch), "layer": record["layer"], "seed": -1,
@@ -291,53 +271,8 @@ class Morphogenesis:
 
     def graph_state(self, epoch: int, global_step: int, total_epochs: int, train_loss: float, val_loss: float,
                     val_acc: float, history: list[float]) -> common_pb2.ModelGraphState:
-        """The ModelGraphState Tamiyo sees: one node per seed slot, edges in forward order."""
-        msg = common_pb2.ModelGraphState(run_id=self.run_id)
-        previous: list[str] = []
-        for depth, (name, layer) in enumerate(self.driver.sites):
-            kind = type(layer.host).__name__.lower()
-            current = []
-            for row in layer.seed_table():
-                node_id = f"{name}[{row.seed}]"
-                node = msg.nodes.add(node_id=node_id, layer_name=name, layer_kind=kind, depth=depth)
-                node.seed.CopyFrom(row.to_proto())
-                node.output_shape.dims.extend(self.output_shapes.get(name, []))
-                width = self.growth.width_site(name) if self.growth is not None else None
-                if width is not None:
-                    node.width.CopyFrom(width)
-                deepen = self.growth.depth_site(name) if self.growth is not None else None
-                if deepen is not None:
-                    node.deepen.CopyFrom(deepen)
-                current.append(node_id)
-            for src in previous:
-                for dst in current:
-                    msg.edges.add(source_node_id=src, target_node_id=dst)
-            previous = current
-        params = count_parameters(self.model)
-        flops = self.eval_flops_per_sample()
-        ctl = self.cfg.controller
-        param_frac = (params - self.params_initial) / max(1e-12, ctl.parameter_budget * self.params_initial)
-        flop_frac = (flops - self.flops_initial) / max(1e-12, ctl.compute_budget * self.flops_initial)
-        sig = msg.signals
-        sig.epoch = epoch
-        sig.total_epochs = total_epochs
-        sig.global_step = global_step
-        sig.train_loss = train_loss
-        sig.val_loss = val_loss
-        sig.val_accuracy = val_acc
-        sig.val_loss_history.extend(history)
-        sig.parameter_count = params
-        sig.initial_parameter_count = self.params_initial
-        sig.initial_flops_per_sample = float(self.flops_initial)
-        sig.val_accuracy_history.extend(self._accuracy_history)
-        sig.parameter_budget_left = min(1.0, max(0.0, 1.0 - param_frac))
-        sig.compute_budget_left = min(1.0, max(0.0, 1.0 - flop_frac))
-        sig.parameter_budget = ctl.parameter_budget
-        sig.compute_budget = ctl.compute_budget
-        sig.active_adaptations = sum(1 for _, layer in self.driver.sites for i in range(layer.num_seeds)
-                                     if layer.state_of(i) in IN_FLIGHT)
-        msg.create_time.GetCurrentTime()
-        return msg
+        """The ModelGraphState Tamiyo sees (see `esper.tolaria.graph_state`)."""
+        return model_graph_state(self, epoch, global_step, total_epochs, train_loss, val_loss, val_acc, history)
 
     # ---------------------------------------------------------------- governor support
 
@@ -442,7 +377,7 @@ class Morphogenesis:
             "timeline": [dict(r) for r in self._timeline],
             "clock": {"global_step": self.driver.global_step, "epoch": self.driver.epoch},
             "growth": self.growth.state_dict() if self.growth is not None else None,
-            "accuracy_history": list(self._accuracy_history),
+            "accuracy_history": list(self.accuracy_history),
         }
 
     def restore_structure(self, state: dict[str, Any]) -> None:
@@ -456,14 +391,14 @@ class Morphogenesis:
                 self.growth.restore_structure(recorded)
             except ValueError as exc:
                 raise ConfigError(f"growth.modes: {exc}") from None
-            self.output_shapes = self._probe_output_shapes()
+            self.output_shapes = probe_output_shapes(self.model, self.driver.sites, self.input_shape, self.device)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controller.load_state_dict(state["controller"])
         self._adaptations = [dict(r) for r in state["adaptations"]]
         self._timeline = [dict(r) for r in state["timeline"]]
         self.driver.set_position(state["clock"]["global_step"], state["clock"]["epoch"])
-        self._accuracy_history = list(state.get("accuracy_history", []))  # absent in older checkpoints
+        self.accuracy_history = list(state.get("accuracy_history", []))  # absent in older checkpoints
         self._flops_cache = None
 
 

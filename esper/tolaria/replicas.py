@@ -129,6 +129,12 @@ class BroadcastDecisions:
                 "expected every rank at the same step")
         return [common_pb2.AdaptationDecision.FromString(b) for b in blobs]
 
+    def germinate(self, layer: Any, decision: common_pb2.AdaptationDecision) -> None:
+        self.inner.germinate(layer, decision)
+
+    def germination_grace(self, layer: str, seed: int) -> int:
+        return self.inner.germination_grace(layer, seed)
+
     def state_dict(self) -> dict[str, Any]:
         return self.inner.state_dict()
 
@@ -136,6 +142,15 @@ class BroadcastDecisions:
         # Only rank 0's controller decides; the others' may even be of another kind (remote).
         if self.group.is_writer:
             self.inner.load_state_dict(state)
+
+    def before_restore(self, payload: dict[str, Any]) -> None:
+        self.inner.before_restore(payload)
+
+    def after_step(self, trainer: Any, epoch: int, loss: float) -> bool:
+        return self.inner.after_step(trainer, epoch, loss)
+
+    def after_epoch(self, trainer: Any, epoch: int, record: Any) -> bool:
+        return self.inner.after_epoch(trainer, epoch, record)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)

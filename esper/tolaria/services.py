@@ -1,6 +1,6 @@
 """The services of a training run: start or find them, watch them, wire them into the trainer.
 
-``services.mode`` (see `esper.tolaria.config.ServicesConfig`):
+``services.mode`` (see `esper.tolaria.services_config.ServicesConfig`):
 
 - ``local`` (default): Urza, Oona, Tezzeret and Tamiyo are started as child processes on
   loopback with ephemeral ports by `esper.local_stack.LocalStack` (the same launcher as
@@ -13,8 +13,9 @@
   service that is down is a warning: adaptation waits for it, training does not).
 - ``off``: no services; the in-process controller (the fast path used by most tests).
 
-`RunServices.attach(trainer)` installs the `RemoteController` (as the morphogenesis controller)
-and the Tolaria server's `RunControl` as trainer boundary hooks.
+The trainer is built with what `RunServices` gives it: `controller_factory` (the
+`RemoteController`, built once the model is wrapped) and `hooks` (the Tolaria server's
+`ServedRunHooks`); `RunServices.attach(trainer)` then connects the controller and starts the server.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ from typing import Any
 import yaml
 
 from esper.durable import write_json_atomic
-from esper.tolaria.config import SERVICE_NAMES, Config, policy_config
+from esper.tolaria.adaptation.timing import step_time_stats
+from esper.tolaria.config import Config, policy_config
+from esper.tolaria.controllers import Controller, ControllerFactory
+from esper.tolaria.hooks import TrainerHook
+from esper.tolaria.services_config import SERVICE_NAMES
 
 log = logging.getLogger("esper.tolaria.services")
 
@@ -45,7 +50,7 @@ class ServicesError(RuntimeError):
 class RunServices:
     """The services of one run (see module doc). Use as a context manager or start()/stop()."""
 
-    def __init__(self, cfg: Config, run_dir: Path, echo: Callable[[str], None] = print):
+    def __init__(self, cfg: Config, run_dir: Path, echo: Callable[[str], None] = print, server_metrics: Any = None):
         self.cfg = cfg
         self.mode = cfg.services.mode
         self.run_dir = Path(run_dir)
@@ -58,8 +63,8 @@ class RunServices:
         self.remote = None
         self.tolaria = None
         self.control = None
-        # Set by esper-train under --metrics-port: the Tolaria server's RPCs join the trainer's /metrics.
-        self.server_metrics = None
+        # esper-train under --metrics-port: the Tolaria server's RPCs join the trainer's /metrics.
+        self.server_metrics = server_metrics
         # services.cpus (local mode): the training thread's CPUs and the services' (esper.cpus).
         self.partition = None
         self._restore_cpus: tuple[set[int], int] | None = None
@@ -211,11 +216,30 @@ class RunServices:
 
     # ------------------------------------------------------------------ trainer wiring
 
-    def install(self, trainer: Any) -> None:
-        """Before `trainer.prepare()`: the remote controller is created with the model (no network yet)."""
-        self.partition_cpus()
-        if self.mode != "off" and trainer.morphogenetic:
-            trainer.setup_hooks.append(self._install_remote)
+    def controller_factory(self, morphogenetic: bool) -> ControllerFactory | None:
+        """The trainer's controller factory: the remote controller when the run has services and
+        grows (built with the model, no network yet; `attach` connects it), else None (in process)."""
+        if self.mode == "off" or not morphogenetic:
+            return None
+        return self._remote_controller
+
+    def _remote_controller(self, morph: Any, echo: Callable[[str], None]) -> Controller:
+        from esper.tolaria.adaptation import RemoteController
+
+        self.remote = RemoteController(morph, self.cfg.services, self.run_dir, echo=echo)
+        return self.remote
+
+    def hooks(self) -> list[TrainerHook]:
+        """The trainer hooks of the run's Tolaria server (``services.tolaria_port`` >= 0): they keep
+        its status current and serve its requests; `attach` starts the server."""
+        if self.cfg.services.tolaria_port < 0:
+            return []
+        from esper.tolaria.control import RunControl
+        from esper.tolaria.server import ServedRunHooks
+
+        if self.control is None:
+            self.control = RunControl(self.cfg.run_name, str(self.run_dir), self.cfg.train.epochs)
+        return [ServedRunHooks(self.control)]
 
     def attach(self, trainer: Any) -> None:
         """After `start()`: connect the remote controller, start the Tolaria server, resume pending kernels.
@@ -228,7 +252,7 @@ class RunServices:
             self._attach(trainer)
 
     def _attach(self, trainer: Any) -> None:
-        from esper.tolaria.server import RunControl, ServedRunHooks, TolariaServer
+        from esper.tolaria.server import TolariaServer
 
         svc = self.cfg.services
         if self.remote is not None:
@@ -239,8 +263,8 @@ class RunServices:
                 ctl = self.cfg.controller
                 self.remote.prefetch_first_kernels(self.cfg.seeds.blueprints or ctl.blueprints,
                                                    ctl.parameter_budget, ctl.compute_budget)
-        if svc.tolaria_port >= 0:
-            self.control = RunControl(self.cfg.run_name, str(self.run_dir), self.cfg.train.epochs)
+        if self.control is not None:
+            self.control.mark_started()
             self.tolaria = TolariaServer(self.control, port=svc.tolaria_port, auth_token=svc.token(),
                                          tls_cert_file=svc.tolaria_tls_cert or None,
                                          tls_key_file=svc.tolaria_tls_key or None, metrics=self.server_metrics)
@@ -248,18 +272,10 @@ class RunServices:
             (self.run_dir / "services").mkdir(parents=True, exist_ok=True)
             (self.run_dir / "services" / "tolaria.address").write_text(address + "\n")
             self.echo(f"tolaria server at {address}")
-            trainer.hooks.append(ServedRunHooks(self.control))
             if self.remote is not None:
                 self.remote.on_status_change(
                     lambda paused, reason: self.control.update_status(adaptation_paused=paused,
                                                                       paused_reason=reason))
-
-    def _install_remote(self, trainer: Any) -> None:
-        from esper.tolaria.adaptation import RemoteController
-
-        self.remote = RemoteController(trainer.morph, self.cfg.services, self.run_dir, echo=trainer.display_line)
-        trainer.morph.controller = self.remote
-        trainer.hooks.insert(0, self.remote)
 
     def report(self) -> dict[str, Any]:
         """What the run's summary records about the services."""
@@ -374,28 +390,3 @@ def services_command(cfg: Config, run_dir: Path, check: bool) -> int:
         return 0
     finally:
         services.stop()
-
-
-def step_time_stats(samples: list[tuple[float, str, int]]) -> dict[str, Any]:
-    """Median, p95 and slowest step (ms): overall, with no kernel in flight, while Tezzeret compiled
-    a kernel for the run, and while the trainer downloaded and loaded one; the ten slowest steps."""
-    import statistics
-
-    def stats(values: list[float]) -> dict[str, float]:
-        if not values:
-            return {"n": 0}
-        ordered = sorted(values)
-        return {"n": len(values), "median_ms": statistics.median(values) * 1000,
-                "p95_ms": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] * 1000,
-                "max_ms": ordered[-1] * 1000}
-
-    everything = [dt for dt, _, _ in samples]
-    out: dict[str, Any] = {"all": stats(everything)}
-    for key, phase in (("no_adaptation", ""), ("during_compile", "compile"), ("during_load", "load")):
-        values = [dt for dt, p, _ in samples if p == phase]
-        out[key] = stats(values)
-        if everything and values and key != "no_adaptation":
-            out[f"max_{key}_over_median"] = max(values) / statistics.median(everything)
-    out["slowest"] = [{"step": step, "ms": dt * 1000, "phase": phase or "none"}
-                      for dt, phase, step in sorted(samples, reverse=True)[:10]]
-    return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from esper.tolaria import checkpoint as ckpt
-from esper.tolaria.config import Config, ConfigError, architecture_of, from_dict, to_dict, to_yaml
+from esper.tolaria.config import Config, architecture_of, to_dict, to_yaml
+from esper.tolaria.controllers import Controller, ControllerFactory, policy_controller
 from esper.tolaria.data import (
     Dataset,
     eval_batches,
     load_dataset,
     num_train_batches,
+    reshape_dataset,
     train_batches,
 )
 from esper.tolaria.distributed import RankGroup
@@ -31,65 +33,30 @@ from esper.tolaria.governor import Governor
 from esper.tolaria.hooks import TrainerHook
 from esper.tolaria.hosts import build_host, count_parameters, forward_flops_per_sample, model_input_shape
 from esper.tolaria.loggers import RunLoggers, build_loggers
+from esper.tolaria.resume import check_architecture, find_resume_payload
+from esper.tolaria.run_state import EpochRecord, RunState
+from esper.tolaria.runtime import resolve_device, seed_everything
 from esper.tolaria.schedule import LRSchedule, build_optimizer
 from esper.tolaria.seed_groups import sync_seed_groups
-
-
-class ResumeError(ValueError):
-    """A resume that cannot continue this run (foreign checkpoint, architecture changed)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when available else cpu; asking for cuda without one is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: 'cuda' was requested but no CUDA device is available; expected auto or cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    """Seeds torch (CPU and CUDA) and makes cuDNN deterministic."""
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-@dataclass
-class EpochRecord:
-    epoch: int
-    train_loss: float
-    train_acc: float
-    val_loss: float
-    val_acc: float
-    lr: float
-    params: int
-    wall_s: float
-
-
-@dataclass
-class RunState:
-    """Counters of the run that a checkpoint carries besides the tensors."""
-
-    epoch: int = 0  # epochs completed
-    global_step: int = 0
-    best_val_loss: float = float("inf")
-    best_val_acc: float = 0.0
-    epochs_without_improvement: int = 0
-    train_flops: float = 0.0
-    eval_flops: float = 0.0
-    growth_flops: float = 0.0
-    wall_s: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
+from esper.tolaria.states import (
+    Attribute,
+    ModelState,
+    OptimizerGroups,
+    RngState,
+    StateRegistry,
+)
+from esper.tolaria.summary import run_summary
 
 
 class Trainer:
     """Runs one training job; see `esper.tolaria.cli` for the command line around it."""
 
     def __init__(self, config: Config, run_dir: Path, morphogenetic: bool = True, verbose: bool = False,
-                 progress: str = "auto", resume: str | None = None, ranks: RankGroup | None = None) -> None:
+                 progress: str = "auto", resume: str | None = None, ranks: RankGroup | None = None,
+                 controller: ControllerFactory | None = None, hooks: Sequence[TrainerHook] = ()) -> None:
+        """`controller` builds the run's controller once the model is wrapped (default: the config's
+        policy in process, `esper.tolaria.controllers.policy_controller`); `hooks` are called after
+        the controller, in order, on the training thread (see `esper.tolaria.hooks`)."""
         self.config = config
         # This process's place in a torchrun job (esper.tolaria.distributed); one process by default.
         self.ranks = ranks if ranks is not None else RankGroup()
@@ -102,23 +69,20 @@ class Trainer:
         self.payload: dict[str, Any] | None = None
         self.morph = None
         self._display = None
-        # Extension points (esper.tolaria.hooks.TrainerHook: esper.tolaria.server.ServedRunHooks,
-        # esper.tolaria.adaptation.RemoteController), called on the training thread.
-        self.hooks: list[TrainerHook] = []
+        self.controller_factory: ControllerFactory = controller or policy_controller
+        # Extension points (esper.tolaria.hooks.TrainerHook: the profiler, the Prometheus metrics,
+        # esper.tolaria.server.ServedRunHooks); prepare() puts the run's controller first.
+        self.hooks: list[TrainerHook] = list(hooks)
         self.stop_requested = False
-        # Called in prepare() once the model is wrapped, before a checkpoint is restored (the
-        # services wiring installs the remote controller there); hooks with `before_restore`
-        # see the checkpoint payload before the model loads it.
-        self.setup_hooks: list[Any] = []
 
     # ------------------------------------------------------------------ setup
 
     def prepare(self) -> None:
         """Validates everything and builds the model, data and optimizer; writes nothing."""
         cfg = self.config
-        self.payload = self._find_resume_payload()
+        self.payload = find_resume_payload(self.resume_spec, self.run_dir)
         if self.payload is not None:
-            self._check_architecture(self.payload)
+            check_architecture(self.payload, cfg)
         self.device = self.ranks.place(resolve_device(cfg.train.device))
         self.ranks.check_global_batch(cfg.data.batch_size)
         if cfg.train.torch_threads > 0:
@@ -126,10 +90,13 @@ class Trainer:
         seed_everything(cfg.train.seed)
         dataset = load_dataset(cfg.data, cfg.train.seed)
         self.input_shape = model_input_shape(cfg.model, dataset.input_shape)
-        self.data: Dataset = _reshape_dataset(dataset, self.input_shape).to(self.device)
+        self.data: Dataset = reshape_dataset(dataset, self.input_shape).to(self.device)
         self.model = build_host(cfg.model, self.input_shape, self.data.num_classes).to(self.device)
         self.params_initial = count_parameters(self.model)
         self.host_flops = forward_flops_per_sample(self.model, self.input_shape, self.device)
+        self.steps_per_epoch = num_train_batches(len(self.data.train), cfg.data.batch_size)
+        total = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(total, cfg.train.max_steps) if cfg.train.max_steps > 0 else total
         from esper.tolaria.morphogenesis import Morphogenesis
 
         # The seeds are planted in every run (the baseline too) so both have the same architecture;
@@ -137,19 +104,14 @@ class Trainer:
         self.morph = Morphogenesis(
             self.model, cfg, run_id=cfg.run_name, input_shape=self.input_shape, device=self.device,
             params_initial=self.params_initial, flops_initial=self.host_flops, enabled=self.morphogenetic,
+            controller=self._build_controller, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
         )
         self.model = self.morph.model
-        if self.payload is not None:
-            self.morph.restore_structure(self.payload["morph"])  # merged width, before the optimizer
-        for setup in self.setup_hooks:
-            setup(self)
-        self.ranks.attach(self)
-        self.steps_per_epoch = num_train_batches(len(self.data.train), cfg.data.batch_size)
-        self.morph.steps_per_epoch = self.steps_per_epoch
-        total = cfg.train.epochs * self.steps_per_epoch
-        if cfg.train.max_steps > 0:
-            total = min(total, cfg.train.max_steps)
-        self.total_steps = total
+        # The controller is the first hook: it sees a checkpoint before the model loads it and
+        # applies what its services sent before the other hooks look at the step.
+        self.hooks.insert(0, self.morph.controller)
+        if self.payload is not None:  # merged width, before the optimizer (a missing state: see _restore)
+            self.morph.restore_structure(self.payload.get("morph", {}))
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         if self.morph.growth is not None:
             self.morph.growth.optimizer = self.optimizer
@@ -162,61 +124,36 @@ class Trainer:
         self.governor = Governor(cfg.governor)
         from esper.tolaria.counterfactual import build_counterfactual
 
-        self.morph.total_steps = self.total_steps
         self.morph.driver.counterfactual = build_counterfactual(self)
+        self.states = self._register_states()
         if self.payload is not None:
             self._restore(self.payload)
         self.ranks.broadcast_model(self.model)
 
-    def _find_resume_payload(self) -> dict[str, Any] | None:
-        spec = self.resume_spec
-        if spec is None:
-            return None
-        if spec == "auto":
-            latest = ckpt.latest_checkpoint(self.run_dir)
-            return None if latest is None else ckpt.load_checkpoint(latest)
-        return ckpt.load_checkpoint(Path(spec))
+    def _build_controller(self, morph: Any) -> Controller:
+        """The run's controller for `morph`; under torchrun, rank 0's decisions broadcast to all."""
+        return self.ranks.controller(self.controller_factory(morph, self.display_line))
 
-    def _check_architecture(self, payload: dict[str, Any]) -> None:
-        stored = payload.get("architecture")
-        if not isinstance(stored, dict):
-            raise ResumeError(f"checkpoint '{payload.get('path')}' has no architecture record; expected one written by esper-train")
-        current = architecture_of(self.config)
-        for key in sorted(set(stored) | set(current)):
-            if stored.get(key) != current.get(key):
-                raise ResumeError(
-                    f"--resume: the config changes the architecture at '{key}' "
-                    f"(checkpoint has {stored.get(key)!r}, config has {current.get(key)!r}); "
-                    "expected the same model, dataset and seed sites as the checkpoint"
-                )
+    def _register_states(self) -> StateRegistry:
+        """The run's stateful components under their checkpoint keys, in restore order: the seeds'
+        morphogenesis after the model, the seed groups before the optimizer's state."""
+        states = StateRegistry()
+        states.register("model", ModelState(self.model))
+        states.register("morph", self.morph, snapshot=True)
+        states.register("optimizer_groups", OptimizerGroups(self.optimizer, self._rebuild_seed_groups))
+        states.register("optimizer", self.optimizer)
+        states.register("schedule", self.schedule)
+        states.register("scaler", self.scaler, snapshot=True)
+        states.register("governor", self.governor)
+        states.register("run_state", self.state)
+        states.register("params_initial", Attribute(self, "params_initial", int))
+        states.register("rng", RngState())
+        return states
 
     def _restore(self, payload: dict[str, Any]) -> None:
         for hook in self.hooks:
             hook.before_restore(payload)
-        try:
-            # The Kasmina layers rebuild their grown seeds from the state dict's extra state.
-            self.model.load_state_dict(payload["model"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ResumeError(f"checkpoint '{payload['path']}' does not fit the model: {first}") from None
-        self.morph.load_state_dict(payload["morph"])
-        self._rebuild_seed_groups(payload["optimizer_groups"])
-        groups = [g.get("name") for g in self.optimizer.param_groups]
-        if groups != payload["optimizer_groups"]:
-            raise ResumeError(
-                f"checkpoint '{payload['path']}': optimizer groups {payload['optimizer_groups']} do not match the "
-                f"rebuilt model's {groups}; expected a checkpoint of this run"
-            )
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.schedule.load_state_dict(payload["schedule"])
-        self.scaler.load_state_dict(payload["scaler"])
-        self.governor.load_state_dict(payload["governor"])
-        self.state = RunState(**payload["run_state"])
-        self.params_initial = int(payload["params_initial"])
-        rng = payload["rng"]
-        torch.set_rng_state(rng["torch"])
-        if torch.cuda.is_available() and rng.get("cuda"):
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.states.load_state_dict(payload, source=str(payload.get("path")))
 
     def _rebuild_seed_groups(self, order: list[str]) -> None:
         """One optimizer group per live seed module (after a load or rollback), in `order` first
@@ -270,13 +207,7 @@ class Trainer:
                         self._rollback(epoch, f"non-finite validation loss ({val_loss})")
                         val_loss, val_acc = self.evaluate(self.data.val)
                         self._account_eval(len(self.data.val))
-                    improved = val_loss < self.state.best_val_loss
-                    if improved:
-                        self.state.best_val_loss = val_loss
-                        self.state.epochs_without_improvement = 0
-                    else:
-                        self.state.epochs_without_improvement += 1
-                    self.state.best_val_acc = max(self.state.best_val_acc, val_acc)
+                    self.state.record_validation(val_loss, val_acc)
                     self.ranks.reduce_telemetry(self.model)
                     growth = self.morph.epoch_end(
                         epoch=epoch, global_step=self.state.global_step, total_epochs=cfg.train.epochs,
@@ -315,7 +246,7 @@ class Trainer:
                         break
             test_loss, test_acc = self.evaluate(self.data.test)
             self.state.wall_s = time.perf_counter() - wall_start
-            summary = self.summary(test_loss, test_acc, stopped_early)
+            summary = run_summary(self, test_loss, test_acc, stopped_early)
             if self.ranks.is_writer:
                 write_summary(self.run_dir, summary, self.morph.timeline(), plot=cfg.logging.timeline_plot,
                               echo=display)
@@ -432,18 +363,11 @@ class Trainer:
         sync_seed_groups(self.optimizer, self.morph.param_groups(), self.config.optim.lr)
 
     def _snapshot_extra(self) -> dict[str, Any]:
-        return {"morph": self.morph.state_dict(), "scaler": self.scaler.state_dict()}
+        """What the governor's snapshot keeps besides the model and optimizer."""
+        return self.states.state_dict(snapshot=True)
 
     def _rollback(self, epoch: int, reason: str) -> None:
-        snap = self.governor.restore(self.model)
-        if snap is not None:
-            self.morph.load_state_dict(snap["extra"]["morph"])
-            self.scaler.load_state_dict(snap["extra"]["scaler"])
-            self._rebuild_seed_groups(snap["groups"])
-            if [g.get("name") for g in self.optimizer.param_groups] == snap["groups"]:
-                self.optimizer.load_state_dict(snap["optimizer"])
-            else:
-                self.optimizer.state.clear()
+        self.governor.roll_back(self.model, self.optimizer, self.states, self._rebuild_seed_groups)
         blamed = self.morph.roll_back_culprit(epoch, self.state.global_step, reason)
         self._sync_param_groups()
         self.metrics.log_metrics("event", self.state.global_step, epoch + 1, {"rollback": reason, "culled": blamed or ""})
@@ -467,76 +391,14 @@ class Trainer:
         if not self.ranks.is_writer:
             return None
         payload = {
+            # What the run is (read before anything is built, or by esper-export); not restored.
             "config": to_dict(self.config),
             "architecture": architecture_of(self.config),
-            "model": self.model.state_dict(),
             "seed_manifest": self.morph.manifest(),
-            "morph": self.morph.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "optimizer_groups": [g.get("name") for g in self.optimizer.param_groups],
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "governor": self.governor.state_dict(),
-            "run_state": dict(self.state.__dict__),
-            "params_initial": self.params_initial,
             "input_shape": list(self.input_shape),
             "num_classes": self.data.num_classes,
             "world_size": self.ranks.world_size,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            },
+            **self.states.state_dict(),
         }
         return ckpt.save_checkpoint(self.run_dir, self.state.epoch, payload, self.config.checkpoint.keep_last, best_metric)
 
-    # ------------------------------------------------------------------ summary
-
-    def summary(self, test_loss: float, test_acc: float, stopped_early: bool) -> dict[str, Any]:
-        hist = self.state.history
-        return {
-            "run_name": self.config.run_name,
-            "morphogenetic": self.morphogenetic,
-            "dataset": self.config.data.name,
-            "model": self.config.model.name,
-            "device": str(self.device),
-            "epochs": self.state.epoch,
-            "global_step": self.state.global_step,
-            "stopped_early": stopped_early,
-            "final_val_acc": hist[-1]["val_acc"] if hist else None,
-            "final_val_loss": hist[-1]["val_loss"] if hist else None,
-            "best_val_acc": self.state.best_val_acc,
-            "best_val_loss": self.state.best_val_loss,
-            "test_acc": test_acc,
-            "test_loss": test_loss,
-            "params_initial": self.params_initial,
-            "params_final": count_parameters(self.model),
-            "flops": {
-                "train": self.state.train_flops,
-                "eval": self.state.eval_flops,
-                "growth_overhead": self.state.growth_flops,
-                "total": self.state.train_flops + self.state.eval_flops + self.state.growth_flops,
-                "forward_per_sample_initial": self.host_flops,
-                "forward_per_sample_final": self.morph.eval_flops_per_sample(),
-            },
-            "seeds": self.morph.state_counts(),
-            "adaptations": self.morph.adaptations(),
-            "rollbacks": self.governor.rollbacks,
-            "ranks": self.ranks.report(),
-            "wall_s": self.state.wall_s,
-        }
-
-
-def _reshape_dataset(ds: Dataset, shape: tuple[int, ...]) -> Dataset:
-    from esper.tolaria.data import Split
-
-    def view(split: Split) -> Split:
-        return Split(split.x.reshape(split.x.shape[0], *shape), split.y)
-
-    if tuple(ds.input_shape) == tuple(shape):
-        return ds
-    return Dataset(ds.name, view(ds.train), view(ds.val), view(ds.test), ds.num_classes, tuple(shape), ds.mean, ds.std)
-
-
-def config_from_checkpoint(payload: dict[str, Any]) -> Config:
-    """The config a checkpoint was written with."""
-    return from_dict(payload["config"])

@@ -2,8 +2,8 @@
 
 The policy (heuristic, random or a learned GNN) behind the safety rails (`esper.tamiyo`),
 configured by ``--policy-config`` (a YAML/JSON mapping with the keys of a Tolaria config's
-``controller`` section, or a whole Tolaria config whose ``controller`` and ``seeds.blueprints``
-are used); ``--policy DIR`` serves the GNN policy in DIR and checks it every ``--policy-poll-s``
+``controller`` section and a ``growth`` mapping, or a whole Tolaria config whose ``controller``,
+``growth`` and ``seeds.blueprints`` are used); ``--policy DIR`` serves the GNN policy in DIR and checks it every ``--policy-poll-s``
 seconds for a newer version, which replaces the running one without a restart. Field reports go
 to the replay buffer in ``--replay-dir``. Prints ``LISTENING host:port`` on stdout once SERVING.
 
@@ -29,7 +29,7 @@ from esper.serving import (
 )
 from esper.tamiyo.metrics import tamiyo_sampler
 from esper.tamiyo.service import TamiyoCore
-from esper.tamiyo.settings import PolicySettings, policy_settings_from_mapping
+from esper.tamiyo.settings import LEGACY_GROWTH_KEYS, PolicySettings, policy_settings_from_mapping
 from esper.v1 import tamiyo_pb2_grpc
 from services.tamiyo.servicer import SERVICE_NAME, TamiyoServicer
 
@@ -64,6 +64,11 @@ def load_policy_settings(path: Path | None) -> PolicySettings:
         blueprints = (data.get("seeds") or {}).get("blueprints")
         if blueprints:
             section["blueprints"] = blueprints
+        if data.get("growth") is not None:
+            # The run's growth section; the flat growth keys older runs wrote under controller
+            # never took effect in Tolaria, so they are not read either.
+            section = {k: v for k, v in section.items() if k not in LEGACY_GROWTH_KEYS}
+            section["growth"] = data["growth"]
         data = section
     return policy_settings_from_mapping(data)
 

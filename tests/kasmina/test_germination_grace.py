@@ -11,10 +11,10 @@ from esper.models import MLP
 
 def test_grace_epochs_extend_the_germination_timeout():
     model = K.wrap(MLP(4, 8, 2, depth=1), ["hidden.0"])
-    driver = K.LifecycleDriver(model, LifecycleConfig(germination_timeout_epochs=2))
-    layer = driver.site("hidden.0")
     outage_epochs = {("hidden.0", 0): 3}
-    driver.germination_grace = lambda name, seed: outage_epochs.get((name, seed), 0)
+    driver = K.LifecycleDriver(model, LifecycleConfig(germination_timeout_epochs=2),
+                               germination_grace=lambda name, seed: outage_epochs.get((name, seed), 0))
+    layer = driver.site("hidden.0")
     layer.germinate(0, "residual_mlp", await_kernel=True)
     for _ in range(4):  # 2 epochs of timeout + 3 of grace: still waiting after 4
         driver.end_epoch()

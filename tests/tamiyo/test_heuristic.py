@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from esper.kasmina.growth.config import GrowthConfig
 from esper.lifecycle import SeedLifecycleState as S
 from esper.tamiyo import Controller, HeuristicConfig, HeuristicPolicy, RailsConfig, SafetyRails, plateau
 from esper.tamiyo.costs import blueprint_costs_at
@@ -82,14 +83,14 @@ def test_modes_compete_by_gain_per_flop_where_width_is_not_forced():
     wide = dict(units=64, input_dim=40, output_dim=10)   # not narrow, nothing dead
     msg = _with_width(graph([1.0, 1.0, 1.0]), unit_params=51, unit_flops=100, **wide)
     biggest = max(blueprint_costs_at(msg.nodes[0]), key=lambda c: c.parameters)
-    (d,) = policy(growth_modes=("branch", "width"), width_units=8).decide(msg)
+    (d,) = policy(growth=GrowthConfig(modes=["branch", "width"], width_units=8)).decide(msg)
     width_score = math.sqrt(8 * 51) / (8 * 100)
     branch_score = math.sqrt(biggest.parameters) / biggest.flops
     expected = common_pb2.GROWTH_MODE_WIDTH if width_score > branch_score else common_pb2.GROWTH_MODE_BRANCH
     assert d.growth_mode == expected and "gain per FLOP" in d.reason
     # Width too dear to fit the compute budget: the largest branch.
     msg = _with_width(graph([1.0, 1.0, 1.0]), unit_params=51, unit_flops=10**9, **wide)
-    (d,) = policy(growth_modes=("branch", "width"), width_units=1).decide(msg)
+    (d,) = policy(growth=GrowthConfig(modes=["branch", "width"], width_units=1)).decide(msg)
     assert d.growth_mode == common_pb2.GROWTH_MODE_BRANCH and d.blueprint_id == biggest.blueprint_id
 
 
@@ -102,29 +103,29 @@ def _with_width(msg, units=4, input_dim=40, output_dim=10, unit_params=51, unit_
 
 
 def test_width_growth_is_chosen_at_a_narrow_site():
-    (d,) = policy(growth_modes=("branch", "width")).decide(_with_width(graph([1.0, 1.0, 1.0])))
+    (d,) = policy(growth=GrowthConfig(modes=["branch", "width"])).decide(_with_width(graph([1.0, 1.0, 1.0])))
     assert d.action == GERMINATE and d.growth_mode == common_pb2.GROWTH_MODE_WIDTH
     assert d.growth_units == 4 and not d.blueprint_id and "narrow" in d.reason
-    (d,) = policy(growth_modes=("branch", "width"), width_units=3).decide(_with_width(graph([1.0, 1.0, 1.0])))
+    (d,) = policy(growth=GrowthConfig(modes=["branch", "width"], width_units=3)).decide(_with_width(graph([1.0, 1.0, 1.0])))
     assert d.growth_units == 3
 
 
 def test_width_growth_at_a_saturated_site_and_only_when_allowed():
     wide = dict(units=64, input_dim=40, output_dim=10)
     msg = _with_width(graph([1.0, 1.0, 1.0], grads=(0.1, 0.1, 0.1), dead=(0.0, 0.0, 0.8)), **wide)
-    (d,) = policy(growth_modes=("branch", "width")).decide(msg)
+    (d,) = policy(growth=GrowthConfig(modes=["branch", "width"])).decide(msg)
     assert d.layer_name == "hidden.2" and d.growth_mode == common_pb2.GROWTH_MODE_WIDTH and "saturated" in d.reason
     (d,) = policy().decide(msg)  # default modes: branch only
     assert d.growth_mode == common_pb2.GROWTH_MODE_BRANCH and d.blueprint_id
     unavailable = _with_width(graph([1.0, 1.0, 1.0]), available=False)
-    (d,) = policy(growth_modes=("width",)).decide(unavailable)
+    (d,) = policy(growth=GrowthConfig(modes=["width"])).decide(unavailable)
     assert d.action == WAIT
 
 
 def test_width_units_shrink_to_the_budget_and_rails_cost_them():
     # 10_000 params * 0.01 = 100 params left: at 51 params per unit only 1 of the 4 units fits.
     msg = _with_width(graph([1.0, 1.0, 1.0], params_left=0.01))
-    (d,) = policy(growth_modes=("width",)).decide(msg)
+    (d,) = policy(growth=GrowthConfig(modes=["width"])).decide(msg)
     assert d.growth_mode == common_pb2.GROWTH_MODE_WIDTH and d.growth_units == 1
     rails = SafetyRails(RailsConfig(parameter_budget=1.0), HOST_FLOPS)
     too_big = common_pb2.AdaptationDecision(action=GERMINATE, layer_name="hidden.0", seed_index=0,
@@ -197,12 +198,12 @@ def test_depth_growth_is_an_option_costed_by_the_rails():
     msg = graph([1.0, 1.0, 1.0])
     for node in msg.nodes:
         node.deepen.CopyFrom(common_pb2.DepthSite(blocks=0, block_parameters=1056, block_flops=2048, available=True))
-    (d,) = policy(growth_modes=("depth",)).decide(msg)
+    (d,) = policy(growth=GrowthConfig(modes=["depth"])).decide(msg)
     assert d.action == GERMINATE and d.growth_mode == common_pb2.GROWTH_MODE_DEPTH and "new block" in d.reason
     rails = SafetyRails(RailsConfig(parameter_budget=0.05), HOST_FLOPS)   # 500 params left
     (out,) = rails.filter(msg, [d])
     assert out.action == WAIT and "exceeds the budget" in out.reason
-    (d,) = policy(growth_modes=("depth",)).decide(graph([1.0, 1.0, 1.0]))   # no DepthSite: nothing to do
+    (d,) = policy(growth=GrowthConfig(modes=["depth"])).decide(graph([1.0, 1.0, 1.0]))   # no DepthSite: nothing to do
     assert d.action == WAIT
 
 

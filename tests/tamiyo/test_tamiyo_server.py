@@ -142,3 +142,21 @@ def test_replay_buffer_cuts_corrupt_tail(tmp_path):
     buffer.append(common_pb2.FieldReport(report_id="3", outcome=common_pb2.ADAPTATION_OUTCOME_CULLED))
     buffer.close()
     assert [r.report_id for r in ReplayBuffer(tmp_path)] == ["0", "1", "3"]
+
+
+def test_policy_config_from_a_whole_tolaria_config_takes_its_growth_section(tmp_path):
+    from esper.kasmina.growth.config import GrowthConfig
+    from esper.tolaria.config import load_config, to_dict
+    from services.tamiyo.__main__ import load_policy_settings
+
+    run = to_dict(load_config(None, ["growth.modes=[width, branch]", "growth.width_units=6",
+                                     "controller.max_concurrent=2"]))
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(run))
+    settings = load_policy_settings(path)
+    assert settings.growth == GrowthConfig(modes=["width", "branch"], width_units=6) and settings.max_concurrent == 2
+    # A run's config.yaml from before the growth section joined the controller: its flat keys were
+    # never used by Tolaria (growth.* won), and the run's growth section is what Tamiyo reads.
+    run["controller"].update(growth_modes=["branch"], width_units=0, width_factor=1.0)
+    path.write_text(yaml.safe_dump(run))
+    assert load_policy_settings(path).growth == GrowthConfig(modes=["width", "branch"], width_units=6)

@@ -122,3 +122,71 @@ def test_yaml_1_1_words_stay_strings_for_string_keys(tmp_path):
     assert parse_override("services.mode=off") == ("services.mode", "off")
     assert parse_override("train.deterministic=true") == ("train.deterministic", True)
     assert parse_override("x.y=False") == ("x.y", False)
+
+
+def test_growth_section_is_the_controllers_growth_config():
+    from esper.kasmina.growth.config import GrowthConfig
+    from esper.tamiyo.settings import policy_settings_from_mapping
+    from esper.tolaria.config import from_dict, policy_config, to_dict
+
+    cfg = load_config(None, ["growth.modes=[width, branch]", "growth.width_units=3"])
+    assert cfg.growth is cfg.controller.growth and type(cfg.growth) is GrowthConfig
+    assert load_config(None).growth == GrowthConfig()  # one set of defaults: Kasmina's
+    values = to_dict(cfg)
+    assert list(values)[-1] == "growth" and "growth" not in values["controller"]  # written as users write it
+    assert values["growth"]["modes"] == ["width", "branch"]
+    assert from_dict(values).growth == cfg.growth
+    settings = policy_settings_from_mapping(policy_config(cfg))  # what Tamiyo reads from the run
+    assert settings.growth == cfg.growth and settings.heuristic().growth == cfg.growth
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["controller.growth.modes=[width]"], "controller.growth: this is the growth section; expected it written as growth"),
+        (["growth.init=foo"], "growth.init: unknown value 'foo'; expected one of: gradmax, tiny, random"),
+        (["growth.modes=[sideways]"], "growth.modes[0]: unknown value 'sideways'; expected one of: branch, width, depth"),
+        (["growth.optimizer_fill=ones"], "growth.optimizer_fill: unknown value 'ones'; expected one of: zero, stats"),
+        (["growth.width_units=-1"], "growth.width_units: must be >= 0, got -1"),
+    ],
+)
+def test_growth_keys_are_checked_under_their_names(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_configs_written_with_flat_controller_growth_keys_still_load():
+    from esper.tolaria.config import from_dict, to_dict
+
+    # esper-train wrote controller.growth_modes/width_units/width_factor before the growth section
+    # became the controller's; they never took effect (growth.* always won) and still do not.
+    old = to_dict(load_config(None, ["growth.width_units=5"]))
+    old["controller"].update(growth_modes=["branch"], width_units=0, width_factor=1.0)
+    assert from_dict(old).growth.width_units == 5
+
+
+def test_policy_config_mappings_read_the_growth_section_and_the_old_flat_keys():
+    from esper.kasmina.growth.config import GrowthConfig
+    from esper.tamiyo.settings import policy_settings_from_mapping
+
+    nested = policy_settings_from_mapping({"growth": {"modes": ["width"], "width_factor": 2}})
+    assert nested.growth == GrowthConfig(modes=["width"], width_factor=2.0)
+    flat = policy_settings_from_mapping({"growth_modes": ["width"], "width_units": 4})
+    assert flat.growth == GrowthConfig(modes=["width"], width_units=4)
+    with pytest.raises(ValueError, match="policy config: growth.modes: unknown value 'x'"):
+        policy_settings_from_mapping({"growth": {"modes": ["x"]}})
+    with pytest.raises(ValueError, match="policy config: growth.depth: unknown key"):
+        policy_settings_from_mapping({"growth": {"depth": 1}})
+    with pytest.raises(ValueError, match="both set"):
+        policy_settings_from_mapping({"growth_modes": ["width"], "growth": {"modes": ["branch"]}})
+
+
+def test_policy_settings_take_the_policy_and_rails_defaults():
+    from esper.tamiyo.policy import HeuristicConfig, RailsConfig
+    from esper.tamiyo.settings import PolicySettings
+
+    # Tolaria's controller section is PolicySettings; its flat knobs default to the heuristic's and
+    # the rails' own defaults (defined there only), so an empty section builds exactly those.
+    assert PolicySettings().heuristic() == HeuristicConfig()
+    assert PolicySettings().rails() == RailsConfig()

@@ -22,7 +22,7 @@ DEV = str(REPO / "configs" / "development.yaml")
 # Plain SGD (the momentum of development.yaml at lr 0.05 makes the run chaotic enough that float
 # rounding of a split batch grows past 1e-4 within 100 steps); min_contribution -1 fossilizes every
 # seed that reaches the gate, so a seed germinates at step 35 and fossilizes at step 140.
-RUN = ["--config", DEV, "--progress", "plain", "train.epochs=7", "optim.momentum=0.0", "optim.lr=0.2",
+RUN = ["--config", DEV, "--progress", "plain", "train.epochs=7", "model.width=32", "optim.momentum=0.0", "optim.lr=0.2",
        "lifecycle.min_contribution=-1.0", "checkpoint.keep_last=10", "data.batch_size=32",
        "logging.tensorboard=false", "logging.timeline_plot=false", "services.mode=off", "services.tolaria_port=-1"]
 STEPS = 200

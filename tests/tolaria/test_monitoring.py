@@ -21,7 +21,6 @@ from esper.tolaria.cli import (
     UsageError,
     _profile_default,
     build_parser,
-    install_monitors,
     main,
     resolve_config,
 )
@@ -29,6 +28,7 @@ from esper.tolaria.config import Config, load_config
 from esper.tolaria.hooks import BoundaryHook
 from esper.tolaria.loggers import read_metrics
 from esper.tolaria.loggers.wandb_logger import choose_mode
+from esper.tolaria.monitors import Monitors
 from esper.tolaria.services import RunServices
 from esper.tolaria.trainer import Trainer
 from esper.tolaria.trainer_metrics import TrainerMetrics
@@ -152,8 +152,8 @@ class _ScrapeEachEpoch(BoundaryHook):
     """A trainer hook that calls the run's Tolaria server and scrapes the trainer's /metrics while
     the run is going."""
 
-    def __init__(self, url: str, services: RunServices) -> None:
-        self.url = url
+    def __init__(self, metrics: TrainerMetrics, services: RunServices) -> None:
+        self.metrics = metrics
         self.services = services
         self.scrapes: list[tuple[int, dict, float, object]] = []
 
@@ -164,22 +164,23 @@ class _ScrapeEachEpoch(BoundaryHook):
     def after_epoch(self, trainer, epoch, record) -> bool:
         with open_sync_channel(self.services.tolaria.address) as channel:
             tolaria_pb2_grpc.TolariaServiceStub(channel).GetRunStatus(tolaria_pb2.GetRunStatusRequest(), timeout=10)
-        self.scrapes.append((trainer.state.global_step, scrape(self.url), self.last_loss, record))
+        self.scrapes.append((trainer.state.global_step, scrape(self.metrics.endpoint.url), self.last_loss, record))
         return False
 
 
 @pytest.mark.integration
 def test_trainer_metrics_scraped_during_a_run_follow_the_steps(tmp_path):
-    config = load_config(DEV, ["train.epochs=4", "logging.prometheus_port=0", "logging.log_every_steps=5", *FAST])
-    trainer = Trainer(config, tmp_path / "run", progress="none")
-    services = RunServices(config, tmp_path / "run")
-    services.install(trainer)
+    config = load_config(DEV, ["train.epochs=4", "model.width=32", "logging.prometheus_port=0", "logging.log_every_steps=5", *FAST])
+    monitors = Monitors(config.logging, tmp_path / "run", lambda: services)
+    services = RunServices(config, tmp_path / "run", server_metrics=monitors.server_metrics)
+    metrics = next(h for h in monitors.hooks if isinstance(h, TrainerMetrics))
+    probe = _ScrapeEachEpoch(metrics, services)
+    trainer = Trainer(config, tmp_path / "run", progress="none", controller=services.controller_factory(True),
+                      hooks=[*monitors.hooks, *services.hooks(), probe])
     trainer.prepare()
     trainer.start()
-    closers = install_monitors(trainer, services)
-    metrics = next(h for h in trainer.hooks if isinstance(h, TrainerMetrics))
-    probe = _ScrapeEachEpoch(metrics.endpoint.url, services)
-    trainer.hooks.append(probe)
+    closers = monitors.start()
+    url = metrics.endpoint.url
     try:
         with services:
             services.attach(trainer)
@@ -204,7 +205,7 @@ def test_trainer_metrics_scraped_during_a_run_follow_the_steps(tmp_path):
     assert first[("esper_grpc_server_handled_total", status)] == 1
     assert second[("esper_grpc_server_handled_total", status)] == 4
     with pytest.raises(OSError):  # closed with the run
-        urllib.request.urlopen(probe.url, timeout=2)
+        urllib.request.urlopen(url, timeout=2)
 
 
 def test_trainer_metrics_export_kernel_cache_stats():
@@ -269,7 +270,7 @@ def test_quick_start_preset_passes_dry_run(preset, tmp_path, capsys):
 def test_precedence_defaults_file_flags_overrides():
     assert Config().data.batch_size == 64
     from_file = resolve_config(parse("--config", DEV))
-    assert from_file.data.batch_size == 32 and from_file.model.width == 32  # file beats defaults
+    assert from_file.data.batch_size == 32 and from_file.model.width == 8  # file beats defaults
     flags = resolve_config(parse("--config", DEV, "--batch-size", "16", "--learning-rate", "0.2", "--epochs", "4",
                                  "--model", "cnn1d", "--dataset", "mnist1d", "--device", "cpu"))
     assert (flags.data.batch_size, flags.optim.lr, flags.train.epochs) == (16, 0.2, 4)  # flags beat the file

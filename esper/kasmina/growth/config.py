@@ -1,16 +1,24 @@
-"""`GrowthConfig`: how a run grows (the `growth` section of a Tolaria config)."""
+"""`GrowthConfig`: how a run grows. One definition: Tolaria's ``growth`` config section and the
+growth knobs of Tamiyo's policy settings (`esper.tamiyo.settings.PolicySettings.growth`) are
+this type, so its defaults are defined here only."""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
 
-from esper.kasmina.growth.depth import DEPTH_MODES
-from esper.kasmina.growth.init import INITS
-from esper.kasmina.growth.optim_state import FILLS
+from esper.kasmina.growth.depth import DEPTH_MODES, DepthInit
+from esper.kasmina.growth.init import INITS, GrowthInit
+from esper.kasmina.growth.optim_state import FILLS, OptimizerFill
 
-MODES = ("branch", "width", "depth")
+GrowthMode = Literal["branch", "width", "depth"]
+MODES: tuple[str, ...] = get_args(GrowthMode)
 """Growth modes a run may allow."""
-WIDTH_LIFECYCLES = ("full", "direct")
+WidthLifecycle = Literal["full", "direct"]
+WIDTH_LIFECYCLES: tuple[str, ...] = get_args(WidthLifecycle)
 
 
 @dataclass
@@ -19,21 +27,21 @@ class GrowthConfig:
 
     # Allowed modes: "branch" (residual blueprints), "width" (new units merged when fossilized),
     # "depth" (a new block after a site, identity at insertion, merged when fossilized).
-    modes: list[str] = field(default_factory=lambda: ["branch"])
+    modes: list[GrowthMode] = field(default_factory=lambda: ["branch"])
     # Units one width seed adds: width_units if > 0, else round(width_factor * current units).
     width_units: int = 0
     width_factor: float = 1.0
     # Initialisation of width seeds: gradmax, tiny or random.
-    init: str = "gradmax"
+    init: GrowthInit = "gradmax"
     # full: a width seed goes through the seed lifecycle (trial, counterfactual, cull or merge);
     # direct: GradMax/TINY-style growth, the units are merged into the host at once (insertion is
     # function-preserving for gradmax and random; TINY takes its line-searched step), no trial.
-    width_lifecycle: str = "full"
+    width_lifecycle: WidthLifecycle = "full"
     # Optimizer state of new entries: zero (zero-padded) or stats (second moments from the host's).
-    optimizer_fill: str = "zero"
+    optimizer_fill: OptimizerFill = "zero"
     # Depth seeds of ResNet hosts: "identity" (fresh block, last norm zero) or "copy" (the
     # neighbour's weights, last norm zero); MLP layers are always identity-initialised.
-    depth_init: str = "identity"
+    depth_init: DepthInit = "identity"
     # Training batches of the statistics pass that GradMax / TINY use (its FLOPs are growth overhead).
     statistics_batches: int = 4
 
@@ -58,6 +66,40 @@ def check_growth_config(cfg: GrowthConfig, prefix: str = "growth.") -> None:
         raise ValueError(f"{prefix}width_factor: must be > 0, got {cfg.width_factor}")
     if cfg.statistics_batches < 1:
         raise ValueError(f"{prefix}statistics_batches: must be >= 1, got {cfg.statistics_batches}")
+
+
+def growth_config_from_mapping(values: Mapping[str, Any], prefix: str = "growth.") -> GrowthConfig:
+    """A `GrowthConfig` from a mapping of its fields (a policy config's ``growth``); ValueError
+    naming `prefix` + the key of an unknown key or a wrongly typed or out-of-range value."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{prefix.rstrip('.')}: expected a mapping of growth settings, got {type(values).__name__}")
+    cfg = GrowthConfig()
+    hints = typing.get_type_hints(GrowthConfig)
+    names = [f.name for f in dataclasses.fields(GrowthConfig)]
+    for key, value in values.items():
+        if key not in names:
+            raise ValueError(f"{prefix}{key}: unknown key; expected some of {names}")
+        setattr(cfg, key, _checked(f"{prefix}{key}", value, hints[key]))
+    check_growth_config(cfg, prefix)
+    return cfg
+
+
+def _checked(key: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_checked(key, v, inner) for v in value]
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ValueError(f"{key}: unknown value {value!r}; expected one of {', '.join(typing.get_args(tp))}")
+        return value
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
 
 
 def units_to_add(cfg: GrowthConfig, current: int) -> int:

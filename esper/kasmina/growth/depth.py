@@ -13,11 +13,14 @@ The new block's parameters are returned for a new optimizer group (the host's st
 from __future__ import annotations
 
 import copy
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-DEPTH_MODES = ("identity", "copy")
+DepthInit = Literal["identity", "copy"]
+"""How a depth seed's block starts: fresh (identity) or a copy of its neighbour."""
+DEPTH_MODES: tuple[str, ...] = get_args(DepthInit)
 
 
 def identity_linear(prev: nn.Linear) -> nn.Linear:

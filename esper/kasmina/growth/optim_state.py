@@ -10,10 +10,14 @@ zero in both: there is no direction to inherit.
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from torch import nn
 
-FILLS = ("zero", "stats")
+OptimizerFill = Literal["zero", "stats"]
+"""Optimizer state of new entries: zero-padded, or second moments from the host's."""
+FILLS: tuple[str, ...] = get_args(OptimizerFill)
 SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
 
 

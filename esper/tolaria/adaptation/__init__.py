@@ -1,7 +1,7 @@
 """Asynchronous adaptation through the services (``services.mode`` local or remote).
 
-`RemoteController` stands where the in-process `esper.tamiyo.Controller` stands
-(``morph.controller``), but nothing it does waits on the network inside a training step. All gRPC
+`RemoteController` stands where the in-process `esper.tolaria.controllers.PolicyController`
+stands (the `Controller` given to `Morphogenesis`), but nothing it does waits on the network inside a training step. All gRPC
 work runs on one background thread with its own asyncio loop (`worker`); the training thread only
 hands it work and drains a typed outbox of results at step boundaries (`outbox`).
 

@@ -1,5 +1,7 @@
 """`RemoteController`: adaptation through Tamiyo, Urza, Tezzeret and Oona, as the morphogenesis
-controller (``morph.controller``: `decide` / `state_dict` / `load_state_dict`) and a trainer hook
+controller (`esper.tolaria.controllers.Controller`: `decide` / `germinate` / `germination_grace` /
+`state_dict` / `load_state_dict`, given to `Morphogenesis` by the factory of
+`esper.tolaria.services.RunServices`) and so the trainer's first hook
 (`after_step` / `after_epoch` / `before_restore`). It decides (asks Tamiyo), applies (at step
 boundaries, the only place the model changes) and keeps the state of in-flight adaptations; the
 network work is the worker's (`AdaptationWorker`), kernels are the pipeline's (`KernelPipeline`),
@@ -14,44 +16,41 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from esper.clients import ServiceLink, is_outage
-from esper.errors import EsperError
 from esper.kasmina import (
     BlueprintError,
     IllegalTransitionError,
-    adopt_kernel,
     get_blueprint,
     seed_from_kernel,
 )
 from esper.kasmina.growth.errors import GrowthError
 from esper.lifecycle import SeedLifecycleState as S
-from esper.tamiyo.costs import blueprint_costs_at
 from esper.tezzeret.kernel_ids import kernel_id_for
+from esper.tolaria.adaptation.decisions import DecisionRequests
 from esper.tolaria.adaptation.kernels import KernelStore, kernel_target
-from esper.tolaria.adaptation.links import open_links
+from esper.tolaria.adaptation.links import ServiceLinks, open_links
 from esper.tolaria.adaptation.outbox import DecisionsArrived, KernelFailed, KernelLoaded, Note, Outbox
+from esper.tolaria.adaptation.pending import PendingKernels
 from esper.tolaria.adaptation.pipeline import KernelPipeline
+from esper.tolaria.adaptation.prefetch import first_blueprints
 from esper.tolaria.adaptation.records import Adaptation
-from esper.tolaria.adaptation.reporting import Reporter, field_report
+from esper.tolaria.adaptation.reporting import (
+    COMPILE_FAILED_PREFIX,
+    UNAVAILABLE_PREFIX,
+    Reporter,
+    field_report,
+    outcome_of,
+)
 from esper.tolaria.adaptation.timing import StepTimer
 from esper.tolaria.adaptation.worker import AdaptationWorker
-from esper.tolaria.config import ServicesConfig
 from esper.tolaria.hooks import BoundaryHook
 from esper.tolaria.seed_groups import sync_seed_groups
+from esper.tolaria.services_config import ServicesConfig
 from esper.v1 import common_pb2
 
 log = logging.getLogger("esper.tolaria.adaptation")
 
-OUTCOMES = {
-    S.FOSSILIZED: common_pb2.ADAPTATION_OUTCOME_FOSSILIZED,
-    S.CULLED: common_pb2.ADAPTATION_OUTCOME_CULLED,
-    S.ROLLED_BACK: common_pb2.ADAPTATION_OUTCOME_ROLLED_BACK,
-}
 # The services a germinating seed waits for: while one is down its timeouts do not run out.
 KERNEL_SERVICES = ("urza", "tezzeret")
-# Reason prefixes of cancellations that are reported to Tamiyo by `_compile_failed` itself.
-COMPILE_FAILED_PREFIX = "compile failed"
-UNAVAILABLE_PREFIX = "kernel unavailable"
 
 class RemoteController(BoundaryHook):
     """Adaptation through the services; see the module docstring."""
@@ -67,26 +66,20 @@ class RemoteController(BoundaryHook):
         self.kernels = KernelStore(Path(run_dir) / "kernels")
         self.reporter = Reporter(self.run_id, self.worker, settings.call_timeout_s)
         self.pipeline: KernelPipeline | None = None
-        self.links: dict[str, ServiceLink] = {}
+        self.links = ServiceLinks()
         self.timer = StepTimer(self._phase)
-        self._pending: dict[tuple[str, int], Adaptation] = {}
+        self._pending = PendingKernels()
         self._adaptations: dict[tuple[str, int], Adaptation] = {}
         self._failed_kernels: dict[str, str] = {}
         self._prefetched: set[str] = set()  # kernel ids obtained before any germination asked for them
         self.germinations: list[dict[str, Any]] = []
-        self.decision_latencies_ms: list[float] = []
         self.events: list[dict[str, Any]] = []
-        self._decide_future = None
-        self._last_graph_nodes: dict[tuple[str, int], common_pb2.GraphNode] = {}
-        self._last_graph = common_pb2.ModelGraphState()
-        self._last_signals = common_pb2.TrainingSignals()
+        self.decisions = DecisionRequests(self.worker, self.outbox, self.reporter, settings.decision_timeout_s,
+                                          self._note)
         self._step = 0
-        self._last_drain = time.perf_counter()
         self._status_listener: Callable[[bool, str], None] | None = None
         for _, layer in morph.driver.sites:
             layer.add_listener(self._on_lifecycle)
-        morph.germinate_hook = self._germinate
-        morph.driver.germination_grace = self._germination_grace
 
     # ---------------------------------------------------------------- lifecycle of the controller
 
@@ -108,6 +101,7 @@ class RemoteController(BoundaryHook):
                                        tezzeret=self.links.get("tezzeret"), oona=self.links.get("oona"),
                                        submit=self.worker.submit, stopping=self.worker.stopping.is_set)
         self.reporter.connect(self.links.get("oona"), self.links.get("tamiyo"))
+        self.decisions.tamiyo = self.links.get("tamiyo")
         self.worker.start()
         self.worker.submit(self.pipeline.listen_kernel_ready())
         self.worker.submit(self.reporter.drain_forever())
@@ -125,7 +119,7 @@ class RemoteController(BoundaryHook):
 
     def outages(self) -> dict[str, int]:
         """Times each service went down during the run."""
-        return {name: link.outages for name, link in self.links.items()}
+        return self.links.outages()
 
     def on_status_change(self, listener: Callable[[bool, str], None]) -> None:
         self._status_listener = listener
@@ -136,8 +130,7 @@ class RemoteController(BoundaryHook):
 
     def paused(self) -> tuple[bool, str]:
         """(adaptation paused, why): a service the cycle needs is down."""
-        down = [link.down_reason for link in self.links.values() if not link.up]
-        return bool(down), "; ".join(down)
+        return self.links.paused()
 
     @property
     def step_times(self) -> list[tuple[float, str, int]]:
@@ -152,35 +145,13 @@ class RemoteController(BoundaryHook):
     def decide(self, state: common_pb2.ModelGraphState) -> list[common_pb2.AdaptationDecision]:
         """Send the graph to Tamiyo in the background; decisions are applied at the next step boundary."""
         state.signals.initial_flops_per_sample = float(self.morph.flops_initial)
-        if not self.worker.running:
-            return []
-        if self._decide_future is not None and not self._decide_future.done():
-            self._note("decision skipped: the previous Decide call has not returned yet")
-            return []
-        graph = common_pb2.ModelGraphState()
-        graph.CopyFrom(state)
-        self._decide_future = self.worker.submit(self._decide(graph, time.perf_counter()))
+        self.decisions.submit(state)
         return []
 
-    async def _decide(self, graph: common_pb2.ModelGraphState, submitted: float) -> None:
-        link = self.links.get("tamiyo")
-        self._last_graph_nodes = {(n.layer_name, n.seed.seed_index): n for n in graph.nodes}
-        self._last_graph = graph
-        self._last_signals = graph.signals
-        if link is None or not link.may_call():
-            return
-        try:
-            decisions = await link.client().decide(graph, timeout=self.settings.decision_timeout_s)
-        except EsperError as exc:
-            if is_outage(exc):
-                await link.failed(exc)
-            else:
-                log.warning("Tamiyo rejected the graph: %s", exc)
-            return
-        link.ok()
-        self.decision_latencies_ms.append((time.perf_counter() - submitted) * 1000)
-        self.reporter.publish_decisions_now(decisions)
-        self.outbox.put(DecisionsArrived(decisions))
+    @property
+    def decision_latencies_ms(self) -> list[float]:
+        """Round trips of the Decide calls that returned (training thread to outbox)."""
+        return self.decisions.latencies_ms
 
     # ---------------------------------------------------------------- state
 
@@ -197,11 +168,12 @@ class RemoteController(BoundaryHook):
             self._adaptations[record.key] = record
         # A governor rollback loads this after the model: a slot it reverted to DORMANT waits for
         # no kernel any more (one arriving later would otherwise find the slot moved on).
-        for key, pending in list(self._pending.items()):
-            if self.morph.driver.site(pending.layer).state_of(pending.seed) != S.GERMINATED:
-                del self._pending[key]
-                self._note(f"{pending.layer}[{pending.seed}] no longer waits for kernel {pending.kernel_id}: "
-                           "the governor's rollback reverted its germination")
+        def reverted(pending: Adaptation) -> bool:
+            return self.morph.driver.site(pending.layer).state_of(pending.seed) != S.GERMINATED
+
+        for pending in self._pending.take_if(reverted):
+            self._note(f"{pending.layer}[{pending.seed}] no longer waits for kernel {pending.kernel_id}: "
+                       "the governor's rollback reverted its germination")
 
     def before_restore(self, payload: dict[str, Any]) -> None:
         """Before a checkpoint is loaded: seeds that ran a compiled kernel get that kernel back.
@@ -209,12 +181,7 @@ class RemoteController(BoundaryHook):
         The module comes from this run's verified copy of the artifact (``kernels/``); without the
         copy Kasmina builds the seed from its blueprint, which loads the same weights.
         """
-        model_state = payload["model"]
-        for name, layer in self.morph.driver.sites:
-            for index, (kernel_id, spec) in layer.checkpointed_kernels(model_state, f"{name}.").items():
-                loaded = self.kernels.load_local(kernel_id)
-                if loaded is not None:
-                    layer.preload_seed(index, adopt_kernel(loaded.to(self.morph.device), spec.blueprint_id))
+        self.kernels.restore_seeds(self.morph.driver.sites, payload["model"], self.morph.device)
 
     def resume_pending(self, global_step: int) -> int:
         """After a resume: fetch (or compile) the kernels of slots still GERMINATED; their count."""
@@ -228,14 +195,8 @@ class RemoteController(BoundaryHook):
                 record = self._adaptations.get((name, i))
                 shape, device, dtype = self._kernel_target(name, layer)
                 kernel_id = layer.seed_table()[i].kernel_id or kernel_id_for(spec, shape, device, dtype)
-                decision = record.decision if record else common_pb2.AdaptationDecision(
-                    layer_name=name, seed_index=i, blueprint_id=spec.blueprint_id,
-                    action=common_pb2.DECISION_ACTION_GERMINATE)
-                pending = Adaptation(name, i, kernel_id, spec.blueprint_id, decision, time.perf_counter(), self._step,
-                                     record.telemetry_before if record else common_pb2.SeedTelemetry(),
-                                     record.signals_before if record else common_pb2.TrainingSignals(),
-                                     graph_before=record.graph_before if record else common_pb2.ModelGraphState())
-                self._pending[pending.key] = pending
+                pending = Adaptation.resumed(name, i, kernel_id, spec.blueprint_id, self._step, record)
+                self._pending.add(pending)
                 self._adaptations[pending.key] = pending
                 self.pipeline.request(kernel_id, spec, shape, device, dtype)
                 count += 1
@@ -256,20 +217,11 @@ class RemoteController(BoundaryHook):
         if self.pipeline is None or not self.morph.enabled:
             return []
         state = self.morph.graph_state(0, 0, 1, float("nan"), float("nan"), 0.0, [])
-        params_left = parameter_budget * state.signals.initial_parameter_count
-        flops_left = compute_budget * self.morph.flops_initial
         requested: list[str] = []
-        for node in state.nodes:
-            if node.seed.state != S.DORMANT:
-                continue
-            fitting = [c for c in blueprint_costs_at(node, tuple(blueprints))
-                       if c.parameters <= params_left and c.flops <= flops_left]
-            if not fitting:
-                continue
-            best = max(fitting, key=lambda c: (c.parameters, -c.order))
-            layer = self.morph.driver.site(node.layer_name)
-            spec = get_blueprint(best.blueprint_id)
-            shape, device, dtype = self._kernel_target(node.layer_name, layer)
+        for name, blueprint_id in first_blueprints(state, blueprints, parameter_budget * state.signals.initial_parameter_count,
+                                                   compute_budget * self.morph.flops_initial):
+            spec = get_blueprint(blueprint_id)
+            shape, device, dtype = self._kernel_target(name, self.morph.driver.site(name))
             kernel_id = kernel_id_for(spec, shape, device, dtype)
             if kernel_id in requested or kernel_id in self._failed_kernels:
                 continue
@@ -301,26 +253,16 @@ class RemoteController(BoundaryHook):
         return self.pipeline.phase() if self.pipeline is not None else ""
 
     def _kernel_services_down(self) -> bool:
-        return any(not self.links[name].up for name in KERNEL_SERVICES if name in self.links)
+        return self.links.any_down(KERNEL_SERVICES)
 
-    def _track_outages(self, epoch: int) -> None:
-        """Charge the time since the last boundary to every waiting germination while Urza or
-        Tezzeret is down: a restarting service extends the wait instead of ending it."""
-        now = time.perf_counter()
-        if self._pending and self._kernel_services_down():
-            for pending in self._pending.values():
-                pending.outage_s += now - self._last_drain
-                pending.outage_epochs.add(epoch)
-        self._last_drain = now
-
-    def _germination_grace(self, layer: str, seed: int) -> int:
+    def germination_grace(self, layer: str, seed: int) -> int:
         """Epochs the driver adds to this seed's germination timeout: those it waited through an outage."""
-        pending = self._pending.get((layer, seed))
-        return len(pending.outage_epochs) if pending is not None else 0
+        return self._pending.grace_epochs((layer, seed))
 
     def _drain(self, trainer: Any, epoch: int) -> None:
         self._step = trainer.state.global_step
-        self._track_outages(epoch)
+        # Time waited while Urza or Tezzeret is down extends a germination's wait, not ends it.
+        self._pending.track_outages(self._kernel_services_down, epoch)
         self._cancel_overdue()
         changed = False
         for item in self.outbox.drain():
@@ -376,16 +318,16 @@ class RemoteController(BoundaryHook):
     def _kernel_target(self, name: str, layer: Any) -> tuple[list[int], int, int]:
         return kernel_target(layer, self.morph.output_shapes.get(name), self.morph.device)
 
-    def _germinate(self, layer: Any, d: common_pb2.AdaptationDecision) -> None:
-        """Morphogenesis' germinate hook: warm kernels attach at once, cold ones are fetched/compiled."""
+    def germinate(self, layer: Any, d: common_pb2.AdaptationDecision) -> None:
+        """A branch seed's germination: warm kernels attach at once, cold ones are fetched/compiled."""
         spec = get_blueprint(d.blueprint_id)
         shape, device, dtype = self._kernel_target(layer.layer_name, layer)
         kernel_id = kernel_id_for(spec, shape, device, dtype)
         key = (layer.layer_name, d.seed_index)
-        node = self._last_graph_nodes.get(key)
+        node = self.decisions.last_nodes.get(key)
         pending = Adaptation(layer.layer_name, d.seed_index, kernel_id, d.blueprint_id, d, time.perf_counter(),
                              self._step, node.seed.telemetry if node is not None else common_pb2.SeedTelemetry(),
-                             self._last_signals, graph_before=self._last_graph)
+                             self.decisions.last_signals, graph_before=self.decisions.last_graph)
         self._adaptations[key] = pending
         cached = self.kernels.get(kernel_id, self.morph.device, layer.seed_dtype())
         if cached is not None:
@@ -400,7 +342,7 @@ class RemoteController(BoundaryHook):
             self._record_germination(pending, "library" if via == "urza" else pending.path, via)
             return
         layer.germinate(d.seed_index, spec, await_kernel=True, kernel_id=kernel_id, reason=d.reason)
-        self._pending[key] = pending
+        self._pending.add(pending)
         self.pipeline.request(kernel_id, spec, shape, device, dtype)
 
     def _cancel_overdue(self) -> None:
@@ -408,22 +350,15 @@ class RemoteController(BoundaryHook):
         limit = self.settings.germination_timeout_s
         if limit <= 0 or not self._pending or self._kernel_services_down():
             return  # while a service the kernel needs is down, germinations wait for it
-        now = time.perf_counter()
-        for key, pending in list(self._pending.items()):
-            if now - pending.decided_at - pending.outage_s < limit:
-                continue
+        for pending in self._pending.take_overdue(limit):
             layer = self.morph.driver.site(pending.layer)
             if layer.state_of(pending.seed) == S.GERMINATED:
                 layer.cancel(pending.seed, f"no kernel arrived within {limit:g} s")  # reported by _on_lifecycle
-            self._pending.pop(key, None)
 
     def _attach(self, kernel_id: str) -> bool:
         module, via = self.pipeline.loaded[kernel_id]
         attached = False
-        for key, pending in list(self._pending.items()):
-            if pending.kernel_id != kernel_id:
-                continue
-            del self._pending[key]
+        for pending in self._pending.take(kernel_id):
             layer = self.morph.driver.site(pending.layer)
             if layer.state_of(pending.seed) != S.GERMINATED:
                 self._note(f"kernel {kernel_id} arrived for {pending.layer}[{pending.seed}], which is "
@@ -458,10 +393,7 @@ class RemoteController(BoundaryHook):
         prefix = COMPILE_FAILED_PREFIX if deterministic else UNAVAILABLE_PREFIX
         outcome = (common_pb2.ADAPTATION_OUTCOME_COMPILE_FAILED if deterministic
                    else common_pb2.ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE)
-        for key, pending in list(self._pending.items()):
-            if pending.kernel_id != kernel_id:
-                continue
-            del self._pending[key]
+        for pending in self._pending.take(kernel_id):
             layer = self.morph.driver.site(pending.layer)
             if layer.state_of(pending.seed) == S.GERMINATED:
                 layer.cancel(pending.seed, f"{prefix}: {reason}")
@@ -473,14 +405,10 @@ class RemoteController(BoundaryHook):
         """Every transition goes to Oona; a terminal one of a germination is reported to Tamiyo."""
         self.reporter.publish_lifecycle(event)
         key = (event.layer, event.seed)
-        outcome = OUTCOMES.get(S(event.to_state))
         pending = self._adaptations.get(key)
-        if event.to_state == S.CANCELLED and not event.reason.startswith((COMPILE_FAILED_PREFIX, UNAVAILABLE_PREFIX)):
-            waited_out_an_outage = pending is not None and (pending.outage_s > 0 or pending.outage_epochs)
-            outcome = (common_pb2.ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE if waited_out_an_outage
-                       else common_pb2.ADAPTATION_OUTCOME_CANCELLED)
+        outcome = outcome_of(event, pending)
         if outcome is not None and pending is not None:
-            self._pending.pop(key, None)
+            self._pending.discard(key)
             self._report(pending, outcome, event.reason)
 
     def _report(self, pending: Adaptation, outcome: int, reason: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from esper.durable import write_bytes_atomic
-from esper.kasmina import KernelCache, cache_key
+from esper.kasmina import KernelCache, adopt_kernel, cache_key
 from esper.v1 import common_pb2
 
 KERNEL_CACHE_BYTES = 256 << 20
@@ -26,6 +26,16 @@ class KernelStore:
     def __init__(self, directory: Path, byte_budget: int = KERNEL_CACHE_BYTES):
         self.directory = Path(directory)
         self.cache = KernelCache(byte_budget)
+
+    def restore_seeds(self, sites: list[tuple[str, Any]], model_state: dict[str, Any], device: torch.device) -> None:
+        """Before a checkpoint's `model_state` loads: each seed that ran a compiled kernel gets that
+        kernel back from this run's verified copy; without the copy Kasmina builds the seed from its
+        blueprint, which loads the same weights."""
+        for name, layer in sites:
+            for index, (kernel_id, spec) in layer.checkpointed_kernels(model_state, f"{name}.").items():
+                loaded = self.load_local(kernel_id)
+                if loaded is not None:
+                    layer.preload_seed(index, adopt_kernel(loaded.to(device), spec.blueprint_id))
 
     def get(self, kernel_id: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module | None:
         return self.cache.get(*cache_key(kernel_id, device, dtype))

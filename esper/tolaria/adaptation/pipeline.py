@@ -24,7 +24,7 @@ from esper.errors import DataLossError, EsperError, FailedPreconditionError, Not
 from esper.kasmina import seed_from_kernel
 from esper.tolaria.adaptation.kernels import KernelStore
 from esper.tolaria.adaptation.outbox import KernelFailed, KernelLoaded, Note, Outbox
-from esper.tolaria.config import ServicesConfig
+from esper.tolaria.services_config import ServicesConfig
 from esper.tolaria.slices import StepSlices
 from esper.v1 import common_pb2, tezzeret_pb2
 

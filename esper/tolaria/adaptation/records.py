@@ -45,6 +45,18 @@ class Adaptation:
                 "decided_step": self.decided_step, "graph_before": self.graph_before.SerializeToString().hex()}
 
     @classmethod
+    def resumed(cls, layer: str, seed: int, kernel_id: str, blueprint_id: str, step: int,
+                record: Adaptation | None) -> Adaptation:
+        """A germination still waiting for its kernel after a resume: the checkpoint's `record` of
+        it when there is one (its decision and what the graph showed), else a bare GERMINATE."""
+        decision = record.decision if record else common_pb2.AdaptationDecision(
+            layer_name=layer, seed_index=seed, blueprint_id=blueprint_id, action=common_pb2.DECISION_ACTION_GERMINATE)
+        return cls(layer, seed, kernel_id, blueprint_id, decision, time.perf_counter(), step,
+                   record.telemetry_before if record else common_pb2.SeedTelemetry(),
+                   record.signals_before if record else common_pb2.TrainingSignals(),
+                   graph_before=record.graph_before if record else common_pb2.ModelGraphState())
+
+    @classmethod
     def from_dict(cls, a: dict[str, Any]) -> Adaptation:
         """Inverse of `to_dict` (the decision time restarts now: latencies are per process)."""
         return cls(a["layer"], int(a["seed"]), a["kernel_id"], a["blueprint_id"],

@@ -14,6 +14,7 @@ from typing import Any
 from esper.clients import OonaClient, ServiceLink, TamiyoClient, is_outage
 from esper.clients.topics import DECISIONS_TOPIC, LIFECYCLE_TOPIC, METRICS_TOPIC, proto_content_type
 from esper.errors import EsperError
+from esper.lifecycle import SeedLifecycleState as S
 from esper.tolaria.adaptation.records import Adaptation
 from esper.tolaria.adaptation.worker import AdaptationWorker
 from esper.v1 import common_pb2, oona_pb2
@@ -22,6 +23,15 @@ log = logging.getLogger("esper.tolaria.adaptation")
 
 # Publishes and reports kept while their service is down (oldest dropped beyond this).
 MAX_BACKLOG = 10_000
+# The outcome reported for a germination whose seed reached one of these states.
+OUTCOMES = {
+    S.FOSSILIZED: common_pb2.ADAPTATION_OUTCOME_FOSSILIZED,
+    S.CULLED: common_pb2.ADAPTATION_OUTCOME_CULLED,
+    S.ROLLED_BACK: common_pb2.ADAPTATION_OUTCOME_ROLLED_BACK,
+}
+# Reason prefixes of cancellations that are reported to Tamiyo by the controller's compile-failure path itself.
+COMPILE_FAILED_PREFIX = "compile failed"
+UNAVAILABLE_PREFIX = "kernel unavailable"
 
 
 class Reporter:
@@ -108,6 +118,18 @@ class Reporter:
         pairs = [(self.publishes, self.oona), (self.reports, self.tamiyo)]
         while time.monotonic() < deadline and any(backlog and link is not None and link.up for backlog, link in pairs):
             await asyncio.sleep(0.05)
+
+
+def outcome_of(event: Any, pending: Adaptation | None) -> int | None:
+    """The outcome to report for a lifecycle `event` of a germination (`pending`, if one is known),
+    or None: a cancellation after waiting out an outage is SERVICE_UNAVAILABLE (not counted
+    against max_adaptations); cancellations by compile failures are reported where they happen."""
+    outcome = OUTCOMES.get(S(event.to_state))
+    if event.to_state == S.CANCELLED and not event.reason.startswith((COMPILE_FAILED_PREFIX, UNAVAILABLE_PREFIX)):
+        waited_out_an_outage = pending is not None and (pending.outage_s > 0 or pending.outage_epochs)
+        outcome = (common_pb2.ADAPTATION_OUTCOME_SERVICE_UNAVAILABLE if waited_out_an_outage
+                   else common_pb2.ADAPTATION_OUTCOME_CANCELLED)
+    return outcome
 
 
 def field_report(run_id: str, adaptation: Adaptation, outcome: int, epoch: int, row: Any | None

@@ -227,3 +227,32 @@ def test_gradmax_dual_keeps_units_merged_into_a_plain_relu_host_alive():
     for _ in range(3):
         _step(model, opt, x, y)
     assert torch.count_nonzero(model.head.weight[:, 4:]) > 0      # the new units' fan-out trains
+
+
+def test_gradmax_dual_signs_each_unit_so_that_it_is_live_on_the_data():
+    # The second pair of an MLP reads ReLU outputs (all >= 0): a fan-in row and its negation are
+    # the same singular vector, but one of them leaves its unit at 0 for most samples. Each unit
+    # must carry the sign with the larger real (ReLU) fan-out gradient, the gradient it trains on.
+    from esper.kasmina.growth.init import _relu_hidden
+
+    torch.manual_seed(0)
+    model = MLP(40, hidden=16, num_classes=10, depth=2)
+    x, y = _data((40,), n=256)
+    pair = model.width_pairs()[1]
+    mods = pair_modules(model, pair)
+    stats = capture_statistics(model, pair, [(x, y)], F.cross_entropy)
+    seed = WidthSeed(pair, mods, 8)
+    gradmax_init(seed, mods, stats, torch.Generator().manual_seed(3), zero="fan_out")
+
+    def fan_out_grad_norms(rows):
+        with torch.no_grad():
+            seed.fan_in.weight.copy_(rows)
+        b = torch.zeros_like(seed.fan_out.weight, requires_grad=True)
+        value = (F.linear(_relu_hidden(seed, stats.x), b) * stats.delta).sum()
+        (grad,) = torch.autograd.grad(value, b)
+        return grad.norm(dim=0)
+
+    chosen = seed.fan_in.weight.detach().clone()
+    kept, flipped = fan_out_grad_norms(chosen), fan_out_grad_norms(-chosen)
+    assert bool((kept >= flipped).all()), (kept, flipped)
+    assert bool((kept > flipped).any())  # the choice mattered for some unit
