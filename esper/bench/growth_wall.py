@@ -40,12 +40,11 @@ def _run(config, run_dir: Path, morphogenetic: bool, profiled: bool) -> tuple[di
     from esper.bench.wall_phases import PhaseClock
     from esper.tolaria.trainer import Trainer
 
-    trainer = Trainer(config, run_dir, morphogenetic=morphogenetic, progress="none")
+    clock = None if profiled else PhaseClock()
+    trainer = Trainer(config, run_dir, morphogenetic=morphogenetic, progress="none",
+                      hooks=[clock] if clock is not None else ())
     trainer.prepare()
     trainer.start()
-    clock = None if profiled else PhaseClock()
-    if clock is not None:
-        trainer.hooks.append(clock)
     profile = cProfile.Profile() if profiled else None
     cpu = time.process_time()
     if profile is not None:

@@ -15,6 +15,7 @@ import torch
 import esper.tolaria.morphogenesis as morphogenesis
 from esper.kasmina.lifecycle import ACTIVE_STATES
 from esper.tolaria.config import load_config
+from esper.tolaria.hooks import BoundaryHook
 from esper.tolaria.hosts import forward_flops_per_sample
 from esper.tolaria.trainer import Trainer
 
@@ -40,11 +41,18 @@ def _run_checking_the_cache(tmp_path: Path, monkeypatch, overrides: list[str]):
         return forward_flops_per_sample(model, input_shape, device)
 
     monkeypatch.setattr(morphogenesis, "forward_flops_per_sample", counting)
-    trainer = Trainer(load_config(CONFIG, [*NARROW, *overrides]), tmp_path / "run", progress="none")
+    checked = []
+
+    class EpochCheck(BoundaryHook):
+        def after_epoch(self, trainer, epoch, record):
+            check(("epoch", epoch))
+            return False
+
+    trainer = Trainer(load_config(CONFIG, [*NARROW, *overrides]), tmp_path / "run", progress="none",
+                      hooks=[EpochCheck()])
     trainer.prepare()
     trainer.start()
     morph = trainer.morph
-    checked = []
 
     def check(label):
         before = len(recounts)
@@ -55,16 +63,6 @@ def _run_checking_the_cache(tmp_path: Path, monkeypatch, overrides: list[str]):
         checked.append((label, len(recounts) - before, cached))
 
     morph.driver.add_listener(lambda e: check((e.from_state, e.to_state, e.reason)))
-
-    class EpochCheck:
-        def after_step(self, trainer, epoch, loss):
-            return False
-
-        def after_epoch(self, trainer, epoch, record):
-            check(("epoch", epoch))
-            return False
-
-    trainer.hooks.append(EpochCheck())
     summary = trainer.train()
     return summary, checked
 
