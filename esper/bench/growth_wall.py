@@ -159,11 +159,11 @@ def run(args: argparse.Namespace) -> int:
     for t in report["top"]:
         lines.append(f"| `{t['function']}` | {t['esper_calls']} | {t['esper_cum_s']:.2f} | {t['static_cum_s']:.2f} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.output:
+    if args.output:  # written before printing: a closed stdout must not lose a long run's report
         Path(f"{args.output}.md").parent.mkdir(parents=True, exist_ok=True)
         Path(f"{args.output}.md").write_text(text)
         Path(f"{args.output}.json").write_text(json.dumps(report, indent=2))
+    print(text)
     return 0
 
 
