@@ -12,6 +12,8 @@ Forward, by the state of each slot (see esper/kasmina/lifecycle.py for the trans
 - GRAFTING / FINE_TUNING / FOSSILIZED: `out = h + alpha * s`, `s = seed(h_chunk)`; host and seed train.
 - STABILIZATION / EVALUATING: `out = h + alpha * s` with the seed run under `no_grad` (frozen).
 - Non-finite seed values are replaced by 0 inside `ops.seed_blend`, so they never reach the host.
+- A layer with one slot (the seed owns every channel) blends with `ops.seed_blend_whole`: the same
+  values and gradients in native ops, without the custom op's Python autograd wrapper.
 
 Telemetry (activation mean/variance/dead fraction via `ops.telemetry_accumulate_`, gradient norm via
 `ops.grad_telemetry_accumulate_` from a tensor hook) is gathered on the host output while any seed
