@@ -12,6 +12,8 @@ Forward, by the state of each slot (see esper/kasmina/lifecycle.py for the trans
 - GRAFTING / FINE_TUNING / FOSSILIZED: `out = h + alpha * s`, `s = seed(h_chunk)`; host and seed train.
 - STABILIZATION / EVALUATING: `out = h + alpha * s` with the seed run under `no_grad` (frozen).
 - Non-finite seed values are replaced by 0 inside `ops.seed_blend`, so they never reach the host.
+- A layer with one slot (the seed owns every channel) blends with `ops.seed_blend_whole`: the same
+  values and gradients in native ops, without the custom op's Python autograd wrapper.
 
 Telemetry (activation mean/variance/dead fraction via `ops.telemetry_accumulate_`, gradient norm via
 `ops.grad_telemetry_accumulate_` from a tensor hook) is gathered on the host output while any seed
@@ -210,6 +212,9 @@ class KasminaLayer(nn.Module):
         self._last_alignment: dict[int, float] = {}
         self._blueprint_ids: list[str] = []
         self._probe = False
+        # Bumped whenever a seed module or the host module is replaced, added or dropped: what
+        # the model computes per sample can only change then (Morphogenesis caches FLOPs on it).
+        self.structure_version = 0
         # Seed modules built by something other than a blueprint (e.g. width seeds), by spec family:
         # builder(spec, slot index) -> module.
         self.seed_builders: dict[str, Callable[[BlueprintSpec, int], nn.Module]] = {}
@@ -233,43 +238,56 @@ class KasminaLayer(nn.Module):
             )
         out = h
         if self._num_active:
-            c = self.chunk_size
-            pieces = []
-            for i, state in enumerate(self._states):
-                if state not in ACTIVE_STATES:
-                    pieces.append(None)
-                    continue
-                seed = self.seeds[str(i)]
-                if getattr(seed, "blends_elsewhere", False):
-                    # A width seed adds to the consumer of this layer, not to this output.
-                    pieces.append(None)
-                    continue
-                x = h[:, i * c : (i + 1) * c]
-                if state in FROZEN_STATES:
-                    with torch.no_grad():
-                        s = seed(x.detach())
-                elif state == S.TRAINING:
-                    s = seed(x.detach())
-                    if s.requires_grad and torch.is_grad_enabled():
-                        s.register_hook(functools.partial(self._alignment_hook, i, s.detach()))
-                else:
-                    s = seed(x)
-                pieces.append(s)
-            template = next((p for p in pieces if p is not None), None)
-            if template is not None:
-                filled = [p if p is not None else template.new_zeros(template.shape) for p in pieces]
-                seed_out = filled[0] if len(filled) == 1 else torch.cat(filled, dim=1)
-                out = ops.seed_blend(h, seed_out.to(h.dtype), self.table.state, self.table.alpha)
+            out = self._blend_whole(h) if self.num_seeds == 1 else self._blend_chunks(h)
         if self.training:
-            with torch.no_grad():
-                ops.telemetry_accumulate_(h.detach(), self.table.telemetry, self.dead_threshold)
+            # No no_grad() context here or in the hook: the op reads a detached tensor and writes a
+            # buffer, so autograd has nothing to record, and the two context switches were a
+            # third of the telemetry's cost per layer and step on small hosts.
+            ops.telemetry_accumulate_(h.detach(), self.table.telemetry, self.dead_threshold)
             if out.requires_grad and torch.is_grad_enabled():
                 out.register_hook(self._grad_telemetry_hook)
         return out
 
+    def _seed_output(self, i: int, state: S, x: torch.Tensor) -> torch.Tensor:
+        seed = self.seeds[str(i)]
+        if state in FROZEN_STATES:
+            with torch.no_grad():
+                return seed(x.detach())
+        if state == S.TRAINING:
+            s = seed(x.detach())
+            if s.requires_grad and torch.is_grad_enabled():
+                s.register_hook(functools.partial(self._alignment_hook, i, s.detach()))
+            return s
+        return seed(x)
+
+    def _blend_whole(self, h: torch.Tensor) -> torch.Tensor:
+        # One slot owning every channel (the common case): no chunking, and the blend in native
+        # ops (ops.seed_blend_whole).
+        state = self._states[0]
+        if getattr(self.seeds._modules.get("0"), "blends_elsewhere", False):
+            return h  # a width or depth seed adds to the consumer of this layer, not to this output
+        s = self._seed_output(0, state, h)
+        return ops.seed_blend_whole(h, s.to(h.dtype), state, self.table.state, self.table.alpha)
+
+    def _blend_chunks(self, h: torch.Tensor) -> torch.Tensor:
+        c = self.chunk_size
+        pieces = []
+        for i, state in enumerate(self._states):
+            if state not in ACTIVE_STATES or getattr(self.seeds[str(i)], "blends_elsewhere", False):
+                # Inactive, or a width seed that adds to the consumer of this layer, not to this output.
+                pieces.append(None)
+                continue
+            pieces.append(self._seed_output(i, state, h[:, i * c : (i + 1) * c]))
+        template = next((p for p in pieces if p is not None), None)
+        if template is None:
+            return h
+        filled = [p if p is not None else template.new_zeros(template.shape) for p in pieces]
+        seed_out = filled[0] if len(filled) == 1 else torch.cat(filled, dim=1)
+        return ops.seed_blend(h, seed_out.to(h.dtype), self.table.state, self.table.alpha)
+
     def _grad_telemetry_hook(self, grad: torch.Tensor) -> None:
-        with torch.no_grad():
-            ops.grad_telemetry_accumulate_(grad, self.table.telemetry)
+        # The gradient only requires grad in a double backward (create_graph=True).
+        ops.grad_telemetry_accumulate_(grad.detach() if grad.requires_grad else grad, self.table.telemetry)
 
     def _alignment_hook(self, index: int, seed_out: torch.Tensor, grad: torch.Tensor) -> None:
         with torch.no_grad():
@@ -389,6 +407,7 @@ class KasminaLayer(nn.Module):
         if kernel_id:
             self._kernel_ids[index] = kernel_id
         self.seeds[str(index)] = module
+        self.structure_version += 1
         how = "built locally" if not self._kernel_ids.get(index) else f"kernel {self._kernel_ids[index]}"
         self.transition(index, S.TRAINING, f"seed module attached ({how})")
 
@@ -443,6 +462,7 @@ class KasminaLayer(nn.Module):
             raise RuntimeError(f"layer {self.layer_name!r}: cannot resize the host from {self.channels} to {channels} "
                                "channels while a residual seed is active on it")
         self.host = module
+        self.structure_version += 1
         self.channels = channels
         self.chunk_size = channels // self.num_seeds
 
@@ -451,6 +471,7 @@ class KasminaLayer(nn.Module):
         if release is not None:
             release()
         del self.seeds[key]
+        self.structure_version += 1
 
     def _enter(self, index: int, to_state: S, reason: str) -> LifecycleEvent:
         from_state = self._states[index]
@@ -551,6 +572,11 @@ class KasminaLayer(nn.Module):
         finally:
             self.table.alpha[index].copy_(saved)
 
+    def structure_changed(self) -> None:
+        """Records that what this site computes changed outside its own modules (e.g. a width or
+        depth seed's hooks were installed on other modules of the model)."""
+        self.structure_version += 1
+
     def set_telemetry_probe(self, enabled: bool) -> None:
         """Collect telemetry even when no seed is active (turns the dormant fast path off)."""
         self._probe = bool(enabled)
@@ -621,6 +647,7 @@ class KasminaLayer(nn.Module):
         """Before a checkpoint loads: use `module` (e.g. the compiled kernel the seed ran) as slot
         `seed_index`'s seed; loading keeps a module whose `blueprint_id` matches the checkpoint's."""
         self.seeds[str(self._check_index(seed_index))] = module
+        self.structure_version += 1
 
     def _build(self, spec: BlueprintSpec, index: int) -> nn.Module:
         if spec.family in self.seed_builders:
@@ -672,6 +699,7 @@ class KasminaLayer(nn.Module):
                 if current is not None:
                     self._drop_module(str(i))
                 self.seeds[str(i)] = self._build(specs[i], i)
+                self.structure_version += 1
 
     @staticmethod
     def _after_load(module: KasminaLayer, incompatible_keys) -> None:

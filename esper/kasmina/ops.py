@@ -21,6 +21,7 @@ from esper.kasmina.reference import (  # noqa: F401  (re-exported)
     TELEMETRY_SUM,
     TELEMETRY_SUMSQ,
 )
+from esper.lifecycle import SeedLifecycleState
 
 _C = load()
 
@@ -150,6 +151,38 @@ def seed_blend(
     alpha get no gradient. Computation is in float32 for float16/bfloat16 inputs.
     """
     return torch.ops.esper.seed_blend(host, seed, state, alpha)
+
+
+# States whose seed output is added with weight alpha (forward and backward).
+_ALPHA_BLENDED = frozenset({SeedLifecycleState.GRAFTING, SeedLifecycleState.STABILIZATION,
+                            SeedLifecycleState.EVALUATING, SeedLifecycleState.FINE_TUNING,
+                            SeedLifecycleState.FOSSILIZED})
+
+
+def seed_blend_whole(host: torch.Tensor, seed: torch.Tensor, state: SeedLifecycleState,
+                     state_row: torch.Tensor, alpha_row: torch.Tensor) -> torch.Tensor:
+    """`seed_blend` for one seed that owns every channel of `host`, its `state` known on the host side.
+
+    state_row, alpha_row: that seed's rows of the state table (int64[1], float32[1]). For
+    float32/float64 it runs as native ops, without the Python autograd wrapper a custom op goes
+    through (on small layers that wrapper cost more than the blend itself: ~60 us forward and
+    ~40 us backward per call). With f = nan_to_num(seed), whose gradient is zero where the seed
+    is not finite (exactly `seed_blend_backward`'s mask):
+
+    - GRAFTING .. FOSSILIZED: `host + alpha * f`, the fused op's values and gradients bit for bit
+      on CPU (tested; a CUDA kernel that contracts to FMA may differ in the last bit);
+    - TRAINING: `host + (f - f.detach())`: the value is `host` (a -0.0 may come out as +0.0),
+      the seed gets the task gradient (straight-through).
+
+    Reduced precision and every other state call `seed_blend`.
+    """
+    if host.dtype == seed.dtype and host.dtype in (torch.float32, torch.float64):
+        if state in _ALPHA_BLENDED:
+            return host + alpha_row * torch.nan_to_num(seed, nan=0.0, posinf=0.0, neginf=0.0)
+        if state == SeedLifecycleState.TRAINING:
+            finite = torch.nan_to_num(seed, nan=0.0, posinf=0.0, neginf=0.0)
+            return host + (finite - finite.detach())
+    return seed_blend(host, seed, state_row, alpha_row)
 
 
 def telemetry_accumulate_(x: torch.Tensor, telemetry: torch.Tensor, dead_threshold: float = 0.0) -> None:

@@ -317,11 +317,14 @@ class Morphogenesis:
         return ", ".join(parts) or "all dormant"
 
     def eval_flops_per_sample(self) -> float:
-        """Forward FLOPs per sample of the model as it is now (cached per seed configuration)."""
-        active = tuple((name, i, layer.state_of(i)) for name, layer in self.driver.sites
+        """Forward FLOPs per sample of the model as it is now, counted again only when its structure
+        changed: the set of running seeds, a site's seed or host module, or a merge. A seed's
+        lifecycle state does not change its count (every active seed runs in the counting pass)."""
+        active = tuple((name, i) for name, layer in self.driver.sites
                        for i in range(layer.num_seeds) if layer.state_of(i) in ACTIVE_STATES)
+        versions = tuple(layer.structure_version for _, layer in self.driver.sites)
         merged = self.growth.merged() if self.growth is not None else ()
-        key = (active, merged)
+        key = (active, versions, merged)
         if self._flops_cache is None or self._flops_cache[0] != key:
             grown = active or merged
             value = self.flops_initial if not grown else forward_flops_per_sample(self.model, self.input_shape, self.device)

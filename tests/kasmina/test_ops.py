@@ -591,3 +591,30 @@ def test_cpu_isa_builds_agree_bitwise(tmp_path):
     assert isas[1] == "baseline" and isas[0] in ("avx2", "baseline")
     for a, b in zip(*results, strict=True):
         assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("state", [S.TRAINING, *BLENDED, S.DORMANT])
+@pytest.mark.parametrize("alpha_value", [0.0, 1.0, 0.37])
+def test_seed_blend_whole_has_the_fused_ops_values_and_gradients(dtype, state, alpha_value):
+    # The native path (TRAINING .. FOSSILIZED, float32/64) must give the fused op's values (equal
+    # as numbers: TRAINING may turn a -0.0 into +0.0) and bit-identical gradients, non-finite seed
+    # values included; the other cases are the fused op itself.
+    g = torch.Generator().manual_seed(int(state) * 7 + int(alpha_value * 100))
+    host = torch.randn(5, 6, 4, generator=g).to(dtype)
+    host[0, 0, 0] = -0.0
+    seed = with_non_finite(torch.randn(5, 6, 4, generator=g), g).to(dtype)
+    grad_out = torch.randn(5, 6, 4, generator=g).to(dtype)
+    table_state = torch.tensor([int(state)])
+    alpha = torch.tensor([alpha_value])
+    results = []
+    for blend in (lambda h, s: ops.seed_blend(h, s, table_state, alpha),
+                  lambda h, s: ops.seed_blend_whole(h, s, state, table_state, alpha)):
+        h, s = host.clone().requires_grad_(), seed.clone().requires_grad_()
+        out = blend(h, s)
+        out.backward(grad_out)
+        results.append((out.detach(), h.grad, s.grad))
+    (fused_out, fused_gh, fused_gs), (whole_out, whole_gh, whole_gs) = results
+    assert torch.equal(whole_out, fused_out)
+    assert torch.equal(whole_gh, fused_gh)
+    assert torch.equal(whole_gs, fused_gs)

@@ -29,7 +29,7 @@ def lifecycle_blend(layer: KasminaLayer, index: int) -> Callable[[torch.Tensor, 
     KasminaLayer blends its own seeds -- nothing when not active; TRAINING: straight-through (the
     value is `out`, the seed still gets the task gradient, and the alignment the TRAINING gate reads
     is accumulated); frozen states: no gradient to the seed; otherwise `out + alpha * seed(x)`.
-    Non-finite seed values never reach `out` (`ops.seed_blend`)."""
+    Non-finite seed values never reach `out` (`ops.seed_blend_whole`: the seed owns all of `out`)."""
     def blend(out: torch.Tensor, x: torch.Tensor, seed: nn.Module) -> torch.Tensor:
         state = layer.state_of(index)
         if state not in ACTIVE_STATES:
@@ -44,5 +44,8 @@ def lifecycle_blend(layer: KasminaLayer, index: int) -> Callable[[torch.Tensor, 
         else:
             s = seed(x)
         t = layer.table
-        return ops.seed_blend(out, s.to(out.dtype), t.state[index : index + 1], t.alpha[index : index + 1])
+        if layer.num_seeds == 1:  # the rows are the whole table: no slicing ops per call
+            return ops.seed_blend_whole(out, s.to(out.dtype), state, t.state, t.alpha)
+        return ops.seed_blend_whole(out, s.to(out.dtype), state, t.state[index : index + 1],
+                                    t.alpha[index : index + 1])
     return blend

@@ -128,6 +128,7 @@ class DepthGrowth:
             seed.train(module.training)
             return blend(out, out, seed)
         handle = self.stack(site).register_forward_hook(hook)
+        layer.structure_changed()  # the seed now runs after the stack
         key = (site, index)
         self._live[key] = (seed, handle)
 

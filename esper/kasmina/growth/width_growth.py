@@ -118,6 +118,7 @@ class WidthGrowth:
     def _attach(self, site: str, layer: KasminaLayer, index: int, seed: WidthSeed) -> None:
         hooks = WidthHooks(self.model, seed.pair, seed, lifecycle_blend(layer, index))
         hooks.install()
+        layer.structure_changed()  # the seed now runs inside the pair's consumer
         key = (site, index)
         self._hooks[key] = hooks
 
