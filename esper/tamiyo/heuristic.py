@@ -2,9 +2,14 @@
 
 1. Wait until `start_epoch`, and (unless `grow_without_plateau`) until validation loss plateaus:
    its relative improvement over the last `plateau_window` epochs is below `plateau_threshold`.
-2. Where: among DORMANT, non-embargoed seed slots, the one with the worst health from telemetry:
+2. Where: among DORMANT, non-embargoed seed slots, a *narrow* layer first when width growth is
+   allowed (fewer units than both the features each unit reads and writes: a bottleneck limits
+   every layer after it), else the one with the worst health from telemetry:
    need = gradient norm relative to the mean over candidate sites (the loss is most sensitive
    there) + dead fraction (capacity the host has lost there). Ties go to the shallower site.
+   (Without the narrow-first rule, width growth merged at once piled every unit into the last
+   hidden layer of the MNIST-1D MLP, whose dead fraction its own growth kept raising, while
+   the 16-unit first layer stayed the bottleneck.)
 3. How (growth mode) and what: the options allowed by `growth.modes` that fit the budget left --
    the largest blueprint ("branch", the rule from before growth modes), `growth.width_units` (or
    `width_factor` x the current units, shrunk to fit the budget) new units ("width"), one identity
@@ -35,7 +40,7 @@ from esper.tamiyo.policy import (
 )
 from esper.v1 import common_pb2
 
-VERSION = "heuristic/2"
+VERSION = "heuristic/3"
 MODE_ENUM = {"branch": common_pb2.GROWTH_MODE_BRANCH, "width": common_pb2.GROWTH_MODE_WIDTH,
              "depth": common_pb2.GROWTH_MODE_DEPTH}
 SATURATED_DEAD_FRACTION = 0.5
@@ -82,9 +87,16 @@ class HeuristicPolicy:
             rel = t.gradient_norm / mean_grad if mean_grad > 0 else 0.0
             return rel + t.dead_fraction
 
+        def narrow(node) -> bool:
+            # A bottleneck only width growth can fix: the layer limits every layer after it, so
+            # it is widened before any other site, whatever the health signals say elsewhere.
+            w = node.width
+            return ("width" in self.cfg.growth.modes and node.HasField("width") and w.units > 0
+                    and w.units < min(w.input_dim, w.output_dim))
+
         params_left, flops_left = budget_left(sig, self.rails, self.host_flops)
         why = "plateau" if is_plateau else "growth forced by config"
-        for node in sorted(candidates, key=lambda n: (-need(n), n.depth, n.seed.seed_index)):
+        for node in sorted(candidates, key=lambda n: (not narrow(n), -need(n), n.depth, n.seed.seed_index)):
             choice = self._choose(node, need(node), params_left, flops_left)
             if choice is None:
                 continue
@@ -94,7 +106,8 @@ class HeuristicPolicy:
             what = {"width": f"{units} new units", "depth": "a new block"}.get(mode, cost.blueprint_id)
             return [make_decision(
                 Action.DECISION_ACTION_GERMINATE,
-                f"{why}; site {node.layer_name}[{node.seed.seed_index}] has the worst health "
+                f"{why}; site {node.layer_name}[{node.seed.seed_index}] "
+                f"{'is the narrowest bottleneck' if narrow(node) else 'has the worst health'} "
                 f"(grad norm {t.gradient_norm:.3g}, dead {t.dead_fraction:.1%}); {mode}: {what} "
                 f"({because}) adds {cost.parameters} params, {cost.flops} FLOPs/sample "
                 f"(budget left {params_left:.0f} params, {flops_left:.0f} FLOPs)",

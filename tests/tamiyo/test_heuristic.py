@@ -110,6 +110,20 @@ def test_width_growth_is_chosen_at_a_narrow_site():
     assert d.growth_units == 3
 
 
+def test_a_narrow_site_is_widened_before_a_less_healthy_wide_one():
+    # hidden.1 has the worst health (largest gradient, many dead), but hidden.0 is the bottleneck:
+    # 16 units reading 40 features and feeding 32. Width growth widens the bottleneck first.
+    msg = _with_width(graph([1.0, 1.0, 1.0], grads=(0.1, 0.5), dead=(0.0, 0.6)), units=32, input_dim=16, output_dim=10)
+    msg.nodes[0].width.CopyFrom(common_pb2.WidthSite(units=16, input_dim=40, output_dim=32, unit_parameters=73,
+                                                     unit_flops=144, available=True))
+    (d,) = policy(growth=GrowthConfig(modes=["width"])).decide(msg)
+    assert d.layer_name == "hidden.0" and d.growth_mode == common_pb2.GROWTH_MODE_WIDTH
+    assert "narrowest bottleneck" in d.reason and "narrow: 16 units < min(40 in, 32 out)" in d.reason
+    # Branch growth cannot widen a layer: then the worst health decides, as before.
+    (d,) = policy(growth=GrowthConfig(modes=["branch"])).decide(msg)
+    assert d.layer_name == "hidden.1" and "worst health" in d.reason
+
+
 def test_width_growth_at_a_saturated_site_and_only_when_allowed():
     wide = dict(units=64, input_dim=40, output_dim=10)
     msg = _with_width(graph([1.0, 1.0, 1.0], grads=(0.1, 0.1, 0.1), dead=(0.0, 0.0, 0.8)), **wide)
