@@ -70,7 +70,7 @@ def _run_checking_the_cache(tmp_path: Path, monkeypatch, overrides: list[str]):
 @pytest.mark.integration
 def test_width_growth_and_merge_recount_only_on_structure_changes(tmp_path, monkeypatch):
     summary, checked = _run_checking_the_cache(
-        tmp_path, monkeypatch, ["growth.modes=[width]", "growth.width_units=4", "controller.max_adaptations=1",
+        tmp_path, monkeypatch, ["growth.modes=[width]", "growth.width_units=4", "growth.width_lifecycle=full", "controller.max_adaptations=1",
                                 "lifecycle.min_contribution=-1.0"])
     transitions = {(label[0].name, label[1].name): n for label, n, _ in checked if label[0] != "epoch"}
     assert ("FOSSILIZED", "DORMANT") in transitions, "the width seed was never merged"

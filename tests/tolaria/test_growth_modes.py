@@ -20,7 +20,7 @@ NARROW = [
     "lifecycle.grafting_steps=10", "lifecycle.stabilization_steps=2", "lifecycle.evaluation_epochs=1",
     "lifecycle.fine_tuning_epochs=1", "lifecycle.min_contribution=-1.0",
     "controller.grow_without_plateau=true", "controller.cooldown_epochs=0", "controller.max_adaptations=1",
-    "growth.modes=[width]", "growth.width_units=4", "services.mode=off",
+    "growth.modes=[width]", "growth.width_units=4", "growth.width_lifecycle=full", "services.mode=off",
     "logging.tensorboard=false", "logging.timeline_plot=false", "checkpoint.keep_last=10",
 ]
 

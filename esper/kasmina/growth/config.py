@@ -36,7 +36,11 @@ class GrowthConfig:
     # full: a width seed goes through the seed lifecycle (trial, counterfactual, cull or merge);
     # direct: GradMax/TINY-style growth, the units are merged into the host at once (insertion is
     # function-preserving for gradmax and random; TINY takes its line-searched step), no trial.
-    width_lifecycle: WidthLifecycle = "full"
+    # direct is the default: in paired runs (20 seeds, teacher-student 2x6 host nobody tuned for;
+    # 10 seeds, MNIST-1D 2x16 MLP) it beat the full lifecycle by 1.3 and 2.5 points at equal
+    # compute (benchmarks/results/growth_pareto_*direct*.md): a trial costs steps on units that
+    # are function-preserving anyway, and the counterfactual culled seeds that would have paid.
+    width_lifecycle: WidthLifecycle = "direct"
     # Optimizer state of new entries: zero (zero-padded) or stats (second moments from the host's).
     optimizer_fill: OptimizerFill = "zero"
     # Depth seeds of ResNet hosts: "identity" (fresh block, last norm zero) or "copy" (the
