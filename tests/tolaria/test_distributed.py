@@ -3,6 +3,7 @@ two-process gloo group, DDP's treatment of frozen seeds, and the command line's 
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from datetime import timedelta
@@ -55,6 +56,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _spawned(rank: int, worker, *args) -> None:
+    """Runs a test worker, then ends its process at once once it succeeded.
+
+    A spawned gloo worker that returns normally sometimes aborts in teardown ("terminate called
+    without an active exception", SIGABRT) even after a barrier and destroy_process_group: a C++
+    thread of the group outlives it at interpreter exit. The workers' results are written to
+    files before this point, so skipping the teardown loses nothing; a worker that raises exits
+    normally with its traceback.
+    """
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _replica_worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=timedelta(seconds=60))
@@ -76,12 +92,11 @@ def _replica_worker(rank: int, port: int, out: str) -> None:
             outcome = str(exc)
         Path(out, f"rank{rank}.txt").write_text(f"{first}\n{outcome}")
     finally:
-        dist.barrier()  # a group torn down while the peer still reads from it aborts the process
-        dist.destroy_process_group()
+        dist.barrier()  # both ranks are done with the group; _spawned ends the process
 
 
 def test_replica_check_names_the_tensor_that_differs_on_every_rank(tmp_path):
-    mp.spawn(_replica_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_spawned, args=(_replica_worker, _free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [(tmp_path / f"rank{r}.txt").read_text().split("\n", 1) for r in (0, 1)]
     assert results[0][0] == results[1][0]  # equal digests after the broadcast
     for _, message in results:
@@ -113,14 +128,13 @@ def _unused_worker(rank: int, port: int, out: str) -> None:
         Path(out, f"rank{rank}.txt").write_text(f"{all(seed_grads)} {torch.equal(gathered[0], gathered[1])} "
                                                  f"{ddp.find_unused_parameters}")
     finally:
-        dist.barrier()  # a group torn down while the peer still reads from it aborts the process
-        dist.destroy_process_group()
+        dist.barrier()  # both ranks are done with the group; _spawned ends the process
 
 
 def test_frozen_seed_parameters_get_no_gradient_under_ddp(tmp_path):
     # One process would leave .grad None for a seed frozen in STABILIZATION (so SGD's weight decay
     # does not move it); DDP must do the same, and still average the host's gradients.
-    mp.spawn(_unused_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_spawned, args=(_unused_worker, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in (0, 1):
         assert (tmp_path / f"rank{r}.txt").read_text() == "True True True"
 
@@ -156,12 +170,11 @@ def _mirror_worker(rank: int, port: int, out: str) -> None:
         trainer.ranks.check_replicas(trainer.model, trainer.optimizer, epoch=1)
         Path(out, f"rank{rank}.txt").write_text("\n".join(lines))
     finally:
-        dist.barrier()  # a group torn down while the peer still reads from it aborts the process
-        dist.destroy_process_group()
+        dist.barrier()  # both ranks are done with the group; _spawned ends the process
 
 
 def test_ranks_adopt_the_seeds_rank_0_changed_between_steps(tmp_path):
-    mp.spawn(_mirror_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_spawned, args=(_mirror_worker, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in (0, 1):
         assert (tmp_path / f"rank{r}.txt").read_text().splitlines() == [
             "True TRAINING ['host', 'seed:hidden.1:0']", "DORMANT"]
