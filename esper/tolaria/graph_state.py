@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from esper.kasmina.model_state import buffers_and_mode_kept
 from esper.lifecycle import SeedLifecycleState as S
 from esper.tolaria.hosts import count_parameters
 from esper.v1 import common_pb2
@@ -27,20 +28,13 @@ def probe_output_shapes(model: nn.Module, sites: list[tuple[str, Any]], input_sh
     hooks = [layer.register_forward_hook(
         lambda mod, args, out, name=name: shapes.__setitem__(name, [-1, *out.shape[1:]]))
         for name, layer in sites]
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with buffers_and_mode_kept(model), torch.no_grad():
+            model.eval()
             model(torch.zeros((2, *input_shape), device=device))
     finally:
         for h in hooks:
             h.remove()
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in buffers:
-                    b.copy_(buffers[n])
-        model.train(was_training)
     return shapes
 
 

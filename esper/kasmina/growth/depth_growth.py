@@ -24,6 +24,7 @@ from esper.kasmina.growth.errors import GrowthError
 from esper.kasmina.growth.pair import resolve
 from esper.kasmina.layer import KasminaLayer
 from esper.kasmina.lifecycle import ACTIVE_STATES
+from esper.kasmina.model_state import buffers_and_mode_kept
 from esper.lifecycle import SeedLifecycleState as S
 
 FAMILY = "depth"
@@ -101,20 +102,13 @@ class DepthGrowth:
         seen: list[torch.Tensor] = []
         stack = self.stack(site)
         handle = stack.register_forward_hook(lambda m, a, out: seen.append(out.detach()))
-        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
-        was_training = self.model.training
         first = next(self.model.parameters())
         try:
-            self.model.eval()
-            with torch.no_grad():
+            with buffers_and_mode_kept(self.model), torch.no_grad():
+                self.model.eval()
                 self.model(torch.zeros((1, *input_shape), device=first.device, dtype=first.dtype))
         finally:
             handle.remove()
-            self.model.train(was_training)
-            with torch.no_grad():
-                for n, b in self.model.named_buffers():
-                    if n in buffers:
-                        b.copy_(buffers[n])
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             probe(seen[0])

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from esper.kasmina.growth.pair import WidthPair, pair_modules
+from esper.kasmina.model_state import buffers_and_mode_kept
 
 
 @dataclass
@@ -49,11 +50,9 @@ def capture_statistics(model: nn.Module, pair: WidthPair, batches: Iterable[tupl
 
     handles = [mods.producer.register_forward_pre_hook(pre), mods.consumer.register_forward_pre_hook(consumer_pre),
                mods.consumer.register_forward_hook(post)]
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    was_training = model.training
-    model.train()
     try:
-        with torch.enable_grad():
+        with buffers_and_mode_kept(model), torch.enable_grad():
+            model.train()
             for x, y in batches:
                 loss = loss_fn(model(x), y)
                 # Summed over the batch so statistics of several batches add up.
@@ -61,11 +60,6 @@ def capture_statistics(model: nn.Module, pair: WidthPair, batches: Iterable[tupl
     finally:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in buffers:
-                    b.copy_(buffers[n])
-        model.train(was_training)
         for p in model.parameters():
             p.grad = None
     if not deltas:

@@ -30,6 +30,7 @@ from esper.kasmina.growth.seed import WidthSeed
 from esper.kasmina.growth.statistics import capture_statistics
 from esper.kasmina.layer import KasminaLayer
 from esper.kasmina.lifecycle import ACTIVE_STATES
+from esper.kasmina.model_state import buffers_and_mode_kept
 from esper.lifecycle import SeedLifecycleState as S
 
 FAMILY = "width"
@@ -197,18 +198,11 @@ class WidthGrowth:
         return pair, layer, mods, seed, passes
 
     def _loss_with(self, pair: WidthPair, data: list, loss_fn: LossFn, seed: WidthSeed) -> float:
-        buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
         total, count = 0.0, 0
-        try:
-            with torch.no_grad(), attached(self.model, pair, seed):
-                for x, y in data:
-                    total += float(loss_fn(self.model(x), y)) * x.shape[0]
-                    count += x.shape[0]
-        finally:
-            with torch.no_grad():
-                for n, b in self.model.named_buffers():
-                    if n in buffers:
-                        b.copy_(buffers[n])
+        with buffers_and_mode_kept(self.model), torch.no_grad(), attached(self.model, pair, seed):
+            for x, y in data:
+                total += float(loss_fn(self.model(x), y)) * x.shape[0]
+                count += x.shape[0]
         return total / max(1, count)
 
     def merge_fossilized(self, optimizer: torch.optim.Optimizer | None = None, fill: str = "zero") -> list[tuple[str, int, int]]:
@@ -263,20 +257,13 @@ def _unit_flops(model: nn.Module, pair: WidthPair, probe: WidthSeed, input_shape
     mods = pair_modules(model, pair)
     seen: list[torch.Tensor] = []
     handle = mods.producer.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach()))
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    was_training = model.training
     first = next(model.parameters())
     try:
-        model.eval()
-        with torch.no_grad():
+        with buffers_and_mode_kept(model), torch.no_grad():
+            model.eval()
             model(torch.zeros((1, *input_shape), device=first.device, dtype=first.dtype))
     finally:
         handle.remove()
-        model.train(was_training)
-        with torch.no_grad():
-            for n, b in model.named_buffers():
-                if n in buffers:
-                    b.copy_(buffers[n])
     counter = FlopCounterMode(display=False)
     probe.eval()
     with torch.no_grad(), counter:
