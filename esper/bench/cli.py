@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import pkgutil
 import sys
 import types
+from pathlib import Path
+from typing import Any
 
 import esper.bench
 
@@ -39,6 +42,32 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(sub)
         sub.set_defaults(_run=module.run)
     return parser
+
+
+def standalone_main(module_name: str, argv: list[str] | None = None) -> int:
+    """`python -m esper.bench.<module>`: the subcommand's parser (the module's whole docstring as
+    its description) and `run`, with `args.argv` as `esper-bench <name>` would pass it."""
+    module = sys.modules[module_name]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Under `python -m` the module is `__main__`; its spec still has the real name.
+    spec = getattr(module, "__spec__", None)
+    name = (spec.name if spec is not None else module_name).rsplit(".", 1)[-1].replace("_", "-")
+    parser = argparse.ArgumentParser(prog=f"esper-bench {name}", description=module.__doc__)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return module.run(args)
+
+
+def write_report(text: str, result: dict[str, Any], json_path: str | None, markdown_path: str | None) -> None:
+    """Prints a benchmark's Markdown report and writes it, and its full result as JSON, where asked."""
+    print(text)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2, default=float))
+    if markdown_path:
+        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown_path).write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

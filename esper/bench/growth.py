@@ -17,7 +17,6 @@ dataset's test split, which no arm (and no controller decision) ever looks at du
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import statistics
@@ -28,6 +27,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from esper.bench.cli import standalone_main, write_report
 
 DEFAULT_CONFIGS = {"digits": "configs/development.yaml", "mnist1d": "configs/mnist1d.yaml",
                    "teacher_student": "configs/teacher_student_narrow.yaml", "cifar10": "configs/cifar10.yaml",
@@ -224,14 +225,7 @@ def _run_target(args: argparse.Namespace) -> int:
                       for arm in ARMS} for r in per_seed],
     }
     command = "esper-bench growth " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[2:]))
-    text = to_markdown(result, command)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text)
+    write_report(to_markdown(result, command), result, args.json, args.markdown)
     return 0
 
 
@@ -256,12 +250,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="esper-bench growth", description=__doc__)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    args.argv = argv
-    return run(args)
+    return standalone_main(__name__, argv)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from esper.bench.cli import standalone_main
+
 QUIET = ["logging.tensorboard=false", "logging.timeline_plot=false", "checkpoint.every_epochs=1000000",
          "checkpoint.keep_last=1", "checkpoint.save_best=false", "services.mode=off", "train.torch_threads=1"]
 
@@ -201,12 +203,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="esper-bench growth-wall", description=__doc__)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    args.argv = argv
-    return run(args)
+    return standalone_main(__name__, argv)
 
 
 if __name__ == "__main__":

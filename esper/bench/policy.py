@@ -20,7 +20,6 @@ of the machine while it ran.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import statistics
@@ -31,6 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from esper.bench.cli import standalone_main, write_report
 from esper.bench.growth import mean_sd, paired
 
 POLICIES = ("gnn", "heuristic", "random")
@@ -232,14 +232,7 @@ def run(args: argparse.Namespace) -> int:
     if args.latency_decisions > 0:
         result["latency"] = decision_latency(policy_path, args.latency_decisions)
     command = "esper-bench policy " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[2:]))
-    text = to_markdown(result, command)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(text)
+    write_report(to_markdown(result, command), result, args.json, args.markdown)
     return 0
 
 
@@ -262,12 +255,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="esper-bench policy", description=__doc__)
-    add_arguments(p)
-    args = p.parse_args(argv)
-    args.argv = argv
-    return run(args)
+    return standalone_main(__name__, argv)
 
 
 if __name__ == "__main__":
