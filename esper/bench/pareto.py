@@ -38,6 +38,7 @@ from esper.bench.pareto_stats import (
     paired_against,
     wall_per_flop_ratio,
 )
+from esper.tolaria.checkpoint import pid_alive
 
 RESULT_KEYS = ("test_acc", "test_loss", "final_val_acc", "best_val_acc", "params_final", "flops", "wall_s",
                "adaptations", "seeds", "epochs", "global_step", "dataset")
@@ -128,7 +129,7 @@ def claim(workdir: Path, job: Job) -> bool:
                 owner = 0
             if owner == os.getpid():
                 return True
-            if owner and _alive(owner):
+            if owner and pid_alive(owner):
                 return False
             lock.unlink(missing_ok=True)  # its process died: take the job over
             continue
@@ -136,16 +137,6 @@ def claim(workdir: Path, job: Job) -> bool:
             fh.write(str(os.getpid()))
         return True
     return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def load_results(workdir: Path) -> dict[str, dict[str, Any]]:
