@@ -8,7 +8,8 @@ The plan is every (task, size, seed, behaviour) combination. Behaviours:
 Episodes run with ``growth.modes`` set to `--growth-modes` (default branch, width and depth), so
 both behaviours explore every growth mode the run allows (the heuristic chooses among them too).
 Each episode is one in-process run (`esper.tamiyo.episodes`); its decisions become field reports
-(`esper.tamiyo.recording`: whole graph, outcome, FLOP cost, reward) in
+(`esper.tamiyo.recording`: whole graph, outcome, FLOP cost, reward, and the decision the config's
+heuristic would have made on that graph, whatever the behaviour, as a prior for training) in
 ``<out>/episodes/<episode id>/field_reports.bin`` (the replay-buffer format), and a ``done.json``
 written last marks it complete. Re-running the same command skips complete episodes and redoes
 incomplete ones, so a killed collection resumes where it stopped. Episodes run in `--jobs`
@@ -95,17 +96,24 @@ def plan(tasks: list[str], seeds: list[int], behaviours: list[str], sizes: list[
 
 def _exploration_controller(spec: EpisodeSpec):
     from esper.tamiyo.exploration import EpsilonGreedyPolicy, GrowthSpace, RandomPolicy
+    from esper.tamiyo.heuristic import HeuristicPolicy
     from esper.tamiyo.rails import Controller
     from esper.tamiyo.recording import RecordingController
 
     eps = parse_behaviour(spec.behaviour)
 
     def wrap(controller):
+        heuristic = controller.policy
+        if not isinstance(heuristic, HeuristicPolicy):
+            raise TypeError(f"collection expects the task config's controller.policy to be the heuristic, got "
+                            f"{type(heuristic).__name__}")
         rails = controller.rails.cfg
         # The config's heuristic knows what the run lets a policy grow (blueprints, growth modes).
-        explore = RandomPolicy(rails, seed=spec.seed * 1009 + 17, space=GrowthSpace.of(controller.policy.cfg))
-        policy = explore if eps is None else EpsilonGreedyPolicy(controller.policy, explore, eps, spec.seed)
-        return RecordingController(Controller(policy, controller.rails))
+        explore = RandomPolicy(rails, seed=spec.seed * 1009 + 17, space=GrowthSpace.of(heuristic.cfg))
+        policy = explore if eps is None else EpsilonGreedyPolicy(heuristic, explore, eps, spec.seed)
+        # A separate instance, so asking it for the reference never touches the behaviour's state.
+        reference = HeuristicPolicy(heuristic.cfg, heuristic.rails, heuristic.host_flops)
+        return RecordingController(Controller(policy, controller.rails), reference=reference)
 
     return wrap
 

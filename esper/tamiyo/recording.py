@@ -6,6 +6,10 @@ ended, `field_reports` pairs each decision with what happened to it (the run's a
 records: outcome, counterfactual contribution, the epoch it resolved) and scores it with
 `esper.tamiyo.reward`. WAITs are reported too (reward 0): they are the reference action. A
 germination Tolaria refused (too late to finish its lifecycle) is reported as CANCELLED, reward 0.
+Given a `reference` policy (collection passes the run's heuristic), every report also carries
+what that policy would have decided on the same graph (`FieldReport.reference_decision`), before
+the rails: the rails apply alike to every policy when it is served, so the reference is the
+policy's own choice. It is asked on a graph copy and never executed.
 """
 
 from __future__ import annotations
@@ -39,13 +43,15 @@ class Recorded:
     graph: ModelGraphState
     decision: AdaptationDecision
     behavior_probability: float
+    reference: AdaptationDecision | None = None
 
 
 class RecordingController:
     """A controller that remembers what it decided on which graph (see the module docstring)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, reference: Any = None) -> None:
         self.inner = inner
+        self.reference = reference
         self.records: list[Recorded] = []
 
     @property
@@ -56,12 +62,17 @@ class RecordingController:
         decisions = self.inner.decide(state)
         probs = getattr(self.inner.policy, "probability_of", {})
         executed = [d for d in decisions if d.action != Action.DECISION_ACTION_WAIT] or decisions[:1]
+        reference = None
+        if self.reference is not None:
+            seen = ModelGraphState()
+            seen.CopyFrom(state)
+            reference = self.reference.decide(seen)[0]
         for d in executed:
             graph = ModelGraphState()
             graph.CopyFrom(state)
             # A rail that turned a policy's choice into WAIT issued a new decision: its probability is unknown.
             p = probs.get(d.decision_id, 0.0)
-            self.records.append(Recorded(graph, d, p))
+            self.records.append(Recorded(graph, d, p, reference))
         return decisions
 
     def state_dict(self) -> dict[str, Any]:
@@ -86,6 +97,8 @@ def field_reports(records: list[Recorded], summary: dict[str, Any], *, train_sam
                                         behavior_probability=rec.behavior_probability, run_host_flops=host_run)
         report.graph.CopyFrom(graph)
         report.signals_before.CopyFrom(graph.signals)
+        if rec.reference is not None:
+            report.reference_decision.CopyFrom(rec.reference)
         node = next((n for n in graph.nodes if n.layer_name == d.layer_name and n.seed.seed_index == d.seed_index),
                     None)
         if node is not None:

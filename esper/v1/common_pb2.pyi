@@ -1312,6 +1312,7 @@ class FieldReport(_message.Message):
     REWARD_DEFINITION_FIELD_NUMBER: _builtins.int
     BEHAVIOR_PROBABILITY_FIELD_NUMBER: _builtins.int
     RUN_HOST_FLOPS_FIELD_NUMBER: _builtins.int
+    REFERENCE_DECISION_FIELD_NUMBER: _builtins.int
     report_id: _builtins.str
     """Unique id; assigned by Tamiyo when empty."""
     run_id: _builtins.str
@@ -1364,6 +1365,13 @@ class FieldReport(_message.Message):
     def graph(self) -> Global___ModelGraphState:
         """The whole graph the policy saw when it made `decision` (the state of offline policy learning)."""
 
+    @_builtins.property
+    def reference_decision(self) -> Global___AdaptationDecision:
+        """What a reference policy (the heuristic of the run's config, before the safety rails) would
+        have decided on `graph`, whatever the logging policy did: the prior an offline learner clones
+        where the logged outcomes show nothing better. Unset when the collector did not record one.
+        """
+
     def __init__(
         self,
         *,
@@ -1384,10 +1392,11 @@ class FieldReport(_message.Message):
         reward_definition: _builtins.str = ...,
         behavior_probability: _builtins.float = ...,
         run_host_flops: _builtins.float = ...,
+        reference_decision: Global___AdaptationDecision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decision", b"decision", "graph", b"graph", "signals_after", b"signals_after", "signals_before", b"signals_before", "telemetry_after", b"telemetry_after", "telemetry_before", b"telemetry_before"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "decision", b"decision", "graph", b"graph", "reference_decision", b"reference_decision", "signals_after", b"signals_after", "signals_before", b"signals_before", "telemetry_after", b"telemetry_after", "telemetry_before", b"telemetry_before"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["behavior_probability", b"behavior_probability", "contribution", b"contribution", "create_time", b"create_time", "decision", b"decision", "epoch", b"epoch", "flop_cost", b"flop_cost", "graph", b"graph", "outcome", b"outcome", "report_id", b"report_id", "reward", b"reward", "reward_definition", b"reward_definition", "run_host_flops", b"run_host_flops", "run_id", b"run_id", "signals_after", b"signals_after", "signals_before", b"signals_before", "telemetry_after", b"telemetry_after", "telemetry_before", b"telemetry_before"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["behavior_probability", b"behavior_probability", "contribution", b"contribution", "create_time", b"create_time", "decision", b"decision", "epoch", b"epoch", "flop_cost", b"flop_cost", "graph", b"graph", "outcome", b"outcome", "reference_decision", b"reference_decision", "report_id", b"report_id", "reward", b"reward", "reward_definition", b"reward_definition", "run_host_flops", b"run_host_flops", "run_id", b"run_id", "signals_after", b"signals_after", "signals_before", b"signals_before", "telemetry_after", b"telemetry_after", "telemetry_before", b"telemetry_before"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
