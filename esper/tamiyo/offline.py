@@ -12,6 +12,18 @@ it never evaluates actions the logging policy did not take:
 so logged actions that did better than the state's average are imitated, and worse ones barely
 are. beta is in reward units (accuracy points).
 
+Heuristic prior (behaviour cloning). Reports that carry a `reference_decision` (what the run's
+heuristic would have decided on the same graph; `esper-tamiyo collect` records it for every
+behaviour) add a cloning term on that action:
+
+    loss = AWR policy loss + bc_weight * mean_i( -log pi(ref_i | s_i) ) + value_coef * value loss
+
+Per state the optimum is pi(a) proportional to mu(a) w(a) + bc_weight [a = ref] (mu: the logging
+policy), so the greedy policy keeps the heuristic's action unless the logged data show another
+action with a clearly positive advantage (weights w = exp(A / beta) well above 1) often enough to
+outweigh the prior. bc_weight 0 is plain AWR. Validation reports the greedy policy's agreement
+with the reference (`ref_agreement`).
+
 Reports are split into training and validation **by run** (`run_id`), never by report, so no run
 contributes to both. The checkpoint kept is the one whose greedy policy has the best estimated mean
 reward on the validation runs (self-normalised inverse propensity weighting with the logging
@@ -94,11 +106,28 @@ def sample_from_report(report: common_pb2.FieldReport) -> Data:
     # The logged action as an index into the node rows (-1 for WAIT) and a column.
     data.action_node = torch.tensor([-1 if node is None else node], dtype=torch.long)
     data.action_column = torch.tensor([WAIT if node is None else column], dtype=torch.long)
+    ref_node, ref_column = reference_action(report, data)
+    data.ref_node = torch.tensor([-1 if ref_node is None else ref_node], dtype=torch.long)
+    data.ref_column = torch.tensor([ref_column], dtype=torch.long)
+    data.has_ref = torch.tensor([ref_column >= 0], dtype=torch.bool)
     data.reward = torch.tensor([float(report.reward)], dtype=torch.float32)
     data.behavior_probability = torch.tensor([float(report.behavior_probability)], dtype=torch.float32)
     data.run_id = report.run_id
     del data.node_keys, data.width_units  # lists do not batch; decisions need them, training does not
     return data
+
+
+def reference_action(report: common_pb2.FieldReport, data: Data) -> tuple[int | None, int]:
+    """(node index or None for WAIT, column) of the report's reference decision; column -1 when the
+    report has none or it is not a legal action of its own graph (then it is no cloning target)."""
+    if not report.HasField("reference_decision"):
+        return None, -1
+    node, column = locate_action(report.graph, report.reference_decision)
+    if report.reference_decision.action != common_pb2.DECISION_ACTION_WAIT and node is None:
+        return None, -1  # names a slot or blueprint this graph does not have
+    if node is not None and not bool(data.mask[node, column]):
+        return None, -1
+    return node, column
 
 
 def load_replay(paths: Iterable[Path | str], echo: Callable[[str], None] = lambda s: None) -> ReplayData:
@@ -172,6 +201,8 @@ class TrainSettings:
     beta: float = 1.0
     max_weight: float = 20.0
     value_coef: float = 0.5
+    # Weight of the cloning term on the reports' reference (heuristic) action; 0: plain AWR.
+    bc_weight: float = 1.0
     hidden: int = 64
     layers: int = 3
     val_fraction: float = 0.2
@@ -195,14 +226,24 @@ def batch_losses(model, batch: Batch, settings: TrainSettings) -> dict[str, torc
     weight = torch.clamp(torch.exp(advantage / settings.beta), max=settings.max_weight)
     policy_loss = -(weight * logp).mean()
     value_loss = torch.mean((value - reward) ** 2)
-    # Greedy action of the current policy, to compare with the logged one.
+    # Log-probability of the reference (heuristic) action, where the report has a usable one.
+    has_ref = batch.has_ref
+    ref_is_wait = batch.ref_node < 0
+    ref_global = (batch.ref_node + batch.ptr[:-1]).clamp(min=0)
+    ref_logp = torch.where(ref_is_wait, wait_logp, node_logp[ref_global, batch.ref_column.clamp(min=0)])
+    ref_logp = torch.where(has_ref, ref_logp, torch.zeros_like(ref_logp))
+    bc_loss = -ref_logp.sum() / has_ref.sum().clamp(min=1)
+    # Greedy action of the current policy, to compare with the logged one and the reference.
     flat_best = torch.full((num_graphs,), -math.inf)
     flat_best = flat_best.scatter_reduce(0, batch.batch, node_logp.max(dim=1).values, reduce="amax")
     greedy_wait = wait_logp >= flat_best
     logged_is_greedy = torch.where(is_wait, greedy_wait, ~greedy_wait & (logp >= flat_best - 1e-6))
-    return {"policy_loss": policy_loss, "value_loss": value_loss, "loss": policy_loss + settings.value_coef * value_loss,
+    ref_is_greedy = torch.where(ref_is_wait, greedy_wait, ~greedy_wait & (ref_logp >= flat_best - 1e-6))
+    loss = policy_loss + settings.bc_weight * bc_loss + settings.value_coef * value_loss
+    return {"policy_loss": policy_loss, "value_loss": value_loss, "bc_loss": bc_loss, "loss": loss,
             "weight_mean": weight.mean(), "logged_is_greedy": logged_is_greedy.float(), "reward": reward,
-            "greedy_wait": greedy_wait.float(), "behavior_probability": batch.behavior_probability}
+            "greedy_wait": greedy_wait.float(), "behavior_probability": batch.behavior_probability,
+            "ref_is_greedy": (ref_is_greedy & has_ref).float(), "has_ref": has_ref.float()}
 
 
 def evaluate(model, batches: list[Batch], settings: TrainSettings) -> dict[str, float]:
@@ -213,6 +254,7 @@ def evaluate(model, batches: list[Batch], settings: TrainSettings) -> dict[str, 
     model.eval()
     totals = {"policy_loss": 0.0, "value_loss": 0.0}
     matched_reward, matched, ips_sum, ips_n, ips_weights, greedy_wait = 0.0, 0, 0.0, 0, 0.0, 0.0
+    ref_hits, ref_n, bc_sum = 0.0, 0.0, 0.0
     rewards = 0.0
     n = 0
     with torch.no_grad():
@@ -233,7 +275,12 @@ def evaluate(model, batches: list[Batch], settings: TrainSettings) -> dict[str, 
             ips_weights += float(w.sum())
             ips_n += int(known.sum())
             greedy_wait += float(out["greedy_wait"].sum())
-    return {"policy_loss": totals["policy_loss"] / n, "value_loss": totals["value_loss"] / n,
+            ref_hits += float(out["ref_is_greedy"].sum())
+            batch_refs = float(out["has_ref"].sum())
+            ref_n += batch_refs
+            bc_sum += float(out["bc_loss"]) * batch_refs
+    refs = {"ref_agreement": ref_hits / ref_n, "bc_loss": bc_sum / ref_n} if ref_n else {}
+    return {**refs, "policy_loss": totals["policy_loss"] / n, "value_loss": totals["value_loss"] / n,
             "agreement": matched / n, "greedy_wait_rate": greedy_wait / n,
             "matched_mean_reward": matched_reward / matched if matched else 0.0,
             "ips_mean_reward": ips_sum / ips_n if ips_n else 0.0,
@@ -270,7 +317,7 @@ def train(data: ReplayData, settings: TrainSettings, *, on_epoch: Callable[[int,
     for epoch in range(1, settings.epochs + 1):
         model.train()
         rng.shuffle(batches)
-        sums = {"policy_loss": 0.0, "value_loss": 0.0, "weight_mean": 0.0}
+        sums = {"policy_loss": 0.0, "value_loss": 0.0, "bc_loss": 0.0, "weight_mean": 0.0}
         for batch in batches:
             out = batch_losses(model, batch, settings)
             opt.zero_grad()
@@ -296,12 +343,15 @@ def train(data: ReplayData, settings: TrainSettings, *, on_epoch: Callable[[int,
     model.load_state_dict(best[2])
     model.eval()
     report = {
-        "method": "AWR (one-step advantage-weighted regression with a learned value baseline)",
+        "method": "AWR (one-step advantage-weighted regression with a learned value baseline)" + (
+            f" + behaviour cloning of the reference (heuristic) action, weight {settings.bc_weight:g}"
+            if settings.bc_weight > 0 else ""),
         "settings": settings.__dict__, "architecture": arch.to_dict(), "best_epoch": best[1],
         "best_metrics": best[3], "history": history,
         "data": {"files": len(data.files), "samples": len(data.samples), "runs": len(data.runs),
                  "train_runs": len(train_runs), "val_runs": len(val_runs), "train_samples": len(train_set),
                  "val_samples": len(val_set), "skipped": data.skipped, "sha256": data.data_sha256,
+                 "samples_with_reference": sum(int(s.has_ref) for s in data.samples),
                  **data.provenance,
                  "val_run_ids": sorted(val_runs)},
     }

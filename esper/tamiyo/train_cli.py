@@ -1,4 +1,5 @@
-"""``esper-tamiyo-train``: fit the Tamiyo GNN policy offline from replay data (AWR, `esper.tamiyo.offline`).
+"""``esper-tamiyo-train``: fit the Tamiyo GNN policy offline from replay data (AWR with a behaviour-cloning
+prior on the heuristic's recorded choices, ``--bc-weight``; `esper.tamiyo.offline`).
 
     esper-tamiyo-train --replay replay/ --out policies/gnn --epochs 30 --tensorboard runs/tamiyo-train
 
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--beta", type=float, default=d.beta, help="AWR temperature, in reward units (accuracy points)")
+    p.add_argument("--bc-weight", type=float, default=d.bc_weight,
+                   help="weight of the behaviour-cloning term on the reports' reference (heuristic) action, "
+                        "next to the AWR term (0: plain AWR)")
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--layers", type=int, default=d.layers, help="message-passing layers (2-4)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of runs held out")
@@ -50,13 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> TrainSettings:
     s = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta, hidden=args.hidden,
-                      layers=args.layers, val_fraction=args.val_fraction, seed=args.seed)
+                      layers=args.layers, val_fraction=args.val_fraction, seed=args.seed, bc_weight=args.bc_weight)
     checks = {"--epochs": s.epochs >= 1, "--batch-size": s.batch_size >= 1, "--lr": s.lr > 0, "--beta": s.beta > 0,
-              "--hidden": s.hidden >= 4, "--layers": 2 <= s.layers <= 4, "--val-fraction": 0 < s.val_fraction < 1}
+              "--hidden": s.hidden >= 4, "--layers": 2 <= s.layers <= 4, "--val-fraction": 0 < s.val_fraction < 1,
+              "--bc-weight": s.bc_weight >= 0}
     bad = [k for k, ok in checks.items() if not ok]
     if bad:
         raise ValueError(f"{bad[0]}={getattr(s, bad[0][2:].replace('-', '_'))} is out of range; expected epochs, "
-                         "batch size >= 1, lr and beta > 0, hidden >= 4, layers 2..4, val fraction in (0, 1)")
+                         "batch size >= 1, lr and beta > 0, hidden >= 4, layers 2..4, val fraction in (0, 1), "
+                         "bc weight >= 0")
     return s
 
 
@@ -92,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     def on_epoch(epoch: int, m: dict[str, float]) -> None:
         line = (f"epoch {epoch}/{settings.epochs} train pi {m['train/policy_loss']:.4f} v {m['train/value_loss']:.3f} "
                 f"| val pi {m.get('val/policy_loss', float('nan')):.4f} v {m.get('val/value_loss', float('nan')):.3f} "
-                f"agree {m.get('val/agreement', float('nan')):.2f} snips {m.get('val/snips_mean_reward', float('nan')):+.3f}")
+                f"agree {m.get('val/agreement', float('nan')):.2f} ref {m.get('val/ref_agreement', float('nan')):.2f} "
+                f"snips {m.get('val/snips_mean_reward', float('nan')):+.3f}")
         if writer is not None:
             for k, v in m.items():
                 writer.add_scalar(k, v, epoch)
