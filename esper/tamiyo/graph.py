@@ -14,9 +14,16 @@ Nodes are seed slots in message order. Node features (`node_feature_names()`):
                 seeds per layer, spatial size (log2), layer kind one-hot, the seed's own parameters,
                 the site's width pair (units, log2; narrow: fewer units than it reads and writes)
                 and the blocks already added after it by depth growth
+  site order    how the site compares with the others, in task-independent terms (what a site
+                rule like the heuristic's reads, so it can transfer to an unseen host): its width
+                units relative to the widest site, whether it is the narrowest site, its need
+                among the free sites (gradient norm relative to their mean, plus dead fraction)
+                and its rank among them ordered narrow first, then by need, then shallower first
+                (1 for the first, towards 0 for the last, 0 for a site that is not free)
   candidates    for every growth action (`action_names()`: branch x blueprint, width by k units,
                 depth by one block): whether it is possible at the site, its parameters and FLOPs
-                relative to the host, whether it fits the budget left
+                relative to the host, whether it fits the budget left, and the log of
+                sqrt(parameters) per FLOP (both relative to the host): a prior of gain per cost
 Edges follow the data flow (`GraphEdge`, source -> target) and are kept in that direction in
 `edge_index`; `edge_index_reverse` holds the same edges reversed, so a policy can pass messages
 both ways and still know which way the data flows.
@@ -30,7 +37,8 @@ free site, only in the run's growth modes, only within the budget left. grow:wid
 to the site's width pair, k = `units_to_add(growth, units)` (growth.width_units, or
 growth.width_factor x the current units) shrunk to the largest count that fits the budget (`data.width_units` per node); grow:depth adds one block after the site.
 A change of this layout or of the features bumps `FEATURE_SCHEMA`, and policies trained on
-another schema are refused when loaded. Schema 1 had branch growth only and no alignment.
+another schema are refused when loaded. Schema 1 had branch growth only and no alignment;
+schema 2 had no site-order features and no gain-per-cost candidate feature.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from esper.kasmina.growth.config import GrowthConfig, units_to_add
 from esper.lifecycle import SeedLifecycleState as S
 from esper.v1 import common_pb2
 
-FEATURE_SCHEMA = "tamiyo-graph/2"
+FEATURE_SCHEMA = "tamiyo-graph/3"
 
 # Growth modes a policy chooses between: a catalog blueprint as a residual side branch, new units
 # in the site's width pair (GraphNode.width), a new block after the site (GraphNode.deepen).
@@ -66,7 +74,8 @@ _LIFECYCLE_EXTRA = ("alpha", "epochs_in_state", "embargo_epochs_left", "last_con
 _STRUCTURE = ("depth_fraction", "log2_width", "log2_chunk", "seeds_per_layer", "log2_spatial",
               *(f"kind_{k}" for k in LAYER_KINDS), "kind_other", "seed_params_rel",
               "log2_width_units", "width_narrow", "depth_blocks")
-_CANDIDATE = ("fits", "params_rel", "flops_rel", "in_budget")
+_SITE_ORDER = ("width_units_rel_max", "width_narrowest", "need_free", "need_rank_free")
+_CANDIDATE = ("fits", "params_rel", "flops_rel", "in_budget", "log_gain_per_flop")
 _GLOBAL = ("epoch_fraction", "log_train_loss", "log_val_loss", "loss_trend_1", "loss_trend_3", "gap",
            "val_accuracy", "accuracy_trend_1", "accuracy_trend_3", "parameter_budget_left",
            "compute_budget_left", "active_adaptations", "log10_host_params", "log10_host_flops",
@@ -94,7 +103,8 @@ def width_column(blueprints: Sequence[str] | None = None) -> int:
 def node_feature_names(blueprints: Sequence[str] | None = None) -> list[str]:
     """Names of the node feature columns (see the module docstring)."""
     bps = catalog_blueprints() if blueprints is None else tuple(blueprints)
-    names = [*_TELEMETRY, *(f"state_{s.name.lower()}" for s in LIFECYCLE_STATES), *_LIFECYCLE_EXTRA, *_STRUCTURE]
+    names = [*_TELEMETRY, *(f"state_{s.name.lower()}" for s in LIFECYCLE_STATES), *_LIFECYCLE_EXTRA, *_STRUCTURE,
+             *_SITE_ORDER]
     names += [f"branch:{b}:{c}" for b in bps for c in _CANDIDATE]
     names += [f"width:{c}" for c in _CANDIDATE] + [f"depth:{c}" for c in _CANDIDATE]
     return names
@@ -166,12 +176,12 @@ def _width_candidate(node: common_pb2.GraphNode, growth: GrowthConfig, params_le
 
     w = node.width
     if not node.HasField("width") or w.units <= 0 or not w.available:
-        return [0.0, 0.0, 0.0, 0.0], 0
+        return [0.0] * len(_CANDIDATE), 0
     wanted = units_to_add(growth, int(w.units))
     units = units_that_fit(node, wanted, params_left, flops_left)
     shown = units or wanted  # the cost of what was wanted when nothing fits
-    return [1.0, shown * w.unit_parameters / host_params, shown * w.unit_flops / host_flops,
-            1.0 if units > 0 else 0.0], units
+    p, f = shown * w.unit_parameters / host_params, shown * w.unit_flops / host_flops
+    return [1.0, p, f, 1.0 if units > 0 else 0.0, _gain_per_flop(p, f)], units
 
 
 def _depth_candidate(node: common_pb2.GraphNode, params_left: float, flops_left: float, host_params: float,
@@ -179,9 +189,43 @@ def _depth_candidate(node: common_pb2.GraphNode, params_left: float, flops_left:
     """(candidate features, fits the budget) of one more block after the node."""
     d = node.deepen
     if not node.HasField("deepen") or not d.available:
-        return [0.0, 0.0, 0.0, 0.0], False
+        return [0.0] * len(_CANDIDATE), False
     fits = d.block_parameters <= params_left and d.block_flops <= flops_left
-    return [1.0, d.block_parameters / host_params, d.block_flops / host_flops, 1.0 if fits else 0.0], fits
+    p, f = d.block_parameters / host_params, d.block_flops / host_flops
+    return [1.0, p, f, 1.0 if fits else 0.0, _gain_per_flop(p, f)], fits
+
+
+def _gain_per_flop(params_rel: float, flops_rel: float) -> float:
+    """log(sqrt(parameters) / FLOPs), both relative to the host, scaled to about [-1, 1]: the
+    heuristic's prior of gain per cost (returns diminish with size) as a feature."""
+    if params_rel <= 0 or flops_rel <= 0:
+        return 0.0
+    return max(-2.0, min(2.0, math.log(math.sqrt(params_rel) / flops_rel) / 5.0))
+
+
+def _site_order(nodes: list[common_pb2.GraphNode], grads: list[float]) -> list[list[float]]:
+    """The site-order features of every node (see the module docstring), in node order."""
+    dormant = int(S.DORMANT)
+    free = [n.seed.state == dormant and n.seed.embargo_epochs_left == 0 for n in nodes]
+    units = [int(n.width.units) if n.HasField("width") and n.width.units > 0 else 0 for n in nodes]
+    widest = max(units)
+    narrowest = min((u for u in units if u > 0), default=0)
+    free_grads = [g for g, f in zip(grads, free, strict=True) if f]
+    mean_free = sum(free_grads) / len(free_grads) if free_grads else 0.0
+    need = [(g / mean_free if mean_free > 0 else 0.0) + _finite(n.seed.telemetry.dead_fraction) if f else 0.0
+            for n, g, f in zip(nodes, grads, free, strict=True)]
+
+    def is_narrow(n: common_pb2.GraphNode) -> bool:
+        w = n.width
+        return n.HasField("width") and w.units > 0 and w.units < min(w.input_dim, w.output_dim)
+
+    order = sorted((i for i in range(len(nodes)) if free[i]),
+                   key=lambda i: (not is_narrow(nodes[i]), -need[i], nodes[i].depth, nodes[i].seed.seed_index))
+    rank = [0.0] * len(nodes)
+    for pos, i in enumerate(order):
+        rank[i] = 1.0 - pos / len(order)
+    return [[u / widest if widest else 0.0, 1.0 if u and u == narrowest else 0.0, min(need[i], 5.0), rank[i]]
+            for i, u in enumerate(units)]
 
 
 def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float = 1.0,
@@ -226,6 +270,7 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
     # distinct shape in the graph (a deep graph repeats a handful of shapes).
     by_shape: dict[tuple[int, tuple[int, ...]], tuple[list[float], list[bool]]] = {}
     dormant = int(S.DORMANT)
+    site_order = _site_order(nodes, grads)
     for i, n in enumerate(nodes):
         seed, t = n.seed, n.seed.telemetry
         if seed.chunk_size <= 0:
@@ -252,6 +297,7 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
         row += [math.log2(max(1, w.units)) / 10.0 if has_width else 0.0,
                 1.0 if has_width and w.units < min(w.input_dim, w.output_dim) else 0.0,
                 min(n.deepen.blocks, 8) / 4.0 if n.HasField("deepen") else 0.0]
+        row += site_order[i]
         key = (int(seed.chunk_size), tuple(int(d) for d in dims[2:]))
         cached = by_shape.get(key)
         if cached is None:
@@ -261,12 +307,13 @@ def graph_to_data(state: common_pb2.ModelGraphState, *, parameter_budget: float 
             for b_index, bid in enumerate(bps):
                 cost = costs[b_index]
                 if cost is None:
-                    feats += [0.0, 0.0, 0.0, 0.0]
+                    feats += [0.0] * len(_CANDIDATE)
                     grow.append(False)
                     continue
                 p, f = cost
                 in_budget = p <= params_left and f <= flops_left
-                feats += [1.0, p / host_params, f / host_flops, 1.0 if in_budget else 0.0]
+                feats += [1.0, p / host_params, f / host_flops, 1.0 if in_budget else 0.0,
+                          _gain_per_flop(p / host_params, f / host_flops)]
                 grow.append(branch_ok and in_budget and (not allowed or bid in allowed))
             cached = by_shape[key] = (feats, grow)
         width_feats, units = _width_candidate(n, growth, params_left, flops_left, host_params, host_flops)

@@ -36,7 +36,7 @@ def test_save_load_round_trip(tmp_path):
     assert files == [MANIFEST, manifest["weights_file"]] and manifest["weights_file"].endswith(".safetensors")
     loaded = load_policy(tmp_path / "p")
     assert loaded.version == manifest["version"]
-    assert loaded.manifest["feature_schema"] == FEATURE_SCHEMA == "tamiyo-graph/2"
+    assert loaded.manifest["feature_schema"] == FEATURE_SCHEMA == "tamiyo-graph/3"
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[key], value), key
     rails = RailsConfig(parameter_budget=2.0, compute_budget=2.0)
@@ -56,7 +56,7 @@ def _edit_manifest(directory, **changes):
 def test_refuses_mismatched_schema_layout_and_corruption(tmp_path):
     write_policy(tmp_path / "p")
     _edit_manifest(tmp_path / "p", feature_schema="tamiyo-graph/0")
-    with pytest.raises(PolicyLoadError, match=r"feature schema 'tamiyo-graph/0'.*builds 'tamiyo-graph/2'"):
+    with pytest.raises(PolicyLoadError, match=r"feature schema 'tamiyo-graph/0'.*builds 'tamiyo-graph/3'"):
         load_policy(tmp_path / "p")
     manifest = write_policy(tmp_path / "q")
     _edit_manifest(tmp_path / "q", actions=manifest["actions"][:-1])

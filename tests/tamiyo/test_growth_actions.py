@@ -1,4 +1,4 @@
-"""Width and depth growth in every policy's action space (feature schema tamiyo-graph/2): the graph
+"""Width and depth growth in every policy's action space (since feature schema tamiyo-graph/2): the graph
 describes and masks them by the run's growth modes, and the GNN, random and heuristic policies emit
 them -- only when the run allows them. A real run shows them applied and the gradient alignment
 telemetry arriving in the graph."""

@@ -42,7 +42,7 @@ def test_gnn_policy_is_served_and_hot_swapped(tmp_path):
             stub = tamiyo_pb2_grpc.TamiyoServiceStub(channel)
             info = stub.GetPolicyInfo(tamiyo_pb2.GetPolicyInfoRequest(), timeout=10)
             assert (info.policy_kind, info.policy_version, info.policy_swaps) == ("gnn", "gnn-v1", 0)
-            assert info.policy_source == str(policy_dir.resolve()) and info.feature_schema == "tamiyo-graph/2"
+            assert info.policy_source == str(policy_dir.resolve()) and info.feature_schema == "tamiyo-graph/3"
             reply = stub.Decide(tamiyo_pb2.DecideRequest(graph=chain_graph(run_id="run-a", epoch=2)), timeout=30)
             assert reply.policy_version == "gnn-v1" and reply.decisions[0].reason.startswith("gnn gnn-v1: ")
             # A newer version lands in the directory: the running server picks it up.

@@ -41,7 +41,7 @@ def test_publish_and_load_by_version_round_trip(urza, tmp_path):
     write_policy(tmp_path / "b", always_grow_gnn(), version="gnn-b")
     first, created = publish_to_urza(tmp_path / "a", address, name)
     assert (first.version, created, first.policy_version, first.feature_schema) == (1, True, "gnn-a",
-                                                                                     "tamiyo-graph/2")
+                                                                                     "tamiyo-graph/3")
     again, created = publish_to_urza(tmp_path / "a", address, name)
     assert (again.version, created) == (1, False)  # the same policy again is not a new version
     second, created = publish_to_urza(tmp_path / "b", address, name)
@@ -94,7 +94,7 @@ def test_a_policy_of_another_feature_schema_is_refused(urza, tmp_path):
     with UrzaClient(address) as client:
         record, _ = client.publish_policy(name, json.dumps(manifest), weights)
     assert record.feature_schema == "tamiyo-graph/1"
-    with pytest.raises(PolicyLoadError, match=r"feature schema 'tamiyo-graph/1'; this Tamiyo builds 'tamiyo-graph/2'"):
+    with pytest.raises(PolicyLoadError, match=r"feature schema 'tamiyo-graph/1'; this Tamiyo builds 'tamiyo-graph/3'"):
         load_policy_ref(f"urza://{address}/{name}@{record.version}")
 
 
