@@ -10,8 +10,8 @@ from esper.tamiyo.episodes import TaskError
 
 def test_plan_covers_tasks_sizes_seeds_and_behaviours():
     specs = plan(["digits-mlp", "digits-cnn1d"], [0, 1], ["random", "eps0.3"])
-    assert len(specs) == (3 + 2) * 2 * 2 and len({s.episode_id for s in specs}) == len(specs)
-    assert {s.size for s in specs if s.task == "digits-cnn1d"} == {"w4", "w8"}
+    assert len(specs) == (3 + 3) * 2 * 2 and len({s.episode_id for s in specs}) == len(specs)
+    assert {s.size for s in specs if s.task == "digits-cnn1d"} == {"w4", "w8", "w4s3"}
     assert parse_seeds("0-2,7") == [0, 1, 2, 7] and parse_behaviour("random") is None
     assert parse_behaviour("eps0.25") == 0.25
 
