@@ -25,9 +25,11 @@ outweigh the prior. bc_weight 0 is plain AWR. Validation reports the greedy poli
 with the reference (`ref_agreement`).
 
 Reports are split into training and validation **by run** (`run_id`), never by report, so no run
-contributes to both. The checkpoint kept is the one whose greedy policy has the best estimated mean
-reward on the validation runs (self-normalised inverse propensity weighting with the logging
-policy's recorded probabilities); when the reports carry none, the lowest validation AWR loss.
+contributes to both. The checkpoint kept is, with the cloning prior below, the one with the lowest
+validation objective (AWR + cloning); without it, the one whose greedy policy has the best
+estimated mean reward on the validation runs (self-normalised inverse propensity weighting with
+the logging policy's recorded probabilities), or when the reports carry none, the lowest
+validation AWR loss.
 """
 
 from __future__ import annotations
@@ -330,11 +332,19 @@ def train(data: ReplayData, settings: TrainSettings, *, on_epoch: Callable[[int,
         val = evaluate(model, val_batches, settings)
         metrics.update({f"val/{k}": v for k, v in val.items()})
         history.append({"epoch": epoch, **metrics})
-        # Model selection by the self-normalised importance-sampling estimate of the greedy policy's
-        # mean reward on the validation runs (what the policy is for); the AWR loss is no criterion,
-        # its weights move with the value estimate. Without behaviour probabilities: lowest loss.
-        score = -val["snips_mean_reward"] if val.get("snips_mean_reward") else val.get(
-            "policy_loss", metrics["train/policy_loss"])
+        # Model selection. With the cloning prior: the lowest validation value of the objective
+        # trained (AWR + bc_weight x cloning), so the kept policy deviates from the heuristic only
+        # as far as held-out runs support; the importance-sampling estimate is too noisy to
+        # license deviations on its own. Without it: the self-normalised importance-sampling
+        # estimate of the greedy policy's mean reward on the validation runs (the AWR loss alone
+        # is no criterion, its weights move with the value estimate); without behaviour
+        # probabilities, the lowest loss.
+        if settings.bc_weight > 0 and "bc_loss" in val:
+            score = val["policy_loss"] + settings.bc_weight * val["bc_loss"]
+        elif val.get("snips_mean_reward"):
+            score = -val["snips_mean_reward"]
+        else:
+            score = val.get("policy_loss", metrics["train/policy_loss"])
         if best is None or score < best[0]:
             best = (score, epoch, copy.deepcopy(model.state_dict()), metrics)
         if on_epoch is not None:
