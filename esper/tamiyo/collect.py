@@ -11,7 +11,10 @@ Each episode is one in-process run (`esper.tamiyo.episodes`); its decisions beco
 (`esper.tamiyo.recording`: whole graph, outcome, FLOP cost, reward, and the decision the config's
 heuristic would have made on that graph, whatever the behaviour, as a prior for training) in
 ``<out>/episodes/<episode id>/field_reports.bin`` (the replay-buffer format), and a ``done.json``
-written last marks it complete. Re-running the same command skips complete episodes and redoes
+written last marks it complete. With ``--shadows`` every (task, size, seed) also gets a no-growth
+shadow run (same data split, batch order and host; the rails allow no adaptation), whose final
+validation accuracy and FLOPs are kept in ``<out>/shadows/<task>.<size>.s<seed>/done.json``: the
+paired baseline of the ``shadow-return`` reward (`esper.tamiyo.reward`). Re-running the same command skips complete episodes and redoes
 incomplete ones, so a killed collection resumes where it stopped. Episodes run in `--jobs`
 worker processes.
 """
@@ -149,6 +152,7 @@ def run_one(spec: EpisodeSpec, out_dir: str, growth_modes: tuple[str, ...] = DEF
     shutil.rmtree(work, ignore_errors=True)
     done = {**asdict(spec), "episode_id": spec.episode_id, "reports": len(reports),
             "germinations": sum(1 for r in reports if r.decision.action == 2),
+            "final_val_acc": episode.summary["final_val_acc"],
             "test_acc": episode.summary["test_acc"], "flops_total": episode.summary["flops"]["total"],
             "seeds": episode.summary["seeds"], "growth_modes": list(growth_modes),
             "wall_s": round(time.perf_counter() - t0, 3)}
@@ -156,29 +160,80 @@ def run_one(spec: EpisodeSpec, out_dir: str, growth_modes: tuple[str, ...] = DEF
     return done
 
 
+def run_shadow(spec: EpisodeSpec, out_dir: str) -> dict:
+    """Runs the no-growth shadow of `spec`'s task, size and seed (same data split, batch order and
+    host; the rails allow no adaptation) and writes its done record; it logs no field reports."""
+    import torch
+
+    from esper.tamiyo.episodes import run_episode, task_config
+
+    torch.set_num_threads(1)
+    root = shadow_dir(Path(out_dir), spec)
+    if root.exists():
+        shutil.rmtree(root)
+    t0 = time.perf_counter()
+    cfg = task_config(spec.task, spec.size, spec.seed, ("controller.max_adaptations=0",))
+    cfg.run_name = f"shadow.{spec.task}.{spec.size}.s{spec.seed}"
+    summary = run_episode(cfg, root / "run").summary
+    shutil.rmtree(root / "run", ignore_errors=True)
+    done = {"task": spec.task, "size": spec.size, "seed": spec.seed, "behaviour": SHADOW,
+            "final_val_acc": summary["final_val_acc"], "test_acc": summary["test_acc"],
+            "flops_total": summary["flops"]["total"], "germinations": len(summary["adaptations"]),
+            "wall_s": round(time.perf_counter() - t0, 3)}
+    (root / "done.json").write_text(json.dumps(done, sort_keys=True))
+    return done
+
+
+SHADOW = "shadow"
+
+
+def shadow_dir(out_dir: Path, spec: EpisodeSpec) -> Path:
+    """Where the no-growth shadow of `spec`'s (task, size, seed) keeps its done record."""
+    return out_dir / "shadows" / f"{spec.task}.{spec.size}.s{spec.seed}"
+
+
+def shadow_specs(specs: list[EpisodeSpec]) -> list[EpisodeSpec]:
+    """One shadow per distinct (task, size, seed) of `specs`."""
+    seen: dict[tuple[str, str, int], EpisodeSpec] = {}
+    for s in specs:
+        seen.setdefault((s.task, s.size, s.seed), EpisodeSpec(s.task, s.size, s.seed, SHADOW))
+    return list(seen.values())
+
+
 def is_done(spec: EpisodeSpec, out_dir: Path) -> bool:
+    if spec.behaviour == SHADOW:
+        return (shadow_dir(out_dir, spec) / "done.json").is_file()
     return (out_dir / "episodes" / spec.episode_id / "done.json").is_file()
 
 
+def _run(spec: EpisodeSpec, out_dir: str, growth_modes: tuple[str, ...]) -> dict:
+    if spec.behaviour == SHADOW:
+        return run_shadow(spec, out_dir)
+    return run_one(spec, out_dir, growth_modes)
+
+
 def collect(specs: list[EpisodeSpec], out_dir: Path, jobs: int = 1, echo=print,
-            growth_modes: tuple[str, ...] = DEFAULT_GROWTH_MODES) -> dict:
-    """Runs the episodes not yet complete in `out_dir`; returns totals (also in ``collection.json``)."""
+            growth_modes: tuple[str, ...] = DEFAULT_GROWTH_MODES, shadows: bool = False) -> dict:
+    """Runs the episodes not yet complete in `out_dir` (and, with `shadows`, the no-growth shadow
+    of every task, size and seed); returns totals (also in ``collection.json``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in specs if not is_done(s, out_dir)]
-    echo(f"collect: {len(specs)} episodes planned, {len(specs) - len(todo)} already complete, {len(todo)} to run "
-         f"with {jobs} job(s)")
+    shadow_plan = shadow_specs(specs) if shadows else []
+    todo = [s for s in [*shadow_plan, *specs] if not is_done(s, out_dir)]
+    planned = len(specs) + len(shadow_plan)
+    echo(f"collect: {planned} episodes planned ({len(shadow_plan)} no-growth shadows), {planned - len(todo)} already "
+         f"complete, {len(todo)} to run with {jobs} job(s)")
     t0 = time.perf_counter()
     failures: list[str] = []
     finished = 0
     if jobs <= 1:
         for spec in todo:
-            done = run_one(spec, str(out_dir), growth_modes)
+            done = _run(spec, str(out_dir), growth_modes)
             finished += 1
-            echo(f"  [{finished}/{len(todo)}] {spec.episode_id}: {done['reports']} reports, "
+            echo(f"  [{finished}/{len(todo)}] {spec.episode_id}: {done.get('reports', 0)} reports, "
                  f"{done['germinations']} germinations, test acc {done['test_acc']:.4f} ({done['wall_s']:.1f} s)")
     else:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            futures = {pool.submit(run_one, spec, str(out_dir), growth_modes): spec for spec in todo}
+            futures = {pool.submit(_run, spec, str(out_dir), growth_modes): spec for spec in todo}
             for fut in as_completed(futures):
                 spec = futures[fut]
                 finished += 1
@@ -188,11 +243,12 @@ def collect(specs: list[EpisodeSpec], out_dir: Path, jobs: int = 1, echo=print,
                     failures.append(f"{spec.episode_id}: {type(exc).__name__}: {exc}")
                     echo(f"  [{finished}/{len(todo)}] {spec.episode_id}: FAILED {type(exc).__name__}: {exc}")
                     continue
-                echo(f"  [{finished}/{len(todo)}] {spec.episode_id}: {done['reports']} reports, "
+                echo(f"  [{finished}/{len(todo)}] {spec.episode_id}: {done.get('reports', 0)} reports, "
                      f"{done['germinations']} germinations, test acc {done['test_acc']:.4f} ({done['wall_s']:.1f} s)")
     records = [json.loads((out_dir / "episodes" / s.episode_id / "done.json").read_text())
                for s in specs if is_done(s, out_dir)]
     totals = {"episodes_planned": len(specs), "episodes_complete": len(records),
+              "shadows_complete": sum(1 for s in shadow_plan if is_done(s, out_dir)),
               "reports": sum(r["reports"] for r in records),
               "germinations": sum(r["germinations"] for r in records), "growth_modes": list(growth_modes),
               "tasks": sorted({s.task for s in specs}), "behaviours": sorted({s.behaviour for s in specs}),
@@ -212,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0-4", help="run seeds, e.g. 0-9 or 0,2,4")
     p.add_argument("--behaviours", default="random,eps0.3", help=f"comma-separated; each is {BEHAVIOURS_HELP}")
     p.add_argument("--jobs", type=int, default=1, help="worker processes")
+    p.add_argument("--shadows", action="store_true",
+                   help="also run a no-growth shadow of every task, size and seed (for esper-tamiyo-train "
+                        "--reward shadow-return)")
     p.add_argument("--growth-modes", default=",".join(DEFAULT_GROWTH_MODES),
                    help="comma-separated growth modes the episodes allow (growth.modes): some of branch, width, depth")
     return p
@@ -232,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"esper-tamiyo collect: error: {exc}", file=sys.stderr)
         return 2
-    totals = collect(specs, args.out, args.jobs, growth_modes=modes)
+    totals = collect(specs, args.out, args.jobs, growth_modes=modes, shadows=args.shadows)
     print(json.dumps(totals, indent=2, sort_keys=True))
     return 1 if totals["failures"] else 0
 

@@ -3,7 +3,9 @@
 Each field report is one logged decision: the graph s, the executed action a (wait, cull a seed,
 grow a site with a mode and blueprint) and its reward r (`esper.tamiyo.reward`; the reward
 already covers the decision's whole consequence, from germination to fossilization or cull, so
-the problem is treated as one-step: returns are not bootstrapped). AWR suits logged data because
+the problem is treated as one-step: returns are not bootstrapped). With ``reward="shadow-return"``
+r is instead the episode's return against its no-growth shadow, the same for every decision of
+the episode (a Monte-Carlo return). AWR suits logged data because
 it never evaluates actions the logging policy did not take:
 
     value      V(s) fitted to r by squared error
@@ -58,7 +60,7 @@ from esper.tamiyo.graph import (
     node_feature_names,
 )
 from esper.tamiyo.replay import FILE_NAME, ReplayFileError, read_replay_file
-from esper.tamiyo.reward import REWARD_DEFINITION
+from esper.tamiyo.reward import REWARD_DEFINITION, SHADOW_RETURN_DEFINITION, shadow_return
 from esper.v1 import common_pb2
 
 
@@ -75,6 +77,8 @@ class ReplayData:
     # Tasks, seeds and behaviours of the collection episodes (from their done.json), so a benchmark
     # can tell held-out tasks and seeds from training ones.
     provenance: dict[str, list] = field(default_factory=dict)
+    # The reward the samples carry (REWARD_DEFINITION or SHADOW_RETURN_DEFINITION).
+    reward_definition: str = REWARD_DEFINITION
 
     @property
     def runs(self) -> list[str]:
@@ -132,8 +136,43 @@ def reference_action(report: common_pb2.FieldReport, data: Data) -> tuple[int | 
     return node, column
 
 
-def load_replay(paths: Iterable[Path | str], echo: Callable[[str], None] = lambda s: None) -> ReplayData:
-    """Samples from every usable report under `paths`; ReplayDataError when none is usable."""
+REWARDS = {"contribution": REWARD_DEFINITION, "shadow-return": SHADOW_RETURN_DEFINITION}
+
+
+def episode_shadow_return(path: Path) -> float:
+    """The shadow return (`esper.tamiyo.reward.shadow_return`) of the collection episode whose
+    replay file is `path` (``<out>/episodes/<id>/field_reports.bin``), from its done.json and
+    the no-growth shadow's (``<out>/shadows/<task>.<size>.s<seed>/done.json``)."""
+    done_path = path.parent / "done.json"
+    try:
+        done = json.loads(done_path.read_text())
+        key = f"{done['task']}.{done['size']}.s{int(done['seed'])}"
+    except (OSError, ValueError, KeyError):
+        raise ReplayDataError(f"{path}: no readable done.json with task, size and seed next to it; the shadow "
+                              "return needs replay directories written by esper-tamiyo collect") from None
+    shadow_path = path.parent.parent.parent / "shadows" / key / "done.json"
+    try:
+        shadow = json.loads(shadow_path.read_text())
+    except (OSError, ValueError):
+        raise ReplayDataError(f"{path}: no no-growth shadow of {key} ({shadow_path} missing or unreadable); "
+                              "expected a collection run with esper-tamiyo collect --shadows") from None
+    for where, record in ((done_path, done), (shadow_path, shadow)):
+        if record.get("final_val_acc") is None or record.get("flops_total") is None:
+            raise ReplayDataError(f"{where}: no final_val_acc/flops_total; expected an episode collected with "
+                                  "final validation accuracy recorded (re-run esper-tamiyo collect --shadows)")
+    return shadow_return(float(done["final_val_acc"]), float(shadow["final_val_acc"]), float(done["flops_total"]),
+                         float(shadow["flops_total"]))
+
+
+def load_replay(paths: Iterable[Path | str], echo: Callable[[str], None] = lambda s: None,
+                reward: str = "contribution") -> ReplayData:
+    """Samples from every usable report under `paths`; ReplayDataError when none is usable.
+
+    `reward`: "contribution" (each report's own `contribution-minus-flops/1` reward) or
+    "shadow-return" (every decision of an episode gets the episode's `shadow-return/1`, which
+    needs the no-growth shadows of ``esper-tamiyo collect --shadows``)."""
+    if reward not in REWARDS:
+        raise ReplayDataError(f"reward {reward!r}; expected one of {sorted(REWARDS)}")
     files = replay_files(paths)
     digest = hashlib.sha256()
     samples: list[Data] = []
@@ -159,6 +198,7 @@ def load_replay(paths: Iterable[Path | str], echo: Callable[[str], None] = lambd
             raise ReplayDataError(str(exc)) from None
         if tail:
             echo(f"warning: {path}: {tail} bytes after the last intact record ignored (torn tail)")
+        episode_return = episode_shadow_return(path) if reward == "shadow-return" else None
         for i, report in enumerate(reports):
             if report.reward_definition and report.reward_definition != REWARD_DEFINITION:
                 raise ReplayDataError(
@@ -171,17 +211,21 @@ def load_replay(paths: Iterable[Path | str], echo: Callable[[str], None] = lambd
                 skipped["no_reward"] += 1
                 continue
             try:
-                samples.append(sample_from_report(report))
+                sample = sample_from_report(report)
             except GraphError:
                 skipped["unusable_graph"] += 1
                 continue
+            if episode_return is not None:
+                sample.reward = torch.tensor([episode_return], dtype=torch.float32)
+                digest.update(f"{SHADOW_RETURN_DEFINITION}={episode_return!r}".encode())
+            samples.append(sample)
             digest.update(report.SerializeToString(deterministic=True))
     if not samples:
         raise ReplayDataError(
             f"no usable field report in {len(files)} file(s) (skipped: {skipped}); expected reports that carry a "
             f"graph and a {REWARD_DEFINITION!r} reward, as written by esper-tamiyo collect")
     provenance = {"tasks": sorted(tasks), "seeds": sorted(seeds), "behaviours": sorted(behaviours)}
-    return ReplayData(samples, [str(f) for f in files], digest.hexdigest(), skipped, provenance)
+    return ReplayData(samples, [str(f) for f in files], digest.hexdigest(), skipped, provenance, REWARDS[reward])
 
 
 def split_by_run(runs: list[str], val_fraction: float, seed: int) -> tuple[set[str], set[str]]:
@@ -362,6 +406,7 @@ def train(data: ReplayData, settings: TrainSettings, *, on_epoch: Callable[[int,
                  "train_runs": len(train_runs), "val_runs": len(val_runs), "train_samples": len(train_set),
                  "val_samples": len(val_set), "skipped": data.skipped, "sha256": data.data_sha256,
                  "samples_with_reference": sum(int(s.has_ref) for s in data.samples),
+                 "reward_definition": data.reward_definition,
                  **data.provenance,
                  "val_run_ids": sorted(val_runs)},
     }

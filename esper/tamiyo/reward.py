@@ -18,7 +18,21 @@ Definition "contribution-minus-flops/1", in accuracy points (one point = 1% vali
 
 This is the "change in validation accuracy attributable to the adaptation, net of its FLOPs"
 of the design, measured by counterfactuals rather than paired no-growth shadow runs (a shadow per
-decision would multiply the collection cost by the number of decisions).
+decision would multiply the collection cost by the number of decisions). It cannot see what width
+growth merged at once (``growth.width_lifecycle: direct``) brings: such a seed is fossilized
+without a counterfactual (c = 0), and it is charged one epoch of FLOPs, not the rest of the run.
+
+Definition "shadow-return/1" (training-time alternative, `esper-tamiyo-train --reward
+shadow-return`), in the same units, from one no-growth shadow run per task, size and seed
+(`esper-tamiyo collect --shadows`: same data split, batch order and host, no adaptation):
+
+    every decision of an episode   R = 100 * (a - a_shadow)  -  LAMBDA * (F - F_shadow) / F_shadow
+
+with a the episode's final validation accuracy and F its total FLOPs (training, validation,
+counterfactual evaluations). The growth pays at the end of the run, so R is the undiscounted
+Monte-Carlo return of every decision of the episode, waits included: an advantage-weighted
+learner then imitates the decisions of episodes that ended better than expected from their state.
+It credits every growth mode alike, at a whole episode of noise per decision.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ from __future__ import annotations
 import math
 
 REWARD_DEFINITION = "contribution-minus-flops/1"
+SHADOW_RETURN_DEFINITION = "shadow-return/1"
 LAMBDA = 1.0
 ROLLBACK_PENALTY = 1.0
 
@@ -53,3 +68,8 @@ def cull_reward(contribution: float | None, flops_saved: float, host_run_flops: 
     """Reward of culling a live seed (see the module docstring)."""
     c = 0.0 if contribution is None or not math.isfinite(contribution) else contribution
     return -100.0 * c + LAMBDA * flops_saved / max(host_run_flops, 1.0)
+
+
+def shadow_return(val_acc: float, shadow_val_acc: float, run_flops: float, shadow_run_flops: float) -> float:
+    """The "shadow-return/1" return of an episode's decisions (see the module docstring)."""
+    return 100.0 * (val_acc - shadow_val_acc) - LAMBDA * (run_flops - shadow_run_flops) / max(shadow_run_flops, 1.0)

@@ -40,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bc-weight", type=float, default=d.bc_weight,
                    help="weight of the behaviour-cloning term on the reports' reference (heuristic) action, "
                         "next to the AWR term (0: plain AWR)")
+    p.add_argument("--reward", choices=["contribution", "shadow-return"], default="contribution",
+                   help="contribution: each report's own reward (contribution-minus-flops/1); shadow-return: the "
+                        "episode's final validation accuracy and FLOPs against its no-growth shadow, for every "
+                        "decision of it (needs esper-tamiyo collect --shadows)")
     p.add_argument("--hidden", type=int, default=d.hidden)
     p.add_argument("--layers", type=int, default=d.layers, help="message-passing layers (2-4)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction, help="fraction of runs held out")
@@ -78,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
         mode = "rich" if sys.stdout.isatty() else "plain"
     echo = (lambda s: None) if mode == "none" else print
     t0 = time.perf_counter()
-    data = load_replay(args.replay, echo=echo)
-    echo(f"replay: {len(data.samples)} samples from {len(data.runs)} runs in {len(data.files)} file(s); "
+    data = load_replay(args.replay, echo=echo, reward=args.reward)
+    echo(f"replay: {len(data.samples)} samples from {len(data.runs)} runs in {len(data.files)} file(s), reward "
+         f"{data.reward_definition}; "
          f"skipped {data.skipped}; data sha256 {data.data_sha256[:16]}")
     writer = None
     if args.tensorboard is not None:

@@ -9,6 +9,7 @@ import pytest
 
 from esper.serving import ServerProcess, open_sync_channel
 from esper.tamiyo.collect import collect, plan
+from esper.tamiyo.offline import load_replay
 from esper.tamiyo.policy_store import load_policy
 from esper.tamiyo.train_cli import main as train_main
 from esper.tolaria.cli import main as train_run_main
@@ -20,12 +21,18 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 def test_collect_train_serve_and_grow(tmp_path):
     # 1. Collect: two short exploration episodes (the heuristic with epsilon 0, so growth is logged).
+    # With their no-growth shadows, for the shadow-return reward.
     totals = collect(plan(["digits-mlp"], [0, 1], ["eps0.0"], ["w16"]), tmp_path / "replay", jobs=1,
-                     echo=lambda s: None)
+                     echo=lambda s: None, shadows=True)
     assert totals["episodes_complete"] == 2 and totals["reports"] == 24 and totals["germinations"] >= 2
+    assert totals["shadows_complete"] == 2
     # Resumable: a second call finds both episodes complete and runs nothing.
     assert collect(plan(["digits-mlp"], [0, 1], ["eps0.0"], ["w16"]), tmp_path / "replay", jobs=1,
-                   echo=lambda s: None)["episode_wall_s_sum"] == totals["episode_wall_s_sum"]
+                   echo=lambda s: None, shadows=True)["episode_wall_s_sum"] == totals["episode_wall_s_sum"]
+    # Every report carries the heuristic's decision; the shadows give every episode a return.
+    data = load_replay([tmp_path / "replay"], reward="shadow-return")
+    assert all(bool(s.has_ref) for s in data.samples) and len(data.samples) == 24
+    assert len({round(float(s.reward), 6) for s in data.samples}) <= 2
     # 2. Train.
     assert train_main(["--replay", str(tmp_path / "replay"), "--out", str(tmp_path / "policy"), "--epochs", "40",
                        "--lr", "0.01", "--hidden", "16", "--layers", "2", "--val-fraction", "0.5", "--progress", "none",
@@ -46,10 +53,12 @@ def test_collect_train_serve_and_grow(tmp_path):
         assert proc.stop() == 0
     # 4. esper-train with the learned policy (controller.policy=gnn via --tamiyo-policy) grows and fossilizes.
     # The lifecycle gates are opened (any alignment, any contribution) so that what is tested is the path
-    # from a learned decision to a fossilized seed, not how good a policy from two episodes is.
+    # from a learned decision to a fossilized seed, not how good a policy from two episodes is. The run
+    # allows the growth modes the episodes were collected with (the heuristic it clones grew by width there).
     run_dir = tmp_path / "run"
     assert train_run_main(["--config", "configs/development.yaml", "--tamiyo-policy", str(tmp_path / "policy"),
                            "model.width=16", "train.seed=5", "train.epochs=12", "services.mode=off", "train.torch_threads=1",
+                           "growth.modes=[branch,width,depth]",
                            "lifecycle.min_alignment=-1.0", "lifecycle.min_contribution=-1.0",
                            "logging.timeline_plot=false", "logging.tensorboard=false", "--output-dir", str(run_dir),
                            "--progress", "none"]) == 0
