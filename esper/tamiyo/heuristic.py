@@ -2,14 +2,18 @@
 
 1. Wait until `start_epoch`, and (unless `grow_without_plateau`) until validation loss plateaus:
    its relative improvement over the last `plateau_window` epochs is below `plateau_threshold`.
-2. Where: among DORMANT, non-embargoed seed slots, a *narrow* layer first when width growth is
-   allowed (fewer units than both the features each unit reads and writes: a bottleneck limits
-   every layer after it), else the one with the worst health from telemetry:
-   need = gradient norm relative to the mean over candidate sites (the loss is most sensitive
-   there) + dead fraction (capacity the host has lost there). Ties go to the shallower site.
-   (Without the narrow-first rule, width growth merged at once piled every unit into the last
-   hidden layer of the MNIST-1D MLP, whose dead fraction its own growth kept raising, while
-   the 16-unit first layer stayed the bottleneck.)
+2. Where: among DORMANT, non-embargoed seed slots, a *bottleneck* first when width growth is
+   allowed -- a *narrow* layer (fewer units than both the features each unit reads and writes: it
+   limits every layer after it) or a *saturated* one (at least half its units dead) -- and among
+   those the *least grown* (fewest units relative to the units it had when the policy first saw
+   it; at equal growth a narrow layer before a saturated one), so repeated width steps scale the host's layers together and keep the proportions its
+   designer chose; a static model of the same size has those proportions. Then the worst health
+   from telemetry: need = gradient norm relative to the mean over candidate sites (the loss is most
+   sensitive there) + dead fraction (capacity the host has lost there). Ties go to the shallower
+   site. (Without the narrow-first rule, width growth merged at once piled every unit into the
+   last hidden layer of the MNIST-1D MLP, whose dead fraction its own growth kept raising, while
+   the 16-unit first layer stayed the bottleneck. Without the least-grown rule (heuristic/3) the
+   MNIST-1D CNN widened its middle layer 8 -> 16 -> 32 while the first and last stayed at 8-16.)
 3. How (growth mode) and what: the options allowed by `growth.modes` that fit the budget left --
    the largest blueprint ("branch", the rule from before growth modes), `growth.width_units` (or
    `width_factor` x the current units, shrunk to fit the budget) new units ("width"), one identity
@@ -40,7 +44,7 @@ from esper.tamiyo.policy import (
 )
 from esper.v1 import common_pb2
 
-VERSION = "heuristic/3"
+VERSION = "heuristic/4"
 MODE_ENUM = {"branch": common_pb2.GROWTH_MODE_BRANCH, "width": common_pb2.GROWTH_MODE_WIDTH,
              "depth": common_pb2.GROWTH_MODE_DEPTH}
 SATURATED_DEAD_FRACTION = 0.5
@@ -56,7 +60,8 @@ def plateau(history: list[float], window: int, threshold: float) -> tuple[bool, 
 
 
 class HeuristicPolicy:
-    """Plateau + worst health + budget. Stateless apart from a decision counter."""
+    """Plateau + bottleneck + worst health + budget. Its state: a decision counter and the units
+    each width site had when first seen (for the least-grown rule); both are checkpointed."""
 
     version = VERSION
 
@@ -65,6 +70,7 @@ class HeuristicPolicy:
         self.rails = rails
         self.host_flops = host_flops_per_sample
         self.decisions_made = 0
+        self.initial_units: dict[str, int] = {}
 
     def decide(self, state: ModelGraphState) -> list[AdaptationDecision]:
         sig = state.signals
@@ -76,6 +82,9 @@ class HeuristicPolicy:
             text = "not enough history" if improvement != improvement else f"val loss improved {improvement:.2%}"
             return [wait(f"no plateau: {text} over {self.cfg.plateau_window} epochs "
                          f"(threshold {self.cfg.plateau_threshold:.2%})", VERSION)]
+        for n in state.nodes:
+            if n.HasField("width") and n.width.units > 0:
+                self.initial_units.setdefault(n.layer_name, int(n.width.units))
         candidates = [n for n in state.nodes if n.seed.state == S.DORMANT and n.seed.embargo_epochs_left == 0]
         if not candidates:
             return [wait("no dormant seed slot available", VERSION)]
@@ -94,9 +103,20 @@ class HeuristicPolicy:
             return ("width" in self.cfg.growth.modes and node.HasField("width") and w.units > 0
                     and w.units < min(w.input_dim, w.output_dim))
 
+        def saturated(node) -> bool:
+            return ("width" in self.cfg.growth.modes and node.HasField("width") and node.width.units > 0
+                    and node.seed.telemetry.dead_fraction >= SATURATED_DEAD_FRACTION)
+
+        def grown(node) -> float:
+            if not node.HasField("width") or node.width.units <= 0:
+                return 1.0
+            return node.width.units / self.initial_units.get(node.layer_name, node.width.units)
+
         params_left, flops_left = budget_left(sig, self.rails, self.host_flops)
         why = "plateau" if is_plateau else "growth forced by config"
-        for node in sorted(candidates, key=lambda n: (not narrow(n), -need(n), n.depth, n.seed.seed_index)):
+        order = sorted(candidates, key=lambda n: (not (narrow(n) or saturated(n)), grown(n), not narrow(n), -need(n), n.depth,
+                                                  n.seed.seed_index))
+        for node in order:
             choice = self._choose(node, need(node), params_left, flops_left)
             if choice is None:
                 continue
@@ -107,7 +127,7 @@ class HeuristicPolicy:
             return [make_decision(
                 Action.DECISION_ACTION_GERMINATE,
                 f"{why}; site {node.layer_name}[{node.seed.seed_index}] "
-                f"{'is the narrowest bottleneck' if narrow(node) else 'has the worst health'} "
+                f"{_where(narrow(node), saturated(node), grown(node))} "
                 f"(grad norm {t.gradient_norm:.3g}, dead {t.dead_fraction:.1%}); {mode}: {what} "
                 f"({because}) adds {cost.parameters} params, {cost.flops} FLOPs/sample "
                 f"(budget left {params_left:.0f} params, {flops_left:.0f} FLOPs)",
@@ -152,7 +172,17 @@ class HeuristicPolicy:
         return best.mode, best.cost, best.units, f"best expected gain per FLOP ({score(best):.3g})"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decisions_made": self.decisions_made}
+        return {"decisions_made": self.decisions_made, "initial_units": dict(self.initial_units)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.decisions_made = int(state["decisions_made"])
+        # Checkpoints of heuristic/3 have no initial units: sites then count as not grown yet.
+        self.initial_units = {str(k): int(v) for k, v in state.get("initial_units", {}).items()}
+
+
+def _where(narrow: bool, saturated: bool, grown: float) -> str:
+    """Why the site was chosen, for the decision's reason."""
+    if not (narrow or saturated):
+        return "has the worst health"
+    kind = "the narrowest bottleneck" if narrow else "a saturated bottleneck"
+    return f"is {kind} (least grown: {grown:.2g}x its first width)"

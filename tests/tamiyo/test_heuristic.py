@@ -236,3 +236,24 @@ def test_growth_options_enumerate_mode_x_blueprint_within_budget():
         "blueprint": "", "growth_mode": common_pb2.GROWTH_MODE_WIDTH, "growth_units": 8}
     tight = growth_options(node, ("width", "depth"), (), 8, params_left=200, flops_left=1e9)
     assert [(o.mode, o.units) for o in tight] == [("width", 3)]   # 3 x 51 params fit, a block does not
+
+
+def test_repeated_width_growth_widens_the_least_grown_bottleneck():
+    # Three 8-unit narrow layers. Once hidden.0 has grown to 16 (2x), the next width step goes to a
+    # layer still at its first width, not back to hidden.0 (heuristic/3 widened the middle layer of
+    # the MNIST-1D CNN 8 -> 16 -> 32 while the others stayed narrow). The first widths survive a
+    # checkpoint round trip.
+    p = policy(growth=GrowthConfig(modes=["width"]))
+    msg = _with_width(graph([1.0, 1.0, 1.0], grads=(0.5, 0.1, 0.1)), units=8, input_dim=24, output_dim=24)
+    (d,) = p.decide(msg)
+    assert d.layer_name == "hidden.0" and "least grown: 1x" in d.reason
+    msg.nodes[0].width.units = 16
+    restored = policy(growth=GrowthConfig(modes=["width"]))
+    restored.load_state_dict(p.state_dict())
+    (d,) = restored.decide(msg)
+    assert d.layer_name == "hidden.1" and d.growth_mode == common_pb2.GROWTH_MODE_WIDTH
+    # A policy without the first widths (a heuristic/3 checkpoint) treats every site as not grown.
+    old = policy(growth=GrowthConfig(modes=["width"]))
+    old.load_state_dict({"decisions_made": 1})
+    (d,) = old.decide(msg)
+    assert d.layer_name == "hidden.0"

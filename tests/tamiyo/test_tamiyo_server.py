@@ -61,7 +61,7 @@ def test_decide_report_info_and_restart(tmp_path, policy_file):
             (d,) = reply.decisions
             assert d.action == common_pb2.DECISION_ACTION_GERMINATE
             assert d.layer_name == "hidden.1" and d.blueprint_id == "residual_mlp"
-            assert reply.policy_version == "heuristic/3"
+            assert reply.policy_version == "heuristic/4"
             # Rails keep per-run state on the server: the same run is in cooldown, another run is not.
             (again,) = stub.Decide(tamiyo_pb2.DecideRequest(graph=graph(epoch=4)), timeout=10).decisions
             assert again.action == common_pb2.DECISION_ACTION_WAIT and "cooldown" in again.reason

@@ -152,6 +152,31 @@ def _relu_hidden(seed: WidthSeed, x: torch.Tensor) -> torch.Tensor:
     return apply_post(torch.relu(z), seed.pair.post)
 
 
+def _fill_missing(rows: torch.Tensor, found: int, scale: float, generator: torch.Generator | None) -> torch.Tensor:
+    """`rows` with rows `found:` replaced by random directions of norm `scale`.
+
+    A pair's operator has rank at most min(dim_a, dim_b): a first conv over one input channel with
+    kernel 3 has dim_a = 3, so at most 3 singular vectors exist for 8 new units. Left at zero, the
+    other units would have zero fan-in *and* zero fan-out: no gradient ever reaches them, they are
+    dead forever and still count as width (measured on the MNIST-1D CNN: 5 of every 8 units added
+    to convs.0 were dead from birth). Random directions are what the scaled-random baseline uses;
+    with a norm layer after the fan-in (or a ReLU) distinct directions are distinct features.
+    """
+    missing = rows.shape[0] - found
+    if missing <= 0:
+        return rows
+    extra = torch.randn(missing, rows.shape[1], generator=generator, dtype=torch.float64).to(rows)
+    extra = extra / extra.norm(dim=1, keepdim=True).clamp_min(1e-12) * scale
+    return torch.cat([rows[:found], extra])
+
+
+def _found(s: torch.Tensor) -> int:
+    """Singular vectors worth using: those with a value above 1e-6 of the largest."""
+    if s.numel() == 0 or float(s[0]) <= 0:
+        return 0
+    return int((s > 1e-6 * s[0]).sum())
+
+
 def _live_orientation(seed: WidthSeed, op: _Bilinear, rows: torch.Tensor) -> torch.Tensor:
     """Each fan-in row or its negation, whichever gives the larger real fan-out gradient.
 
@@ -194,12 +219,13 @@ def gradmax_init(seed: WidthSeed, host: PairModules, stats: PairStatistics, gene
         scale = _mean_row_norm(_per_unit_fan_out(host.consumer.weight.detach()))
         rows = torch.zeros(seed.units, op.dim_b, dtype=w.dtype, device=w.device)
         rows[: v.shape[0]] = v * scale
-        _set_fan_out(seed, rows)
+        _set_fan_out(seed, _fill_missing(rows, _found(s), scale, generator))
         _set_fan_in(seed, torch.zeros_like(w).reshape(seed.units, -1))
     else:
         scale = _mean_row_norm(host.producer.weight.detach().reshape(host.units, -1))
         rows = torch.zeros(seed.units, op.dim_a, dtype=w.dtype, device=w.device)
         rows[: u.shape[0]] = u * scale
+        rows = _fill_missing(rows, _found(s), scale, generator)
         _set_fan_in(seed, _live_orientation(seed, op, rows))
         _set_fan_out(seed, torch.zeros(seed.units, op.dim_b, dtype=w.dtype, device=w.device))
     return s
@@ -262,7 +288,11 @@ def tiny_init(seed: WidthSeed, host: PairModules, stats: PairStatistics, loss_of
         if loss < best_loss:
             best_gamma, best_loss = gamma, loss
     g = math.sqrt(best_gamma)
-    _set_fan_in(seed, a_rows * g)
+    # Units beyond the operator's rank: random fan-in, zero fan-out (function-preserving, trainable).
+    found = _found(s)
+    producer_scale = _mean_row_norm(host.producer.weight.detach().reshape(host.units, -1))
+    _set_fan_in(seed, _fill_missing(a_rows * g, found, producer_scale, generator))
+    b_rows[found:] = 0
     _set_fan_out(seed, b_rows * g)
     return best_gamma
 

@@ -256,3 +256,41 @@ def test_gradmax_dual_signs_each_unit_so_that_it_is_live_on_the_data():
     kept, flipped = fan_out_grad_norms(chosen), fan_out_grad_norms(-chosen)
     assert bool((kept >= flipped).all()), (kept, flipped)
     assert bool((kept > flipped).any())  # the choice mattered for some unit
+
+
+@pytest.mark.parametrize("init", ["gradmax", "tiny"])
+def test_units_beyond_the_operators_rank_are_not_born_dead(init):
+    # The first conv of a 1-channel 1D CNN reads 1 x 3 patches: its operator has rank <= 3, so only
+    # 3 singular vectors exist for 8 new units. Every unit must still get a distinct non-zero
+    # fan-in (the rest random at the producer's scale), the insertion must stay function-preserving,
+    # and every new unit's fan-out must train (a unit zero both ways never gets a gradient).
+    torch.manual_seed(0)
+    model = SmallCNN1d(1, 10, channels=(4, 6, 6))
+    x, y = _data((1, 16), n=128)
+    model.train()
+    before = model(x).detach()
+    pair = model.width_pairs()[0]
+    mods = pair_modules(model, pair)
+    stats = capture_statistics(model, pair, [(x, y)], F.cross_entropy)
+    seed = WidthSeed(pair, mods, 8)
+    g = torch.Generator().manual_seed(0)
+    if init == "gradmax":
+        s = gradmax_init(seed, mods, stats, g, zero="fan_out")
+        assert s.shape[0] <= 3                            # the rank limit this test is about
+    else:
+        def loss_of(sd):
+            with torch.no_grad(), attached(model, pair, sd):
+                return float(F.cross_entropy(model(x), y))
+        tiny_init(seed, mods, stats, loss_of, g)
+        seed.fan_out.weight.data.zero_()                  # merged at once: fan-out zero
+    rows = seed.fan_in.weight.detach().reshape(8, -1)
+    assert bool((rows.norm(dim=1) > 0).all()), rows.norm(dim=1)
+    assert torch.linalg.matrix_rank(rows) == 3            # as many directions as the space has
+    assert torch.unique(rows, dim=0).shape[0] == 8        # no two units the same
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    widen_pair(model, pair, seed, optimizer=opt)
+    assert (model(x) - before).abs().max() <= 1e-6
+    for _ in range(3):
+        _step(model, opt, x, y)
+    new_fan_out = model.convs[1].weight[:, 4:]
+    assert bool((new_fan_out.abs().sum(dim=(0, 2)) > 0).all())   # every new unit trains
