@@ -15,6 +15,7 @@ from esper.lifecycle import SeedLifecycleState as S
 from esper.tamiyo import Controller, HeuristicConfig, HeuristicPolicy, SafetyRails
 from esper.tamiyo.exploration import GrowthSpace, RandomPolicy
 from esper.tamiyo.gnn_policy import GNNPolicy
+from esper.tamiyo.heuristic import VERSION as HEURISTIC_VERSION
 from esper.tamiyo.graph import graph_to_data, node_feature_names
 from esper.tamiyo.offline import TrainSettings, load_replay, train
 from esper.tamiyo.policy import RailsConfig, make_decision, wait
@@ -56,7 +57,7 @@ def test_reference_decision_round_trips_through_a_replay_file(tmp_path):
     for g, r in zip(graphs, back, strict=True):
         want = heuristic.decide(g)[0]
         ref = r.reference_decision
-        assert r.HasField("reference_decision") and ref.policy_version == "heuristic/3"
+        assert r.HasField("reference_decision") and ref.policy_version == HEURISTIC_VERSION
         assert (ref.action, ref.layer_name, ref.blueprint_id, ref.growth_mode) == (
             want.action, want.layer_name, want.blueprint_id, want.growth_mode)
     # Asked whatever the behaviour did: the references are growths even where the behaviour waited.
@@ -91,7 +92,7 @@ def _uninformative_replay(runs: int, seed: int = 0, paying_site: int | None = No
         for epoch in range(1, 5):
             sick = rng.randrange(3)
             graph = sick_graph(f"run-{run}", sick, epoch)
-            reference = make_decision(GERMINATE, "ref", "heuristic/3", layer=f"hidden.{sick}",
+            reference = make_decision(GERMINATE, "ref", HEURISTIC_VERSION, layer=f"hidden.{sick}",
                                       blueprint="residual_mlp", growth_mode=common_pb2.GROWTH_MODE_BRANCH)
             healthy = [site for site in range(3) if site != sick]
             for site in (sick, *healthy, *healthy, None):
