@@ -19,7 +19,10 @@ Nodes are seed slots in message order. Node features (`node_feature_names()`):
                 units relative to the widest site, whether it is the narrowest site, its need
                 among the free sites (gradient norm relative to their mean, plus dead fraction)
                 and its rank among them ordered narrow first, then by need, then shallower first
-                (1 for the first, towards 0 for the last, 0 for a site that is not free)
+                (1 for the first, towards 0 for the last, 0 for a site that is not free): the
+                order of heuristic/3. heuristic/4's least-grown-first order needs each layer's
+                first width, which the graph does not carry; width relative to the widest site
+                stands in for it on hosts whose layers start equally wide
   candidates    for every growth action (`action_names()`: branch x blueprint, width by k units,
                 depth by one block): whether it is possible at the site, its parameters and FLOPs
                 relative to the host, whether it fits the budget left, and the log of

@@ -15,8 +15,8 @@ from esper.lifecycle import SeedLifecycleState as S
 from esper.tamiyo import Controller, HeuristicConfig, HeuristicPolicy, SafetyRails
 from esper.tamiyo.exploration import GrowthSpace, RandomPolicy
 from esper.tamiyo.gnn_policy import GNNPolicy
-from esper.tamiyo.heuristic import VERSION as HEURISTIC_VERSION
 from esper.tamiyo.graph import graph_to_data, node_feature_names
+from esper.tamiyo.heuristic import VERSION as HEURISTIC_VERSION
 from esper.tamiyo.offline import TrainSettings, load_replay, train
 from esper.tamiyo.policy import RailsConfig, make_decision, wait
 from esper.tamiyo.policy_store import MANIFEST, PolicyLoadError, load_policy, save_policy
