@@ -6,8 +6,9 @@
    allowed -- a *narrow* layer (fewer units than both the features each unit reads and writes: it
    limits every layer after it) or a *saturated* one (at least half its units dead) -- and among
    those the *least grown* (fewest units relative to the units it had when the policy first saw
-   it; at equal growth a narrow layer before a saturated one), so repeated width steps scale the host's layers together and keep the proportions its
-   designer chose; a static model of the same size has those proportions. Then the worst health
+   it; at equal growth a narrow layer before a saturated one), so repeated width steps scale the
+   host's layers together and keep the proportions its designer chose, as a static model of the
+   same size has them. Then the worst health
    from telemetry: need = gradient norm relative to the mean over candidate sites (the loss is most
    sensitive there) + dead fraction (capacity the host has lost there). Ties go to the shallower
    site. (Without the narrow-first rule, width growth merged at once piled every unit into the
@@ -114,8 +115,8 @@ class HeuristicPolicy:
 
         params_left, flops_left = budget_left(sig, self.rails, self.host_flops)
         why = "plateau" if is_plateau else "growth forced by config"
-        order = sorted(candidates, key=lambda n: (not (narrow(n) or saturated(n)), grown(n), not narrow(n), -need(n), n.depth,
-                                                  n.seed.seed_index))
+        order = sorted(candidates, key=lambda n: (not (narrow(n) or saturated(n)), grown(n), not narrow(n),
+                                                  -need(n), n.depth, n.seed.seed_index))
         for node in order:
             choice = self._choose(node, need(node), params_left, flops_left)
             if choice is None:
