@@ -2,19 +2,20 @@
 
 1. Wait until `start_epoch`, and (unless `grow_without_plateau`) until validation loss plateaus:
    its relative improvement over the last `plateau_window` epochs is below `plateau_threshold`.
-2. Where: among DORMANT, non-embargoed seed slots, a *bottleneck* first when width growth is
-   allowed -- a *narrow* layer (fewer units than both the features each unit reads and writes: it
-   limits every layer after it) or a *saturated* one (at least half its units dead) -- and among
-   those the *least grown* (fewest units relative to the units it had when the policy first saw
-   it; at equal growth a narrow layer before a saturated one), so repeated width steps scale the
-   host's layers together and keep the proportions its designer chose, as a static model of the
-   same size has them. Then the worst health
-   from telemetry: need = gradient norm relative to the mean over candidate sites (the loss is most
-   sensitive there) + dead fraction (capacity the host has lost there). Ties go to the shallower
-   site. (Without the narrow-first rule, width growth merged at once piled every unit into the
-   last hidden layer of the MNIST-1D MLP, whose dead fraction its own growth kept raising, while
-   the 16-unit first layer stayed the bottleneck. Without the least-grown rule (heuristic/3) the
-   MNIST-1D CNN widened its middle layer 8 -> 16 -> 32 while the first and last stayed at 8-16.)
+2. Where: among DORMANT, non-embargoed seed slots, when width growth is allowed, the *least grown*
+   site that can be widened first (units now / units when the policy first saw it), so repeated
+   width steps scale the host's layers together and keep the proportions its designer chose, as a
+   static model of the same size has them; among equally grown sites a *bottleneck* first -- a
+   *narrow* layer (fewer units than both the features each unit reads and writes: it limits every
+   layer after it) before a *saturated* one (at least half its units dead). Then, and whenever
+   width growth is not allowed, the worst health from telemetry: need = gradient norm relative to
+   the mean over candidate sites (the loss is most sensitive there) + dead fraction (capacity the
+   host has lost there). Ties go to the shallower site. History, measured on MNIST-1D with width
+   merged at once: ranked by health alone, width growth piled every unit into the MLP's last
+   hidden layer; narrow-first (heuristic/3) widened the CNN's middle conv 8 -> 16 -> 32 while the
+   first conv (1 x 3 patches, never narrow by the rank test) stayed at 8; least grown among
+   bottlenecks only still left the first conv at 8 in 7 of 20 runs; least grown first (heuristic/4)
+   grew 16/18/16 in 20 of 20 (benchmarks/results/growth_pareto_mnist1d_cnn_ablations.md).
 3. How (growth mode) and what: the options allowed by `growth.modes` that fit the budget left --
    the largest blueprint ("branch", the rule from before growth modes), `growth.width_units` (or
    `width_factor` x the current units, shrunk to fit the budget) new units ("width"), one identity
@@ -115,8 +116,11 @@ class HeuristicPolicy:
 
         params_left, flops_left = budget_left(sig, self.rails, self.host_flops)
         why = "plateau" if is_plateau else "growth forced by config"
-        order = sorted(candidates, key=lambda n: (not (narrow(n) or saturated(n)), grown(n), not narrow(n),
-                                                  -need(n), n.depth, n.seed.seed_index))
+        def widenable(node) -> bool:
+            return "width" in self.cfg.growth.modes and node.HasField("width") and node.width.available
+
+        order = sorted(candidates, key=lambda n: (not widenable(n), grown(n), not (narrow(n) or saturated(n)),
+                                                  not narrow(n), -need(n), n.depth, n.seed.seed_index))
         for node in order:
             choice = self._choose(node, need(node), params_left, flops_left)
             if choice is None:
@@ -128,7 +132,7 @@ class HeuristicPolicy:
             return [make_decision(
                 Action.DECISION_ACTION_GERMINATE,
                 f"{why}; site {node.layer_name}[{node.seed.seed_index}] "
-                f"{_where(narrow(node), saturated(node), grown(node))} "
+                f"{_where(widenable(node), narrow(node), saturated(node), grown(node))} "
                 f"(grad norm {t.gradient_norm:.3g}, dead {t.dead_fraction:.1%}); {mode}: {what} "
                 f"({because}) adds {cost.parameters} params, {cost.flops} FLOPs/sample "
                 f"(budget left {params_left:.0f} params, {flops_left:.0f} FLOPs)",
@@ -181,9 +185,10 @@ class HeuristicPolicy:
         self.initial_units = {str(k): int(v) for k, v in state.get("initial_units", {}).items()}
 
 
-def _where(narrow: bool, saturated: bool, grown: float) -> str:
+def _where(widenable: bool, narrow: bool, saturated: bool, grown: float) -> str:
     """Why the site was chosen, for the decision's reason."""
-    if not (narrow or saturated):
+    if not widenable:
         return "has the worst health"
-    kind = "the narrowest bottleneck" if narrow else "a saturated bottleneck"
+    kind = ("the narrowest bottleneck" if narrow else "a saturated bottleneck" if saturated
+            else "a layer")
     return f"is {kind} (least grown: {grown:.2g}x its first width)"

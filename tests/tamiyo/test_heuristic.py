@@ -238,7 +238,7 @@ def test_growth_options_enumerate_mode_x_blueprint_within_budget():
     assert [(o.mode, o.units) for o in tight] == [("width", 3)]   # 3 x 51 params fit, a block does not
 
 
-def test_repeated_width_growth_widens_the_least_grown_bottleneck():
+def test_repeated_width_growth_widens_the_least_grown_layer():
     # Three 8-unit narrow layers. Once hidden.0 has grown to 16 (2x), the next width step goes to a
     # layer still at its first width, not back to hidden.0 (heuristic/3 widened the middle layer of
     # the MNIST-1D CNN 8 -> 16 -> 32 while the others stayed narrow). The first widths survive a
@@ -252,6 +252,14 @@ def test_repeated_width_growth_widens_the_least_grown_bottleneck():
     restored.load_state_dict(p.state_dict())
     (d,) = restored.decide(msg)
     assert d.layer_name == "hidden.1" and d.growth_mode == common_pb2.GROWTH_MODE_WIDTH
+    # Least grown first even over a bottleneck: hidden.2 reads 4 features (never narrow, not
+    # saturated) but is still at its first width, while hidden.1 (narrow) has grown.
+    msg.nodes[1].width.units = 16
+    msg.nodes[2].width.input_dim = 4
+    (d,) = restored.decide(msg)
+    assert d.layer_name == "hidden.2" and "is a layer (least grown: 1x" in d.reason
+    msg.nodes[1].width.units = 8
+    msg.nodes[2].width.input_dim = 24
     # A policy without the first widths (a heuristic/3 checkpoint) treats every site as not grown.
     old = policy(growth=GrowthConfig(modes=["width"]))
     old.load_state_dict({"decisions_made": 1})
