@@ -20,13 +20,7 @@ from tests.tamiyo.policy_helpers import always_grow_gnn, chain_graph, untrained_
 GERMINATE = common_pb2.DECISION_ACTION_GERMINATE
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny graphs: a second intra-op thread only adds contention (50x slower on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_save_load_round_trip(tmp_path):

@@ -8,7 +8,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from esper.kasmina.growth.config import GrowthConfig
 from esper.lifecycle import SeedLifecycleState as S
@@ -32,12 +31,7 @@ WAIT = common_pb2.DECISION_ACTION_WAIT
 RAILS = RailsConfig(parameter_budget=2.0, compute_budget=2.0, cooldown_epochs=0)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_reference_decision_round_trips_through_a_replay_file(tmp_path):

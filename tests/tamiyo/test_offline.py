@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from esper.tamiyo.gnn_policy import GNNPolicy
 from esper.tamiyo.offline import ReplayDataError, TrainSettings, load_replay, split_by_run, train
@@ -22,13 +21,7 @@ GERMINATE = common_pb2.DECISION_ACTION_GERMINATE
 WAIT = common_pb2.DECISION_ACTION_WAIT
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny graphs: a second intra-op thread only adds contention (50x slower on a loaded machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def sick_graph(run_id: str, sick: int, epoch: int = 3) -> common_pb2.ModelGraphState:
