@@ -112,7 +112,10 @@ class HeuristicPolicy:
         def grown(node) -> float:
             if not node.HasField("width") or node.width.units <= 0:
                 return 1.0
-            return node.width.units / self.initial_units.get(node.layer_name, node.width.units)
+            # The trainer reports each pair's first width; a client that does not (0) relies on
+            # the units this policy saw first.
+            first = node.width.initial_units or self.initial_units.get(node.layer_name, node.width.units)
+            return node.width.units / max(1, first)
 
         params_left, flops_left = budget_left(sig, self.rails, self.host_flops)
         why = "plateau" if is_plateau else "growth forced by config"

@@ -86,7 +86,8 @@ class RunGrowth:
         params, flops = self._costs[key]
         per_in, per_out = _io_dims(self.model, self.width, site)
         return common_pb2.WidthSite(units=units, input_dim=per_in, output_dim=per_out, unit_parameters=params,
-                                    unit_flops=flops, available=not self.width_blocked(site))
+                                    unit_flops=flops, available=not self.width_blocked(site),
+                                    initial_units=self.width.first_width(site))
 
     def depth_site(self, site: str) -> common_pb2.DepthSite | None:
         """The node's DepthSite (None when no block can be added after the site)."""

@@ -1031,6 +1031,7 @@ class WidthSite(_message.Message):
     UNIT_PARAMETERS_FIELD_NUMBER: _builtins.int
     UNIT_FLOPS_FIELD_NUMBER: _builtins.int
     AVAILABLE_FIELD_NUMBER: _builtins.int
+    INITIAL_UNITS_FIELD_NUMBER: _builtins.int
     units: _builtins.int
     """Current units (hidden features / channels) between producer and consumer."""
     input_dim: _builtins.int
@@ -1043,6 +1044,10 @@ class WidthSite(_message.Message):
     """forward FLOPs per sample of one more unit"""
     available: _builtins.bool
     """False while a seed of the site is in flight or fossilized (width cannot grow there now)."""
+    initial_units: _builtins.int
+    """Units the pair had when the run started (0: not reported). units / initial_units is how much
+    the layer has grown; heuristic/4 widens the least-grown layer first.
+    """
     def __init__(
         self,
         *,
@@ -1052,10 +1057,11 @@ class WidthSite(_message.Message):
         unit_parameters: _builtins.int = ...,
         unit_flops: _builtins.int = ...,
         available: _builtins.bool = ...,
+        initial_units: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "input_dim", b"input_dim", "output_dim", b"output_dim", "unit_flops", b"unit_flops", "unit_parameters", b"unit_parameters", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "initial_units", b"initial_units", "input_dim", b"input_dim", "output_dim", b"output_dim", "unit_flops", b"unit_flops", "unit_parameters", b"unit_parameters", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

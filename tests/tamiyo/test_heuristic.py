@@ -265,3 +265,14 @@ def test_repeated_width_growth_widens_the_least_grown_layer():
     old.load_state_dict({"decisions_made": 1})
     (d,) = old.decide(msg)
     assert d.layer_name == "hidden.0"
+
+
+def test_reported_first_widths_win_over_the_policys_memory():
+    # A trainer reports each pair's first width (WidthSite.initial_units): a policy that first sees
+    # the run after hidden.0 grew 8 -> 16 (a restarted Tamiyo without its state) still knows it grew.
+    msg = _with_width(graph([1.0, 1.0, 1.0], grads=(0.5, 0.1, 0.1)), units=8, input_dim=24, output_dim=24)
+    for node in msg.nodes:
+        node.width.initial_units = 8
+    msg.nodes[0].width.units = 16
+    (d,) = policy(growth=GrowthConfig(modes=["width"])).decide(msg)
+    assert d.layer_name == "hidden.1" and "least grown: 1x" in d.reason

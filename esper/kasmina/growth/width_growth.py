@@ -84,6 +84,13 @@ class WidthGrowth:
         pair = self.pairs.get(site)
         return pair_modules(self.model, pair).units if pair is not None else 0
 
+    def first_width(self, site: str) -> int:
+        """Units of `site`'s pair before any width seed was merged into it (0 without a pair)."""
+        pair = self.pairs.get(site)
+        if pair is None:
+            return 0
+        return self.width_at(site) - sum(units for key, units in self.merged if key == pair.key)
+
     def blocked(self, site: str) -> str:
         """Why `site` cannot grow in width now ("" when it can)."""
         pair = self.pairs.get(site)

@@ -158,3 +158,19 @@ def test_merge_waits_while_a_residual_seed_runs_at_the_site():
     layer.cull(1, "test")
     assert growth.merge_fossilized() == [("hidden.0", 0, 2)]
     assert layer.channels == 6 and (model(x) - grown).abs().max() <= 1e-6
+
+
+def test_first_width_survives_merges_and_restore():
+    # What the trainer reports as WidthSite.initial_units (heuristic/4 widens the least-grown layer
+    # relative to it): the units before any merge, also after a checkpoint restore.
+    model, growth = _mlp()
+    assert growth.first_width("hidden.0") == growth.width_at("hidden.0") == 4
+    layer = _germinate(model, growth)
+    _walk_to(layer, 0, S.FOSSILIZED)
+    growth.merge_fossilized()
+    assert growth.width_at("hidden.0") == 7 and growth.first_width("hidden.0") == 4
+    assert growth.first_width("hidden.1") == growth.width_at("hidden.1") == 4
+    fresh, fresh_growth = _mlp()
+    fresh_growth.restore(growth.merged)
+    assert fresh_growth.width_at("hidden.0") == 7 and fresh_growth.first_width("hidden.0") == 4
+    assert growth.first_width("no-such-site") == 0
