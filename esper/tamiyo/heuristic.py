@@ -110,7 +110,7 @@ class HeuristicPolicy:
                     and node.seed.telemetry.dead_fraction >= SATURATED_DEAD_FRACTION)
 
         def grown(node) -> float:
-            if not node.HasField("width") or node.width.units <= 0:
+            if "width" not in self.cfg.growth.modes or not node.HasField("width") or node.width.units <= 0:
                 return 1.0
             # The trainer reports each pair's first width; a client that does not (0) relies on
             # the units this policy saw first.

@@ -276,3 +276,6 @@ def test_reported_first_widths_win_over_the_policys_memory():
     msg.nodes[0].width.units = 16
     (d,) = policy(growth=GrowthConfig(modes=["width"])).decide(msg)
     assert d.layer_name == "hidden.1" and "least grown: 1x" in d.reason
+    # Growth only orders sites where width growth is allowed: branch-only, health decides.
+    (d,) = policy(growth=GrowthConfig(modes=["branch"])).decide(msg)
+    assert d.layer_name == "hidden.0" and "worst health" in d.reason
