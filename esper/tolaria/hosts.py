@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from esper.kasmina.model_state import buffers_and_mode_kept
 from esper.tolaria.config import ModelConfig
 
 
@@ -62,18 +63,10 @@ def forward_flops_per_sample(model: nn.Module, input_shape: tuple[int, ...], dev
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    was_training = model.training
-    model.train()
     x = torch.zeros((2, *input_shape), device=device)
     counter = FlopCounterMode(display=False)
-    try:
+    with buffers_and_mode_kept(model):
+        model.train()
         with torch.no_grad(), counter:
             model(x)
-    finally:
-        with torch.no_grad():
-            for name, b in model.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
-        model.train(was_training)
     return counter.get_total_flops() / 2.0
