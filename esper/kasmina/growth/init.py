@@ -142,6 +142,11 @@ def _mean_row_norm(rows: torch.Tensor) -> float:
     return value if value > 0 else 1.0
 
 
+def _producer_row_norm(host: PairModules) -> float:
+    """Mean norm of the producer's existing fan-in rows: the scale new fan-in rows are drawn at."""
+    return _mean_row_norm(host.producer.weight.detach().reshape(host.units, -1))
+
+
 def _relu_hidden(seed: WidthSeed, x: torch.Tensor) -> torch.Tensor:
     """The new units as the merged host computes them (torch.relu; a norm with batch statistics,
     its running statistics left alone)."""
@@ -222,7 +227,7 @@ def gradmax_init(seed: WidthSeed, host: PairModules, stats: PairStatistics, gene
         _set_fan_out(seed, _fill_missing(rows, _found(s), scale, generator))
         _set_fan_in(seed, torch.zeros_like(w).reshape(seed.units, -1))
     else:
-        scale = _mean_row_norm(host.producer.weight.detach().reshape(host.units, -1))
+        scale = _producer_row_norm(host)
         rows = torch.zeros(seed.units, op.dim_a, dtype=w.dtype, device=w.device)
         rows[: u.shape[0]] = u * scale
         rows = _fill_missing(rows, _found(s), scale, generator)
@@ -290,8 +295,7 @@ def tiny_init(seed: WidthSeed, host: PairModules, stats: PairStatistics, loss_of
     g = math.sqrt(best_gamma)
     # Units beyond the operator's rank: random fan-in, zero fan-out (function-preserving, trainable).
     found = _found(s)
-    producer_scale = _mean_row_norm(host.producer.weight.detach().reshape(host.units, -1))
-    _set_fan_in(seed, _fill_missing(a_rows * g, found, producer_scale, generator))
+    _set_fan_in(seed, _fill_missing(a_rows * g, found, _producer_row_norm(host), generator))
     b_rows[found:] = 0
     _set_fan_out(seed, b_rows * g)
     return best_gamma
@@ -301,7 +305,7 @@ def random_init(seed: WidthSeed, host: PairModules, generator: torch.Generator |
     """Fan-in at the scale of the producer's rows (random directions), fan-out zero."""
     w = seed.fan_in.weight
     rows = torch.randn(seed.units, w[0].numel(), generator=generator, dtype=torch.float64).to(w)
-    target = _mean_row_norm(host.producer.weight.detach().reshape(host.units, -1))
+    target = _producer_row_norm(host)
     rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12) * target
     _set_fan_in(seed, rows)
     _set_fan_out(seed, torch.zeros(seed.units, _per_unit_fan_out(seed.fan_out.weight).shape[1], dtype=w.dtype, device=w.device))
